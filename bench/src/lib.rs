@@ -1,0 +1,2 @@
+#![forbid(unsafe_code)]
+//! zring-bench: placeholder crate; see README.md for what lands here.

@@ -1,0 +1,11 @@
+//! The zring node proxy.
+//!
+//! For now this crate holds the `zring relay` command (a TCP port forwarder on zring's runtime,
+//! kept as a debugging tool and as the relay benchmark subject), logging set-up, and the `zring`
+//! binary's entry points. The mesh proxy (config, policy, HBONE inbound/outbound) lands here next.
+
+#![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod logging;
+pub mod relay_cmd;

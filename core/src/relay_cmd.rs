@@ -1,0 +1,133 @@
+//! `zring relay`: a plain TCP port forwarder on zring's runtime.
+//!
+//! Every worker binds its own `SO_REUSEPORT` listener on `--listen`; each accepted connection is
+//! connected to `--to` from the same worker and relayed (splice or copy) until both directions
+//! end. One access-log line per connection at close. SIGTERM drains: listeners close at once,
+//! live connections get `--drain-timeout` to finish.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration, time::Instant};
+
+use zring_runtime::{
+    drain::Drain,
+    net::{self, ConnectOptions, ListenOptions},
+    relay::{self, RelayMode, RelayOptions},
+    server, ShutdownTrigger, WorkerConfig, WorkerContext, Workers,
+};
+
+/// How long live connections may run after SIGTERM before they are closed. ztunnel's default
+/// drain period is 5 s; relays of long transfers may want more (`--drain-timeout`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the upstream's SYN-ACK. Short enough that a dead upstream fails the
+/// client promptly instead of after the kernel's two minutes of SYN retries.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything `zring relay` needs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// Where every connection is forwarded.
+    pub to: SocketAddr,
+    /// Relay settings (mode, pipe size, idle timeout).
+    pub relay: RelayOptions,
+    /// Upstream connect settings (mark, timeout).
+    pub connect: ConnectOptions,
+    /// Worker settings.
+    pub workers: WorkerConfig,
+    /// Drain period after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+/// Run the relay until shutdown. Blocks the calling thread.
+pub fn run(cfg: RelayConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
+    if let Err(e) = zring_runtime::sys::raise_nofile_limit() {
+        tracing::warn!(error = %e, "could not raise the open-file limit");
+    }
+    let cfg = Arc::new(cfg);
+    let worker_cfg = cfg.workers.clone();
+    let c = cfg.clone();
+    let workers = Workers::start(&worker_cfg, trigger, move |ctx| worker_main(ctx, c.clone()))?;
+    tracing::info!(
+        listen = %cfg.listen,
+        to = %cfg.to,
+        mode = %cfg.relay.mode,
+        workers = workers.len(),
+        io = %workers.backend(),
+        "relay listening"
+    );
+    workers.join()?;
+    tracing::info!("relay stopped");
+    Ok(())
+}
+
+async fn worker_main(ctx: WorkerContext, cfg: Arc<RelayConfig>) -> std::io::Result<()> {
+    let listener =
+        net::bind_monoio_listener(cfg.listen, &ListenOptions::default()).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.listen))
+        })?;
+    let drain = Drain::new();
+    let d = drain.clone();
+    monoio::spawn(async move {
+        ctx.shutdown.wait().await;
+        d.start();
+    });
+    server::accept_loop(listener, &drain, |client, peer| {
+        let cfg = cfg.clone();
+        server::spawn_tracked(&drain, handle(client, peer, cfg));
+    })
+    .await;
+    let left = drain.wait_idle(cfg.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(worker = ctx.index, connections = left, timeout = ?cfg.drain_timeout, "drain deadline passed; closing the connections still open");
+    }
+    Ok(())
+}
+
+async fn handle(client: monoio::net::TcpStream, peer: SocketAddr, cfg: Arc<RelayConfig>) {
+    let start = Instant::now();
+    let upstream = match net::connect(cfg.to, &cfg.connect).await {
+        Ok(u) => u,
+        Err(e) => {
+            // Reset rather than FIN: the client must not mistake a failed forward for an empty
+            // answer.
+            let _ = net::set_reset_on_close(&client);
+            tracing::warn!(
+                src.addr = %peer,
+                dst.addr = %cfg.to,
+                error = %e,
+                "upstream connect failed; is anything listening on the --to address?"
+            );
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let out = relay::relay(client, upstream, &cfg.relay).await;
+    let duration_ms = start.elapsed().as_secs_f64() * 1e3;
+    match &out.error {
+        None => tracing::info!(
+            src.addr = %peer,
+            dst.addr = %cfg.to,
+            bytes_sent = out.client_to_upstream,
+            bytes_recv = out.upstream_to_client,
+            duration_ms,
+            "connection complete"
+        ),
+        Some(e) => tracing::info!(
+            src.addr = %peer,
+            dst.addr = %cfg.to,
+            bytes_sent = out.client_to_upstream,
+            bytes_recv = out.upstream_to_client,
+            duration_ms,
+            error = %e,
+            "connection complete"
+        ),
+    }
+}
+
+/// Parse `--mode` with an explicit copy buffer size.
+pub fn mode_with_buffer(mode: RelayMode, buffer: usize) -> RelayMode {
+    match mode {
+        RelayMode::Copy { .. } => RelayMode::Copy { buffer },
+        other => other,
+    }
+}

@@ -1,0 +1,247 @@
+//! Shutdown and draining.
+//!
+//! Steps, in order, when the process is asked to stop (SIGTERM or SIGINT, or
+//! [`ShutdownTrigger::trigger`]):
+//! 1. The trigger closes one end of a socketpair per worker; each worker is blocked on reading
+//!    the other end (an ordinary io_uring/epoll read, so no polling and no cross-thread waker).
+//! 2. The worker sets its local [`Drain`]: accept loops stop and drop their listeners, so the
+//!    kernel refuses new connections (with `SO_REUSEPORT`, once every worker has closed its copy).
+//! 3. Live connections keep running; the worker waits until their count reaches zero or the
+//!    drain deadline passes.
+//! 4. The worker returns from its runtime; dropping the runtime drops the connections still
+//!    left, which closes their sockets.
+//!
+//! Nothing here is shared across workers on the data path: the [`Drain`] and the connection
+//! count are `Rc`s local to one worker.
+
+use std::{
+    cell::{Cell, RefCell},
+    future::Future,
+    io,
+    os::unix::net::UnixStream,
+    pin::Pin,
+    rc::Rc,
+    sync::{Arc, Mutex},
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
+
+/// The process-wide side: fires once, wakes every worker.
+#[derive(Debug, Clone, Default)]
+pub struct ShutdownTrigger {
+    inner: Arc<Mutex<TriggerState>>,
+}
+
+#[derive(Debug, Default)]
+struct TriggerState {
+    fired: bool,
+    senders: Vec<UnixStream>,
+}
+
+/// A worker's end of the shutdown signal; await it with [`ShutdownListener::wait`].
+#[derive(Debug)]
+pub struct ShutdownListener {
+    stream: Option<UnixStream>,
+}
+
+impl ShutdownTrigger {
+    /// A trigger nobody has fired yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new listener. If the trigger has fired already, the listener is ready at once.
+    pub fn subscribe(&self) -> io::Result<ShutdownListener> {
+        let (tx, rx) = UnixStream::pair()?;
+        let mut state = lock(&self.inner);
+        if !state.fired {
+            state.senders.push(tx);
+        }
+        Ok(ShutdownListener { stream: Some(rx) })
+    }
+
+    /// Fire: every listener, present and future, completes.
+    pub fn trigger(&self) {
+        let mut state = lock(&self.inner);
+        state.fired = true;
+        state.senders.clear();
+    }
+
+    /// Whether [`trigger`](Self::trigger) was called.
+    pub fn is_triggered(&self) -> bool {
+        lock(&self.inner).fired
+    }
+
+    /// Fire on the first SIGTERM or SIGINT, from a small signal thread.
+    pub fn on_signals(&self) -> io::Result<()> {
+        let mut signals = signal_hook::iterator::Signals::new([
+            signal_hook::consts::SIGTERM,
+            signal_hook::consts::SIGINT,
+        ])?;
+        let this = self.clone();
+        std::thread::Builder::new()
+            .name("zring-signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    tracing::info!(signal = sig, "shutdown requested; draining");
+                    this.trigger();
+                }
+            })?;
+        Ok(())
+    }
+}
+
+fn lock(m: &Mutex<TriggerState>) -> std::sync::MutexGuard<'_, TriggerState> {
+    // A poisoned lock only means a panic elsewhere while pushing to a Vec; the state is still
+    // consistent, so keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ShutdownListener {
+    /// Completes when the trigger fires. Must be awaited on a monoio runtime.
+    pub async fn wait(mut self) {
+        let Some(std) = self.stream.take() else {
+            return;
+        };
+        let stream = match std
+            .set_nonblocking(true)
+            .and_then(|()| monoio::net::UnixStream::from_std(std))
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "shutdown listener could not be registered; shutdown will not drain");
+                return std::future::pending().await;
+            }
+        };
+        let mut stream = stream;
+        let buf = vec![0u8; 1];
+        // EOF (the trigger dropped its end) or any error means: shut down.
+        let _ = monoio::io::AsyncReadRent::read(&mut stream, buf).await;
+    }
+}
+
+/// A one-shot event local to a worker: set once, wakes all waiters.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    inner: Rc<EventState>,
+}
+
+#[derive(Debug, Default)]
+struct EventState {
+    set: Cell<bool>,
+    waiters: RefCell<Vec<Waker>>,
+    live: Cell<usize>,
+    idle_waiters: RefCell<Vec<Waker>>,
+}
+
+impl Drain {
+    /// A fresh, unset drain.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Start draining: wake everyone waiting in [`Drain::signaled`].
+    pub fn start(&self) {
+        if !self.inner.set.replace(true) {
+            for w in self.inner.waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+    }
+
+    /// Whether draining has started.
+    pub fn is_draining(&self) -> bool {
+        self.inner.set.get()
+    }
+
+    /// Completes once draining has started.
+    pub fn signaled(&self) -> Signaled<'_> {
+        Signaled { drain: self }
+    }
+
+    /// Count a live connection until the returned guard drops.
+    pub fn track(&self) -> ConnGuard {
+        self.inner.live.set(self.inner.live.get() + 1);
+        ConnGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Connections currently tracked.
+    pub fn live(&self) -> usize {
+        self.inner.live.get()
+    }
+
+    /// Completes when no tracked connection is left.
+    pub fn idle(&self) -> Idle<'_> {
+        Idle { drain: self }
+    }
+
+    /// Wait for the tracked connections to finish, at most `deadline`. Returns how many were
+    /// still open when the deadline passed (0 when all finished).
+    pub async fn wait_idle(&self, deadline: Duration) -> usize {
+        monoio::select! {
+            _ = self.idle() => 0,
+            _ = monoio::time::sleep(deadline) => self.live(),
+        }
+    }
+}
+
+/// Future of [`Drain::signaled`].
+#[derive(Debug)]
+pub struct Signaled<'a> {
+    drain: &'a Drain,
+}
+
+impl Future for Signaled<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.drain.inner.set.get() {
+            return Poll::Ready(());
+        }
+        register(&self.drain.inner.waiters, cx.waker());
+        Poll::Pending
+    }
+}
+
+/// Future of [`Drain::idle`].
+#[derive(Debug)]
+pub struct Idle<'a> {
+    drain: &'a Drain,
+}
+
+impl Future for Idle<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.drain.inner.live.get() == 0 {
+            return Poll::Ready(());
+        }
+        register(&self.drain.inner.idle_waiters, cx.waker());
+        Poll::Pending
+    }
+}
+
+fn register(list: &RefCell<Vec<Waker>>, waker: &Waker) {
+    let mut list = list.borrow_mut();
+    if !list.iter().any(|w| w.will_wake(waker)) {
+        list.push(waker.clone());
+    }
+}
+
+/// Keeps a connection counted in its worker's [`Drain`].
+#[derive(Debug)]
+pub struct ConnGuard {
+    inner: Rc<EventState>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let left = self.inner.live.get().saturating_sub(1);
+        self.inner.live.set(left);
+        if left == 0 {
+            for w in self.inner.idle_waiters.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+    }
+}
