@@ -129,7 +129,20 @@ pub fn select(choice: BackendChoice) -> Result<Selection, BackendError> {
 }
 
 /// Try to set up a ring; on failure describe why as precisely as we can.
+///
+/// The probe runs on a throw-away thread: tearing a ring down queues io_uring task work on the
+/// thread that created it, which interrupts that thread's next blocking syscall with `EINTR`
+/// (a `recv` with `SO_RCVTIMEO`, for instance). The caller's thread must not inherit that.
 fn probe_uring() -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("zring-uring-probe".into())
+        .spawn(probe_uring_here)
+        .map_err(|e| format!("cannot start the probe thread: {e}"))?
+        .join()
+        .map_err(|_| "the io_uring probe panicked".to_owned())?
+}
+
+fn probe_uring_here() -> Result<(), String> {
     match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().build() {
         Ok(_rt) => Ok(()),
         Err(e) => {

@@ -1,0 +1,351 @@
+//! The `zring relay` binary: backend fallback under a real seccomp refusal, SIGTERM drain, and a
+//! dead upstream.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const ZRING: &str = env!("CARGO_BIN_EXE_zring");
+
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        // Signals are sent with the `kill` utility to keep this crate free of unsafe code.
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zring did not exit within {limit:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn spawn(args: &[&str], deny_uring: bool) -> Proc {
+    let log = std::env::temp_dir().join(format!(
+        "zring-test-{}-{}.log",
+        std::process::id(),
+        rand_suffix()
+    ));
+    let file = std::fs::File::create(&log).unwrap();
+    let mut cmd = Command::new(ZRING);
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .stderr(file)
+        .env("RUST_LOG", "info");
+    if deny_uring {
+        zring_runtime::sys::deny_io_uring(&mut cmd);
+    }
+    Proc {
+        child: cmd.spawn().expect("spawn zring"),
+        log,
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+fn wait_listening(addr: SocketAddr, p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if let Some(st) = p.child.try_wait().unwrap() {
+            panic!("zring exited early ({st}); log:\n{}", p.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "zring never listened on {addr}; log:\n{}",
+            p.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut buf = [0u8; 16384];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+fn echo_roundtrip(addr: SocketAddr) {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"ping through zring").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"ping through zring");
+}
+
+#[test]
+fn auto_falls_back_to_epoll_when_seccomp_denies_io_uring() {
+    let up = echo_server();
+    let listen = free_port();
+    let mut p = spawn(
+        &[
+            "relay",
+            "--listen",
+            &listen.to_string(),
+            "--to",
+            &up.to_string(),
+            "--io",
+            "auto",
+            "--workers",
+            "1",
+        ],
+        true,
+    );
+    wait_listening(listen, &mut p);
+    echo_roundtrip(listen);
+    let log = p.log();
+    assert!(
+        log.contains("falling back to epoll"),
+        "log must say why epoll runs:\n{log}"
+    );
+    assert!(
+        log.contains("Operation not permitted"),
+        "log must carry the kernel's refusal:\n{log}"
+    );
+}
+
+#[test]
+fn forced_uring_fails_clearly_when_seccomp_denies_it() {
+    let listen = free_port();
+    let mut p = spawn(
+        &[
+            "relay",
+            "--listen",
+            &listen.to_string(),
+            "--to",
+            "127.0.0.1:9",
+            "--io",
+            "uring",
+        ],
+        true,
+    );
+    let st = p.wait_exit(Duration::from_secs(10));
+    assert!(!st.success(), "--io uring must fail without io_uring");
+    let log = p.log();
+    assert!(
+        log.contains("--io uring was requested but io_uring is unavailable"),
+        "unclear error:\n{log}"
+    );
+}
+
+#[test]
+fn dead_upstream_closes_the_client_promptly_and_logs_why() {
+    let listen = free_port();
+    let dead = free_port(); // bound and released: nothing listens there
+    let mut p = spawn(
+        &[
+            "relay",
+            "--listen",
+            &listen.to_string(),
+            "--to",
+            &dead.to_string(),
+            "--workers",
+            "1",
+        ],
+        false,
+    );
+    wait_listening(listen, &mut p);
+    let mut c = TcpStream::connect(listen).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = c.read(&mut buf);
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "client waited {:?}",
+        t.elapsed()
+    );
+    match r {
+        Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionReset),
+        Ok(n) => panic!("expected a reset, read {n} bytes"),
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let log = p.log();
+    assert!(
+        log.contains("upstream connect failed") && log.contains("Connection refused"),
+        "log:\n{log}"
+    );
+}
+
+#[test]
+fn sigterm_refuses_new_connections_and_lets_transfers_finish() {
+    // An upstream that streams 8 MiB slowly (about 1.6 s) to each client.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = l.local_addr().unwrap();
+    const TOTAL: usize = 8 << 20;
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let chunk = vec![0xa5u8; 256 * 1024];
+                for _ in 0..TOTAL / chunk.len() {
+                    if c.write_all(&chunk).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+    });
+    let listen = free_port();
+    let mut p = spawn(
+        &[
+            "relay",
+            "--listen",
+            &listen.to_string(),
+            "--to",
+            &up.to_string(),
+            "--drain-timeout",
+            "20",
+        ],
+        false,
+    );
+    wait_listening(listen, &mut p);
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = TcpStream::connect(listen).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            std::thread::spawn(move || {
+                let mut got = 0usize;
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => return got,
+                        Ok(n) => got += n,
+                        Err(e) => panic!("transfer broken after {got} bytes: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    p.signal(15);
+    // New connections are refused once the listeners are closed.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match TcpStream::connect(listen) {
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => break,
+            Err(e) => panic!("unexpected connect error {e}"),
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still accepting 3 s after SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    assert!(
+        p.child.try_wait().unwrap().is_none(),
+        "zring exited before its transfers finished"
+    );
+    for r in readers {
+        assert_eq!(r.join().unwrap(), TOTAL, "in-flight transfer completed");
+    }
+    let st = p.wait_exit(Duration::from_secs(10));
+    assert!(st.success(), "clean exit after drain: {st}");
+}
+
+#[test]
+fn sigterm_closes_connections_still_open_at_the_deadline() {
+    let up = echo_server();
+    let listen = free_port();
+    let mut p = spawn(
+        &[
+            "relay",
+            "--listen",
+            &listen.to_string(),
+            "--to",
+            &up.to_string(),
+            "--drain-timeout",
+            "0.5",
+        ],
+        false,
+    );
+    wait_listening(listen, &mut p);
+    let mut idle = TcpStream::connect(listen).unwrap();
+    idle.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    idle.read_exact(&mut one).unwrap();
+    let t = Instant::now();
+    p.signal(15);
+    let st = p.wait_exit(Duration::from_secs(10));
+    assert!(st.success());
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "exited before the drain deadline"
+    );
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    assert!(
+        matches!(idle.read(&mut buf), Ok(0) | Err(_)),
+        "connection closed at the deadline"
+    );
+    assert!(
+        p.log().contains("drain deadline passed"),
+        "log:\n{}",
+        p.log()
+    );
+}

@@ -1,0 +1,62 @@
+//! Each worker runs on exactly its one CPU.
+
+use std::sync::{Arc, Mutex};
+
+use zring_runtime::{sys, BackendChoice, ShutdownTrigger, WorkerConfig, Workers};
+
+#[test]
+fn each_worker_is_pinned_to_exactly_one_cpu() {
+    let allowed = sys::thread_affinity().unwrap();
+    for io in [BackendChoice::Uring, BackendChoice::Epoll] {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let trigger = ShutdownTrigger::new();
+        let cfg = WorkerConfig {
+            workers: Some(allowed.len()),
+            io,
+            ..WorkerConfig::default()
+        };
+        let workers = Workers::start(&cfg, &trigger, move |ctx| {
+            let s = s.clone();
+            async move {
+                s.lock()
+                    .unwrap()
+                    .push((ctx.index, ctx.cpu, sys::thread_affinity()?));
+                Ok::<(), std::io::Error>(())
+            }
+        })
+        .unwrap();
+        workers.join().unwrap();
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        assert_eq!(seen.len(), allowed.len());
+        for (index, cpu, affinity) in seen {
+            let cpu = cpu.expect("pinned");
+            assert_eq!(cpu, allowed[index], "worker {index} on the expected cpu");
+            assert_eq!(
+                affinity,
+                vec![cpu],
+                "worker {index} affinity is exactly its cpu"
+            );
+        }
+    }
+}
+
+#[test]
+fn forced_uring_reports_a_clear_error_or_runs_on_uring() {
+    // Where io_uring works, --io uring must run on it; the refusal path is covered by the
+    // seccomp test of the zring binary.
+    let trigger = ShutdownTrigger::new();
+    let cfg = WorkerConfig {
+        workers: Some(1),
+        io: BackendChoice::Uring,
+        ..WorkerConfig::default()
+    };
+    match Workers::start(&cfg, &trigger, |_| async { Ok::<(), std::io::Error>(()) }) {
+        Ok(w) => {
+            assert_eq!(w.backend(), zring_runtime::IoBackend::Uring);
+            w.join().unwrap();
+        }
+        Err(e) => assert!(e.to_string().contains("io_uring is unavailable"), "{e}"),
+    }
+}
