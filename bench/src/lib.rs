@@ -1,2 +1,0 @@
-#![forbid(unsafe_code)]
-//! zring-bench: placeholder crate; see README.md for what lands here.

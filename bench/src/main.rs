@@ -1,0 +1,36 @@
+//! `zring-bench`: measurements that compare zring against baselines in the same run.
+//!
+//! `zring-bench relay` measures bulk TCP throughput on loopback with iperf3 through nothing
+//! (direct), through `zring relay` in copy mode (64 KiB and 256 KiB buffers) and in splice mode,
+//! on io_uring and epoll, plus io_uring's own splice opcode for the io-wq thread count. It
+//! reports Gbit/s, system-wide CPU (from /proc/stat) and the relay's own CPU (from
+//! /proc/PID/stat), and writes raw JSON and a markdown table.
+
+#![forbid(unsafe_code)]
+
+mod relay;
+mod sample;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "zring-bench", about = "zring benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// iperf3 through direct, copy and splice relays, both io backends.
+    Relay(relay::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Relay(args) => relay::run(args),
+    }
+}
