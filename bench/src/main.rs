@@ -8,6 +8,8 @@
 
 #![forbid(unsafe_code)]
 
+mod capacity;
+mod iowq;
 mod relay;
 mod sample;
 
@@ -27,10 +29,16 @@ struct Cli {
 enum Command {
     /// iperf3 through direct, copy and splice relays, both io backends.
     Relay(relay::Args),
+    /// io-wq kernel threads per splice engine with idle connections.
+    Iowq(iowq::Args),
+    /// zring-loadgen's own capacity next to wrk.
+    Loadgen(capacity::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Relay(args) => relay::run(args),
+        Command::Iowq(args) => iowq::run(args),
+        Command::Loadgen(args) => capacity::run(args),
     }
 }
