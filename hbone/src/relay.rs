@@ -1,0 +1,143 @@
+//! The copy between a TCP socket and a CONNECT stream.
+//!
+//! - FIN from the socket -> END_STREAM; END_STREAM from the peer -> `shutdown(SHUT_WR)` on the
+//!   socket. The other direction keeps flowing.
+//! - A reset socket -> RST_STREAM(CONNECT_ERROR); RST_STREAM from the peer -> the socket is reset
+//!   (`SO_LINGER` 0, then close), never closed with a FIN that would look like success.
+//! - Byte counts per direction are returned even when the relay ends with an error.
+
+use std::{
+    future::{poll_fn, Future},
+    io,
+    pin::pin,
+    task::Poll,
+};
+
+use h2::Reason;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::stream::H2Stream;
+
+/// Buffer per direction of the socket <-> stream copy.
+pub const COPY_BUFFER: usize = 256 * 1024;
+
+/// A socket that can be told to send RST instead of FIN when closed.
+pub trait ResetOnClose {
+    /// Arrange for the next close to send a TCP RST.
+    fn reset_on_close(&self);
+}
+
+impl ResetOnClose for tokio::net::TcpStream {
+    fn reset_on_close(&self) {
+        let _ = socket2::SockRef::from(self).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
+
+/// Which side failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunnelError {
+    /// The TCP side failed (reset, broken pipe); the stream was reset.
+    #[error("tcp side: {0}")]
+    Socket(io::Error),
+    /// The HBONE side failed (RST_STREAM, GOAWAY, connection error); the socket was reset.
+    #[error("hbone side: {0}")]
+    Stream(io::Error),
+}
+
+/// Outcome of [`copy_bidirectional`].
+#[derive(Debug)]
+pub struct TunnelOutcome {
+    /// Bytes from the socket into the tunnel.
+    pub socket_to_stream: u64,
+    /// Bytes from the tunnel to the socket.
+    pub stream_to_socket: u64,
+    /// The first failure, if any.
+    pub error: Option<TunnelError>,
+}
+
+/// Relay until both directions end.
+pub async fn copy_bidirectional<S>(socket: S, stream: H2Stream) -> TunnelOutcome
+where
+    S: AsyncRead + AsyncWrite + ResetOnClose + Unpin,
+{
+    let (mut h2r, mut h2w) = stream.into_split();
+    let (mut sr, mut sw) = tokio::io::split(socket);
+    let mut up = 0u64;
+    let mut down = 0u64;
+    let error = {
+        let a = pin!(async {
+            let mut buf = vec![0u8; COPY_BUFFER];
+            loop {
+                let n = sr.read(&mut buf).await.map_err(TunnelError::Socket)?;
+                if n == 0 {
+                    h2w.shutdown().await.map_err(TunnelError::Stream)?;
+                    return Ok(());
+                }
+                h2w.write_all(&buf[..n])
+                    .await
+                    .map_err(TunnelError::Stream)?;
+                up += n as u64;
+            }
+        });
+        let b = pin!(async {
+            let mut buf = vec![0u8; COPY_BUFFER];
+            loop {
+                let n = h2r.read(&mut buf).await.map_err(TunnelError::Stream)?;
+                if n == 0 {
+                    sw.shutdown().await.map_err(TunnelError::Socket)?;
+                    return Ok(());
+                }
+                sw.write_all(&buf[..n]).await.map_err(TunnelError::Socket)?;
+                down += n as u64;
+            }
+        });
+        first_error(a, b).await.err()
+    };
+    let socket = sr.unsplit(sw);
+    match &error {
+        Some(TunnelError::Socket(_)) => h2w.reset(Reason::CONNECT_ERROR),
+        Some(TunnelError::Stream(_)) => {
+            socket.reset_on_close();
+            h2w.reset(Reason::CANCEL);
+        }
+        None => {}
+    }
+    drop(socket);
+    TunnelOutcome {
+        socket_to_stream: up,
+        stream_to_socket: down,
+        error,
+    }
+}
+
+/// Drive both futures; return the first error at once, or Ok when both finished.
+async fn first_error<A, B, E>(a: A, b: B) -> Result<(), E>
+where
+    A: Future<Output = Result<(), E>>,
+    B: Future<Output = Result<(), E>>,
+{
+    let mut a = pin!(a);
+    let mut b = pin!(b);
+    let (mut a_done, mut b_done) = (false, false);
+    poll_fn(|cx| {
+        if !a_done {
+            if let Poll::Ready(r) = a.as_mut().poll(cx) {
+                r?;
+                a_done = true;
+            }
+        }
+        if !b_done {
+            if let Poll::Ready(r) = b.as_mut().poll(cx) {
+                r?;
+                b_done = true;
+            }
+        }
+        if a_done && b_done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}

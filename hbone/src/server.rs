@@ -1,0 +1,170 @@
+//! The CONNECT server: serve HBONE streams on an accepted TLS connection.
+//!
+//! Each valid `CONNECT <ip>:<port>` becomes an [`Incoming`] handed to the caller's handler, which
+//! answers it ([`Incoming::accept`] for 200, [`Incoming::reject`] for 401, 503...). Requests that
+//! are not CONNECT get 405; a missing or malformed authority gets 400. The stream limit is
+//! advertised in SETTINGS and enforced by h2 (excess streams are refused). On shutdown the
+//! server sends GOAWAY and lets live streams finish up to the drain deadline.
+
+use std::{future::Future, net::SocketAddr, pin::Pin};
+
+use bytes::Bytes;
+use h2::{server::SendResponse, RecvStream};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::{identity::SpiffeId, settings::H2Settings, stream::H2Stream, Executor};
+
+/// A validated CONNECT request.
+#[derive(Debug, Clone)]
+pub struct ConnectRequest {
+    /// `:authority`, the target `ip:port`.
+    pub target: SocketAddr,
+    /// Request headers (`forwarded`, `baggage`, `traceparent`...).
+    pub headers: HeaderMap,
+    /// The client's SPIFFE id from its certificate.
+    pub peer: Option<SpiffeId>,
+}
+
+/// A CONNECT stream waiting for the handler's answer.
+#[derive(Debug)]
+pub struct Incoming {
+    /// The request.
+    pub request: ConnectRequest,
+    respond: SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+impl Incoming {
+    /// Answer 200 and return the tunnel's byte stream.
+    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .body(())
+            .unwrap_or_default();
+        let send = self.respond.send_response(resp, false)?;
+        Ok(H2Stream::new(send, self.recv))
+    }
+
+    /// Answer with an error status and end the stream.
+    pub fn reject(mut self, status: StatusCode) {
+        let resp = Response::builder()
+            .status(status)
+            .body(())
+            .unwrap_or_default();
+        if let Err(e) = self.respond.send_response(resp, true) {
+            tracing::debug!(error = %e, "could not send the rejection");
+        }
+    }
+}
+
+/// Why serving a connection ended with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The HTTP/2 preface or settings exchange failed (not HTTP/2, garbage, early close).
+    #[error("HTTP/2 handshake failed: {0}")]
+    Handshake(h2::Error),
+    /// The connection failed after the handshake.
+    #[error("HTTP/2 connection error: {0}")]
+    Connection(h2::Error),
+}
+
+/// Parse a CONNECT authority: it must be `ip:port` (IPv6 in brackets).
+pub fn parse_authority(s: &str) -> Option<SocketAddr> {
+    s.parse().ok()
+}
+
+fn check(req: &Request<RecvStream>) -> Result<SocketAddr, StatusCode> {
+    if req.method() != Method::CONNECT {
+        return Err(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    req.uri()
+        .authority()
+        .and_then(|a| parse_authority(a.as_str()))
+        .ok_or(StatusCode::BAD_REQUEST)
+}
+
+/// Serve CONNECT streams on `io` until the peer goes away or `shutdown` completes (then GOAWAY
+/// and a drain of at most `settings.drain_timeout`). `handler` runs as its own task per stream.
+pub async fn serve<IO, H, Fut, X>(
+    io: IO,
+    peer: Option<SpiffeId>,
+    settings: &H2Settings,
+    executor: X,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(Incoming) -> Fut,
+    Fut: Future<Output = ()> + 'static,
+    X: Executor,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.connection_window)
+        .max_frame_size(settings.max_frame)
+        .max_concurrent_streams(settings.max_streams)
+        .max_header_list_size(settings.max_header_list)
+        .max_send_buffer_size(settings.max_frame as usize)
+        .handshake::<_, Bytes>(io)
+        .await
+        .map_err(ServeError::Handshake)?;
+    let mut shutdown: Pin<Box<dyn Future<Output = ()>>> = Box::pin(shutdown);
+    let mut deadline: Option<Pin<Box<dyn Future<Output = ()>>>> = None;
+    loop {
+        let next = std::future::poll_fn(|cx| {
+            if deadline.is_none() && shutdown.as_mut().poll(cx).is_ready() {
+                conn.graceful_shutdown();
+                deadline = Some(executor.sleep(settings.drain_timeout));
+            }
+            if let Some(d) = deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(None);
+                }
+            }
+            conn.poll_accept(cx).map(Some)
+        })
+        .await;
+        let req = match next {
+            None => {
+                tracing::debug!("drain deadline passed; closing the HBONE connection");
+                return Ok(());
+            }
+            Some(None) => return Ok(()),
+            Some(Some(Err(e))) => {
+                if e.is_go_away() || e.is_io() {
+                    tracing::debug!(error = %e, "HBONE connection ended");
+                    return Ok(());
+                }
+                return Err(ServeError::Connection(e));
+            }
+            Some(Some(Ok(r))) => r,
+        };
+        let (req, mut respond) = req;
+        match check(&req) {
+            Err(status) => {
+                tracing::debug!(method = %req.method(), uri = %req.uri(), %status, "rejecting a malformed HBONE request");
+                let resp = Response::builder()
+                    .status(status)
+                    .body(())
+                    .unwrap_or_default();
+                let _ = respond.send_response(resp, true);
+            }
+            Ok(target) => {
+                let (parts, recv) = req.into_parts();
+                let incoming = Incoming {
+                    request: ConnectRequest {
+                        target,
+                        headers: parts.headers,
+                        peer: peer.clone(),
+                    },
+                    respond,
+                    recv,
+                };
+                executor.spawn(Box::pin(handler(incoming)));
+            }
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! rustls configurations for HBONE.
+//!
+//! Both sides: TLS 1.3 only, ALPN `h2`, AES-128-GCM / AES-256-GCM, certificates chaining to the
+//! trust bundle. No SNI: the server presents the certificate of the workload that owns the
+//! destination address (the caller picks the config), and the client checks that the server's
+//! URI SAN is one of the SPIFFE ids it expects, failing with [`WrongIdentity`] otherwise.
+
+use std::{
+    fmt,
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use rustls::{
+    client::{
+        danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
+        verify_server_cert_signed_by_trust_anchor,
+    },
+    crypto::{verify_tls13_signature, CryptoProvider},
+    pki_types::{CertificateDer, ServerName, UnixTime},
+    server::{ParsedCertificate, WebPkiClientVerifier},
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
+    SignatureScheme,
+};
+
+use crate::{ca::WorkloadCert, identity::SpiffeId};
+
+/// ALPN protocol of HBONE.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Errors building TLS configurations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// rustls refused the certificate, key or bundle.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The trust bundle is unusable.
+    #[error("trust bundle: {0}")]
+    Bundle(String),
+}
+
+/// The server presented a valid certificate for a different identity than expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrongIdentity {
+    /// What the client would accept.
+    pub expected: Vec<SpiffeId>,
+    /// What the server's certificate says (None: no SPIFFE URI SAN at all).
+    pub got: Option<SpiffeId>,
+}
+
+impl fmt::Display for WrongIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let expected: Vec<String> = self.expected.iter().map(|e| e.to_string()).collect();
+        match &self.got {
+            Some(g) => write!(
+                f,
+                "peer identity {g} is not the expected {}",
+                expected.join(" or ")
+            ),
+            None => write!(
+                f,
+                "peer certificate has no SPIFFE identity; expected {}",
+                expected.join(" or ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for WrongIdentity {}
+
+/// The crypto provider: ring with only the TLS 1.3 AES-GCM suites.
+pub fn provider() -> Arc<CryptoProvider> {
+    let base = rustls::crypto::ring::default_provider();
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        ],
+        ..base
+    })
+}
+
+/// Trust anchors as a rustls store.
+pub fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store
+            .add(r.clone())
+            .map_err(|e| TlsError::Bundle(e.to_string()))?;
+    }
+    if store.is_empty() {
+        return Err(TlsError::Bundle("no trust anchor".into()));
+    }
+    Ok(Arc::new(store))
+}
+
+/// The server side: present `cert`, require a client certificate chaining to `roots`.
+pub fn server_config(
+    cert: &WorkloadCert,
+    roots: &[CertificateDer<'static>],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(root_store(roots)?, provider.clone())
+            .build()
+            .map_err(|e| TlsError::Bundle(e.to_string()))?;
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The client side: present `cert`, accept only servers chaining to `roots` whose identity is
+/// one of `expected`.
+pub fn client_config(
+    cert: &WorkloadCert,
+    roots: &[CertificateDer<'static>],
+    expected: Vec<SpiffeId>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let verifier = Arc::new(SpiffeServerVerifier {
+        roots: root_store(roots)?,
+        expected,
+        provider: provider.clone(),
+    });
+    let mut cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(cert.chain.clone(), cert.key.clone_key())?;
+    cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    cfg.enable_sni = false;
+    Ok(Arc::new(cfg))
+}
+
+/// The name passed to rustls when connecting: an IP, so no SNI is sent (the verifier ignores it).
+pub fn server_name(ip: std::net::IpAddr) -> ServerName<'static> {
+    ServerName::IpAddress(ip.into())
+}
+
+/// Checks the chain like WebPKI does, then the SPIFFE id instead of a DNS name.
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<RootCertStore>,
+    expected: Vec<SpiffeId>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let got = leaf_info(end_entity).ok().and_then(|i| i.identity);
+        match &got {
+            Some(id) if self.expected.contains(id) => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(WrongIdentity {
+                    expected: self.expected.clone(),
+                    got,
+                })),
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What zring reads from a leaf certificate.
+#[derive(Debug, Clone)]
+pub struct LeafInfo {
+    /// The first `spiffe://` URI SAN, if any and if well formed.
+    pub identity: Option<SpiffeId>,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+/// Parse a leaf certificate's identity and validity.
+pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, String> {
+    use x509_parser::{extensions::GeneralName, prelude::FromDer};
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref())
+        .map_err(|e| format!("bad certificate: {e}"))?;
+    let mut identity = None;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if uri.starts_with("spiffe://") {
+                    identity = uri.parse().ok();
+                    break;
+                }
+            }
+        }
+    }
+    let ts = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    };
+    Ok(LeafInfo {
+        identity,
+        not_before: ts(cert.validity().not_before),
+        not_after: ts(cert.validity().not_after),
+    })
+}
+
+/// The SPIFFE id of the peer of an established TLS connection.
+pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
+    conn.peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|leaf| leaf_info(leaf).ok())
+        .and_then(|i| i.identity)
+}
+
+/// Why a TLS handshake failed, in the terms an operator acts on.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum HandshakeFailure {
+    /// The peer's certificate is valid but names another identity.
+    WrongIdentity(WrongIdentity),
+    /// The peer's certificate does not chain to our trust bundle, has expired, or is missing.
+    BadCertificate(String),
+    /// Anything else (network, protocol).
+    Other(std::io::Error),
+}
+
+impl fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::WrongIdentity(w) => write!(f, "{w}"),
+            Self::BadCertificate(s) => write!(f, "certificate rejected: {s}"),
+            Self::Other(e) => write!(f, "TLS handshake failed: {e}"),
+        }
+    }
+}
+
+/// Classify the I/O error tokio-rustls returns from a failed handshake.
+pub fn classify_handshake(e: std::io::Error) -> HandshakeFailure {
+    let Some(inner) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return HandshakeFailure::Other(e);
+    };
+    match inner {
+        rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+            match other.0.downcast_ref::<WrongIdentity>() {
+                Some(w) => HandshakeFailure::WrongIdentity(w.clone()),
+                None => HandshakeFailure::BadCertificate(inner.to_string()),
+            }
+        }
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            HandshakeFailure::BadCertificate(inner.to_string())
+        }
+        _ => HandshakeFailure::Other(e),
+    }
+}
+
+/// A value swapped at runtime (certificate rotation) while readers take cheap snapshots: new
+/// connections load the current value; live connections keep the one they started with.
+#[derive(Debug)]
+pub struct Swappable<T>(RwLock<Arc<T>>);
+
+impl<T> Swappable<T> {
+    /// Start with `value`.
+    pub fn new(value: Arc<T>) -> Self {
+        Self(RwLock::new(value))
+    }
+
+    /// The current value.
+    pub fn load(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replace the value for everyone who loads after this.
+    pub fn store(&self, value: Arc<T>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = value;
+    }
+}
