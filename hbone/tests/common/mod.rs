@@ -84,6 +84,8 @@ pub struct HboneServer {
     pub addr: SocketAddr,
     pub config: Rc<Swappable<rustls::ServerConfig>>,
     pub peers: Rc<std::cell::RefCell<Vec<Option<SpiffeId>>>>,
+    /// `notify_waiters()` makes every live connection send GOAWAY and drain.
+    pub shutdown: Rc<tokio::sync::Notify>,
 }
 
 pub async fn hbone_server(
@@ -95,7 +97,8 @@ pub async fn hbone_server(
     let addr = listener.local_addr().unwrap();
     let config = Rc::new(Swappable::new(config));
     let peers = Rc::new(std::cell::RefCell::new(Vec::new()));
-    let (cfg, p) = (config.clone(), peers.clone());
+    let shutdown = Rc::new(tokio::sync::Notify::new());
+    let (cfg, p, sd) = (config.clone(), peers.clone(), shutdown.clone());
     tokio::task::spawn_local(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -105,6 +108,7 @@ pub async fn hbone_server(
             let handler = handler.clone();
             let settings = settings.clone();
             let p = p.clone();
+            let sd = sd.clone();
             tokio::task::spawn_local(async move {
                 let tls = match acceptor.accept(tcp).await {
                     Ok(t) => t,
@@ -116,15 +120,8 @@ pub async fn hbone_server(
                 let peer = tls::peer_identity(tls.get_ref().1);
                 p.borrow_mut().push(peer.clone());
                 let h = handler.clone();
-                let _ = server::serve(
-                    tls,
-                    peer,
-                    &settings,
-                    TokioLocal,
-                    move |i| h(i),
-                    std::future::pending(),
-                )
-                .await;
+                let stop = sd.notified();
+                let _ = server::serve(tls, peer, &settings, TokioLocal, move |i| h(i), stop).await;
             });
         }
     });
@@ -132,6 +129,7 @@ pub async fn hbone_server(
         addr,
         config,
         peers,
+        shutdown,
     }
 }
 
