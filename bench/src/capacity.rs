@@ -4,12 +4,12 @@
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
 };
 
 use anyhow::{bail, Context};
 
-use crate::relay::{git_commit, machine};
+use crate::util::{git_commit, machine, Killed};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -25,15 +25,6 @@ pub struct Args {
     /// Output folder.
     #[arg(long, default_value = "perf-reports/loadgen")]
     out: PathBuf,
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn serve(loadgen: &PathBuf, kind: &str) -> anyhow::Result<(Killed, String)> {

@@ -12,6 +12,8 @@ mod capacity;
 mod iowq;
 mod relay;
 mod sample;
+mod tunnel;
+mod util;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +35,8 @@ enum Command {
     Iowq(iowq::Args),
     /// zring-loadgen's own capacity next to wrk.
     Loadgen(capacity::Args),
+    /// iperf3 through one HBONE hop (zring tunnel client -> server) vs direct.
+    Tunnel(tunnel::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Command::Relay(args) => relay::run(args),
         Command::Iowq(args) => iowq::run(args),
         Command::Loadgen(args) => capacity::run(args),
+        Command::Tunnel(args) => tunnel::run(args),
     }
 }

@@ -6,6 +6,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ca_cmd;
 pub mod demo;
+pub mod hbone_io;
 pub mod logging;
 pub mod relay_cmd;
+pub mod tunnel_cmd;

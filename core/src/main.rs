@@ -33,6 +33,97 @@ struct Cli {
 enum Command {
     /// Forward TCP from one address to another (a debugging tool and the relay benchmark subject).
     Relay(RelayArgs),
+    /// A local certificate authority: `init` a root, `issue` workload certificates.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Carry plain TCP over one HBONE hop (mTLS + HTTP/2 CONNECT): `server` and `client` ends.
+    Tunnel {
+        #[command(subcommand)]
+        command: TunnelCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Create root-cert.pem and root-key.pem (ECDSA P-256) in DIR; refuses to overwrite.
+    Init {
+        /// CA directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Trust domain written into the root's subject.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Issue a workload certificate: writes PREFIXcert-chain.pem, PREFIXkey.pem, PREFIXroot-cert.pem.
+    Issue {
+        /// CA directory (root-cert.pem + root-key.pem; an existing plug-in root works).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// The workload identity, spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
+        #[arg(long)]
+        spiffe: zring_hbone::SpiffeId,
+        /// Output path prefix, e.g. `certs/sleep-`.
+        #[arg(long)]
+        out: String,
+        /// Lifetime in seconds (default 24 h, Istio's).
+        #[arg(long, default_value_t = zring_hbone::ca::DEFAULT_WORKLOAD_TTL.as_secs())]
+        ttl: u64,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct TunnelArgs {
+    /// Address to accept on.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// CA directory (zring ca init).
+    #[arg(long)]
+    ca_dir: std::path::PathBuf,
+    /// The SPIFFE identity this end presents.
+    #[arg(long)]
+    identity: zring_hbone::SpiffeId,
+    /// SO_MARK for upstream connections.
+    #[arg(long)]
+    packet_mark: Option<u32>,
+    #[command(flatten)]
+    workers: WorkerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum TunnelCommand {
+    /// Terminate HBONE and connect each CONNECT stream to its target.
+    Server(TunnelArgs),
+    /// Accept TCP and carry it to TARGET through an HBONE server.
+    Client {
+        #[command(flatten)]
+        common: TunnelArgs,
+        /// The HBONE server, ip:port.
+        #[arg(long)]
+        server: SocketAddr,
+        /// The CONNECT target behind the server, ip:port.
+        #[arg(long)]
+        target: SocketAddr,
+        /// The identity the server must prove.
+        #[arg(long)]
+        expect: zring_hbone::SpiffeId,
+    },
+}
+
+fn tunnel_common(a: TunnelArgs) -> zring_core::tunnel_cmd::TunnelCommon {
+    zring_core::tunnel_cmd::TunnelCommon {
+        listen: a.listen,
+        ca_dir: a.ca_dir,
+        identity: a.identity,
+        workers: a.workers.config(),
+        h2: zring_hbone::H2Settings::default(),
+        connect: ConnectOptions {
+            mark: a.packet_mark,
+            timeout: Some(relay_cmd::DEFAULT_CONNECT_TIMEOUT),
+            ..ConnectOptions::default()
+        },
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,6 +191,38 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         None => zring_core::demo::run(&trigger),
         Some(Command::Relay(args)) => relay_cmd::run(relay_config(args), &trigger),
+        Some(Command::Ca {
+            command: CaCommand::Init { dir, trust_domain },
+        }) => zring_core::ca_cmd::init(&dir, &trust_domain),
+        Some(Command::Ca {
+            command:
+                CaCommand::Issue {
+                    dir,
+                    spiffe,
+                    out,
+                    ttl,
+                },
+        }) => zring_core::ca_cmd::issue(&dir, &spiffe, &out, Duration::from_secs(ttl)),
+        Some(Command::Tunnel {
+            command: TunnelCommand::Server(a),
+        }) => zring_core::tunnel_cmd::run_server(tunnel_common(a), &trigger),
+        Some(Command::Tunnel {
+            command:
+                TunnelCommand::Client {
+                    common,
+                    server,
+                    target,
+                    expect,
+                },
+        }) => {
+            let t = zring_core::tunnel_cmd::TunnelClient {
+                server,
+                target,
+                expect,
+                pool: Default::default(),
+            };
+            zring_core::tunnel_cmd::run_client(tunnel_common(common), t, &trigger)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

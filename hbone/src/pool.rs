@@ -187,13 +187,21 @@ pub struct PooledStream {
     pub stream: H2Stream,
     /// Which pooled connection carries it (for logs and tests).
     pub connection_id: u64,
-    _slot: Slot,
+    slot: StreamSlot,
 }
 
-#[derive(Debug)]
-struct Slot(Rc<Conn>);
+impl PooledStream {
+    /// Take the tunnel out; the slot must be kept alive as long as the tunnel is in use.
+    pub fn into_parts(self) -> (H2Stream, StreamSlot) {
+        (self.stream, self.slot)
+    }
+}
 
-impl Drop for Slot {
+/// Holds one stream's place on its pooled connection; dropping it frees the place.
+#[derive(Debug)]
+pub struct StreamSlot(Rc<Conn>);
+
+impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get().saturating_sub(1));
         self.0.last_used.set(Instant::now());
@@ -246,13 +254,13 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
             if let Some(conn) = found {
                 conn.active.set(conn.active.get() + 1);
                 conn.last_used.set(Instant::now());
-                let slot = Slot(conn.clone());
+                let slot = StreamSlot(conn.clone());
                 match client::open(&conn.send, target, headers).await {
                     Ok(stream) => {
                         return Ok(PooledStream {
                             stream,
                             connection_id: conn.id,
-                            _slot: slot,
+                            slot,
                         })
                     }
                     Err(e) if e.is_connection_level() => {

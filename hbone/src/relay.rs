@@ -13,6 +13,7 @@ use std::{
     task::Poll,
 };
 
+use bytes::BytesMut;
 use h2::Reason;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -66,30 +67,37 @@ where
     let mut up = 0u64;
     let mut down = 0u64;
     let error = {
+        // Socket -> stream: read into a BytesMut and hand the filled part to h2 as is (no copy).
         let a = pin!(async {
-            let mut buf = vec![0u8; COPY_BUFFER];
+            let mut buf = BytesMut::with_capacity(COPY_BUFFER);
             loop {
-                let n = sr.read(&mut buf).await.map_err(TunnelError::Socket)?;
+                if buf.capacity() < COPY_BUFFER / 4 {
+                    buf.reserve(COPY_BUFFER);
+                }
+                let n = sr.read_buf(&mut buf).await.map_err(TunnelError::Socket)?;
                 if n == 0 {
                     h2w.shutdown().await.map_err(TunnelError::Stream)?;
                     return Ok(());
                 }
-                h2w.write_all(&buf[..n])
+                h2w.send_bytes(buf.split().freeze())
                     .await
                     .map_err(TunnelError::Stream)?;
                 up += n as u64;
             }
         });
+        // Stream -> socket: write h2's received chunks straight to the socket (no copy).
         let b = pin!(async {
-            let mut buf = vec![0u8; COPY_BUFFER];
             loop {
-                let n = h2r.read(&mut buf).await.map_err(TunnelError::Stream)?;
-                if n == 0 {
-                    sw.shutdown().await.map_err(TunnelError::Socket)?;
-                    return Ok(());
+                match h2r.recv_bytes().await.map_err(TunnelError::Stream)? {
+                    None => {
+                        sw.shutdown().await.map_err(TunnelError::Socket)?;
+                        return Ok(());
+                    }
+                    Some(chunk) => {
+                        sw.write_all(&chunk).await.map_err(TunnelError::Socket)?;
+                        down += chunk.len() as u64;
+                    }
                 }
-                sw.write_all(&buf[..n]).await.map_err(TunnelError::Socket)?;
-                down += n as u64;
             }
         });
         first_error(a, b).await.err()

@@ -10,7 +10,8 @@ use std::{future::Future, net::SocketAddr, pin::Pin};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+pub use http::StatusCode;
+use http::{HeaderMap, Method, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{identity::SpiffeId, settings::H2Settings, stream::H2Stream, Executor};
@@ -165,6 +166,51 @@ where
                 };
                 executor.spawn(Box::pin(handler(incoming)));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::parse_authority;
+
+    #[test]
+    fn authorities_must_be_ip_and_port() {
+        assert_eq!(
+            parse_authority("10.0.0.1:9080"),
+            Some("10.0.0.1:9080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_authority("[fd00::1]:15008"),
+            Some("[fd00::1]:15008".parse().unwrap())
+        );
+        for bad in [
+            "",
+            "10.0.0.1",
+            "productpage:9080",
+            "10.0.0.1:",
+            "10.0.0.1:70000",
+            "fd00::1:80",
+            "http://10.0.0.1:80",
+        ] {
+            assert_eq!(parse_authority(bad), None, "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn every_ip_and_port_round_trips(a in any::<[u8; 4]>(), b in any::<[u16; 8]>(), port in any::<u16>()) {
+            let v4 = std::net::SocketAddr::from((a, port));
+            prop_assert_eq!(parse_authority(&v4.to_string()), Some(v4));
+            let v6 = std::net::SocketAddr::from((std::net::Ipv6Addr::from(b), port));
+            prop_assert_eq!(parse_authority(&v6.to_string()), Some(v6));
+        }
+
+        #[test]
+        fn arbitrary_strings_never_panic(s in ".{0,64}") {
+            let _ = parse_authority(&s);
         }
     }
 }

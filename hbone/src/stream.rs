@@ -81,11 +81,70 @@ impl H2Stream {
 }
 
 impl H2Writer {
+    /// Send `data` without copying it: it is split into frames as flow-control capacity allows.
+    pub async fn send_bytes(&mut self, mut data: Bytes) -> io::Result<()> {
+        if self.finished {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "CONNECT stream already ended",
+            ));
+        }
+        while !data.is_empty() {
+            self.send.reserve_capacity(data.len().min(MAX_WRITE_CHUNK));
+            let cap = std::future::poll_fn(|cx| self.send.poll_capacity(cx)).await;
+            let n = match cap {
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "CONNECT stream closed",
+                    ))
+                }
+                Some(Err(e)) => return Err(h2_to_io(e)),
+                Some(Ok(n)) => n.min(data.len()),
+            };
+            if n > 0 {
+                self.send
+                    .send_data(data.split_to(n), false)
+                    .map_err(h2_to_io)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Abort the stream with RST_STREAM (CONNECT_ERROR is what RFC 9113 section 8.5 asks for
     /// when the TCP side was reset).
     pub fn reset(&mut self, reason: Reason) {
         self.finished = true;
         self.send.send_reset(reason);
+    }
+}
+
+impl H2Reader {
+    /// The next chunk of data as h2 received it (no copy), or `None` at END_STREAM. Its
+    /// flow-control capacity is released when it is returned.
+    pub async fn recv_bytes(&mut self) -> io::Result<Option<Bytes>> {
+        if !self.buf.is_empty() {
+            let b = std::mem::take(&mut self.buf);
+            let _ = self.recv.flow_control().release_capacity(b.len());
+            return Ok(Some(b));
+        }
+        if self.eof {
+            return Ok(None);
+        }
+        loop {
+            match self.recv.data().await {
+                None => {
+                    self.eof = true;
+                    return Ok(None);
+                }
+                Some(Ok(b)) if b.is_empty() => continue,
+                Some(Ok(b)) => {
+                    let _ = self.recv.flow_control().release_capacity(b.len());
+                    return Ok(Some(b));
+                }
+                Some(Err(e)) => return Err(h2_to_io(e)),
+            }
+        }
     }
 }
 

@@ -1,0 +1,119 @@
+//! Glue between zring's monoio workers and the runtime-agnostic HBONE crate: an executor, the
+//! socket type HBONE relays over, and a pool dialer.
+
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use monoio::io::IntoPollIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use zring_hbone::{pool::PoolKey, relay::ResetOnClose, tls, Executor, LocalFuture};
+use zring_runtime::net::{self, ConnectOptions};
+
+/// Spawns and sleeps on the current monoio worker.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MonoioExecutor;
+
+impl Executor for MonoioExecutor {
+    fn spawn(&self, fut: LocalFuture) {
+        monoio::spawn(fut);
+    }
+    fn sleep(&self, d: Duration) -> LocalFuture {
+        Box::pin(monoio::time::sleep(d))
+    }
+}
+
+/// A worker's TCP socket in readiness (poll) mode, usable by tokio-rustls and h2, that can be
+/// reset on close.
+#[derive(Debug)]
+pub struct PollTcp(monoio::net::tcp::stream_poll::TcpStreamPoll);
+
+impl PollTcp {
+    /// Convert a completion-mode monoio stream.
+    pub fn new(stream: monoio::net::TcpStream) -> io::Result<Self> {
+        Ok(Self(stream.into_poll_io()?))
+    }
+}
+
+impl ResetOnClose for PollTcp {
+    fn reset_on_close(&self) {
+        let _ = net::set_reset_on_close(&self.0);
+    }
+}
+
+impl AsyncRead for PollTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PollTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// Picks the client TLS config (certificate to present, identities to expect) for a pool key.
+pub type ClientConfigFor = Arc<dyn Fn(&PoolKey) -> io::Result<Arc<rustls::ClientConfig>>>;
+
+/// Dials HBONE connections from a worker: TCP (marked, with a timeout), then mutual TLS.
+#[derive(Clone)]
+pub struct TlsDialer {
+    /// Client TLS config per (source, destination) identity pair; built by the caller.
+    pub config: ClientConfigFor,
+    /// Socket options for the TCP part.
+    pub connect: ConnectOptions,
+}
+
+impl std::fmt::Debug for TlsDialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsDialer")
+            .field("connect", &self.connect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl zring_hbone::pool::Dialer for TlsDialer {
+    type Io = tokio_rustls::client::TlsStream<PollTcp>;
+
+    fn dial(&self, key: &PoolKey) -> Pin<Box<dyn Future<Output = io::Result<Self::Io>>>> {
+        let key = key.clone();
+        let this = self.clone();
+        Box::pin(async move {
+            let cfg = (this.config)(&key)?;
+            let tcp = net::connect(key.dst, &this.connect).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("TCP to {} failed: {e} (is port 15008 reachable, or a NetworkPolicy blocking HBONE?)", key.dst))
+            })?;
+            let tcp = PollTcp::new(tcp)?;
+            tokio_rustls::TlsConnector::from(cfg)
+                .connect(tls::server_name(key.dst.ip()), tcp)
+                .await
+                .map_err(|e| {
+                    let why = tls::classify_handshake(e);
+                    io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("TLS to {}: {why}", key.dst),
+                    )
+                })
+        })
+    }
+}
