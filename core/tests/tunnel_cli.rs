@@ -232,3 +232,60 @@ fn tunnel_client_refuses_a_server_with_another_identity() {
     );
     let _ = std::fs::remove_dir_all(&ca);
 }
+
+/// An existing RSA-2048 root (made by openssl, as a cluster's plug-in CA would be) works as a CA
+/// directory as is.
+#[test]
+fn an_existing_rsa_root_from_openssl_is_usable_as_is() {
+    let dir = tmp("rsa-ca");
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("root-key.pem");
+    let cert = dir.join("root-cert.pem");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl (scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    run(&[
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-out",
+        cert.to_str().unwrap(),
+        "-days",
+        "30",
+        "-subj",
+        "/O=cluster.local/CN=plug-in root",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+    ]);
+    let target = echo();
+    let (_srv, _cli, entry) = tunnel(&dir, "epoll", SERVER_ID, target);
+    let mut c = TcpStream::connect(entry).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"signed by RSA").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"signed by RSA");
+    let _ = std::fs::remove_dir_all(&dir);
+}
