@@ -21,10 +21,11 @@ fuzz_target!(|data: &[u8]| {
             tokio::time::sleep(Duration::from_millis(5)).await;
             drop(client);
         };
+        let settings = H2Settings::default();
         let serve = server::serve(
             srv,
             None,
-            &H2Settings::default(),
+            &settings,
             TokioLocal,
             |i: server::Incoming| async move {
                 if i.request.target.port() % 2 == 0 {
