@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca_cmd;
+pub mod config;
 pub mod demo;
 pub mod hbone_io;
 pub mod logging;

@@ -1,0 +1,298 @@
+//! The mesh configuration: ztunnel's local YAML (`LOCAL_XDS_PATH`) as a typed, validated model.
+//!
+//! The file shape is ztunnel's `LocalConfig`: `workloads:`, `services:`, `policies:`. Unknown
+//! fields are accepted and ignored (ztunnel grows fields; a file it accepts must load here).
+//! Errors name the file, the field path and the problem, e.g.
+//! `mesh.yaml: workloads[2].workloadIps[0]: invalid IP address syntax at line 31 column 17`.
+
+pub mod policy;
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Deserializer};
+
+pub use policy::{Authorization, ConnInfo, PolicyAction, PolicyScope, Verdict};
+
+/// ztunnel's default HBONE port, used when a gateway address gives none.
+pub const DEFAULT_HBONE_PORT: u16 = 15008;
+/// Trust domain of workloads that do not name one (Kubernetes' default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or a field has the wrong shape.
+    #[error("{path}: {field}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Path of the offending field (`workloads[2].workloadIps[0]`), or `.` for the document.
+        field: String,
+        /// What is wrong, with line and column where the parser knows them.
+        message: String,
+    },
+    /// The file parsed but is inconsistent.
+    #[error("{path}: {field}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The offending field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// How a workload accepts inbound traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+pub enum InboundProtocol {
+    /// Plain TCP: the workload is not captured; traffic to it is passed through.
+    #[default]
+    #[serde(rename = "TCP")]
+    Tcp,
+    /// HBONE on port 15008 of its node proxy.
+    #[serde(rename = "HBONE")]
+    Hbone,
+}
+
+/// `network/ip`, as ztunnel writes service VIPs and gateway addresses (`"/10.96.0.20"` for the
+/// default network).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct NetworkAddress {
+    /// Network name ("" = default).
+    pub network: String,
+    /// The address.
+    pub address: IpAddr,
+}
+
+impl FromStr for NetworkAddress {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (network, ip) = s.split_once('/').ok_or_else(|| {
+            format!("{s:?} is not network/ip (use \"/{s}\" for the default network)")
+        })?;
+        let address = ip.parse().map_err(|e| format!("{ip:?}: {e}"))?;
+        Ok(Self {
+            network: network.to_string(),
+            address,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for NetworkAddress {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for NetworkAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.network, self.address)
+    }
+}
+
+/// Where a waypoint (or network gateway) is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayAddress {
+    /// The gateway's address.
+    pub destination: NetworkAddress,
+    /// Its HBONE port.
+    #[serde(default = "default_hbone_port")]
+    pub hbone_mtls_port: u16,
+}
+
+fn default_hbone_port() -> u16 {
+    DEFAULT_HBONE_PORT
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_string()
+}
+
+fn default_service_account() -> String {
+    "default".to_string()
+}
+
+/// One workload (a pod or VM).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// Unique id, e.g. `cluster1//v1/Pod/default/sleep`.
+    pub uid: String,
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Service account (identity).
+    #[serde(default = "default_service_account")]
+    pub service_account: String,
+    /// Trust domain (identity).
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// The workload's addresses.
+    #[serde(default)]
+    pub workload_ips: Vec<IpAddr>,
+    /// HBONE or TCP.
+    #[serde(default)]
+    pub protocol: InboundProtocol,
+    /// The node it runs on; local workloads are those whose node is `--node-name`.
+    #[serde(default)]
+    pub node: String,
+    /// Network name.
+    #[serde(default)]
+    pub network: String,
+    /// The workload's waypoint, if traffic to it must go through one.
+    #[serde(default)]
+    pub waypoint: Option<GatewayAddress>,
+    /// `namespace/hostname` -> {service port: target port}.
+    #[serde(default)]
+    pub services: HashMap<String, HashMap<u16, u16>>,
+    /// WorkloadSelector policies that apply to it, as `namespace/name`.
+    #[serde(default)]
+    pub authorization_policies: Vec<String>,
+    /// Istio's canonical service name (telemetry).
+    #[serde(default)]
+    pub canonical_name: String,
+    /// Istio's canonical revision (telemetry).
+    #[serde(default)]
+    pub canonical_revision: String,
+    /// Owning workload's name, e.g. the Deployment (telemetry).
+    #[serde(default)]
+    pub workload_name: String,
+}
+
+impl Workload {
+    /// The workload's SPIFFE identity.
+    pub fn identity(&self) -> Result<zring_hbone::SpiffeId, zring_hbone::identity::IdentityError> {
+        zring_hbone::SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
+    }
+}
+
+/// A service: VIPs, ports, optionally a waypoint.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Service name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// `name.namespace.svc.cluster.local`.
+    pub hostname: String,
+    /// Virtual IPs.
+    #[serde(default)]
+    pub vips: Vec<NetworkAddress>,
+    /// Service port -> target port.
+    #[serde(default)]
+    pub ports: HashMap<u16, u16>,
+    /// Extra identities the service's endpoints may present.
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+    /// The service's waypoint.
+    #[serde(default)]
+    pub waypoint: Option<GatewayAddress>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalConfig {
+    /// Workloads.
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    /// Services.
+    #[serde(default)]
+    pub services: Vec<Service>,
+    /// Authorization policies.
+    #[serde(default)]
+    pub policies: Vec<Authorization>,
+}
+
+impl LocalConfig {
+    /// Parse YAML text; `origin` names the file in errors.
+    pub fn from_yaml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let cfg: LocalConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            ConfigError::Parse {
+                path: origin.to_path_buf(),
+                field,
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    /// Read and parse a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_yaml(&text, path)
+    }
+
+    fn validate(&self, origin: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: origin.to_path_buf(),
+            field,
+            message,
+        };
+        let mut uids = std::collections::HashSet::new();
+        let mut ips = HashMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            if !uids.insert(w.uid.as_str()) {
+                return Err(invalid(
+                    format!("workloads[{i}].uid"),
+                    format!("duplicate uid {:?}", w.uid),
+                ));
+            }
+            w.identity().map_err(|e| {
+                invalid(format!("workloads[{i}]"), format!("no valid identity: {e}"))
+            })?;
+            for (j, ip) in w.workload_ips.iter().enumerate() {
+                if let Some(other) = ips.insert((w.network.as_str(), *ip), w.uid.as_str()) {
+                    return Err(invalid(
+                        format!("workloads[{i}].workloadIps[{j}]"),
+                        format!("{ip} is also the address of {other:?}"),
+                    ));
+                }
+            }
+            for (j, p) in w.authorization_policies.iter().enumerate() {
+                if p.split_once('/').is_none() {
+                    return Err(invalid(
+                        format!("workloads[{i}].authorizationPolicies[{j}]"),
+                        format!("{p:?} is not namespace/name"),
+                    ));
+                }
+            }
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            if p.name.is_empty() {
+                return Err(invalid(
+                    format!("policies[{i}].name"),
+                    "empty policy name".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
