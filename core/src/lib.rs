@@ -10,6 +10,7 @@ pub mod ca_cmd;
 pub mod config;
 pub mod demo;
 pub mod hbone_io;
+pub mod identity;
 pub mod logging;
 pub mod relay_cmd;
 pub mod tunnel_cmd;

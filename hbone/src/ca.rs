@@ -78,6 +78,10 @@ pub struct WorkloadCert {
     pub not_after: std::time::SystemTime,
     /// When the leaf became valid.
     pub not_before: std::time::SystemTime,
+    /// When to renew it: half its lifetime after it was issued (Istio's rule). For issued
+    /// certificates the lifetime is counted from the issue time, not from the backdated
+    /// `not_before`; for loaded ones, from `not_before`.
+    pub renew_after: std::time::SystemTime,
 }
 
 impl Clone for WorkloadCert {
@@ -88,6 +92,7 @@ impl Clone for WorkloadCert {
             identity: self.identity.clone(),
             not_after: self.not_after,
             not_before: self.not_before,
+            renew_after: self.renew_after,
         }
     }
 }
@@ -119,12 +124,18 @@ impl WorkloadCert {
             path: origin.to_path_buf(),
             what: "the leaf has no spiffe:// URI SAN".into(),
         })?;
+        let half = info
+            .not_after
+            .duration_since(info.not_before)
+            .unwrap_or_default()
+            / 2;
         Ok(Self {
             chain,
             key,
             identity,
             not_after: info.not_after,
             not_before: info.not_before,
+            renew_after: info.not_before + half,
         })
     }
 
@@ -157,11 +168,7 @@ impl WorkloadCert {
 
     /// Half of the lifetime has passed: time to renew (Istio's rule).
     pub fn needs_renewal(&self, now: std::time::SystemTime) -> bool {
-        let life = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or_default();
-        now >= self.not_before + life / 2
+        now >= self.renew_after
     }
 }
 
@@ -342,12 +349,15 @@ impl LocalCa {
         params.not_after = not_after;
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer)?;
+        let issued_at = OffsetDateTime::now_utc().min(not_after);
+        let renew_after = system_time(issued_at + (not_after - issued_at) / 2);
         Ok(WorkloadCert {
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             identity: id.clone(),
             not_after: system_time(not_after),
             not_before: system_time(not_before),
+            renew_after,
         })
     }
 

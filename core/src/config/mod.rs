@@ -5,6 +5,7 @@
 //! Errors name the file, the field path and the problem, e.g.
 //! `mesh.yaml: workloads[2].workloadIps[0]: invalid IP address syntax at line 31 column 17`.
 
+pub mod index;
 pub mod policy;
 
 use std::{

@@ -1,0 +1,131 @@
+//! Lookups the data path makes, precomputed once per config version: workload by IP, service by
+//! VIP with its endpoints, the workloads local to this node.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+};
+
+use super::{GatewayAddress, InboundProtocol, LocalConfig, Service, Workload};
+
+/// What an original destination resolves to.
+#[derive(Debug, Clone)]
+pub enum Resolved<'a> {
+    /// A workload's own address.
+    Workload {
+        /// The workload.
+        workload: &'a Workload,
+        /// The port asked for.
+        port: u16,
+    },
+    /// A service VIP.
+    Service {
+        /// The service.
+        service: &'a Service,
+        /// The service port asked for.
+        port: u16,
+        /// Endpoints with their target port for this service port.
+        endpoints: Vec<(&'a Workload, u16)>,
+    },
+    /// Not in the mesh: pass through.
+    Unknown,
+}
+
+/// An indexed, immutable config (one per config version; workers share it through an `Arc`).
+#[derive(Debug)]
+pub struct MeshIndex {
+    /// The config itself.
+    pub config: LocalConfig,
+    by_ip: HashMap<IpAddr, usize>,
+    by_vip: HashMap<IpAddr, usize>,
+    endpoints: HashMap<String, Vec<usize>>,
+}
+
+impl MeshIndex {
+    /// Index a validated config.
+    pub fn new(config: LocalConfig) -> Self {
+        let mut by_ip = HashMap::new();
+        let mut endpoints: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, w) in config.workloads.iter().enumerate() {
+            for ip in &w.workload_ips {
+                by_ip.insert(*ip, i);
+            }
+            for svc in w.services.keys() {
+                endpoints.entry(svc.clone()).or_default().push(i);
+            }
+        }
+        let mut by_vip = HashMap::new();
+        for (i, s) in config.services.iter().enumerate() {
+            for v in &s.vips {
+                by_vip.insert(v.address, i);
+            }
+        }
+        Self {
+            config,
+            by_ip,
+            by_vip,
+            endpoints,
+        }
+    }
+
+    /// The workload that owns `ip`.
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.by_ip.get(&ip).map(|&i| &self.config.workloads[i])
+    }
+
+    /// Resolve an original destination.
+    pub fn resolve(&self, dst: SocketAddr) -> Resolved<'_> {
+        if let Some(&i) = self.by_vip.get(&dst.ip()) {
+            let service = &self.config.services[i];
+            let key = format!("{}/{}", service.namespace, service.hostname);
+            let endpoints = self
+                .endpoints
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter_map(|&wi| {
+                    let w = &self.config.workloads[wi];
+                    let target = w
+                        .services
+                        .get(&key)
+                        .and_then(|ports| ports.get(&dst.port()))
+                        .copied()
+                        .or_else(|| service.ports.get(&dst.port()).copied())?;
+                    Some((w, target))
+                })
+                .collect();
+            return Resolved::Service {
+                service,
+                port: dst.port(),
+                endpoints,
+            };
+        }
+        match self.workload_by_ip(dst.ip()) {
+            Some(workload) => Resolved::Workload {
+                workload,
+                port: dst.port(),
+            },
+            None => Resolved::Unknown,
+        }
+    }
+
+    /// Workloads on `node` (the ones this proxy serves).
+    pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.config.workloads.iter().filter(move |w| w.node == node)
+    }
+
+    /// The waypoint traffic to this destination must go through, if any: the service's for a
+    /// VIP, else the workload's.
+    pub fn waypoint_for<'a>(&'a self, r: &Resolved<'a>) -> Option<&'a GatewayAddress> {
+        match r {
+            Resolved::Service { service, .. } => service.waypoint.as_ref(),
+            Resolved::Workload { workload, .. } => workload.waypoint.as_ref(),
+            Resolved::Unknown => None,
+        }
+    }
+
+    /// Whether traffic to this workload is tunnelled (HBONE) or passed through (TCP).
+    pub fn speaks_hbone(w: &Workload) -> bool {
+        w.protocol == InboundProtocol::Hbone
+    }
+}
