@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod hbone_io;
 pub mod identity;
+pub mod inbound;
 pub mod logging;
 pub mod relay_cmd;
 pub mod tunnel_cmd;
