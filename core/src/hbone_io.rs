@@ -82,6 +82,9 @@ pub struct TlsDialer {
     pub config: ClientConfigFor,
     /// Socket options for the TCP part.
     pub connect: ConnectOptions,
+    /// Bind the TCP socket to the key's source IP before connecting (loopback demos and tests;
+    /// in-pod mode gets the pod's source address by living in the pod's namespace).
+    pub bind_source: bool,
 }
 
 impl std::fmt::Debug for TlsDialer {
@@ -100,7 +103,11 @@ impl zring_hbone::pool::Dialer for TlsDialer {
         let this = self.clone();
         Box::pin(async move {
             let cfg = (this.config)(&key)?;
-            let tcp = net::connect(key.dst, &this.connect).await.map_err(|e| {
+            let mut opts = this.connect.clone();
+            if this.bind_source {
+                opts.bind = Some(std::net::SocketAddr::new(key.src_ip, 0));
+            }
+            let tcp = net::connect(key.dst, &opts).await.map_err(|e| {
                 io::Error::new(e.kind(), format!("TCP to {} failed: {e} (is port 15008 reachable, or a NetworkPolicy blocking HBONE?)", key.dst))
             })?;
             let tcp = PollTcp::new(tcp)?;

@@ -14,4 +14,6 @@ pub mod identity;
 pub mod inbound;
 pub mod logging;
 pub mod relay_cmd;
+pub mod run_cmd;
+pub mod socks5;
 pub mod tunnel_cmd;

@@ -33,6 +33,8 @@ struct Cli {
 enum Command {
     /// Forward TCP from one address to another (a debugging tool and the relay benchmark subject).
     Relay(RelayArgs),
+    /// The node proxy (first cut): inbound HBONE with policy, outbound through SOCKS5.
+    Run(RunArgs),
     /// A local certificate authority: `init` a root, `issue` workload certificates.
     Ca {
         #[command(subcommand)]
@@ -43,6 +45,34 @@ enum Command {
         #[command(subcommand)]
         command: TunnelCommand,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// ztunnel's local YAML config (workloads, services, policies).
+    #[arg(long, env = "LOCAL_XDS_PATH")]
+    config: std::path::PathBuf,
+    /// This node's name: workloads whose `node` matches are local.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// CA directory issuing the local workloads' certificates (zring ca init).
+    #[arg(long)]
+    ca_dir: std::path::PathBuf,
+    /// Serve SOCKS5 outbound on this address (off by default).
+    #[arg(long)]
+    socks5: Option<SocketAddr>,
+    /// Inbound HBONE port.
+    #[arg(long, default_value_t = 15008)]
+    hbone_port: u16,
+    /// SO_MARK on zring's upstream sockets so capture rules can skip them (needs CAP_NET_ADMIN;
+    /// 0 turns it off).
+    #[arg(long, default_value_t = zring_core::run_cmd::DEFAULT_PACKET_MARK)]
+    packet_mark: u32,
+    /// Originate HBONE connections from the source workload's IP (loopback setups).
+    #[arg(long)]
+    bind_source: bool,
+    #[command(flatten)]
+    workers: WorkerArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,6 +221,19 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         None => zring_core::demo::run(&trigger),
         Some(Command::Relay(args)) => relay_cmd::run(relay_config(args), &trigger),
+        Some(Command::Run(a)) => zring_core::run_cmd::run(
+            zring_core::run_cmd::RunConfig {
+                config: a.config,
+                node: a.node_name,
+                ca_dir: a.ca_dir,
+                socks5: a.socks5,
+                hbone_port: a.hbone_port,
+                mark: (a.packet_mark != 0).then_some(a.packet_mark),
+                bind_source: a.bind_source,
+                workers: a.workers.config(),
+            },
+            &trigger,
+        ),
         Some(Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
         }) => zring_core::ca_cmd::init(&dir, &trust_domain),

@@ -179,6 +179,7 @@ async fn client_worker(
     let dialer = TlsDialer {
         config: Arc::new(move |_| Ok(config.clone())),
         connect: c.connect.clone(),
+        bind_source: false,
     };
     let pool = Rc::new(Pool::new(dialer, MonoioExecutor, t.pool.clone()));
     let key = Rc::new(PoolKey {
