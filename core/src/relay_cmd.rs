@@ -65,12 +65,7 @@ async fn worker_main(ctx: WorkerContext, cfg: Arc<RelayConfig>) -> std::io::Resu
         net::bind_monoio_listener(cfg.listen, &ListenOptions::default()).map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.listen))
         })?;
-    let drain = Drain::new();
-    let d = drain.clone();
-    monoio::spawn(async move {
-        ctx.shutdown.wait().await;
-        d.start();
-    });
+    let drain = Drain::on_shutdown(ctx.shutdown);
     server::accept_loop(listener, &drain, |client, peer| {
         let cfg = cfg.clone();
         server::spawn_tracked(&drain, handle(client, peer, cfg));

@@ -111,12 +111,7 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
 }
 
 async fn worker(ctx: WorkerContext, shared: Arc<Shared>) -> std::io::Result<()> {
-    let drain = Drain::new();
-    let d = drain.clone();
-    monoio::spawn(async move {
-        ctx.shutdown.wait().await;
-        d.start();
-    });
+    let drain = Drain::on_shutdown(ctx.shutdown);
     let mut loops = Vec::new();
     let inbound_ips: Vec<IpAddr> = shared
         .index

@@ -67,12 +67,7 @@ async fn server_worker(
     config: Arc<rustls::ServerConfig>,
 ) -> std::io::Result<()> {
     let listener = net::bind_monoio_listener(c.listen, &ListenOptions::default())?;
-    let drain = Drain::new();
-    let d = drain.clone();
-    monoio::spawn(async move {
-        ctx.shutdown.wait().await;
-        d.start();
-    });
+    let drain = Drain::on_shutdown(ctx.shutdown);
     accept::accept_loop(listener, &drain, |tcp, peer_addr| {
         let (c, config, d) = (c.clone(), config.clone(), drain.clone());
         accept::spawn_tracked(&drain, async move {
@@ -170,12 +165,7 @@ async fn client_worker(
     config: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<()> {
     let listener = net::bind_monoio_listener(c.listen, &ListenOptions::default())?;
-    let drain = Drain::new();
-    let d = drain.clone();
-    monoio::spawn(async move {
-        ctx.shutdown.wait().await;
-        d.start();
-    });
+    let drain = Drain::on_shutdown(ctx.shutdown);
     let dialer = TlsDialer {
         config: Arc::new(move |_| Ok(config.clone())),
         connect: c.connect.clone(),

@@ -3,37 +3,15 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream},
     path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
-const ZRING: &str = env!("CARGO_BIN_EXE_zring");
+mod common;
 
-struct Proc(Child, PathBuf);
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    std::env::temp_dir().join(format!("zring-e2e-{tag}-{}-{n}", std::process::id()))
-}
+use common::{echo_at, tmp, Proc, ZRING};
 
 /// A per-run 127.X.0.0/16 so parallel runs do not share addresses.
 fn net_octet() -> u8 {
@@ -103,51 +81,12 @@ policies:
     p
 }
 
-fn echo_at(addr: SocketAddr) {
-    let l = TcpListener::bind(addr).unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = c.shutdown(Shutdown::Write);
-            });
-        }
-    });
-}
-
 fn zring(args: &[&str]) -> Proc {
-    let log = tmp("log");
-    let child = Command::new(ZRING)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Proc(child, log)
+    Proc::spawn(args)
 }
 
 fn wait(addr: SocketAddr, p: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(
-            p.0.try_wait().unwrap().is_none(),
-            "zring exited:\n{}",
-            p.log()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "not listening on {addr}:\n{}",
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    p.wait_listening(addr);
 }
 
 /// SOCKS5 CONNECT from `src` through `proxy` to `dst`; returns the reply code and the stream.

@@ -4,125 +4,19 @@
 use std::{
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-const ZRING: &str = env!("CARGO_BIN_EXE_zring");
+mod common;
 
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: i32) {
-        // Signals are sent with the `kill` utility to keep this crate free of unsafe code.
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success());
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "zring did not exit within {limit:?}; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
+use common::{echo, free_port, Proc};
 
 fn spawn(args: &[&str], deny_uring: bool) -> Proc {
-    let log = std::env::temp_dir().join(format!(
-        "zring-test-{}-{}.log",
-        std::process::id(),
-        rand_suffix()
-    ));
-    let file = std::fs::File::create(&log).unwrap();
-    let mut cmd = Command::new(ZRING);
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(file)
-        .env("RUST_LOG", "info");
-    if deny_uring {
-        zring_runtime::sys::deny_io_uring(&mut cmd);
-    }
-    Proc {
-        child: cmd.spawn().expect("spawn zring"),
-        log,
-    }
-}
-
-fn rand_suffix() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-fn wait_listening(addr: SocketAddr, p: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        if let Some(st) = p.child.try_wait().unwrap() {
-            panic!("zring exited early ({st}); log:\n{}", p.log());
+    Proc::spawn_with(args, |cmd| {
+        if deny_uring {
+            zring_runtime::sys::deny_io_uring(cmd);
         }
-        assert!(
-            Instant::now() < deadline,
-            "zring never listened on {addr}; log:\n{}",
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut buf = [0u8; 16384];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = c.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    addr
+    })
 }
 
 fn echo_roundtrip(addr: SocketAddr) {
@@ -137,7 +31,7 @@ fn echo_roundtrip(addr: SocketAddr) {
 
 #[test]
 fn auto_falls_back_to_epoll_when_seccomp_denies_io_uring() {
-    let up = echo_server();
+    let up = echo();
     let listen = free_port();
     let mut p = spawn(
         &[
@@ -153,7 +47,7 @@ fn auto_falls_back_to_epoll_when_seccomp_denies_io_uring() {
         ],
         true,
     );
-    wait_listening(listen, &mut p);
+    p.wait_listening(listen);
     echo_roundtrip(listen);
     let log = p.log();
     assert!(
@@ -206,7 +100,7 @@ fn dead_upstream_closes_the_client_promptly_and_logs_why() {
         ],
         false,
     );
-    wait_listening(listen, &mut p);
+    p.wait_listening(listen);
     let mut c = TcpStream::connect(listen).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let t = Instant::now();
@@ -262,7 +156,7 @@ fn sigterm_refuses_new_connections_and_lets_transfers_finish() {
         ],
         false,
     );
-    wait_listening(listen, &mut p);
+    p.wait_listening(listen);
     let readers: Vec<_> = (0..4)
         .map(|_| {
             let mut c = TcpStream::connect(listen).unwrap();
@@ -310,7 +204,7 @@ fn sigterm_refuses_new_connections_and_lets_transfers_finish() {
 
 #[test]
 fn sigterm_closes_connections_still_open_at_the_deadline() {
-    let up = echo_server();
+    let up = echo();
     let listen = free_port();
     let mut p = spawn(
         &[
@@ -324,7 +218,7 @@ fn sigterm_closes_connections_still_open_at_the_deadline() {
         ],
         false,
     );
-    wait_listening(listen, &mut p);
+    p.wait_listening(listen);
     let mut idle = TcpStream::connect(listen).unwrap();
     idle.write_all(b"x").unwrap();
     let mut one = [0u8; 1];

@@ -2,70 +2,21 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
+    time::Duration,
 };
 
-const ZRING: &str = env!("CARGO_BIN_EXE_zring");
+mod common;
+
+use common::{echo, free_port as free, tmp, Proc, ZRING};
+
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/productpage";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 
-struct Proc(Child, PathBuf);
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        let _ = std::fs::remove_file(&self.1);
-    }
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    std::env::temp_dir().join(format!("zring-{tag}-{}-{n}", std::process::id()))
-}
-
 fn zring(args: &[&str]) -> Proc {
-    let log = tmp("log");
-    let child = Command::new(ZRING)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Proc(child, log)
-}
-
-fn free() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn wait_listening(addr: SocketAddr, p: &mut Proc) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(addr).is_err() {
-        assert!(
-            p.0.try_wait().unwrap().is_none(),
-            "zring exited: {}",
-            p.log()
-        );
-        assert!(Instant::now() < deadline, "not listening: {}", p.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Proc::spawn(args)
 }
 
 fn ca_dir() -> PathBuf {
@@ -83,26 +34,6 @@ fn ca_dir() -> PathBuf {
     dir
 }
 
-fn echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let a = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = c.shutdown(Shutdown::Write);
-            });
-        }
-    });
-    a
-}
-
 fn tunnel(ca: &Path, io: &str, expect: &str, target: SocketAddr) -> (Proc, Proc, SocketAddr) {
     let (srv_addr, cli_addr) = (free(), free());
     let ca = ca.to_str().unwrap();
@@ -118,7 +49,7 @@ fn tunnel(ca: &Path, io: &str, expect: &str, target: SocketAddr) -> (Proc, Proc,
         "--io",
         io,
     ]);
-    wait_listening(srv_addr, &mut srv);
+    srv.wait_listening(srv_addr);
     let mut cli = zring(&[
         "tunnel",
         "client",
@@ -137,7 +68,7 @@ fn tunnel(ca: &Path, io: &str, expect: &str, target: SocketAddr) -> (Proc, Proc,
         "--expect",
         expect,
     ]);
-    wait_listening(cli_addr, &mut cli);
+    cli.wait_listening(cli_addr);
     (srv, cli, cli_addr)
 }
 

@@ -140,6 +140,18 @@ impl Drain {
         Self::default()
     }
 
+    /// A drain that starts when `shutdown` fires: spawns a small waiter task on the current
+    /// worker. Every worker's main starts with this.
+    pub fn on_shutdown(shutdown: ShutdownListener) -> Self {
+        let drain = Self::new();
+        let d = drain.clone();
+        monoio::spawn(async move {
+            shutdown.wait().await;
+            d.start();
+        });
+        drain
+    }
+
     /// Start draining: wake everyone waiting in [`Drain::signaled`].
     pub fn start(&self) {
         if !self.inner.set.replace(true) {

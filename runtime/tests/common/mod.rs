@@ -91,12 +91,7 @@ impl RelayFixture {
             async move {
                 let std = slot.lock().unwrap().take().expect("one worker");
                 let listener = monoio::net::TcpListener::from_std(std)?;
-                let drain = Drain::new();
-                let d = drain.clone();
-                monoio::spawn(async move {
-                    ctx.shutdown.wait().await;
-                    d.start();
-                });
+                let drain = Drain::on_shutdown(ctx.shutdown);
                 server::accept_loop(listener, &drain, |client, _peer| {
                     let opts = opts.clone();
                     let outcomes = outcomes.clone();

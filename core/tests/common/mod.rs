@@ -1,0 +1,136 @@
+//! Helpers for tests that run the `zring` binary: processes with their log, temp paths,
+//! waiting for listeners, echo servers.
+#![allow(dead_code)]
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+pub const ZRING: &str = env!("CARGO_BIN_EXE_zring");
+
+/// A running zring whose stderr goes to a log file; killed and cleaned up on drop.
+pub struct Proc {
+    pub child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Start `zring ARGS` (RUST_LOG=info); `prepare` may adjust the command (seccomp...).
+    pub fn spawn_with(args: &[&str], prepare: impl FnOnce(&mut Command)) -> Self {
+        let log = tmp("log");
+        let mut cmd = Command::new(ZRING);
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        prepare(&mut cmd);
+        Proc {
+            child: cmd.spawn().expect("spawn zring"),
+            log,
+        }
+    }
+
+    pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_with(args, |_| {})
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send a signal with the `kill` utility (keeps this crate free of unsafe code).
+    pub fn signal(&self, sig: i32) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(st.success());
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zring did not exit within {limit:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait until something accepts on `addr`, failing early if zring exits.
+    pub fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("zring exited early ({st}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zring never listened on {addr}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// A unique path in the temp directory.
+pub fn tmp(tag: &str) -> PathBuf {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    std::env::temp_dir().join(format!("zring-test-{tag}-{}-{n}", std::process::id()))
+}
+
+/// A loopback port nothing listens on (bound and released).
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// An echo server on `addr` (thread per connection); half-closes after echoing EOF.
+pub fn echo_at(addr: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind(addr).unwrap();
+    let a = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    a
+}
+
+/// An echo server on a free loopback port.
+pub fn echo() -> SocketAddr {
+    echo_at("127.0.0.1:0".parse().unwrap())
+}
