@@ -97,6 +97,7 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         certs.get(&w.identity()?)?;
     }
     tracing::info!(node = %cfg.node, local_workloads = local.len(), workloads = index.config.workloads.len(), services = index.config.services.len(), policies = index.config.policies.len(), "config loaded");
+    spawn_renewal(certs.clone(), trigger.clone())?;
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         index,
@@ -107,6 +108,27 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
     let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
     tracing::info!(workers = workers.len(), io = %workers.backend(), socks5 = ?cfg.socks5, "zring node proxy running");
     workers.join()?;
+    Ok(())
+}
+
+/// How often certificates are checked for renewal.
+pub const RENEWAL_CHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A control thread that renews certificates past half their lifetime. New connections pick
+/// up the renewed certificate (`CertManager::get` per connection); live ones keep theirs. A
+/// failed renewal keeps the old, still valid, certificate and is retried at the next check.
+fn spawn_renewal(certs: Arc<CertManager>, trigger: ShutdownTrigger) -> std::io::Result<()> {
+    std::thread::Builder::new().name("zring-certs".into()).spawn(move || {
+        while !trigger.is_triggered() {
+            std::thread::sleep(RENEWAL_CHECK);
+            for r in certs.renew_due(std::time::SystemTime::now()) {
+                match r {
+                    Ok(id) => tracing::info!(identity = %id, "certificate renewed"),
+                    Err(e) => tracing::warn!(error = %e, "certificate renewal failed; keeping the current one and retrying"),
+                }
+            }
+        }
+    })?;
     Ok(())
 }
 
