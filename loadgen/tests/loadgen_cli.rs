@@ -11,6 +11,14 @@ use std::{
 
 const LOADGEN: &str = env!("CARGO_BIN_EXE_zring-loadgen");
 
+/// These tests generate load and measure rates and latencies on a 2-core machine: running two at
+/// once makes each the other's noise. Every test holds this lock while it runs.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 struct Server {
     child: Child,
     addr: SocketAddr,
@@ -83,6 +91,7 @@ fn percentile(v: &serde_json::Value, p: f64) -> f64 {
 
 #[test]
 fn open_loop_hits_the_asked_rate_and_counts_every_request() {
+    let _serial = serial();
     let s = serve("http", &[]);
     let json = json_path("rate");
     let url = format!("http://{}/?size=1024", s.addr);
@@ -131,6 +140,7 @@ fn open_loop_hits_the_asked_rate_and_counts_every_request() {
 
 #[test]
 fn slow_server_latency_is_at_least_its_delay() {
+    let _serial = serial();
     let s = serve("http", &["--delay", "50ms"]);
     let json = json_path("slow");
     let url = format!("http://{}/", s.addr);
@@ -198,6 +208,7 @@ fn stalling_server() -> SocketAddr {
 
 #[test]
 fn a_stall_shows_in_p99_when_latency_is_measured_from_intended_send_time() {
+    let _serial = serial();
     let addr = stalling_server();
     let json = json_path("stall");
     let url = format!("http://{addr}/");
@@ -244,6 +255,7 @@ fn a_stall_shows_in_p99_when_latency_is_measured_from_intended_send_time() {
 
 #[test]
 fn tcp_rr_checks_every_echoed_byte() {
+    let _serial = serial();
     let s = serve("echo", &[]);
     let json = json_path("rr");
     let out = run(&[
@@ -304,6 +316,7 @@ fn tcp_rr_checks_every_echoed_byte() {
 
 #[test]
 fn tcp_crr_opens_a_connection_per_request() {
+    let _serial = serial();
     let s = serve("echo", &[]);
     let json = json_path("crr");
     let out = run(&[
@@ -332,6 +345,7 @@ fn tcp_crr_opens_a_connection_per_request() {
 
 #[test]
 fn tcp_stream_reports_throughput() {
+    let _serial = serial();
     let s = serve("sink", &[]);
     let out = run(&["tcp-stream", &s.addr.to_string(), "-c", "2", "-d", "1s"]);
     assert!(out.status.success());
@@ -347,6 +361,7 @@ fn tcp_stream_reports_throughput() {
 
 #[test]
 fn nothing_listening_counts_errors_exits_nonzero_and_does_not_hang() {
+    let _serial = serial();
     let dead = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -391,42 +406,47 @@ fn nothing_listening_counts_errors_exits_nonzero_and_does_not_hang() {
 
 #[test]
 fn max_rate_is_within_20_percent_of_wrk_on_the_same_server() {
+    let _serial = serial();
     if Command::new("wrk").arg("--version").output().is_err() {
         panic!("wrk is not installed: scripts/test installs it (apt-get install wrk)");
     }
     let s = serve("http", &[]);
     let url = format!("http://{}/", s.addr);
-    let wrk = Command::new("wrk")
-        .args(["-t1", "-c16", "-d3s", &url])
-        .output()
-        .expect("run wrk");
-    let text = String::from_utf8_lossy(&wrk.stdout);
-    let wrk_rps: f64 = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
-        .and_then(|x| x.trim().parse().ok())
-        .unwrap_or_else(|| panic!("wrk output:\n{text}"));
-    let json = json_path("max");
-    let out = run(&[
-        "http",
-        &url,
-        "--rps",
-        "max",
-        "-c",
-        "16",
-        "-d",
-        "3s",
-        "-t",
-        "1",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(out.status.success());
-    let ours = read_json(&json)["ActualQPS"].as_f64().unwrap();
-    eprintln!(
-        "max rps at 16 connections: wrk {wrk_rps:.0}, zring-loadgen {ours:.0} (ratio {:.2})",
-        ours / wrk_rps
-    );
+    let wrk_once = || -> f64 {
+        let wrk = Command::new("wrk")
+            .args(["-t1", "-c16", "-d3s", &url])
+            .output()
+            .expect("run wrk");
+        let text = String::from_utf8_lossy(&wrk.stdout).to_string();
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+            .and_then(|x| x.trim().parse().ok())
+            .unwrap_or_else(|| panic!("wrk output:\n{text}"))
+    };
+    let ours_once = || -> f64 {
+        let json = json_path("max");
+        let out = run(&[
+            "http",
+            &url,
+            "--rps",
+            "max",
+            "-c",
+            "16",
+            "-d",
+            "3s",
+            "-t",
+            "1",
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(out.status.success());
+        read_json(&json)["ActualQPS"].as_f64().unwrap()
+    };
+    // Interleaved, best of two each: a noisy moment on this 2-core machine hits one run, not a
+    // whole side.
+    let (w1, o1, w2, o2) = (wrk_once(), ours_once(), wrk_once(), ours_once());
+    let (wrk_rps, ours) = (w1.max(w2), o1.max(o2));
+    eprintln!("max rps at 16 connections: wrk {w1:.0}/{w2:.0}, zring-loadgen {o1:.0}/{o2:.0}; best {wrk_rps:.0} vs {ours:.0} (ratio {:.2})", ours / wrk_rps);
     assert!(
         ours >= 0.8 * wrk_rps && ours <= 1.2 * wrk_rps,
         "zring-loadgen {ours:.0} vs wrk {wrk_rps:.0}"
