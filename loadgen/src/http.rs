@@ -131,7 +131,13 @@ pub struct RequestHead {
     pub close: bool,
     /// `?size=N` in the path, fortio's way to ask for a response size.
     pub size: Option<usize>,
+    /// The path is [`STATS_PATH`]: the server's own counters are asked for.
+    pub stats: bool,
 }
+
+/// The path at which `zring-loadgen serve http` reports how many requests it served, so a test
+/// can check a client's count against the server's.
+pub const STATS_PATH: &str = "/__zring-loadgen/stats";
 
 /// Parse a request head from `buf`, if complete.
 pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, String> {
@@ -157,11 +163,13 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<RequestHead>, String> {
                 .path
                 .and_then(|p| p.split_once("size="))
                 .and_then(|(_, v)| v.split('&').next().and_then(|n| n.parse().ok()));
+            let stats = req.path == Some(STATS_PATH);
             Ok(Some(RequestHead {
                 head_len,
                 body_len,
                 close,
                 size,
+                stats,
             }))
         }
         Ok(httparse::Status::Partial) => Ok(None),

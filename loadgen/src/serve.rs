@@ -4,8 +4,20 @@
 //!   `--resp-size`) bytes, after `--delay` if set.
 //! - `echo`: writes back every byte it reads (for tcp-rr / tcp-crr).
 //! - `sink`: reads and discards (for tcp-stream).
+//!
+//! `GET /__zring-loadgen/stats` on the HTTP server answers `{"requests": N}`, the number of
+//! requests it answered so far (that request not counted), so a client's count can be checked
+//! against the server's.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -39,6 +51,7 @@ pub struct ServeConfig {
 /// Accept forever on `listener`.
 pub async fn serve(listener: TcpListener, cfg: ServeConfig) -> io::Result<()> {
     let cfg = Arc::new(cfg);
+    let served = Arc::new(AtomicU64::new(0));
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -51,9 +64,10 @@ pub async fn serve(listener: TcpListener, cfg: ServeConfig) -> io::Result<()> {
         };
         let _ = conn.set_nodelay(true);
         let cfg = cfg.clone();
+        let served = served.clone();
         tokio::spawn(async move {
             let r = match cfg.kind {
-                Kind::Http => http_conn(conn, &cfg).await,
+                Kind::Http => http_conn(conn, &cfg, &served).await,
                 Kind::Echo => echo_conn(conn).await,
                 Kind::Sink => sink_conn(conn).await,
             };
@@ -78,7 +92,7 @@ pub async fn run(listen: SocketAddr, cfg: ServeConfig) -> io::Result<()> {
     serve(listener, cfg).await
 }
 
-async fn http_conn(mut conn: TcpStream, cfg: &ServeConfig) -> io::Result<()> {
+async fn http_conn(mut conn: TcpStream, cfg: &ServeConfig, served: &AtomicU64) -> io::Result<()> {
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut body = Vec::new();
     loop {
@@ -109,6 +123,18 @@ async fn http_conn(mut conn: TcpStream, cfg: &ServeConfig) -> io::Result<()> {
             }
         }
         buf.drain(..total);
+        if head.stats {
+            let body = format!("{{\"requests\": {}}}\n", served.load(Ordering::Relaxed));
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            conn.write_all(resp.as_bytes()).await?;
+            if head.close {
+                return Ok(());
+            }
+            continue;
+        }
         if !cfg.delay.is_zero() {
             tokio::time::sleep(cfg.delay).await;
         }
@@ -122,6 +148,7 @@ async fn http_conn(mut conn: TcpStream, cfg: &ServeConfig) -> io::Result<()> {
             body = vec![b'a'; size];
         }
         resp.extend_from_slice(&body);
+        served.fetch_add(1, Ordering::Relaxed);
         conn.write_all(&resp).await?;
         if head.close {
             return Ok(());
