@@ -42,6 +42,28 @@ pub fn decide(
     target: SocketAddr,
     peer: Option<&SpiffeId>,
 ) -> Result<(), Refusal> {
+    decide_for(index, node, client, target, peer, true)
+}
+
+/// Decide one inbound plaintext connection (15006): the same checks with no identity, so a
+/// policy that requires a principal denies, and a workload behind a waypoint refuses it.
+pub fn decide_plaintext(
+    index: &MeshIndex,
+    node: &str,
+    client: SocketAddr,
+    target: SocketAddr,
+) -> Result<(), Refusal> {
+    decide_for(index, node, client, target, None, false)
+}
+
+fn decide_for(
+    index: &MeshIndex,
+    node: &str,
+    client: SocketAddr,
+    target: SocketAddr,
+    peer: Option<&SpiffeId>,
+    hbone: bool,
+) -> Result<(), Refusal> {
     let Some(workload) = index.workload_by_ip(target.ip()).filter(|w| w.node == node) else {
         return Err(Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
@@ -49,7 +71,7 @@ pub fn decide(
             response_flags: "NR",
         });
     };
-    if workload.protocol != InboundProtocol::Hbone {
+    if hbone && workload.protocol != InboundProtocol::Hbone {
         return Err(Refusal {
             status: StatusCode::SERVICE_UNAVAILABLE,
             reason: format!(

@@ -33,7 +33,8 @@ struct Cli {
 enum Command {
     /// Forward TCP from one address to another (a debugging tool and the relay benchmark subject).
     Relay(RelayArgs),
-    /// The node proxy (first cut): inbound HBONE with policy, outbound through SOCKS5.
+    /// The node proxy: ztunnel's job (outbound capture/SOCKS5, inbound HBONE and plaintext, L4
+    /// policy, metrics, admin, readiness, config reload).
     Run(RunArgs),
     /// A local certificate authority: `init` a root, `issue` workload certificates.
     Ca {
@@ -58,21 +59,55 @@ struct RunArgs {
     /// CA directory issuing the local workloads' certificates (zring ca init).
     #[arg(long)]
     ca_dir: std::path::PathBuf,
-    /// Serve SOCKS5 outbound on this address (off by default).
+    /// Serve SOCKS5 outbound on this address (off by default; ztunnel uses 127.0.0.1:15080).
     #[arg(long)]
     socks5: Option<SocketAddr>,
+    /// Outbound capture listener: connections redirected here (iptables REDIRECT, or TPROXY
+    /// with --transparent) go to their original destination through the mesh. In-pod and
+    /// dedicated mode use 15001; off by default.
+    #[arg(long)]
+    outbound_addr: Option<SocketAddr>,
+    /// Inbound plaintext capture listener (15006): redirected connections are checked against
+    /// the destination's policy with no identity and delivered. Off by default.
+    #[arg(long)]
+    inbound_plaintext_addr: Option<SocketAddr>,
+    /// IP_TRANSPARENT on the capture listeners (TPROXY; needs CAP_NET_ADMIN).
+    #[arg(long)]
+    transparent: bool,
+    /// Admin endpoint: /config_dump, /logging, /quitquitquit. Keep it on localhost.
+    #[arg(long, default_value = "127.0.0.1:15000", value_parser = opt_addr)]
+    admin_addr: OptAddr,
+    /// Prometheus endpoint: /metrics, /stats/prometheus ("off" disables).
+    #[arg(long, default_value = "0.0.0.0:15020", value_parser = opt_addr)]
+    stats_addr: OptAddr,
+    /// Readiness endpoint: /healthz/ready ("off" disables).
+    #[arg(long, default_value = "0.0.0.0:15021", value_parser = opt_addr)]
+    readiness_addr: OptAddr,
     /// Inbound HBONE port.
     #[arg(long, default_value_t = 15008)]
     hbone_port: u16,
     /// SO_MARK on zring's upstream sockets so capture rules can skip them (needs CAP_NET_ADMIN;
     /// 0 turns it off).
-    #[arg(long, default_value_t = zring_core::run_cmd::DEFAULT_PACKET_MARK)]
+    #[arg(long, default_value_t = zring_core::proxy::DEFAULT_PACKET_MARK)]
     packet_mark: u32,
     /// Originate HBONE connections from the source workload's IP (loopback setups).
     #[arg(long)]
     bind_source: bool,
     #[command(flatten)]
     workers: WorkerArgs,
+}
+
+/// An address, or `off`.
+#[derive(Debug, Clone, Copy)]
+struct OptAddr(Option<SocketAddr>);
+
+fn opt_addr(s: &str) -> Result<OptAddr, String> {
+    if s == "off" {
+        return Ok(OptAddr(None));
+    }
+    s.parse()
+        .map(|a| OptAddr(Some(a)))
+        .map_err(|e| format!("{s:?} is not an address like 127.0.0.1:15000 or \"off\": {e}"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -221,12 +256,18 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         None => zring_core::demo::run(&trigger),
         Some(Command::Relay(args)) => relay_cmd::run(relay_config(args), &trigger),
-        Some(Command::Run(a)) => zring_core::run_cmd::run(
-            zring_core::run_cmd::RunConfig {
+        Some(Command::Run(a)) => zring_core::proxy::run(
+            zring_core::proxy::RunConfig {
                 config: a.config,
                 node: a.node_name,
                 ca_dir: a.ca_dir,
                 socks5: a.socks5,
+                outbound: a.outbound_addr,
+                inbound_plaintext: a.inbound_plaintext_addr,
+                transparent: a.transparent,
+                admin: a.admin_addr.0,
+                stats: a.stats_addr.0,
+                readiness: a.readiness_addr.0,
                 hbone_port: a.hbone_port,
                 mark: (a.packet_mark != 0).then_some(a.packet_mark),
                 bind_source: a.bind_source,

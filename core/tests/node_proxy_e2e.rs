@@ -1,12 +1,13 @@
 //! Two `zring run` node proxies on loopback, real TLS: sleep -> SOCKS5 (node A) -> HBONE ->
-//! node B -> productpage, with the seeds' policy; a VIP; passthrough to a TCP-only workload.
+//! node B -> productpage, with the seeds' policy; VIPs; a waypoint; passthrough; metrics,
+//! access logs, readiness, reload.
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 mod common;
@@ -22,9 +23,33 @@ fn ip(b: u8, c: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, net_octet(), b, c))
 }
 
-fn config(dir: &std::path::Path) -> PathBuf {
+const WAYPOINT_ID: &str = "spiffe://cluster.local/ns/default/sa/waypoint";
+
+/// The mesh: node-a has sleep and notsleep; node-b has productpage (seeds' policy), three
+/// reviews endpoints behind a VIP, ratings (behind a waypoint) and a TCP-only legacy-db; the
+/// waypoint lives on node-c (a `zring tunnel server` in the tests).
+fn mesh_yaml(policy_extra: &str) -> String {
     let (sleep, notsleep, pp, db, vip) = (ip(1, 2), ip(1, 3), ip(2, 2), ip(2, 9), ip(20, 20));
-    let yaml = format!(
+    let (r1, r2, r3, rvip) = (ip(2, 3), ip(2, 4), ip(2, 5), ip(20, 21));
+    let (ratings, ratings_vip, wp) = (ip(2, 6), ip(20, 22), ip(3, 2));
+    let reviews = |n: u8, a: IpAddr| {
+        format!(
+            r#"- uid: c//v1/Pod/default/reviews-v{n}
+  name: reviews-v{n}
+  namespace: default
+  serviceAccount: bookinfo-reviews
+  workloadIps: ["{a}"]
+  protocol: HBONE
+  node: node-b
+  canonicalName: reviews
+  canonicalRevision: v{n}
+  services:
+    "default/reviews.default.svc.cluster.local":
+      9080: 9080
+"#
+        )
+    };
+    format!(
         r#"workloads:
 - uid: c//v1/Pod/default/sleep
   name: sleep
@@ -47,6 +72,8 @@ fn config(dir: &std::path::Path) -> PathBuf {
   workloadIps: ["{pp}"]
   protocol: HBONE
   node: node-b
+  canonicalName: productpage
+  canonicalRevision: v1
   services:
     "default/productpage.default.svc.cluster.local":
       9080: 9080
@@ -58,6 +85,26 @@ fn config(dir: &std::path::Path) -> PathBuf {
   workloadIps: ["{db}"]
   protocol: TCP
   node: node-b
+{r1y}{r2y}{r3y}- uid: c//v1/Pod/default/ratings
+  name: ratings
+  namespace: default
+  serviceAccount: bookinfo-ratings
+  workloadIps: ["{ratings}"]
+  protocol: HBONE
+  node: node-b
+  waypoint:
+    destination: "/{wp}"
+    hboneMtlsPort: 15008
+  services:
+    "default/ratings.default.svc.cluster.local":
+      9080: 9080
+- uid: c//v1/Pod/default/waypoint
+  name: waypoint
+  namespace: default
+  serviceAccount: waypoint
+  workloadIps: ["{wp}"]
+  protocol: HBONE
+  node: node-c
 services:
 - name: productpage
   namespace: default
@@ -65,6 +112,21 @@ services:
   vips: ["/{vip}"]
   ports:
     9080: 9080
+- name: reviews
+  namespace: default
+  hostname: reviews.default.svc.cluster.local
+  vips: ["/{rvip}"]
+  ports:
+    9080: 9080
+- name: ratings
+  namespace: default
+  hostname: ratings.default.svc.cluster.local
+  vips: ["/{ratings_vip}"]
+  ports:
+    9080: 9080
+  waypoint:
+    destination: "/{wp}"
+    hboneMtlsPort: 15008
 policies:
 - name: productpage-viewer
   namespace: default
@@ -74,19 +136,154 @@ policies:
   rules:
   - - - principals:
         - !Exact cluster.local/ns/default/sa/sleep
-"#
-    );
+{policy_extra}"#,
+        r1y = reviews(1, r1),
+        r2y = reviews(2, r2),
+        r3y = reviews(3, r3),
+    )
+}
+
+fn config(dir: &std::path::Path) -> PathBuf {
     let p = dir.join("mesh.yaml");
-    std::fs::write(&p, yaml).unwrap();
+    std::fs::write(&p, mesh_yaml("")).unwrap();
     p
 }
 
-fn zring(args: &[&str]) -> Proc {
-    Proc::spawn(args)
+/// A server at `addr` that writes `tag` and closes.
+fn tag_at(addr: SocketAddr, tag: &'static str) {
+    let l = TcpListener::bind(addr).unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            let _ = c.write_all(tag.as_bytes());
+        }
+    });
 }
 
-fn wait(addr: SocketAddr, p: &mut Proc) {
-    p.wait_listening(addr);
+/// GET `path` on `addr`: (status, body).
+fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let Ok(mut c) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_string();
+    (status, body)
+}
+
+/// The value of the metric line that has `name` and every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> Option<u64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| labels.iter().all(|x| l.contains(x)))
+        .map(|l| {
+            l.rsplit(' ')
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .reduce(|a, b| a + b)
+}
+
+/// Node proxy A or B with its control endpoints on its own loopback address.
+struct Node {
+    proc: Proc,
+    stats: SocketAddr,
+    ready: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Node {
+    fn start(
+        name: &str,
+        host: IpAddr,
+        cfg: &std::path::Path,
+        ca: &std::path::Path,
+        extra: &[&str],
+    ) -> Node {
+        let (admin, stats, ready) = (
+            SocketAddr::new(host, 15000),
+            SocketAddr::new(host, 15020),
+            SocketAddr::new(host, 15021),
+        );
+        let (cfg, ca) = (cfg.to_str().unwrap(), ca.to_str().unwrap());
+        let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
+        let mut args = vec![
+            "run",
+            "--config",
+            cfg,
+            "--node-name",
+            name,
+            "--ca-dir",
+            ca,
+            "--packet-mark",
+            "0",
+            "--workers",
+            "1",
+            "--admin-addr",
+            &a,
+            "--stats-addr",
+            &s,
+            "--readiness-addr",
+            &r,
+        ];
+        args.extend_from_slice(extra);
+        Node {
+            proc: Proc::spawn(&args),
+            stats,
+            ready,
+            admin,
+        }
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = self.proc.child.try_wait().unwrap() {
+                panic!("zring exited early ({st}); log:\n{}", self.proc.log());
+            }
+            if http_get(self.ready, "GET", "/healthz/ready").0 == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never ready; log:\n{}",
+                self.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn metrics(&self) -> String {
+        let (st, body) = http_get(self.stats, "GET", "/metrics");
+        assert_eq!(st, 200);
+        body
+    }
+}
+
+fn ca_init(dir: &std::path::Path) -> PathBuf {
+    let ca = dir.join("ca");
+    assert!(Command::new(ZRING)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+    ca
 }
 
 /// SOCKS5 CONNECT from `src` through `proxy` to `dst`; returns the reply code and the stream.
@@ -120,58 +317,74 @@ fn echo_through(mut c: TcpStream, data: &[u8]) -> Vec<u8> {
     got
 }
 
+fn waypoint(dir: &std::path::Path, ca: &std::path::Path) -> Proc {
+    let listen = SocketAddr::new(ip(3, 2), 15008).to_string();
+    let mut p = Proc::spawn(&[
+        "tunnel",
+        "server",
+        "--listen",
+        &listen,
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--identity",
+        WAYPOINT_ID,
+        "--workers",
+        "1",
+    ]);
+    p.wait_listening(SocketAddr::new(ip(3, 2), 15008));
+    let _ = dir;
+    p
+}
+
+/// Pipes zring holds: the splice relay's, so > 0 only once a passthrough has run.
+fn pipes(p: &Proc) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", p.child.id()))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .map(|l| l.to_string_lossy().starts_with("pipe:"))
+                        .unwrap_or(false)
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn read_all(mut c: TcpStream) -> String {
+    let mut s = String::new();
+    let _ = c.read_to_string(&mut s);
+    s
+}
+
 #[test]
-fn sleep_reaches_productpage_over_hbone_notsleep_is_denied_and_tcp_passes_through() {
+fn the_mesh_paths_policies_waypoint_vip_passthrough_metrics_and_logs() {
     let dir = tmp("mesh");
     std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca");
-    assert!(Command::new(ZRING)
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success());
+    let ca = ca_init(&dir);
     let cfg = config(&dir);
     echo_at(SocketAddr::new(ip(2, 2), 9080));
     echo_at(SocketAddr::new(ip(2, 9), 5432));
+    tag_at(SocketAddr::new(ip(2, 3), 9080), "v1");
+    tag_at(SocketAddr::new(ip(2, 4), 9080), "v2");
+    tag_at(SocketAddr::new(ip(2, 5), 9080), "v3");
+    tag_at(SocketAddr::new(ip(2, 6), 9080), "ratings-direct");
+    // The waypoint forwards to its CONNECT target; something answers at the VIP so the test
+    // sees which target the waypoint was given.
+    tag_at(SocketAddr::new(ip(20, 22), 9080), "via-vip");
+    let wp = waypoint(&dir, &ca);
     let socks_addr = SocketAddr::new(ip(1, 1), 15080);
-    let (cfg_s, ca_s, socks_s) = (
-        cfg.to_str().unwrap().to_string(),
-        ca.to_str().unwrap().to_string(),
-        socks_addr.to_string(),
-    );
-    let mut b = zring(&[
-        "run",
-        "--config",
-        &cfg_s,
-        "--node-name",
-        "node-b",
-        "--ca-dir",
-        &ca_s,
-        "--packet-mark",
-        "0",
-        "--workers",
-        "1",
-    ]);
-    wait(SocketAddr::new(ip(2, 2), 15008), &mut b);
-    let mut a = zring(&[
-        "run",
-        "--config",
-        &cfg_s,
-        "--node-name",
+    let socks_s = socks_addr.to_string();
+    let mut b = Node::start("node-b", ip(2, 1), &cfg, &ca, &[]);
+    let mut a = Node::start(
         "node-a",
-        "--ca-dir",
-        &ca_s,
-        "--packet-mark",
-        "0",
-        "--bind-source",
-        "--socks5",
-        &socks_s,
-        "--workers",
-        "1",
-    ]);
-    wait(socks_addr, &mut a);
+        ip(1, 1),
+        &cfg,
+        &ca,
+        &["--bind-source", "--socks5", &socks_s],
+    );
+    b.wait_ready();
+    a.wait_ready();
 
     // sleep -> productpage by workload IP and by VIP: allowed, byte-exact.
     let payload: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
@@ -184,8 +397,8 @@ fn sleep_reaches_productpage_over_hbone_notsleep_is_denied_and_tcp_passes_throug
             code,
             0,
             "sleep -> {dst} must be allowed\nA:\n{}\nB:\n{}",
-            a.log(),
-            b.log()
+            a.proc.log(),
+            b.proc.log()
         );
         assert!(
             echo_through(c, &payload) == payload,
@@ -195,25 +408,209 @@ fn sleep_reaches_productpage_over_hbone_notsleep_is_denied_and_tcp_passes_throug
     // notsleep -> productpage: denied by the destination's policy.
     let (code, _c) = socks(ip(1, 3), socks_addr, SocketAddr::new(ip(2, 2), 9080));
     assert_eq!(code, 2, "notsleep must be refused (SOCKS5 'not allowed')");
-    // sleep -> the TCP-only workload: passed through, not tunnelled.
-    let (code, c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(2, 9), 5432));
-    assert_eq!(code, 0);
-    assert_eq!(echo_through(c, b"plain"), b"plain");
-    std::thread::sleep(Duration::from_millis(200));
 
-    let (la, lb) = (a.log(), b.log());
+    // The reviews VIP spreads connections over its three endpoints.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..9 {
+        let (code, c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(20, 21), 9080));
+        assert_eq!(code, 0);
+        seen.insert(read_all(c));
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["v1", "v2", "v3"]);
+
+    // ratings has a waypoint: its VIP and its workload IP both go to the waypoint, which is
+    // given the original address as the CONNECT target.
+    let (code, c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(20, 22), 9080));
+    assert_eq!(code, 0, "A:\n{}", a.proc.log());
+    assert_eq!(
+        read_all(c),
+        "via-vip",
+        "the waypoint must get the VIP as target"
+    );
+    // A client that skips the waypoint and goes straight to ratings' node is refused there.
+    let bypass_listen = common::free_port();
+    let mut bypass = Proc::spawn(&[
+        "tunnel",
+        "client",
+        "--listen",
+        &bypass_listen.to_string(),
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--identity",
+        "spiffe://cluster.local/ns/default/sa/sleep",
+        "--server",
+        &SocketAddr::new(ip(2, 6), 15008).to_string(),
+        "--target",
+        &SocketAddr::new(ip(2, 6), 9080).to_string(),
+        "--expect",
+        "spiffe://cluster.local/ns/default/sa/bookinfo-ratings",
+        "--workers",
+        "1",
+    ]);
+    bypass.wait_listening(bypass_listen);
+    let got = read_all(TcpStream::connect(bypass_listen).unwrap());
+    assert_eq!(got, "", "a waypoint bypass must not reach ratings");
+
+    // sleep -> the TCP-only workload: passed through with the splice relay (pipes appear).
+    let before = pipes(&a.proc);
+    let (code, mut c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(2, 9), 5432));
+    assert_eq!(code, 0);
+    c.write_all(b"plain").unwrap();
+    let mut five = [0u8; 5];
+    c.read_exact(&mut five).unwrap();
+    assert_eq!(&five, b"plain");
+    let during = pipes(&a.proc);
     assert!(
-        lb.contains("denied by policy") && lb.contains("DENY") && lb.contains("notsleep"),
+        during >= before + 2,
+        "the passthrough relay splices through pipes ({before} pipe fds before, {during} during)"
+    );
+    assert_eq!(echo_through(c, b"!"), b"!");
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Metrics, both sides, with Istio's labels.
+    let (ma, mb) = (a.metrics(), b.metrics());
+    let sleep_pp = [
+        "source_workload=\"sleep\"",
+        "destination_workload=\"productpage\"",
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\"",
+        "connection_security_policy=\"mutual_tls\"",
+        "response_flags=\"-\"",
+    ];
+    let src: Vec<&str> = sleep_pp
+        .iter()
+        .copied()
+        .chain(["reporter=\"source\""])
+        .collect();
+    let dst: Vec<&str> = sleep_pp
+        .iter()
+        .copied()
+        .chain(["reporter=\"destination\""])
+        .collect();
+    assert_eq!(
+        metric(&ma, "istio_tcp_connections_opened_total", &src),
+        Some(2),
+        "{ma}"
+    );
+    assert_eq!(
+        metric(&ma, "istio_tcp_connections_closed_total", &src),
+        Some(2),
+        "{ma}"
+    );
+    assert_eq!(
+        metric(&ma, "istio_tcp_sent_bytes_total", &src),
+        Some(2 << 20),
+        "{ma}"
+    );
+    assert_eq!(
+        metric(&ma, "istio_tcp_received_bytes_total", &src),
+        Some(2 << 20),
+        "{ma}"
+    );
+    assert_eq!(
+        metric(&mb, "istio_tcp_connections_opened_total", &dst),
+        Some(2),
+        "{mb}"
+    );
+    assert_eq!(
+        metric(&mb, "istio_tcp_sent_bytes_total", &dst),
+        Some(2 << 20),
+        "{mb}"
+    );
+    assert_eq!(
+        metric(&mb, "istio_tcp_received_bytes_total", &dst),
+        Some(2 << 20),
+        "{mb}"
+    );
+    assert!(
+        metric(
+            &ma,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                "destination_service=\"productpage.default.svc.cluster.local\""
+            ]
+        ) == Some(1),
+        "the VIP connection carries the service labels:\n{ma}"
+    );
+    assert_eq!(
+        metric(
+            &mb,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "source_workload=\"notsleep\"",
+                "response_flags=\"DENY\""
+            ]
+        ),
+        Some(1),
+        "{mb}"
+    );
+    assert!(
+        metric(
+            &mb,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "destination_workload=\"ratings\"",
+                "response_flags=\"DENY\""
+            ]
+        ) >= Some(1),
+        "the waypoint bypass (and the listening probe before it) is counted as denied:\n{mb}"
+    );
+    assert_eq!(
+        metric(
+            &ma,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"source\"",
+                "destination_workload=\"legacy-db\"",
+                "connection_security_policy=\"unknown\""
+            ]
+        ),
+        Some(1),
+        "{ma}"
+    );
+
+    // Access logs: one line per connection at close.
+    let (la, lb) = (a.proc.log(), b.proc.log());
+    assert!(
+        lb.contains("denied by policy") && lb.contains("notsleep"),
         "B logs the denial:\n{lb}"
     );
     assert!(
-        la.contains("path=\"hbone\"") || la.contains("path=hbone"),
-        "A logs the HBONE path:\n{la}"
+        lb.contains("only accepts traffic through its waypoint"),
+        "B logs the bypass:\n{lb}"
     );
-    assert!(la.contains("passthrough"), "A logs the passthrough:\n{la}");
+    let lines = |l: &str, what: &str| {
+        l.lines()
+            .filter(|x| x.contains("connection complete") && x.contains(what))
+            .count()
+    };
+    assert_eq!(
+        lines(&la, "path=\"hbone\""),
+        12,
+        "A: 2 allowed + 1 denied to productpage, 9 to reviews\n{la}"
+    );
+    assert_eq!(lines(&la, "path=\"waypoint\""), 1, "{la}");
+    assert_eq!(lines(&la, "path=\"passthrough\""), 1, "{la}");
     assert!(
-        lb.contains("spiffe://cluster.local/ns/default/sa/sleep"),
+        lb.contains("src.identity=spiffe://cluster.local/ns/default/sa/sleep"),
         "B sees sleep's identity:\n{lb}"
     );
+
+    // Admin: the config dump has the certificates with their expiry.
+    let (st, dump) = http_get(b.admin, "GET", "/config_dump");
+    assert_eq!(st, 200);
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let certs = v["certificates"].as_array().unwrap();
+    assert!(
+        certs.iter().any(|c| c["identity"]
+            == "spiffe://cluster.local/ns/default/sa/bookinfo-productpage"
+            && c["secondsLeft"].as_u64().unwrap() > 3600),
+        "{dump}"
+    );
+    assert_eq!(v["workloads"].as_array().unwrap().len(), 9);
+    drop(wp);
     let _ = std::fs::remove_dir_all(&dir);
 }

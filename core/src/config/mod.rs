@@ -178,6 +178,9 @@ pub struct Workload {
     /// Owning workload's name, e.g. the Deployment (telemetry).
     #[serde(default)]
     pub workload_name: String,
+    /// Cluster id (telemetry).
+    #[serde(default)]
+    pub cluster_id: String,
 }
 
 impl Workload {

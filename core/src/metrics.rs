@@ -1,0 +1,292 @@
+//! Prometheus metrics with Istio's names and labels, so existing Istio dashboards read zring.
+//!
+//! Connection metrics (`istio_tcp_connections_opened_total`, `..._closed_total`,
+//! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`) carry Istio's standard TCP
+//! labels. `reporter` is `source` on the outbound side and `destination` on the inbound side,
+//! as in ztunnel; bytes are from the reporter's point of view (sent = towards the destination
+//! workload, received = back from it). A connection's label set is built once when it opens;
+//! its bytes are added when it closes.
+//!
+//! zring's own: `zring_config_reloads_total{result="success"|"failure"}` and
+//! `zring_config_generation` (the config in force; a rejected file leaves it unchanged).
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+};
+
+use zring_hbone::SpiffeId;
+
+use crate::config::{Service, Workload};
+
+/// Label values of one peer (source or destination side) of a connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// Workload (owner) name.
+    pub workload: String,
+    /// Namespace.
+    pub namespace: String,
+    /// SPIFFE principal, `spiffe://...`.
+    pub principal: String,
+    /// Canonical service (also `app`).
+    pub canonical_service: String,
+    /// Canonical revision (also `version`).
+    pub canonical_revision: String,
+    /// Cluster.
+    pub cluster: String,
+}
+
+impl Peer {
+    /// The labels of a known workload, with the principal it proved (or would present).
+    pub fn of(w: &Workload, principal: Option<&SpiffeId>) -> Self {
+        let workload = if w.workload_name.is_empty() {
+            w.name.clone()
+        } else {
+            w.workload_name.clone()
+        };
+        let canonical_service = if w.canonical_name.is_empty() {
+            workload.clone()
+        } else {
+            w.canonical_name.clone()
+        };
+        Peer {
+            workload,
+            namespace: w.namespace.clone(),
+            principal: principal.map(|p| p.to_string()).unwrap_or_default(),
+            canonical_service,
+            canonical_revision: if w.canonical_revision.is_empty() {
+                "latest".into()
+            } else {
+                w.canonical_revision.clone()
+            },
+            cluster: if w.cluster_id.is_empty() {
+                "Kubernetes".into()
+            } else {
+                w.cluster_id.clone()
+            },
+        }
+    }
+
+    /// An unknown peer with maybe a proven principal.
+    pub fn unknown(principal: Option<&SpiffeId>) -> Self {
+        Peer {
+            principal: principal.map(|p| p.to_string()).unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Who reports a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reporter {
+    /// The source side's proxy (outbound).
+    Source,
+    /// The destination side's proxy (inbound).
+    Destination,
+}
+
+/// The full label set of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConnLabels {
+    /// Reporter.
+    pub reporter: Reporter,
+    /// Source side.
+    pub source: Peer,
+    /// Destination side.
+    pub destination: Peer,
+    /// Destination service hostname, name and namespace, if the destination was a service.
+    pub service: Option<(String, String, String)>,
+    /// `mutual_tls` when the connection crossed HBONE, else `unknown`.
+    pub mtls: bool,
+    /// Istio's response flags: `-`, `DENY`, `UF`, `NR`...
+    pub response_flags: &'static str,
+}
+
+impl ConnLabels {
+    /// Set the destination service labels from a service.
+    pub fn with_service(mut self, s: Option<&Service>) -> Self {
+        self.service = s.map(|s| (s.hostname.clone(), s.name.clone(), s.namespace.clone()));
+        self
+    }
+}
+
+/// A metric family: name, help, and which counter it shows.
+type Family = (&'static str, &'static str, fn(&Counters) -> u64);
+
+#[derive(Debug, Default)]
+struct Counters {
+    opened: u64,
+    closed: u64,
+    sent: u64,
+    received: u64,
+}
+
+/// The process's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    conns: Mutex<HashMap<ConnLabels, Counters>>,
+    reload_ok: AtomicU64,
+    reload_failed: AtomicU64,
+    generation: AtomicU64,
+}
+
+impl Metrics {
+    /// A connection opened.
+    pub fn opened(&self, l: &ConnLabels) {
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(l.clone()).or_default().opened += 1;
+    }
+
+    /// A connection closed after `sent` bytes towards the destination and `received` back.
+    pub fn closed(&self, l: &ConnLabels, sent: u64, received: u64) {
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let c = m.entry(l.clone()).or_default();
+        c.closed += 1;
+        c.sent += sent;
+        c.received += received;
+    }
+
+    /// A config reload ended; `generation` is the config in force afterwards.
+    pub fn reload(&self, ok: bool, generation: u64) {
+        if ok {
+            self.reload_ok.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reload_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rows: Vec<(String, &Counters)> = m.iter().map(|(l, c)| (labels(l), c)).collect();
+        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        let families: [Family; 4] = [
+            (
+                "istio_tcp_connections_opened_total",
+                "The total number of TCP connections opened.",
+                |c| c.opened,
+            ),
+            (
+                "istio_tcp_connections_closed_total",
+                "The total number of TCP connections closed.",
+                |c| c.closed,
+            ),
+            (
+                "istio_tcp_sent_bytes_total",
+                "The size of total bytes sent during response in case of a TCP connection.",
+                |c| c.sent,
+            ),
+            (
+                "istio_tcp_received_bytes_total",
+                "The size of total bytes received during request in case of a TCP connection.",
+                |c| c.received,
+            ),
+        ];
+        for (name, help, get) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (l, c) in &rows {
+                let _ = writeln!(out, "{name}{{{l}}} {}", get(c));
+            }
+        }
+        drop(m);
+        let _ = writeln!(
+            out,
+            "# HELP zring_config_reloads_total Config reloads by result.\n# TYPE zring_config_reloads_total counter\nzring_config_reloads_total{{result=\"success\"}} {}\nzring_config_reloads_total{{result=\"failure\"}} {}",
+            self.reload_ok.load(Ordering::Relaxed),
+            self.reload_failed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP zring_config_generation The config in force (1 = the file read at start).\n# TYPE zring_config_generation gauge\nzring_config_generation {}",
+            self.generation.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() {
+        "unknown"
+    } else {
+        s
+    }
+}
+
+/// Escape a label value per the exposition format.
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn labels(l: &ConnLabels) -> String {
+    let mut out = String::with_capacity(512);
+    let mut put = |k: &str, v: &str| {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        let _ = write!(out, "{k}=\"{}\"", escape(or_unknown(v)));
+    };
+    put(
+        "reporter",
+        match l.reporter {
+            Reporter::Source => "source",
+            Reporter::Destination => "destination",
+        },
+    );
+    for (side, p) in [("source", &l.source), ("destination", &l.destination)] {
+        put(&format!("{side}_workload"), &p.workload);
+        put(&format!("{side}_canonical_service"), &p.canonical_service);
+        put(&format!("{side}_canonical_revision"), &p.canonical_revision);
+        put(&format!("{side}_workload_namespace"), &p.namespace);
+        put(&format!("{side}_principal"), &p.principal);
+        put(&format!("{side}_app"), &p.canonical_service);
+        put(&format!("{side}_version"), &p.canonical_revision);
+        put(&format!("{side}_cluster"), &p.cluster);
+    }
+    let (host, name, ns) = l.service.clone().unwrap_or_default();
+    put("destination_service", &host);
+    put("destination_service_name", &name);
+    put("destination_service_namespace", &ns);
+    put("request_protocol", "tcp");
+    put("response_flags", l.response_flags);
+    put(
+        "connection_security_policy",
+        if l.mtls { "mutual_tls" } else { "unknown" },
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_istio_names_and_escapes_values() {
+        let m = Metrics::default();
+        let l = ConnLabels {
+            reporter: Reporter::Destination,
+            source: Peer {
+                workload: "sle\"ep".into(),
+                ..Default::default()
+            },
+            destination: Peer::default(),
+            service: None,
+            mtls: true,
+            response_flags: "-",
+        };
+        m.opened(&l);
+        m.closed(&l, 10, 20);
+        let text = m.render();
+        assert!(text.contains("istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"sle\\\"ep\""));
+        assert!(text.contains("connection_security_policy=\"mutual_tls\"} 1"));
+        assert!(text.contains("istio_tcp_sent_bytes_total{") && text.contains("} 10\n"));
+        assert!(text.contains("} 20\n"));
+    }
+}

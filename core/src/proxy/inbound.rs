@@ -1,0 +1,202 @@
+//! Inbound: HBONE on 15008 (mTLS, CONNECT, policy with the peer's identity) and plaintext on
+//! 15006 (policy with no identity, then the splice relay).
+
+use std::{net::SocketAddr, sync::Arc, time::Instant};
+
+use zring_hbone::{
+    relay::copy_bidirectional,
+    server::{self, Incoming},
+    tls, SpiffeId,
+};
+use zring_runtime::{
+    drain::Drain,
+    net::{self, ConnectOptions},
+    relay::RelayOptions,
+};
+
+use super::{ConnLog, State};
+use crate::{
+    config::index::MeshIndex,
+    hbone_io::{MonoioExecutor, PollTcp},
+    inbound,
+    metrics::{ConnLabels, Peer, Reporter},
+    relay_cmd::DEFAULT_CONNECT_TIMEOUT,
+};
+
+/// Labels of an inbound connection: the source is the workload at `src` when it owns the
+/// proven identity (or, for plaintext, any workload there), the destination the local workload.
+fn labels(
+    index: &MeshIndex,
+    src: SocketAddr,
+    peer: Option<&SpiffeId>,
+    target: SocketAddr,
+    mtls: bool,
+) -> ConnLabels {
+    let source = match index.workload_by_ip(src.ip()) {
+        Some(w) if peer.is_none() || w.identity().ok().as_ref() == peer => Peer::of(w, peer),
+        _ => Peer::unknown(peer),
+    };
+    let dst = index.workload_by_ip(target.ip());
+    let destination = dst
+        .map(|w| Peer::of(w, w.identity().ok().as_ref()))
+        .unwrap_or_default();
+    ConnLabels {
+        reporter: Reporter::Destination,
+        source,
+        destination,
+        service: None,
+        mtls,
+        response_flags: "-",
+    }
+}
+
+fn upstream_opts(state: &State) -> ConnectOptions {
+    ConnectOptions {
+        mark: state.cfg.mark,
+        timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+        ..Default::default()
+    }
+}
+
+/// One inbound HBONE connection: TLS with the destination workload's certificate, then
+/// CONNECT streams until the peer or a drain ends it.
+pub(super) async fn hbone(
+    tcp: monoio::net::TcpStream,
+    peer_addr: SocketAddr,
+    state: Arc<State>,
+    drain: Drain,
+) {
+    let _ = tcp.set_nodelay(true);
+    let Ok(local) = tcp.local_addr() else { return };
+    let Some(id) = state
+        .index()
+        .workload_by_ip(local.ip())
+        .and_then(|w| w.identity().ok())
+    else {
+        return tracing::warn!(dst.addr = %local, "inbound HBONE connection to an address with no workload");
+    };
+    let issued = match state.certs.get(&id) {
+        Ok(i) => i,
+        Err(e) => return tracing::warn!(error = %e, "no certificate for the destination workload"),
+    };
+    let Ok(tcp) = PollTcp::new(tcp) else { return };
+    let tls = match tokio_rustls::TlsAcceptor::from(issued.server.clone())
+        .accept(tcp)
+        .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            return tracing::info!(src.addr = %peer_addr, dst.addr = %local, error = %tls::classify_handshake(e), "inbound HBONE handshake failed")
+        }
+    };
+    let peer = tls::peer_identity(tls.get_ref().1);
+    let s = state.clone();
+    let handler = move |i: Incoming| stream(i, peer_addr, s.clone());
+    if let Err(e) = server::serve(tls, peer, &state.h2, MonoioExecutor, handler, async move {
+        drain.signaled().await
+    })
+    .await
+    {
+        tracing::info!(src.addr = %peer_addr, error = %e, "inbound HBONE connection failed");
+    }
+}
+
+async fn stream(incoming: Incoming, peer_addr: SocketAddr, state: Arc<State>) {
+    let start = Instant::now();
+    let target = incoming.request.target;
+    let peer = incoming.request.peer.clone();
+    let index = state.index();
+    let mut log = ConnLog::new(
+        "inbound",
+        "hbone",
+        peer_addr,
+        target,
+        labels(&index, peer_addr, peer.as_ref(), target, true),
+        start,
+    );
+    log.src_identity = peer.clone();
+    log.dst_identity = index
+        .workload_by_ip(target.ip())
+        .and_then(|w| w.identity().ok());
+    if let Err(r) = inbound::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()) {
+        log.close(&state, r.response_flags, 0, 0, Some(r.reason));
+        return incoming.reject(r.status);
+    }
+    drop(index);
+    let up = match net::connect(target, &upstream_opts(&state))
+        .await
+        .and_then(PollTcp::new)
+    {
+        Ok(u) => u,
+        Err(e) => {
+            log.close(&state, "UF", 0, 0, Some(e.to_string()));
+            return incoming.reject(server::StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let Ok(stream) = incoming.accept() else {
+        return log.close(
+            &state,
+            "UF",
+            0,
+            0,
+            Some("the stream ended before 200".into()),
+        );
+    };
+    log.established(&state);
+    let out = copy_bidirectional(up, stream).await;
+    // Bytes from the destination's point of view: sent = delivered to the workload.
+    log.close(
+        &state,
+        "-",
+        out.stream_to_socket,
+        out.socket_to_stream,
+        out.error.map(|e| e.to_string()),
+    );
+}
+
+/// One captured inbound plaintext connection (15006): the original destination must be a local
+/// workload and its policy must allow a client with no identity; then splice.
+pub(super) async fn plaintext(
+    sock: monoio::net::TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    state: Arc<State>,
+) {
+    let start = Instant::now();
+    let Some(target) = super::outbound::original_destination(&sock, listen) else {
+        return tracing::warn!(src.addr = %peer, "inbound plaintext connection without an original destination (not redirected?); closed");
+    };
+    let index = state.index();
+    let mut log = ConnLog::new(
+        "inbound",
+        "plaintext",
+        peer,
+        target,
+        labels(&index, peer, None, target, false),
+        start,
+    );
+    log.dst_identity = index
+        .workload_by_ip(target.ip())
+        .and_then(|w| w.identity().ok());
+    if let Err(r) = inbound::decide_plaintext(&index, &state.cfg.node, peer, target) {
+        let _ = zring_runtime::net::set_reset_on_close(&sock);
+        return log.close(&state, r.response_flags, 0, 0, Some(r.reason));
+    }
+    drop(index);
+    let up = match net::connect(target, &upstream_opts(&state)).await {
+        Ok(u) => u,
+        Err(e) => {
+            let _ = zring_runtime::net::set_reset_on_close(&sock);
+            return log.close(&state, "UF", 0, 0, Some(e.to_string()));
+        }
+    };
+    log.established(&state);
+    let out = zring_runtime::relay(sock, up, &RelayOptions::default()).await;
+    log.close(
+        &state,
+        "-",
+        out.client_to_upstream,
+        out.upstream_to_client,
+        out.error.map(|e| e.to_string()),
+    );
+}

@@ -1,0 +1,578 @@
+//! `zring run`: the node proxy.
+//!
+//! - Config: ztunnel's local YAML (`--config` or `LOCAL_XDS_PATH`); workloads whose `node` is
+//!   `--node-name` (or `NODE_NAME`) are local. The file is re-read when it changes (checked every
+//!   second) or on SIGHUP; a file that does not parse is rejected, the config in force stays,
+//!   and the error is logged and counted (`zring_config_reloads_total{result="failure"}`). Live
+//!   connections keep going across reloads; new connections see the new config.
+//! - Identities: one certificate per local workload identity from the local CA (`--ca-dir`),
+//!   issued before a config that names the workload comes into force, renewed at half-life.
+//! - Inbound HBONE (`inbound`): every worker listens on `<ip>:15008` for each local HBONE
+//!   workload IP (listeners for workloads added by a reload are bound on the fly).
+//! - Inbound plaintext (`--inbound-plaintext-addr`, 15006 in-pod): policy without identity.
+//! - Outbound (`outbound`): captured connections on `--outbound-addr` (15001; original
+//!   destination from SO_ORIGINAL_DST, or the local address under TPROXY) and SOCKS5
+//!   (`--socks5`, 15080).
+//! - Telemetry and control (`crate::admin`): metrics, readiness, admin.
+
+mod inbound;
+mod outbound;
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    rc::Rc,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context;
+use zring_hbone::{
+    ca::{LocalCa, DEFAULT_WORKLOAD_TTL},
+    pool::{Pool, PoolKey, PoolSettings},
+    H2Settings,
+};
+use zring_runtime::{
+    drain::Drain,
+    net::{self, ConnectOptions, ListenOptions},
+    server as accept, ShutdownTrigger, WorkerConfig, WorkerContext, Workers,
+};
+
+use crate::{
+    admin,
+    config::{index::MeshIndex, InboundProtocol, LocalConfig},
+    hbone_io::{MonoioExecutor, TlsDialer},
+    identity::CertManager,
+    metrics::Metrics,
+    relay_cmd::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT},
+};
+
+/// ztunnel's default packet mark for its own upstream sockets.
+pub const DEFAULT_PACKET_MARK: u32 = 1337;
+
+/// Settings of `zring run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The mesh config file.
+    pub config: PathBuf,
+    /// This node's name.
+    pub node: String,
+    /// CA directory.
+    pub ca_dir: PathBuf,
+    /// SOCKS5 listener, if any.
+    pub socks5: Option<SocketAddr>,
+    /// Outbound capture listener (15001), if any.
+    pub outbound: Option<SocketAddr>,
+    /// Inbound plaintext capture listener (15006), if any.
+    pub inbound_plaintext: Option<SocketAddr>,
+    /// IP_TRANSPARENT on the capture listeners (TPROXY).
+    pub transparent: bool,
+    /// Inbound HBONE port.
+    pub hbone_port: u16,
+    /// SO_MARK on upstream sockets (None: off, for unprivileged runs).
+    pub mark: Option<u32>,
+    /// Originate HBONE connections from the source workload's IP (loopback demos and tests;
+    /// in-pod mode does this by living in the pod's namespace).
+    pub bind_source: bool,
+    /// Admin endpoint (15000).
+    pub admin: Option<SocketAddr>,
+    /// Prometheus endpoint (15020).
+    pub stats: Option<SocketAddr>,
+    /// Readiness endpoint (15021).
+    pub readiness: Option<SocketAddr>,
+    /// Workers.
+    pub workers: WorkerConfig,
+}
+
+/// How often the config file is checked for changes (SIGHUP is seen within `TICK`).
+pub const CONFIG_CHECK: Duration = Duration::from_secs(1);
+const TICK: Duration = Duration::from_millis(100);
+
+/// How often certificates are checked for renewal.
+pub const RENEWAL_CHECK: Duration = Duration::from_secs(30);
+
+/// Everything the workers and the control threads share.
+#[derive(Debug)]
+pub struct State {
+    /// Settings.
+    pub cfg: RunConfig,
+    index: RwLock<Arc<MeshIndex>>,
+    /// 0 until a config is in force, then +1 per accepted reload.
+    generation: AtomicU64,
+    /// Certificates of local identities.
+    pub certs: Arc<CertManager>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// HTTP/2 settings of HBONE connections.
+    pub h2: H2Settings,
+    /// The generation each worker has bound listeners for.
+    worker_generation: Mutex<HashMap<usize, u64>>,
+    workers: AtomicUsize,
+    last_error: Mutex<Option<String>>,
+}
+
+impl State {
+    /// The config in force (a snapshot: a connection uses one config from start to end).
+    pub fn index(&self) -> Arc<MeshIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The generation of the config in force.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Why the proxy is not ready, or None when it is.
+    pub fn not_ready(&self) -> Option<String> {
+        let g = self.generation();
+        if g == 0 {
+            let last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+            return Some(match &*last {
+                Some(e) => format!("no config in force yet: {e}"),
+                None => format!("waiting for the config file {}", self.cfg.config.display()),
+            });
+        }
+        let expected = self.workers.load(Ordering::Acquire);
+        let done = self
+            .worker_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|&&w| w >= g)
+            .count();
+        if expected == 0 || done < expected {
+            return Some(format!(
+                "{done} of {expected} workers have bound the listeners of config generation {g}"
+            ));
+        }
+        None
+    }
+
+    /// `/config_dump`: the config in force and the certificates, as JSON.
+    pub fn config_dump(&self) -> String {
+        let index = self.index();
+        let now = SystemTime::now();
+        let certs: Vec<serde_json::Value> = self
+            .certs
+            .expiries()
+            .into_iter()
+            .map(|(id, exp)| {
+                let secs = exp
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let left = exp.duration_since(now).map_or(0, |d| d.as_secs());
+                serde_json::json!({
+                    "identity": id.to_string(),
+                    "expirationTime": humantime::format_rfc3339_seconds(exp).to_string(),
+                    "expirationUnix": secs,
+                    "secondsLeft": left,
+                })
+            })
+            .collect();
+        let dump = serde_json::json!({
+            "node": self.cfg.node,
+            "configFile": self.cfg.config.display().to_string(),
+            "generation": self.generation(),
+            "workloads": index.config.workloads,
+            "services": index.config.services,
+            "policies": index.config.policies,
+            "certificates": certs,
+        });
+        serde_json::to_string_pretty(&dump).unwrap_or_default()
+    }
+
+    /// Put `config` in force: issue the certificates of its local identities first, so that no
+    /// connection ever finds its workload without one.
+    fn install(&self, config: LocalConfig) -> anyhow::Result<u64> {
+        let index = MeshIndex::new(config);
+        let mut ids = HashSet::new();
+        for w in index.local_workloads(&self.cfg.node) {
+            let id = w
+                .identity()
+                .with_context(|| format!("workload {}", w.uid))?;
+            if ids.insert(id.clone()) {
+                self.certs.get(&id)?;
+            }
+        }
+        let (w, s, p, l) = (
+            index.config.workloads.len(),
+            index.config.services.len(),
+            index.config.policies.len(),
+            index.local_workloads(&self.cfg.node).count(),
+        );
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::info!(file = %self.cfg.config.display(), generation = g, workloads = w, services = s, policies = p, local_workloads = l, identities = ids.len(), "config in force");
+        Ok(g)
+    }
+
+    fn worker_at(&self, worker: usize, g: u64) {
+        self.worker_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(worker, g);
+    }
+}
+
+/// Run the node proxy until shutdown.
+pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
+    if let Err(e) = zring_runtime::sys::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
+    }
+    let ca = LocalCa::load_dir(&cfg.ca_dir)
+        .with_context(|| format!("loading the CA from {}", cfg.ca_dir.display()))?;
+    let state = Arc::new(State {
+        cfg: cfg.clone(),
+        index: RwLock::new(Arc::new(MeshIndex::new(LocalConfig::default()))),
+        generation: AtomicU64::new(0),
+        certs: Arc::new(CertManager::new(ca, DEFAULT_WORKLOAD_TTL)),
+        metrics: Metrics::default(),
+        h2: H2Settings::default(),
+        worker_generation: Mutex::new(HashMap::new()),
+        workers: AtomicUsize::new(0),
+        last_error: Mutex::new(None),
+    });
+    // A file that exists must be valid at start: a typo fails fast. A missing file is waited
+    // for (not ready meanwhile): the config may be mounted after the proxy starts.
+    let first = match std::fs::read(&cfg.config) {
+        Ok(bytes) => {
+            let config = LocalConfig::from_yaml(&String::from_utf8_lossy(&bytes), &cfg.config)?;
+            let g = state.install(config)?;
+            state.metrics.reload(true, g);
+            Some(bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(file = %cfg.config.display(), "config file does not exist yet; waiting for it (not ready meanwhile)");
+            None
+        }
+        Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", cfg.config.display())),
+    };
+    let mut listeners = Vec::new();
+    for (role, addr) in [
+        (admin::Role::Admin, cfg.admin),
+        (admin::Role::Stats, cfg.stats),
+        (admin::Role::Readiness, cfg.readiness),
+    ] {
+        if let Some(a) = addr {
+            listeners.push((role, a));
+        }
+    }
+    admin::start(listeners, state.clone(), trigger.clone())?;
+    spawn_config_watch(state.clone(), first, trigger.clone())?;
+    spawn_renewal(state.certs.clone(), trigger.clone())?;
+    let s = state.clone();
+    let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
+    state.workers.store(workers.len(), Ordering::Release);
+    tracing::info!(workers = workers.len(), io = %workers.backend(), socks5 = ?cfg.socks5, outbound = ?cfg.outbound, inbound_plaintext = ?cfg.inbound_plaintext, admin = ?cfg.admin, stats = ?cfg.stats, readiness = ?cfg.readiness, "zring node proxy running");
+    workers.join()?;
+    Ok(())
+}
+
+/// The config watcher: re-reads the file when its bytes change (checked every
+/// [`CONFIG_CHECK`]) or on SIGHUP (re-read even if unchanged).
+fn spawn_config_watch(
+    state: Arc<State>,
+    mut last: Option<Vec<u8>>,
+    trigger: ShutdownTrigger,
+) -> anyhow::Result<()> {
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .context("installing the SIGHUP handler")?;
+    std::thread::Builder::new()
+        .name("zring-config".into())
+        .spawn(move || {
+            let mut since_check = Duration::ZERO;
+            let mut missing_logged = last.is_some();
+            while !trigger.is_triggered() {
+                std::thread::sleep(TICK);
+                since_check += TICK;
+                let forced = hup.swap(false, Ordering::AcqRel);
+                if !forced && since_check < CONFIG_CHECK {
+                    continue;
+                }
+                since_check = Duration::ZERO;
+                let bytes = match std::fs::read(&state.cfg.config) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        if forced || !missing_logged {
+                            tracing::error!(file = %state.cfg.config.display(), error = %e, "cannot read the config file; keeping the config in force");
+                            missing_logged = true;
+                        }
+                        continue;
+                    }
+                };
+                if !forced && last.as_deref() == Some(&bytes[..]) {
+                    continue;
+                }
+                let result = LocalConfig::from_yaml(&String::from_utf8_lossy(&bytes), &state.cfg.config)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| state.install(c));
+                last = Some(bytes);
+                match result {
+                    Ok(g) => state.metrics.reload(true, g),
+                    Err(e) => {
+                        tracing::error!(file = %state.cfg.config.display(), error = %format!("{e:#}"), generation = state.generation(), "config rejected; the config in force is kept");
+                        *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("{e:#}"));
+                        state.metrics.reload(false, state.generation());
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// A control thread that renews certificates past half their lifetime. New connections pick
+/// up the renewed certificate (`CertManager::get` per connection); live ones keep theirs. A
+/// failed renewal keeps the old, still valid, certificate and is retried at the next check.
+fn spawn_renewal(certs: Arc<CertManager>, trigger: ShutdownTrigger) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("zring-certs".into())
+        .spawn(move || {
+            let mut waited = Duration::ZERO;
+            while !trigger.is_triggered() {
+                std::thread::sleep(TICK);
+                waited += TICK;
+                if waited < RENEWAL_CHECK {
+                    continue;
+                }
+                waited = Duration::ZERO;
+                for r in certs.renew_due(SystemTime::now()) {
+                    match r {
+                        Ok(id) => tracing::info!(identity = %id, "certificate renewed"),
+                        Err(e) => tracing::warn!(error = %e, "certificate renewal failed; keeping the current one and retrying"),
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The worker's HBONE connection pool.
+pub(crate) type HbonePool = Pool<TlsDialer, MonoioExecutor>;
+
+fn pool(state: &Arc<State>) -> Rc<HbonePool> {
+    let certs = state.certs.clone();
+    let dialer = TlsDialer {
+        config: Arc::new(move |key: &PoolKey| {
+            certs
+                .client_config(&key.src_id, vec![key.dst_id.clone()])
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        }),
+        connect: ConnectOptions {
+            mark: state.cfg.mark,
+            timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+            ..Default::default()
+        },
+        bind_source: state.cfg.bind_source,
+    };
+    Rc::new(Pool::new(
+        dialer,
+        MonoioExecutor,
+        PoolSettings {
+            h2: state.h2.clone(),
+            ..Default::default()
+        },
+    ))
+}
+
+fn listen(
+    what: &str,
+    addr: SocketAddr,
+    transparent: bool,
+) -> std::io::Result<monoio::net::TcpListener> {
+    let opts = ListenOptions {
+        transparent,
+        ..Default::default()
+    };
+    net::bind_monoio_listener(addr, &opts)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{what} listener {addr}: {e}")))
+}
+
+async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
+    let drain = Drain::on_shutdown(ctx.shutdown);
+    let pool = pool(&state);
+    let rr = Rc::new(std::cell::Cell::new(ctx.index));
+    let mut loops = Vec::new();
+    if let Some(addr) = state.cfg.socks5 {
+        let listener = listen("SOCKS5", addr, false)?;
+        let (s, d, p, rr) = (state.clone(), drain.clone(), pool.clone(), rr.clone());
+        loops.push(monoio::spawn(async move {
+            accept::accept_loop(listener, &d, |sock, peer| {
+                let o = outbound::Outbound::new(s.clone(), p.clone(), rr.clone());
+                accept::spawn_tracked(&d, o.socks(sock, peer));
+            })
+            .await;
+        }));
+    }
+    if let Some(addr) = state.cfg.outbound {
+        let listener = listen("outbound capture", addr, state.cfg.transparent)?;
+        let (s, d, p, rr) = (state.clone(), drain.clone(), pool.clone(), rr.clone());
+        loops.push(monoio::spawn(async move {
+            accept::accept_loop(listener, &d, |sock, peer| {
+                let o = outbound::Outbound::new(s.clone(), p.clone(), rr.clone());
+                accept::spawn_tracked(&d, o.captured(sock, peer, addr));
+            })
+            .await;
+        }));
+    }
+    if let Some(addr) = state.cfg.inbound_plaintext {
+        let listener = listen("inbound plaintext", addr, state.cfg.transparent)?;
+        let (s, d) = (state.clone(), drain.clone());
+        loops.push(monoio::spawn(async move {
+            accept::accept_loop(listener, &d, |sock, peer| {
+                accept::spawn_tracked(&d, inbound::plaintext(sock, peer, addr, s.clone()));
+            })
+            .await;
+        }));
+    }
+    // Inbound HBONE listeners follow the config: one per local HBONE workload IP, bound when a
+    // config naming it comes into force. (Listeners of workloads that left stay bound until
+    // restart; connections to them are refused with 503 NR by `inbound::decide`.)
+    let mut bound: HashSet<IpAddr> = HashSet::new();
+    let mut seen = 0;
+    loop {
+        let g = state.generation();
+        if g != seen {
+            let index = state.index();
+            let ips: Vec<IpAddr> = index
+                .local_workloads(&state.cfg.node)
+                .filter(|w| w.protocol == InboundProtocol::Hbone)
+                .flat_map(|w| w.workload_ips.iter().copied())
+                .collect();
+            for ip in ips {
+                if bound.contains(&ip) {
+                    continue;
+                }
+                let addr = SocketAddr::new(ip, state.cfg.hbone_port);
+                match listen("inbound HBONE", addr, false) {
+                    Ok(listener) => {
+                        bound.insert(ip);
+                        let (s, d) = (state.clone(), drain.clone());
+                        loops.push(monoio::spawn(async move {
+                            accept::accept_loop(listener, &d, |tcp, peer| {
+                                accept::spawn_tracked(
+                                    &d,
+                                    inbound::hbone(tcp, peer, s.clone(), d.clone()),
+                                )
+                            })
+                            .await;
+                        }));
+                    }
+                    Err(e) if ctx.index == 0 => {
+                        tracing::error!(error = %e, "cannot listen for a local workload; its inbound traffic will fail")
+                    }
+                    Err(_) => {}
+                }
+            }
+            seen = g;
+            state.worker_at(ctx.index, g);
+        }
+        monoio::select! {
+            _ = drain.signaled() => break,
+            _ = monoio::time::sleep(TICK) => {}
+        }
+    }
+    for l in loops {
+        l.await;
+    }
+    drain.wait_idle(DEFAULT_DRAIN_TIMEOUT).await;
+    Ok(())
+}
+
+/// One connection's telemetry: its metric labels and access-log fields. Counted as opened
+/// when the upstream side is established ([`ConnLog::established`]); closed exactly once, which
+/// writes the access-log line and adds the bytes. A connection refused before it was
+/// established is counted opened and closed with its response flags (as ztunnel reports a
+/// denied connection).
+pub(crate) struct ConnLog {
+    pub direction: &'static str,
+    pub path: &'static str,
+    pub src: SocketAddr,
+    pub src_identity: Option<zring_hbone::SpiffeId>,
+    pub dst: SocketAddr,
+    pub dst_hbone: Option<SocketAddr>,
+    pub dst_identity: Option<zring_hbone::SpiffeId>,
+    pub labels: crate::metrics::ConnLabels,
+    pub start: std::time::Instant,
+    opened: bool,
+}
+
+impl ConnLog {
+    /// A connection from `src` to `dst`, labelled `labels`.
+    pub fn new(
+        direction: &'static str,
+        path: &'static str,
+        src: SocketAddr,
+        dst: SocketAddr,
+        labels: crate::metrics::ConnLabels,
+        start: std::time::Instant,
+    ) -> Self {
+        ConnLog {
+            direction,
+            path,
+            src,
+            src_identity: None,
+            dst,
+            dst_hbone: None,
+            dst_identity: None,
+            labels,
+            start,
+            opened: false,
+        }
+    }
+
+    /// The upstream side is established: count the connection as opened.
+    pub fn established(&mut self, state: &State) {
+        if !self.opened {
+            self.opened = true;
+            state.metrics.opened(&self.labels);
+        }
+    }
+
+    /// Close with `flags` (`-` for a normal close), bytes towards the destination and back.
+    pub fn close(
+        mut self,
+        state: &State,
+        flags: &'static str,
+        sent: u64,
+        received: u64,
+        error: Option<String>,
+    ) {
+        self.labels.response_flags = flags;
+        if !self.opened {
+            state.metrics.opened(&self.labels);
+        }
+        state.metrics.closed(&self.labels, sent, received);
+        let service = self
+            .labels
+            .service
+            .as_ref()
+            .map(|s| s.0.as_str())
+            .unwrap_or("");
+        let id = |i: &Option<zring_hbone::SpiffeId>| {
+            i.as_ref().map(|i| i.to_string()).unwrap_or_default()
+        };
+        tracing::info!(
+            target: "access",
+            direction = self.direction,
+            path = self.path,
+            src.addr = %self.src,
+            src.identity = %id(&self.src_identity),
+            dst.addr = %self.dst,
+            dst.hbone = %self.dst_hbone.map(|a| a.to_string()).unwrap_or_default(),
+            dst.identity = %id(&self.dst_identity),
+            dst.service = service,
+            bytes_sent = sent,
+            bytes_recv = received,
+            duration_ms = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            response_flags = flags,
+            error = error.as_deref().unwrap_or(""),
+            "connection complete"
+        );
+    }
+}
