@@ -614,3 +614,166 @@ fn the_mesh_paths_policies_waypoint_vip_passthrough_metrics_and_logs() {
     drop(wp);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn noise_policy(i: usize) -> String {
+    format!(
+        r#"- name: noise-{i}
+  namespace: other
+  scope: Namespace
+  action: Deny
+  dryRun: false
+  rules:
+  - - - namespaces:
+        - !Exact nowhere-{i}
+"#
+    )
+}
+
+const DENY_SLEEP: &str = r#"- name: deny-sleep
+  namespace: istio-system
+  scope: Global
+  action: Deny
+  dryRun: false
+  rules:
+  - - - principals:
+        - !Exact cluster.local/ns/default/sa/sleep
+"#;
+
+fn generation(n: &Node) -> u64 {
+    metric_plain(&n.metrics(), "zring_config_generation ").unwrap_or(0)
+}
+
+fn metric_plain(text: &str, line_prefix: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Write `yaml` to `path` atomically (as a config manager would) and SIGHUP both nodes; wait
+/// until each has `want` as its generation.
+fn reload(path: &std::path::Path, yaml: &str, nodes: &[&Node], want: u64) {
+    let tmp_path = path.with_extension("tmp");
+    std::fs::write(&tmp_path, yaml).unwrap();
+    std::fs::rename(&tmp_path, path).unwrap();
+    for n in nodes {
+        n.proc.signal(1);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in nodes {
+        while metric_plain(&n.metrics(), "zring_config_generation ") != Some(want) {
+            assert!(
+                Instant::now() < deadline,
+                "generation {want} never in force; log:\n{}",
+                n.proc.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[test]
+fn readiness_waits_for_config_reloads_keep_1000_connections_and_a_bad_file_is_refused() {
+    zring_runtime::sys::raise_nofile_limit().unwrap();
+    let dir = tmp("reload");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = ca_init(&dir);
+    let cfg = dir.join("mesh.yaml");
+    echo_at(SocketAddr::new(ip(2, 2), 9080));
+    // Node B starts before its config exists: up, but not ready, and says why.
+    let mut b = Node::start("node-b", ip(2, 1), &cfg, &ca, &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (st, body) = loop {
+        let r = http_get(b.ready, "GET", "/healthz/ready");
+        if r.0 != 0 || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st, 503, "not ready without a config: {body}");
+    assert!(body.contains("waiting for the config file"), "{body}");
+    std::fs::write(&cfg, mesh_yaml("")).unwrap();
+    b.wait_ready();
+    let socks_addr = SocketAddr::new(ip(1, 1), 15080);
+    let socks_s = socks_addr.to_string();
+    let mut a = Node::start(
+        "node-a",
+        ip(1, 1),
+        &cfg,
+        &ca,
+        &["--bind-source", "--socks5", &socks_s],
+    );
+    a.wait_ready();
+    assert_eq!(generation(&a), 1);
+
+    // 1000 live connections sleep -> productpage.
+    let mut conns: Vec<TcpStream> = (0..1000)
+        .map(|i| {
+            let (code, mut c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(2, 2), 9080));
+            assert_eq!(code, 0, "connection {i}");
+            c.write_all(&[i as u8]).unwrap();
+            let mut one = [0u8; 1];
+            c.read_exact(&mut one).unwrap();
+            c
+        })
+        .collect();
+    // 50 config changes on both nodes.
+    for i in 0..50 {
+        let extra: String = (0..=i).map(noise_policy).collect();
+        reload(&cfg, &mesh_yaml(&extra), &[&a, &b], 2 + i as u64);
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(b"live")
+            .unwrap_or_else(|e| panic!("connection {i} dropped: {e}"));
+        let mut four = [0u8; 4];
+        c.read_exact(&mut four)
+            .unwrap_or_else(|e| panic!("connection {i} dropped: {e}"));
+        assert_eq!(&four, b"live");
+    }
+    // A new policy applies to new connections; the live ones keep going.
+    reload(&cfg, &mesh_yaml(DENY_SLEEP), &[&a, &b], 52);
+    let (code, _c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(2, 2), 9080));
+    assert_eq!(code, 2, "the new DENY applies to a new connection");
+    for c in conns.iter_mut().step_by(97) {
+        c.write_all(b"ok").unwrap();
+        let mut two = [0u8; 2];
+        c.read_exact(&mut two).unwrap();
+    }
+    // A bad file is refused: logged with the file and the problem, counted, old config kept.
+    std::fs::write(
+        &cfg,
+        "workloads:\n- uid: x\n  name: broken\n  workloadIps: [\"not-an-ip\"]\n",
+    )
+    .unwrap();
+    b.proc.signal(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric_plain(
+        &b.metrics(),
+        "zring_config_reloads_total{result=\"failure\"}",
+    ) != Some(1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the bad file was never rejected:\n{}",
+            b.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(generation(&b), 52, "the config in force is unchanged");
+    let log = b.proc.log();
+    assert!(
+        log.contains("config rejected")
+            && log.contains("mesh.yaml")
+            && log.contains("workloads[0]"),
+        "the error names the file and the field:\n{log}"
+    );
+    let (code, _c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(2, 2), 9080));
+    assert_eq!(
+        code, 2,
+        "the old config (with the DENY) is still in force on B"
+    );
+    let (st, _) = http_get(b.ready, "GET", "/healthz/ready");
+    assert_eq!(st, 200, "a rejected reload does not make the proxy unready");
+    drop(conns);
+    let _ = std::fs::remove_dir_all(&dir);
+}
