@@ -19,9 +19,27 @@ use zring_runtime::net::{self, ConnectOptions};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MonoioExecutor;
 
+thread_local! {
+    /// Tasks spawned through [`MonoioExecutor`] on this worker that have not finished.
+    static LIVE_TASKS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl MonoioExecutor {
+    /// Tasks (HTTP/2 connections, streams) spawned on this worker that are still running. A
+    /// worker waits for them to end before it stops: a task dropped with its runtime may wake
+    /// a waker from a context that no longer exists.
+    pub fn live_tasks() -> usize {
+        LIVE_TASKS.with(|n| n.get())
+    }
+}
+
 impl Executor for MonoioExecutor {
     fn spawn(&self, fut: LocalFuture) {
-        monoio::spawn(fut);
+        LIVE_TASKS.with(|n| n.set(n.get() + 1));
+        monoio::spawn(async move {
+            fut.await;
+            LIVE_TASKS.with(|n| n.set(n.get().saturating_sub(1)));
+        });
     }
     fn sleep(&self, d: Duration) -> LocalFuture {
         Box::pin(monoio::time::sleep(d))

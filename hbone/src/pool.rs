@@ -351,6 +351,12 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
         }
     }
 
+    /// Drop every pooled connection (shutdown). Each connection's task ends once its live
+    /// streams have ended, closing the connection with GOAWAY.
+    pub fn close(&self) {
+        self.inner.entries.borrow_mut().clear();
+    }
+
     /// Sweep every key (call periodically so idle connections close even without traffic).
     pub fn sweep_all(&self) {
         let keys: Vec<PoolKey> = self.inner.entries.borrow().keys().cloned().collect();

@@ -435,7 +435,13 @@ async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
     // restart; connections to them are refused with 503 NR by `inbound::decide`.)
     let mut bound: HashSet<IpAddr> = HashSet::new();
     let mut seen = 0;
+    let mut ticks = 0u64;
     loop {
+        ticks += 1;
+        if ticks % 50 == 0 {
+            // Idle HBONE connections are released even when no new connection comes.
+            pool.sweep_all();
+        }
         let g = state.generation();
         if g != seen {
             let index = state.index();
@@ -481,6 +487,13 @@ async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
         l.await;
     }
     drain.wait_idle(DEFAULT_DRAIN_TIMEOUT).await;
+    // Close pooled HBONE connections and let their tasks finish (GOAWAY) before the runtime
+    // goes away, bounded: the drain deadline has already cut what was still live.
+    pool.close();
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while MonoioExecutor::live_tasks() > 0 && std::time::Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
     Ok(())
 }
 
