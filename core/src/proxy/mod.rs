@@ -438,7 +438,7 @@ async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
     let mut ticks = 0u64;
     loop {
         ticks += 1;
-        if ticks % 50 == 0 {
+        if ticks.is_multiple_of(50) {
             // Idle HBONE connections are released even when no new connection comes.
             pool.sweep_all();
         }
