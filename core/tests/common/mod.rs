@@ -38,6 +38,20 @@ impl Proc {
         Self::spawn_with(args, |_| {})
     }
 
+    /// Start `zring ARGS` inside the network namespace `ns` (`ip netns exec`).
+    pub fn spawn_in_netns(ns: &str, args: &[&str]) -> Self {
+        let log = tmp("log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, ZRING])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn zring in a netns");
+        Proc { child, log }
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
