@@ -10,6 +10,7 @@
 
 mod capacity;
 mod iowq;
+mod mesh;
 mod relay;
 mod sample;
 mod tunnel;
@@ -37,6 +38,9 @@ enum Command {
     Loadgen(capacity::Args),
     /// iperf3 through one HBONE hop (zring tunnel client -> server) vs direct.
     Tunnel(tunnel::Args),
+    /// The node-proxy path (captured client -> zring -> HBONE -> zring -> server) vs direct:
+    /// latency at fixed rates, max rps, connection rate, iperf3, CPU and RSS. Needs root.
+    Mesh(mesh::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +49,6 @@ fn main() -> anyhow::Result<()> {
         Command::Iowq(args) => iowq::run(args),
         Command::Loadgen(args) => capacity::run(args),
         Command::Tunnel(args) => tunnel::run(args),
+        Command::Mesh(args) => mesh::run(args),
     }
 }

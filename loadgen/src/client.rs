@@ -60,6 +60,8 @@ pub struct RunConfig {
     pub timeout: Duration,
     /// Go through this SOCKS5 proxy.
     pub socks5: Option<SocketAddr>,
+    /// Source address of every connection (port 0 = any), like `curl --interface`.
+    pub bind: Option<std::net::IpAddr>,
 }
 
 /// The merged outcome of a run.
@@ -295,11 +297,45 @@ fn http_path(cfg: &RunConfig) -> String {
     format!("{}{sep}size={}", cfg.target.path, cfg.resp_size)
 }
 
+/// The next source port to try for `--bind` (shared by every connection of the process).
+static NEXT_PORT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Connect from `ip`. The source port is picked here, round robin over 20000..60000, not by
+/// bind(port 0): the kernel picks a port at bind() before it knows the destination and skips
+/// every port a TIME_WAIT connection holds, which makes a connection-per-request run slow
+/// (a scan per bind) and then fail. With SO_REUSEADDR an explicit port is reused as soon as
+/// its 4-tuple is free.
+async fn connect_from(ip: std::net::IpAddr, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for _ in 0..16 {
+        let n = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = 20000 + (n % 40000) as u16;
+        let sock = if target.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }?;
+        sock.set_reuseaddr(true)?;
+        if let Err(e) = sock.bind(SocketAddr::new(ip, port)) {
+            last = Some(e);
+            continue;
+        }
+        match sock.connect(target).await {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no source port available")))
+}
+
 async fn connect(cfg: &RunConfig, res: &mut TaskResult) -> Result<TcpStream, ErrorKind> {
     let target = cfg.socks5.unwrap_or(cfg.target.addr);
-    let mut s = TcpStream::connect(target)
-        .await
-        .map_err(|e| ErrorKind::of(&e))?;
+    let mut s = match cfg.bind {
+        None => TcpStream::connect(target).await,
+        Some(ip) => connect_from(ip, target).await,
+    }
+    .map_err(|e| ErrorKind::of(&e))?;
     let _ = s.set_nodelay(true);
     if cfg.socks5.is_some() {
         crate::socks5::handshake(&mut s, cfg.target.addr)

@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Generate load against a target.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve a target: http, echo or sink.
     Serve(ServeArgs),
 }
@@ -72,6 +72,10 @@ struct RunArgs {
     /// Go through a SOCKS5 proxy (zring's port 15080).
     #[arg(long)]
     socks5: Option<SocketAddr>,
+    /// Source IP of every connection (like curl --interface): a mesh workload's address, so
+    /// that capture rules and the proxy see the connection as that workload's.
+    #[arg(long)]
+    bind: Option<std::net::IpAddr>,
     /// Write fortio-compatible JSON results here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -119,7 +123,7 @@ fn runtime(threads: Option<usize>) -> std::io::Result<(tokio::runtime::Runtime, 
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run(a) => run(a),
+        Command::Run(a) => run(*a),
         Command::Serve(a) => {
             let cfg = serve::ServeConfig {
                 kind: a.kind,
@@ -163,6 +167,7 @@ fn run(a: RunArgs) -> ExitCode {
         jitter: a.jitter,
         timeout: a.timeout.0,
         socks5: a.socks5,
+        bind: a.bind,
     };
     let (rt, threads) = match runtime(a.threads) {
         Ok(r) => r,
