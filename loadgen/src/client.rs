@@ -189,6 +189,9 @@ async fn conn_task(
         _ => t0,
     };
     let mut prev_done = t0;
+    // Set when the target has put this connection behind its schedule (a request took longer
+    // than one interval); cleared once the connection is back on schedule.
+    let mut behind = false;
     if cfg.mode == Mode::TcpStream {
         stream_task(cfg, live, &mut res, measure_from, end).await;
         return res;
@@ -221,13 +224,18 @@ async fn conn_task(
             }
         };
         let measured = intended >= measure_from;
-        // Where latency is counted from. If this connection was still busy with the previous
-        // request at the intended time, the system under test delayed this one: count from the
-        // intended time (coordinated-omission correction). If it was idle, any gap between the
-        // intended and the actual send is our own timer's granularity (about 1 ms in tokio),
-        // which is not the target's latency: count from the actual send.
+        // Where latency is counted from. If the target put this connection behind schedule (a
+        // request took longer than an interval and the connection was still busy at this
+        // request's intended time), the target delayed this one: count from the intended time
+        // (coordinated-omission correction), for every request until the connection catches
+        // up. Otherwise any gap between the intended and the actual send is our own timer's
+        // granularity (about 1 ms in tokio), which would otherwise chain from one request to
+        // the next at 1 ms intervals: count from the actual send.
         let sent = TokioInstant::now();
-        let from = if prev_done > intended { intended } else { sent };
+        if prev_done <= intended {
+            behind = false;
+        }
+        let from = if behind { intended } else { sent };
         // A request may not outlive the run by more than a short grace period; one cut short
         // by the end of the run is incomplete, not a timeout.
         let req_deadline = TokioInstant::now() + cfg.timeout;
@@ -247,6 +255,9 @@ async fn conn_task(
         .await;
         let done = TokioInstant::now();
         prev_done = done;
+        if interval.is_some_and(|iv| done.saturating_duration_since(sent) > iv) {
+            behind = true;
+        }
         match outcome {
             Ok(Ok(bytes)) => {
                 if measured {

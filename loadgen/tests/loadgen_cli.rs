@@ -165,6 +165,36 @@ fn slow_server_latency_is_at_least_its_delay() {
     );
 }
 
+#[test]
+fn our_own_timer_lateness_is_not_counted_as_target_latency() {
+    // One connection at 1000 rps: the interval (1 ms) is the timer's granularity, so every
+    // send is a little late. A fast server must still show its own latency (tens of
+    // microseconds), not a chain of our timer's lateness (the bug this guards: p50 ~1.4 ms).
+    let _serial = serial();
+    let s = serve("http", &[]);
+    let json = json_path("timer");
+    let url = format!("http://{}/", s.addr);
+    let out = run(&[
+        "http",
+        &url,
+        "--rps",
+        "1000",
+        "-c",
+        "1",
+        "-d",
+        "2s",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let v = read_json(&json);
+    let p50 = percentile(&v, 50.0);
+    assert!(
+        p50 < 0.0005,
+        "p50 {p50} s: our timer's lateness was counted"
+    );
+}
+
 /// An HTTP server on a plain thread that answers at once, except that it stops answering for
 /// 500 ms once, 1 s into the run.
 fn stalling_server() -> SocketAddr {
