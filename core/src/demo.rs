@@ -83,7 +83,7 @@ fn node(name: &str, ip: Ipv4Addr, cfg: &Path, ca: &Path, socks5: bool) -> RunCon
     RunConfig {
         config: cfg.to_path_buf(),
         node: name.into(),
-        ca_dir: ca.to_path_buf(),
+        certs: proxy::CertSource::Ca(ca.to_path_buf()),
         socks5: if socks5 { at(15080) } else { None },
         outbound: None,
         inbound_plaintext: None,

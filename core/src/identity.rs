@@ -1,9 +1,16 @@
-//! The identity manager: one certificate per local workload identity, issued by the local CA,
-//! renewed at half its lifetime. Renewal swaps in new TLS configs for *new* connections; live
-//! connections keep the config (and certificate) they were made with.
+//! The identity manager: one certificate per local workload identity, issued by the local CA
+//! and renewed at half its lifetime, or read from files (`--cert-dir`) and re-read when they
+//! change. A new certificate swaps in new TLS configs for *new* connections; live connections
+//! keep the config (and certificate) they were made with.
+//!
+//! A certificate directory holds `root-cert.pem` (the trust bundle) and, per identity,
+//! `<namespace>/<service account>/cert-chain.pem` and `key.pem` (what
+//! `zring ca issue --out DIR/<namespace>/<service account>/` writes). A file's leaf must carry
+//! exactly the identity it is filed under.
 
 use std::{
     collections::HashMap,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -27,6 +34,9 @@ pub enum IdentityError {
         /// Why.
         source: Box<CaError>,
     },
+    /// A certificate file is for another identity.
+    #[error("{}: the certificate is for {}, not {}", .0.path.display(), .0.found, .0.id)]
+    WrongFile(Box<WrongFile>),
     /// Building TLS configs failed.
     #[error("TLS config for {id}: {source}")]
     Tls {
@@ -44,15 +54,57 @@ pub struct Issued {
     pub cert: WorkloadCert,
     /// Server config presenting it (inbound HBONE for this workload).
     pub server: Arc<rustls::ServerConfig>,
+    /// For certificates from files: the files' modification time when read.
+    loaded: Option<SystemTime>,
 }
 
-/// Issues and renews workload certificates.
+impl Issued {
+    /// Whether this certificate should be replaced now: past half its life (CA), or its files
+    /// changed (files).
+    fn due(&self, source: &Source, id: &SpiffeId, now: SystemTime) -> bool {
+        match source {
+            Source::Ca { .. } => self.cert.needs_renewal(now),
+            Source::Files { dir } => {
+                let prefix = CertManager::prefix(dir, id);
+                let current =
+                    mtime(&prefix.join("cert-chain.pem")).max(mtime(&prefix.join("key.pem")));
+                current != self.loaded
+            }
+        }
+    }
+}
+
+/// A certificate file filed under one identity holds another.
+#[derive(Debug)]
+pub struct WrongFile {
+    /// Expected identity.
+    pub id: SpiffeId,
+    /// What the file holds.
+    pub found: SpiffeId,
+    /// The file.
+    pub path: PathBuf,
+}
+
+/// Where certificates come from.
+#[derive(Debug)]
+enum Source {
+    /// Issued by a local CA, `ttl` long.
+    Ca { ca: Box<LocalCa>, ttl: Duration },
+    /// Read from a certificate directory.
+    Files { dir: PathBuf },
+}
+
+/// Issues (or loads) and renews workload certificates.
 #[derive(Debug)]
 pub struct CertManager {
-    ca: LocalCa,
+    source: Source,
     roots: Vec<CertificateDer<'static>>,
-    ttl: Duration,
     issued: Mutex<HashMap<SpiffeId, Arc<Issued>>>,
+}
+
+/// Modification time of a file (None when unreadable).
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
 }
 
 impl CertManager {
@@ -60,28 +112,78 @@ impl CertManager {
     pub fn new(ca: LocalCa, ttl: Duration) -> Self {
         let roots = vec![ca.root().clone()];
         Self {
-            ca,
+            source: Source::Ca {
+                ca: Box::new(ca),
+                ttl,
+            },
             roots,
-            ttl,
             issued: Mutex::new(HashMap::new()),
         }
     }
 
+    /// How often [`CertManager::renew_due`] should run: a CA's certificates need it at
+    /// half-life (checked every 30 s); files are checked for changes every second.
+    pub fn check_interval(&self) -> Duration {
+        match self.source {
+            Source::Ca { .. } => Duration::from_secs(30),
+            Source::Files { .. } => Duration::from_secs(1),
+        }
+    }
+
+    /// A manager reading certificates from `dir` (layout in the module docs).
+    pub fn from_dir(dir: &Path) -> Result<Self, CaError> {
+        let roots = zring_hbone::ca::load_bundle(&dir.join("root-cert.pem"))?;
+        Ok(Self {
+            source: Source::Files {
+                dir: dir.to_path_buf(),
+            },
+            roots,
+            issued: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn prefix(dir: &Path, id: &SpiffeId) -> PathBuf {
+        dir.join(id.namespace()).join(id.service_account())
+    }
+
     fn issue(&self, id: &SpiffeId) -> Result<Arc<Issued>, IdentityError> {
-        let cert = self
-            .ca
-            .issue(id, self.ttl)
-            .map_err(|source| IdentityError::Issue {
-                id: id.clone(),
-                source: Box::new(source),
-            })?;
+        let err = |source| IdentityError::Issue {
+            id: id.clone(),
+            source: Box::new(source),
+        };
+        let (cert, loaded) = match &self.source {
+            Source::Ca { ca, ttl } => (ca.issue(id, *ttl).map_err(err)?, None),
+            Source::Files { dir } => {
+                let prefix = Self::prefix(dir, id);
+                let chain_path = prefix.join("cert-chain.pem");
+                let loaded = mtime(&chain_path).max(mtime(&prefix.join("key.pem")));
+                let cert = WorkloadCert::load(&format!("{}/", prefix.display())).map_err(err)?;
+                if &cert.identity != id {
+                    return Err(IdentityError::WrongFile(Box::new(WrongFile {
+                        id: id.clone(),
+                        found: cert.identity.clone(),
+                        path: chain_path,
+                    })));
+                }
+                (cert, loaded)
+            }
+        };
         let server =
             tls::server_config(&cert, &self.roots).map_err(|source| IdentityError::Tls {
                 id: id.clone(),
                 source: Box::new(source),
             })?;
-        tracing::info!(identity = %id, expires = ?cert.not_after, "issued workload certificate");
-        Ok(Arc::new(Issued { cert, server }))
+        let source = if loaded.is_some() {
+            "files"
+        } else {
+            "local CA"
+        };
+        tracing::info!(identity = %id, expires = %humantime::format_rfc3339_seconds(cert.not_after), source, "workload certificate in use");
+        Ok(Arc::new(Issued {
+            cert,
+            server,
+            loaded,
+        }))
     }
 
     /// The current certificate of `id`, issuing it the first time.
@@ -114,7 +216,7 @@ impl CertManager {
         let due: Vec<SpiffeId> = self
             .lock()
             .iter()
-            .filter(|(_, i)| i.cert.needs_renewal(now))
+            .filter(|(id, i)| i.due(&self.source, id, now))
             .map(|(id, _)| id.clone())
             .collect();
         due.into_iter()

@@ -57,8 +57,16 @@ struct RunArgs {
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
     /// CA directory issuing the local workloads' certificates (zring ca init).
+    #[arg(
+        long,
+        required_unless_present = "cert_dir",
+        conflicts_with = "cert_dir"
+    )]
+    ca_dir: Option<std::path::PathBuf>,
+    /// Certificate directory instead of a CA: root-cert.pem and, per identity,
+    /// <namespace>/<service account>/cert-chain.pem and key.pem; re-read when they change.
     #[arg(long)]
-    ca_dir: std::path::PathBuf,
+    cert_dir: Option<std::path::PathBuf>,
     /// Serve SOCKS5 outbound on this address (off by default; ztunnel uses 127.0.0.1:15080).
     #[arg(long)]
     socks5: Option<SocketAddr>,
@@ -260,7 +268,11 @@ fn main() -> std::process::ExitCode {
             zring_core::proxy::RunConfig {
                 config: a.config,
                 node: a.node_name,
-                ca_dir: a.ca_dir,
+                certs: match (a.ca_dir, a.cert_dir) {
+                    (Some(ca), _) => zring_core::proxy::CertSource::Ca(ca),
+                    (None, Some(dir)) => zring_core::proxy::CertSource::Files(dir),
+                    (None, None) => unreachable!("clap requires --ca-dir or --cert-dir"),
+                },
                 socks5: a.socks5,
                 outbound: a.outbound_addr,
                 inbound_plaintext: a.inbound_plaintext_addr,

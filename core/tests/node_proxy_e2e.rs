@@ -777,3 +777,135 @@ fn readiness_waits_for_config_reloads_keep_1000_connections_and_a_bad_file_is_re
     drop(conns);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn issue(ca: &std::path::Path, sa: &str, out: &std::path::Path, ttl: u64) {
+    let st = Command::new(ZRING)
+        .args(["ca", "issue", "--dir"])
+        .arg(ca)
+        .args([
+            "--spiffe",
+            &format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+        ])
+        .args(["--out", &format!("{}/default/{sa}/", out.display())])
+        .args(["--ttl", &ttl.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn productpage_expiry(b: &Node) -> u64 {
+    let (_, dump) = http_get(b.admin, "GET", "/config_dump");
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    v["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["identity"] == "spiffe://cluster.local/ns/default/sa/bookinfo-productpage")
+        .and_then(|c| c["expirationUnix"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn certificates_from_files_are_used_and_reread_when_rotated() {
+    let dir = tmp("certfiles");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = ca_init(&dir);
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(ca.join("root-cert.pem"), certs.join("root-cert.pem")).unwrap();
+    for sa in [
+        "sleep",
+        "notsleep",
+        "bookinfo-productpage",
+        "legacy-db",
+        "bookinfo-reviews",
+        "bookinfo-ratings",
+    ] {
+        issue(&ca, sa, &certs, 3600);
+    }
+    let cfg = config(&dir);
+    echo_at(SocketAddr::new(ip(2, 2), 9080));
+    let socks_addr = SocketAddr::new(ip(1, 1), 15080);
+    let socks_s = socks_addr.to_string();
+    let certs_s = certs.to_str().unwrap().to_string();
+    // No CA key anywhere near the proxies: --cert-dir only.
+    let start = |name: &str, host: IpAddr, extra: &[&str]| {
+        let (admin, stats, ready) = (
+            SocketAddr::new(host, 15000),
+            SocketAddr::new(host, 15020),
+            SocketAddr::new(host, 15021),
+        );
+        let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
+        let mut args = vec![
+            "run",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--node-name",
+            name,
+            "--cert-dir",
+            &certs_s,
+            "--packet-mark",
+            "0",
+            "--workers",
+            "1",
+            "--admin-addr",
+            &a,
+            "--stats-addr",
+            &s,
+            "--readiness-addr",
+            &r,
+        ];
+        args.extend_from_slice(extra);
+        Node {
+            proc: Proc::spawn(&args),
+            stats,
+            ready,
+            admin,
+        }
+    };
+    let mut b = start("node-b", ip(2, 1), &[]);
+    let mut a = start("node-a", ip(1, 1), &["--bind-source", "--socks5", &socks_s]);
+    b.wait_ready();
+    a.wait_ready();
+    let check = |what: &str| {
+        let (code, c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(2, 2), 9080));
+        assert_eq!(code, 0, "{what}");
+        assert_eq!(echo_through(c, what.as_bytes()), what.as_bytes());
+    };
+    check("files");
+    let first = productpage_expiry(&b);
+    assert!(first > 0);
+
+    // Rotation: new files (a different lifetime) are picked up without a restart.
+    issue(&ca, "bookinfo-productpage", &certs, 7200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while productpage_expiry(&b) <= first {
+        assert!(
+            Instant::now() < deadline,
+            "the rotated certificate was never read:\n{}",
+            b.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let second = productpage_expiry(&b);
+    assert!(second >= first + 3000, "{first} -> {second}");
+    check("rotated");
+
+    // A file for the wrong identity is refused; the current certificate stays.
+    for f in ["cert-chain.pem", "key.pem"] {
+        std::fs::copy(
+            certs.join("default/sleep").join(f),
+            certs.join("default/bookinfo-productpage").join(f),
+        )
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.proc.log().contains("the certificate is for spiffe://cluster.local/ns/default/sa/sleep, not spiffe://cluster.local/ns/default/sa/bookinfo-productpage") {
+        assert!(Instant::now() < deadline, "the wrong file was not reported:\n{}", b.proc.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(productpage_expiry(&b), second);
+    check("kept");
+    let _ = std::fs::remove_dir_all(&dir);
+}

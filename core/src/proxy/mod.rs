@@ -61,8 +61,8 @@ pub struct RunConfig {
     pub config: PathBuf,
     /// This node's name.
     pub node: String,
-    /// CA directory.
-    pub ca_dir: PathBuf,
+    /// Where certificates come from.
+    pub certs: CertSource,
     /// SOCKS5 listener, if any.
     pub socks5: Option<SocketAddr>,
     /// Outbound capture listener (15001), if any.
@@ -88,12 +88,19 @@ pub struct RunConfig {
     pub workers: WorkerConfig,
 }
 
+/// Where the local workloads' certificates come from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// Issued by the local CA in this directory (`root-cert.pem`, `root-key.pem`).
+    Ca(PathBuf),
+    /// Read from a certificate directory (`root-cert.pem`, `<ns>/<sa>/cert-chain.pem` and
+    /// `key.pem`), re-read when the files change.
+    Files(PathBuf),
+}
+
 /// How often the config file is checked for changes (SIGHUP is seen within `TICK`).
 pub const CONFIG_CHECK: Duration = Duration::from_secs(1);
 const TICK: Duration = Duration::from_millis(100);
-
-/// How often certificates are checked for renewal.
-pub const RENEWAL_CHECK: Duration = Duration::from_secs(30);
 
 /// Everything the workers and the control threads share.
 #[derive(Debug)]
@@ -223,13 +230,20 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
     if let Err(e) = zring_runtime::sys::raise_nofile_limit() {
         tracing::warn!(error = %e, "cannot raise the open-file limit");
     }
-    let ca = LocalCa::load_dir(&cfg.ca_dir)
-        .with_context(|| format!("loading the CA from {}", cfg.ca_dir.display()))?;
+    let certs = match &cfg.certs {
+        CertSource::Ca(dir) => CertManager::new(
+            LocalCa::load_dir(dir)
+                .with_context(|| format!("loading the CA from {}", dir.display()))?,
+            DEFAULT_WORKLOAD_TTL,
+        ),
+        CertSource::Files(dir) => CertManager::from_dir(dir)
+            .with_context(|| format!("loading the trust bundle from {}", dir.display()))?,
+    };
     let state = Arc::new(State {
         cfg: cfg.clone(),
         index: RwLock::new(Arc::new(MeshIndex::new(LocalConfig::default()))),
         generation: AtomicU64::new(0),
-        certs: Arc::new(CertManager::new(ca, DEFAULT_WORKLOAD_TTL)),
+        certs: Arc::new(certs),
         metrics: Metrics::default(),
         h2: H2Settings::default(),
         worker_generation: Mutex::new(HashMap::new()),
@@ -326,9 +340,10 @@ fn spawn_config_watch(
     Ok(())
 }
 
-/// A control thread that renews certificates past half their lifetime. New connections pick
-/// up the renewed certificate (`CertManager::get` per connection); live ones keep theirs. A
-/// failed renewal keeps the old, still valid, certificate and is retried at the next check.
+/// A control thread that renews certificates past half their lifetime (or re-reads changed
+/// certificate files). New connections pick up the new certificate (`CertManager::get` per
+/// connection); live ones keep theirs. A failed renewal keeps the old certificate and is
+/// retried at the next check.
 fn spawn_renewal(certs: Arc<CertManager>, trigger: ShutdownTrigger) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("zring-certs".into())
@@ -337,7 +352,7 @@ fn spawn_renewal(certs: Arc<CertManager>, trigger: ShutdownTrigger) -> std::io::
             while !trigger.is_triggered() {
                 std::thread::sleep(TICK);
                 waited += TICK;
-                if waited < RENEWAL_CHECK {
+                if waited < certs.check_interval() {
                     continue;
                 }
                 waited = Duration::ZERO;
