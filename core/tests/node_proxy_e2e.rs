@@ -14,9 +14,19 @@ mod common;
 
 use common::{echo_at, tmp, Proc, ZRING};
 
-/// A per-run 127.X.0.0/16 so parallel runs do not share addresses.
+thread_local! {
+    /// Which of this process's address blocks the test on this thread uses.
+    static BLOCK: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// Give the calling test its own 127.X.0.0/16 (tests run in parallel threads).
+fn use_block(k: u8) {
+    BLOCK.with(|b| b.set(k));
+}
+
+/// A per-run, per-test 127.X.0.0/16 so parallel runs and tests do not share addresses.
 fn net_octet() -> u8 {
-    10 + (std::process::id() % 200) as u8
+    10 + (std::process::id() % 80) as u8 * 3 + BLOCK.with(|b| b.get())
 }
 
 fn ip(b: u8, c: u8) -> IpAddr {
@@ -32,6 +42,7 @@ fn mesh_yaml(policy_extra: &str) -> String {
     let (sleep, notsleep, pp, db, vip) = (ip(1, 2), ip(1, 3), ip(2, 2), ip(2, 9), ip(20, 20));
     let (r1, r2, r3, rvip) = (ip(2, 3), ip(2, 4), ip(2, 5), ip(20, 21));
     let (ratings, ratings_vip, wp) = (ip(2, 6), ip(20, 22), ip(3, 2));
+    let (near, far, pref_vip, strict_vip) = (ip(1, 5), ip(2, 7), ip(20, 30), ip(20, 31));
     let reviews = |n: u8, a: IpAddr| {
         format!(
             r#"- uid: c//v1/Pod/default/reviews-v{n}
@@ -98,6 +109,28 @@ fn mesh_yaml(policy_extra: &str) -> String {
   services:
     "default/ratings.default.svc.cluster.local":
       9080: 9080
+- uid: c//v1/Pod/default/near
+  name: near
+  namespace: default
+  serviceAccount: sleep
+  workloadIps: ["{near}"]
+  protocol: HBONE
+  node: node-a
+  services:
+    "default/pref.default.svc.cluster.local":
+      9080: 9080
+- uid: c//v1/Pod/default/far
+  name: far
+  namespace: default
+  serviceAccount: bookinfo-reviews
+  workloadIps: ["{far}"]
+  protocol: HBONE
+  node: node-b
+  services:
+    "default/pref.default.svc.cluster.local":
+      9080: 9080
+    "default/strict.default.svc.cluster.local":
+      9080: 9080
 - uid: c//v1/Pod/default/waypoint
   name: waypoint
   namespace: default
@@ -127,6 +160,24 @@ services:
   waypoint:
     destination: "/{wp}"
     hboneMtlsPort: 15008
+- name: pref
+  namespace: default
+  hostname: pref.default.svc.cluster.local
+  vips: ["/{pref_vip}"]
+  ports:
+    9080: 9080
+  loadBalancer:
+    routingPreferences: [Node]
+    mode: Failover
+- name: strict
+  namespace: default
+  hostname: strict.default.svc.cluster.local
+  vips: ["/{strict_vip}"]
+  ports:
+    9080: 9080
+  loadBalancer:
+    routingPreferences: [Node]
+    mode: Strict
 policies:
 - name: productpage-viewer
   namespace: default
@@ -359,6 +410,7 @@ fn read_all(mut c: TcpStream) -> String {
 
 #[test]
 fn the_mesh_paths_policies_waypoint_vip_passthrough_metrics_and_logs() {
+    use_block(0);
     let dir = tmp("mesh");
     std::fs::create_dir_all(&dir).unwrap();
     let ca = ca_init(&dir);
@@ -466,6 +518,21 @@ fn the_mesh_paths_policies_waypoint_vip_passthrough_metrics_and_logs() {
     );
     assert_eq!(echo_through(c, b"!"), b"!");
     std::thread::sleep(Duration::from_millis(300));
+
+    // Routing preference: pref's endpoint on this node is chosen over the one on node-b (and
+    // delivered directly); strict's only endpoint is on node-b, so nothing qualifies.
+    tag_at(SocketAddr::new(ip(1, 5), 9080), "near");
+    tag_at(SocketAddr::new(ip(2, 7), 9080), "far");
+    for _ in 0..4 {
+        let (code, c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(20, 30), 9080));
+        assert_eq!(code, 0);
+        assert_eq!(read_all(c), "near", "same-node preference");
+    }
+    let (code, _c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(20, 31), 9080));
+    assert_eq!(
+        code, 4,
+        "strict preference with no same-node endpoint: host unreachable"
+    );
 
     // Metrics, both sides, with Istio's labels.
     let (ma, mb) = (a.metrics(), b.metrics());
@@ -594,6 +661,11 @@ fn the_mesh_paths_policies_waypoint_vip_passthrough_metrics_and_logs() {
     );
     assert_eq!(lines(&la, "path=\"waypoint\""), 1, "{la}");
     assert_eq!(lines(&la, "path=\"passthrough\""), 1, "{la}");
+    assert_eq!(lines(&la, "path=\"local\""), 4, "same-node delivery:\n{la}");
+    assert!(
+        la.contains("no endpoint that meets its strict routing preferences"),
+        "{la}"
+    );
     assert!(
         lb.contains("src.identity=spiffe://cluster.local/ns/default/sa/sleep"),
         "B sees sleep's identity:\n{lb}"
@@ -610,7 +682,7 @@ fn the_mesh_paths_policies_waypoint_vip_passthrough_metrics_and_logs() {
             && c["secondsLeft"].as_u64().unwrap() > 3600),
         "{dump}"
     );
-    assert_eq!(v["workloads"].as_array().unwrap().len(), 9);
+    assert_eq!(v["workloads"].as_array().unwrap().len(), 11);
     drop(wp);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -674,6 +746,7 @@ fn reload(path: &std::path::Path, yaml: &str, nodes: &[&Node], want: u64) {
 
 #[test]
 fn readiness_waits_for_config_reloads_keep_1000_connections_and_a_bad_file_is_refused() {
+    use_block(1);
     zring_runtime::sys::raise_nofile_limit().unwrap();
     let dir = tmp("reload");
     std::fs::create_dir_all(&dir).unwrap();
@@ -808,6 +881,7 @@ fn productpage_expiry(b: &Node) -> u64 {
 
 #[test]
 fn certificates_from_files_are_used_and_reread_when_rotated() {
+    use_block(2);
     let dir = tmp("certfiles");
     std::fs::create_dir_all(&dir).unwrap();
     let ca = ca_init(&dir);

@@ -212,6 +212,90 @@ pub struct Service {
     /// The service's waypoint.
     #[serde(default)]
     pub waypoint: Option<GatewayAddress>,
+    /// Endpoint preference (Istio's `LoadBalancing`): none means round robin over all.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+}
+
+/// A locality scope an endpoint can share with the client (Istio's `LoadBalancing.Scope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum Scope {
+    /// Same region (not evaluated: no locality in the local config; always matches).
+    Region,
+    /// Same zone (not evaluated; always matches).
+    Zone,
+    /// Same subzone (not evaluated; always matches).
+    Subzone,
+    /// Same node.
+    Node,
+    /// Same cluster.
+    Cluster,
+    /// Same network.
+    Network,
+}
+
+/// What to do with endpoints that do not match every preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+pub enum LoadBalancerMode {
+    /// Only endpoints that match every preference; none is an error.
+    Strict,
+    /// Prefer the endpoints that match the most leading preferences; fall back to the others.
+    #[default]
+    Failover,
+}
+
+/// Istio's `LoadBalancing`: ordered routing preferences and a mode.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    /// Scopes in order of preference.
+    #[serde(default)]
+    pub routing_preferences: Vec<Scope>,
+    /// Strict or failover.
+    #[serde(default)]
+    pub mode: LoadBalancerMode,
+}
+
+impl LoadBalancer {
+    /// How many leading preferences `endpoint` shares with `client` (a client on `node`).
+    pub fn rank(&self, client: &Workload, node: &str, endpoint: &Workload) -> usize {
+        self.routing_preferences
+            .iter()
+            .take_while(|s| match s {
+                Scope::Node => endpoint.node == node,
+                Scope::Cluster => endpoint.cluster_id == client.cluster_id,
+                Scope::Network => endpoint.network == client.network,
+                Scope::Region | Scope::Zone | Scope::Subzone => true,
+            })
+            .count()
+    }
+
+    /// The endpoints to choose from: the best-ranked group (failover), or only those that match
+    /// every preference (strict, possibly none).
+    pub fn select<'a, T>(
+        &self,
+        client: &Workload,
+        node: &str,
+        endpoints: &[(&'a Workload, T)],
+    ) -> Vec<(&'a Workload, T)>
+    where
+        T: Copy,
+    {
+        let ranks: Vec<usize> = endpoints
+            .iter()
+            .map(|(w, _)| self.rank(client, node, w))
+            .collect();
+        let want = match self.mode {
+            LoadBalancerMode::Strict => self.routing_preferences.len(),
+            LoadBalancerMode::Failover => ranks.iter().copied().max().unwrap_or(0),
+        };
+        endpoints
+            .iter()
+            .zip(ranks)
+            .filter(|(_, r)| *r >= want)
+            .map(|(e, _)| *e)
+            .collect()
+    }
 }
 
 /// The whole file.

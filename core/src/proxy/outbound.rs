@@ -150,7 +150,7 @@ impl Outbound {
         let index = state.index();
         let mut log = ConnLog::new(
             "outbound",
-            "hbone",
+            "-",
             peer,
             target,
             ConnLabels {
@@ -191,7 +191,7 @@ impl Outbound {
         };
         log.src_identity = Some(src_id.clone());
         log.labels.source = Peer::of(src, Some(&src_id));
-        let route = match self.route(&index, &mut log, target) {
+        let route = match self.route(&index, &mut log, src, target) {
             Ok(r) => r,
             Err(e) => {
                 refuse(sock, Reply::HostUnreachable).await;
@@ -313,6 +313,7 @@ impl Outbound {
         &self,
         idx: &MeshIndex,
         log: &mut ConnLog,
+        src: &Workload,
         target: SocketAddr,
     ) -> Result<Route, String> {
         let resolved = idx.resolve(target);
@@ -333,6 +334,16 @@ impl Outbound {
                         "service {} has no endpoint for port {}",
                         service.hostname,
                         target.port()
+                    ));
+                }
+                let endpoints = match &service.load_balancer {
+                    Some(lb) => lb.select(src, &self.state.cfg.node, &endpoints),
+                    None => endpoints,
+                };
+                if endpoints.is_empty() {
+                    return Err(format!(
+                        "service {} has no endpoint that meets its strict routing preferences",
+                        service.hostname
                     ));
                 }
                 let n = self.rr.get();
