@@ -150,149 +150,266 @@ fn wait_ready(ns: &NetNs, addr: &str, p: &mut Proc) {
     }
 }
 
-#[test]
-fn redirected_outbound_and_inbound_plaintext_use_the_original_destination() {
-    if Command::new("id")
+fn is_root() -> bool {
+    Command::new("id")
         .arg("-u")
         .output()
-        .map(|o| o.stdout != b"0\n")
-        .unwrap_or(true)
-    {
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// A test namespace with the workloads' addresses, echo servers for productpage and legacy-db,
+/// capture `rules` (each a command run inside), and zring node-b and node-a (with `a_extra`).
+struct Mesh {
+    ns: NetNs,
+    a: Proc,
+    b: Proc,
+    dir: std::path::PathBuf,
+    _guard: TestNs,
+}
+
+impl Mesh {
+    fn start(tag: &str, rules: &[&[&str]], a_extra: &[&str]) -> Mesh {
+        let name = format!(
+            "zr-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+        );
+        sh(&["ip", "netns", "add", &name]);
+        let guard = TestNs { name: name.clone() };
+        let exec = |args: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", &name];
+            full.extend_from_slice(args);
+            sh(&full);
+        };
+        exec(&["ip", "link", "set", "lo", "up"]);
+        for a in [
+            "10.230.1.2",
+            "10.230.1.3",
+            "10.230.2.2",
+            "10.230.2.9",
+            "10.230.9.9",
+        ] {
+            exec(&["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"]);
+        }
+        for r in rules {
+            exec(r);
+        }
+        let ns = NetNs::open(format!("/var/run/netns/{name}")).unwrap();
+        echo_in(&ns, "10.230.2.2:9080");
+        echo_in(&ns, "10.230.2.9:5432");
+        let dir = tmp(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca");
+        assert!(Command::new(ZRING)
+            .args(["ca", "init", "--dir"])
+            .arg(&ca)
+            .output()
+            .unwrap()
+            .status
+            .success());
+        let cfg = dir.join("mesh.yaml");
+        std::fs::write(&cfg, CONFIG).unwrap();
+        let (cfg, ca) = (
+            cfg.to_str().unwrap().to_string(),
+            ca.to_str().unwrap().to_string(),
+        );
+        let common = |node: &'static str, host: &'static str, extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = [
+                "run",
+                "--config",
+                &cfg,
+                "--node-name",
+                node,
+                "--ca-dir",
+                &ca,
+                "--workers",
+                "1",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            for (flag, port) in [
+                ("--admin-addr", 15000),
+                ("--stats-addr", 15020),
+                ("--readiness-addr", 15021),
+            ] {
+                v.push(flag.into());
+                v.push(format!("{host}:{port}"));
+            }
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let args_b = common(
+            "node-b",
+            "127.0.0.3",
+            &["--inbound-plaintext-addr", "127.0.0.1:15006"],
+        );
+        let args_a = common("node-a", "127.0.0.2", a_extra);
+        let mut b = Proc::spawn_in_netns(
+            &name,
+            &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let mut a = Proc::spawn_in_netns(
+            &name,
+            &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        wait_ready(&ns, "127.0.0.3:15021", &mut b);
+        wait_ready(&ns, "127.0.0.2:15021", &mut a);
+        Mesh {
+            ns,
+            a,
+            b,
+            dir,
+            _guard: guard,
+        }
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn tproxy_capture_uses_the_local_address_as_the_original_destination() {
+    if !is_root() {
+        eprintln!("SKIPPED tproxy_capture_uses_the_local_address_as_the_original_destination: needs root for a network namespace, iptables and policy routing (CI runs as root)");
+        return;
+    }
+    // TPROXY (mangle PREROUTING; looped-back packets pass it) hands the connection to the
+    // IP_TRANSPARENT listener unchanged: no NAT, so no SO_ORIGINAL_DST; the accepted socket's
+    // local address is the original destination.
+    let m = Mesh::start(
+        "tproxy",
+        &[
+            &[
+                "iptables",
+                "-t",
+                "mangle",
+                "-A",
+                "PREROUTING",
+                "-p",
+                "tcp",
+                "-s",
+                "10.230.1.0/24",
+                "-d",
+                "10.230.2.0/24",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                "1337",
+                "-j",
+                "TPROXY",
+                "--on-ip",
+                "127.0.0.1",
+                "--on-port",
+                "15001",
+                "--tproxy-mark",
+                "0x1/0x1",
+            ],
+            &["ip", "rule", "add", "fwmark", "0x1/0x1", "lookup", "100"],
+            &[
+                "ip",
+                "route",
+                "add",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                "100",
+            ],
+        ],
+        &[
+            "--outbound-addr",
+            "127.0.0.1:15001",
+            "--transparent",
+            "--bind-source",
+        ],
+    );
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let got = exchange(&m.ns, "10.230.1.2:0", "10.230.2.2:9080", &payload).unwrap();
+    assert!(
+        got == payload,
+        "sleep -> productpage through TPROXY\nA:\n{}\nB:\n{}",
+        m.a.log(),
+        m.b.log()
+    );
+    let denied = exchange(&m.ns, "10.230.1.3:0", "10.230.2.2:9080", b"hello");
+    assert!(
+        denied.map(|d| d.is_empty()).unwrap_or(true),
+        "notsleep must get nothing back"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let la = m.a.log();
+    assert!(
+        la.contains("dst.addr=10.230.2.2:9080") && la.contains("path=\"hbone\""),
+        "A tunnels the TPROXY'd connection to its original destination:\n{la}"
+    );
+}
+
+#[test]
+fn redirected_outbound_and_inbound_plaintext_use_the_original_destination() {
+    if !is_root() {
         eprintln!("SKIPPED redirected_outbound_and_inbound_plaintext_use_the_original_destination: needs root for a network namespace and iptables (CI runs as root)");
         return;
     }
-    let name = format!(
-        "zr-cap-{}-{}",
-        std::process::id(),
-        Instant::now().elapsed().subsec_nanos()
-    );
-    sh(&["ip", "netns", "add", &name]);
-    let _guard = TestNs { name: name.clone() };
-    let exec = |args: &[&str]| {
-        let mut full = vec!["ip", "netns", "exec", &name];
-        full.extend_from_slice(args);
-        sh(&full);
-    };
-    exec(&["ip", "link", "set", "lo", "up"]);
-    for a in [
-        "10.230.1.2",
-        "10.230.1.3",
-        "10.230.2.2",
-        "10.230.2.9",
-        "10.230.9.9",
-    ] {
-        exec(&["ip", "addr", "add", &format!("{a}/32"), "dev", "lo"]);
-    }
     // The capture rules: zring's own (marked) sockets are skipped; the workloads' outbound TCP
     // goes to 15001; an outsider's TCP to node-b's workloads goes to 15006.
-    exec(&[
-        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark", "1337", "-j",
-        "RETURN",
-    ]);
-    exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-s",
-        "10.230.1.0/24",
-        "-d",
-        "10.230.0.0/16",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ]);
-    exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-s",
-        "10.230.9.0/24",
-        "-d",
-        "10.230.2.0/24",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15006",
-    ]);
-    let ns = NetNs::open(format!("/var/run/netns/{name}")).unwrap();
-    echo_in(&ns, "10.230.2.2:9080");
-    echo_in(&ns, "10.230.2.9:5432");
-
-    let dir = tmp("capture");
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca");
-    assert!(Command::new(ZRING)
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .output()
-        .unwrap()
-        .status
-        .success());
-    let cfg = dir.join("mesh.yaml");
-    std::fs::write(&cfg, CONFIG).unwrap();
-    let (cfg, ca) = (
-        cfg.to_str().unwrap().to_string(),
-        ca.to_str().unwrap().to_string(),
-    );
-    let common = |node: &'static str, host: &'static str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            "run",
-            "--config",
-            &cfg,
-            "--node-name",
-            node,
-            "--ca-dir",
-            &ca,
-            "--workers",
-            "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        for (flag, port) in [
-            ("--admin-addr", 15000),
-            ("--stats-addr", 15020),
-            ("--readiness-addr", 15021),
-        ] {
-            v.push(flag.into());
-            v.push(format!("{host}:{port}"));
-        }
-        v.extend(extra.iter().map(|s| s.to_string()));
-        v
-    };
-    let args_b = common(
-        "node-b",
-        "127.0.0.3",
-        &["--inbound-plaintext-addr", "127.0.0.1:15006"],
-    );
-    let args_a = common(
-        "node-a",
-        "127.0.0.2",
+    let m = Mesh::start(
+        "redirect",
+        &[
+            &[
+                "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark",
+                "1337", "-j", "RETURN",
+            ],
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-s",
+                "10.230.1.0/24",
+                "-d",
+                "10.230.0.0/16",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ],
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-s",
+                "10.230.9.0/24",
+                "-d",
+                "10.230.2.0/24",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15006",
+            ],
+        ],
         &["--outbound-addr", "127.0.0.1:15001", "--bind-source"],
     );
-    let mut b = Proc::spawn_in_netns(
-        &name,
-        &args_b.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let mut a = Proc::spawn_in_netns(
-        &name,
-        &args_a.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    wait_ready(&ns, "127.0.0.3:15021", &mut b);
-    wait_ready(&ns, "127.0.0.2:15021", &mut a);
-
+    let (ns, a, b) = (&m.ns, &m.a, &m.b);
     // sleep connects straight to productpage: captured, tunnelled, delivered, byte-exact.
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let got = exchange(&ns, "10.230.1.2:0", "10.230.2.2:9080", &payload).unwrap();
+    let got = exchange(ns, "10.230.1.2:0", "10.230.2.2:9080", &payload).unwrap();
     assert!(
         got == payload,
         "sleep -> productpage through capture ({} bytes back)\nA:\n{}\nB:\n{}",
@@ -301,25 +418,25 @@ fn redirected_outbound_and_inbound_plaintext_use_the_original_destination() {
         b.log()
     );
     // notsleep is denied by productpage's policy: the captured connection is reset, no data.
-    let denied = exchange(&ns, "10.230.1.3:0", "10.230.2.2:9080", b"hello");
+    let denied = exchange(ns, "10.230.1.3:0", "10.230.2.2:9080", b"hello");
     assert!(
         denied.map(|d| d.is_empty()).unwrap_or(true),
         "notsleep must get nothing back"
     );
     // sleep -> the TCP-only workload: passthrough.
     assert_eq!(
-        exchange(&ns, "10.230.1.2:0", "10.230.2.9:5432", b"plain").unwrap(),
+        exchange(ns, "10.230.1.2:0", "10.230.2.9:5432", b"plain").unwrap(),
         b"plain"
     );
     // An outsider's plaintext to productpage: 15006, no identity, the policy denies.
-    let denied = exchange(&ns, "10.230.9.9:0", "10.230.2.2:9080", b"hello");
+    let denied = exchange(ns, "10.230.9.9:0", "10.230.2.2:9080", b"hello");
     assert!(
         denied.map(|d| d.is_empty()).unwrap_or(true),
         "plaintext to productpage must be denied"
     );
     // An outsider's plaintext to a workload without policy: delivered.
     assert_eq!(
-        exchange(&ns, "10.230.9.9:0", "10.230.2.9:5432", b"open").unwrap(),
+        exchange(ns, "10.230.9.9:0", "10.230.2.9:5432", b"open").unwrap(),
         b"open"
     );
     std::thread::sleep(Duration::from_millis(300));
@@ -333,7 +450,7 @@ fn redirected_outbound_and_inbound_plaintext_use_the_original_destination() {
         la.contains("path=\"passthrough\"") && la.contains("dst.addr=10.230.2.9:5432"),
         "{la}"
     );
-    let (_, mb) = get(&ns, "127.0.0.3:15020", "/metrics");
+    let (_, mb) = get(ns, "127.0.0.3:15020", "/metrics");
     let count = |labels: &[&str]| -> u64 {
         mb.lines()
             .filter(|l| {
@@ -376,6 +493,4 @@ fn redirected_outbound_and_inbound_plaintext_use_the_original_destination() {
         1,
         "plaintext delivery:\n{mb}"
     );
-    drop((a, b));
-    let _ = std::fs::remove_dir_all(&dir);
 }
