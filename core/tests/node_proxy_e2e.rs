@@ -983,3 +983,54 @@ fn certificates_from_files_are_used_and_reread_when_rotated() {
     check("kept");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn admin_changes_the_log_filter_json_logs_parse_and_quitquitquit_stops() {
+    use_block(3);
+    let dir = tmp("admin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = ca_init(&dir);
+    let cfg = config(&dir);
+    let mut b = Node::start("node-b", ip(2, 1), &cfg, &ca, &["--log-format", "json"]);
+    b.wait_ready();
+    assert_eq!(
+        http_get(b.admin, "GET", "/logging"),
+        (200, "current log filter: info\n".into())
+    );
+    let (st, body) = http_get(b.admin, "POST", "/logging?level=zring_core=debug,info");
+    assert_eq!(st, 200, "{body}");
+    assert!(http_get(b.admin, "GET", "/logging")
+        .1
+        .contains("zring_core=debug,info"));
+    let (st, body) = http_get(b.admin, "POST", "/logging?level=[[[");
+    assert_eq!(st, 400, "a bad filter is refused: {body}");
+    assert!(body.contains("invalid log filter"), "{body}");
+    assert_eq!(http_get(b.admin, "GET", "/nothing-here").0, 404);
+    assert_eq!(http_get(b.admin, "DELETE", "/config_dump").0, 405);
+    assert_eq!(http_get(b.stats, "GET", "/stats/prometheus").0, 200);
+    // A peer that is not TLS at all: one (JSON) log line, nothing else disturbed.
+    let mut junk = TcpStream::connect(SocketAddr::new(ip(2, 2), 15008)).unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut sink = Vec::new();
+    let _ = junk.read_to_end(&mut sink);
+    assert_eq!(http_get(b.ready, "GET", "/healthz/ready").0, 200);
+    // /quitquitquit: a graceful, successful exit.
+    assert_eq!(http_get(b.admin, "POST", "/quitquitquit").0, 200);
+    let st = b.proc.wait_exit(Duration::from_secs(15));
+    assert!(st.success(), "{st}");
+    let log = b.proc.log();
+    let mut lines = 0;
+    for l in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{l}");
+        lines += 1;
+    }
+    assert!(lines >= 3, "{log}");
+    assert!(log.contains("inbound HBONE handshake failed"), "{log}");
+    assert!(
+        log.contains("shutdown asked through the admin port"),
+        "{log}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
