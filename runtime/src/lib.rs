@@ -24,6 +24,7 @@ pub mod net;
 pub mod relay;
 pub mod server;
 pub mod sys;
+pub mod uds;
 pub mod worker;
 
 pub use backend::{BackendChoice, IoBackend};
