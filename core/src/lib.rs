@@ -22,3 +22,4 @@ pub mod proxy;
 pub mod relay_cmd;
 pub mod socks5;
 pub mod tunnel_cmd;
+pub mod zds;

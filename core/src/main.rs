@@ -41,6 +41,12 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The node agent's side of ZDS (for places without istio-cni): `run` the daemon, `add` and
+    /// `remove` pods.
+    NodeAgent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
     /// Carry plain TCP over one HBONE hop (mTLS + HTTP/2 CONNECT): `server` and `client` ends.
     Tunnel {
         #[command(subcommand)]
@@ -105,6 +111,56 @@ struct RunArgs {
     workers: WorkerArgs,
 }
 
+fn node_agent(c: AgentCommand, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
+    use zring_core::zds::agent;
+    let answer = match c {
+        AgentCommand::Run {
+            socket,
+            packet_mark,
+            no_rules,
+        } => {
+            return agent::run(
+                agent::AgentConfig {
+                    socket,
+                    mark: packet_mark,
+                    rules: !no_rules,
+                },
+                trigger,
+            )
+        }
+        AgentCommand::Add {
+            socket,
+            netns,
+            uid,
+            name,
+            namespace,
+            service_account,
+        } => agent::request(
+            &socket,
+            &agent::Request::Add {
+                uid,
+                name,
+                namespace,
+                service_account,
+                netns,
+            },
+        )?,
+        AgentCommand::Remove { socket, uid } => {
+            agent::request(&socket, &agent::Request::Remove { uid })?
+        }
+    };
+    match answer.error {
+        None if answer.ok => {
+            println!("ok");
+            Ok(())
+        }
+        e => Err(anyhow::anyhow!(
+            "the node agent refused: {}",
+            e.unwrap_or_else(|| "no reason given".into())
+        )),
+    }
+}
+
 /// An address, or `off`.
 #[derive(Debug, Clone, Copy)]
 struct OptAddr(Option<SocketAddr>);
@@ -116,6 +172,52 @@ fn opt_addr(s: &str) -> Result<OptAddr, String> {
     s.parse()
         .map(|a| OptAddr(Some(a)))
         .map_err(|e| format!("{s:?} is not an address like 127.0.0.1:15000 or \"off\": {e}"))
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Listen on the ZDS socket (as istio-cni does) and on `<socket>.control` for add/remove.
+    Run {
+        /// The ZDS socket.
+        #[arg(long, env = "INPOD_UDS", default_value = zring_core::zds::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// The proxy's packet mark, excluded from capture.
+        #[arg(long, default_value_t = zring_core::proxy::DEFAULT_PACKET_MARK)]
+        packet_mark: u32,
+        /// Do not install redirection rules (protocol only).
+        #[arg(long)]
+        no_rules: bool,
+    },
+    /// Enroll a pod: redirection rules in its namespace, then AddWorkload to the proxy.
+    Add {
+        /// The agent's ZDS socket.
+        #[arg(long, env = "INPOD_UDS", default_value = zring_core::zds::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// The pod's network namespace (/var/run/netns/NAME or /proc/PID/ns/net).
+        #[arg(long)]
+        netns: std::path::PathBuf,
+        /// Pod uid.
+        #[arg(long)]
+        uid: String,
+        /// Pod name.
+        #[arg(long)]
+        name: String,
+        /// Namespace.
+        #[arg(long)]
+        namespace: String,
+        /// Service account.
+        #[arg(long)]
+        service_account: String,
+    },
+    /// Take a pod out: DelWorkload, then remove its rules.
+    Remove {
+        /// The agent's ZDS socket.
+        #[arg(long, env = "INPOD_UDS", default_value = zring_core::zds::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Pod uid.
+        #[arg(long)]
+        uid: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -287,6 +389,7 @@ fn main() -> std::process::ExitCode {
             },
             &trigger,
         ),
+        Some(Command::NodeAgent { command }) => node_agent(command, &trigger),
         Some(Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
         }) => zring_core::ca_cmd::init(&dir, &trust_domain),
