@@ -94,6 +94,7 @@ fn node(name: &str, ip: Ipv4Addr, cfg: &Path, ca: &Path, socks5: bool) -> RunCon
         admin: at(15000),
         stats: at(15020),
         readiness: at(15021),
+        zds_socket: None,
         workers: WorkerConfig {
             workers: Some(1),
             io: BackendChoice::Auto,

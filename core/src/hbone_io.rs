@@ -103,7 +103,12 @@ pub struct TlsDialer {
     /// Bind the TCP socket to the key's source IP before connecting (loopback demos and tests;
     /// in-pod mode gets the pod's source address by living in the pod's namespace).
     pub bind_source: bool,
+    /// In-pod mode: the network namespace a source IP's connections leave from.
+    pub netns_of: Option<NetnsOf>,
 }
+
+/// Finds the network namespace of a pod by its IP.
+pub type NetnsOf = Arc<dyn Fn(std::net::IpAddr) -> Option<Arc<zring_runtime::net::NetNs>>>;
 
 impl std::fmt::Debug for TlsDialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -122,6 +127,9 @@ impl zring_hbone::pool::Dialer for TlsDialer {
         Box::pin(async move {
             let cfg = (this.config)(&key)?;
             let mut opts = this.connect.clone();
+            if let Some(f) = &this.netns_of {
+                opts.netns = f(key.src_ip);
+            }
             if this.bind_source {
                 opts.bind = Some(std::net::SocketAddr::new(key.src_ip, 0));
             }

@@ -88,6 +88,10 @@ struct RunArgs {
     /// IP_TRANSPARENT on the capture listeners (TPROXY; needs CAP_NET_ADMIN).
     #[arg(long)]
     transparent: bool,
+    /// In-pod mode: take pods from the node agent over ZDS at this socket (istio-cni's, or
+    /// `zring node-agent run`); each pod gets 15001, 15006 and 15008 inside its namespace.
+    #[arg(long, env = "INPOD_UDS")]
+    zds_socket: Option<std::path::PathBuf>,
     /// Admin endpoint: /config_dump, /logging, /quitquitquit. Keep it on localhost.
     #[arg(long, default_value = "127.0.0.1:15000", value_parser = opt_addr)]
     admin_addr: OptAddr,
@@ -382,6 +386,7 @@ fn main() -> std::process::ExitCode {
                 admin: a.admin_addr.0,
                 stats: a.stats_addr.0,
                 readiness: a.readiness_addr.0,
+                zds_socket: a.zds_socket,
                 hbone_port: a.hbone_port,
                 mark: (a.packet_mark != 0).then_some(a.packet_mark),
                 bind_source: a.bind_source,

@@ -170,6 +170,7 @@ async fn client_worker(
         config: Arc::new(move |_| Ok(config.clone())),
         connect: c.connect.clone(),
         bind_source: false,
+        netns_of: None,
     };
     let pool = Rc::new(Pool::new(dialer, MonoioExecutor, t.pool.clone()));
     let key = Rc::new(PoolKey {

@@ -115,16 +115,26 @@ pub struct ConnectOptions {
     pub transparent: bool,
     /// Give up after this long; `None` waits for the kernel's own SYN retries (about two minutes).
     pub timeout: Option<Duration>,
+    /// Create the socket inside this network namespace (in-pod mode: the connection leaves from
+    /// the pod's own namespace, with its own address and routes).
+    pub netns: Option<std::sync::Arc<NetNs>>,
 }
 
 /// Create, configure and start connecting a socket in the calling thread's namespace. The
 /// returned socket is non-blocking with the connect in progress (or done).
 pub fn start_connect(addr: SocketAddr, opts: &ConnectOptions) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.cloexec().nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+    let new = || {
+        Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.cloexec().nonblocking(),
+            Some(Protocol::TCP),
+        )
+    };
+    // A socket belongs to the namespace it was created in; everything after works from here.
+    let socket = match &opts.netns {
+        Some(ns) => ns.run(new)??,
+        None => new()?,
+    };
     if let Some(mark) = opts.mark {
         socket.set_mark(mark)?;
     }

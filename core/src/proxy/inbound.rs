@@ -10,7 +10,7 @@ use zring_hbone::{
 };
 use zring_runtime::{
     drain::Drain,
-    net::{self, ConnectOptions},
+    net::{self, ConnectOptions, NetNs},
     relay::RelayOptions,
 };
 
@@ -50,10 +50,13 @@ fn labels(
     }
 }
 
-fn upstream_opts(state: &State) -> ConnectOptions {
+/// How to reach the destination workload: marked, bounded, and from inside its pod's
+/// namespace in in-pod mode.
+fn upstream_opts(state: &State, netns: Option<Arc<NetNs>>) -> ConnectOptions {
     ConnectOptions {
         mark: state.cfg.mark,
         timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+        netns,
         ..Default::default()
     }
 }
@@ -65,6 +68,7 @@ pub(super) async fn hbone(
     peer_addr: SocketAddr,
     state: Arc<State>,
     drain: Drain,
+    netns: Option<Arc<NetNs>>,
 ) {
     let _ = tcp.set_nodelay(true);
     let Ok(local) = tcp.local_addr() else { return };
@@ -91,7 +95,7 @@ pub(super) async fn hbone(
     };
     let peer = tls::peer_identity(tls.get_ref().1);
     let s = state.clone();
-    let handler = move |i: Incoming| stream(i, peer_addr, s.clone());
+    let handler = move |i: Incoming| stream(i, peer_addr, s.clone(), netns.clone());
     if let Err(e) = server::serve(tls, peer, &state.h2, MonoioExecutor, handler, async move {
         drain.signaled().await
     })
@@ -101,7 +105,12 @@ pub(super) async fn hbone(
     }
 }
 
-async fn stream(incoming: Incoming, peer_addr: SocketAddr, state: Arc<State>) {
+async fn stream(
+    incoming: Incoming,
+    peer_addr: SocketAddr,
+    state: Arc<State>,
+    netns: Option<Arc<NetNs>>,
+) {
     let start = Instant::now();
     let target = incoming.request.target;
     let peer = incoming.request.peer.clone();
@@ -123,7 +132,7 @@ async fn stream(incoming: Incoming, peer_addr: SocketAddr, state: Arc<State>) {
         return incoming.reject(r.status);
     }
     drop(index);
-    let up = match net::connect(target, &upstream_opts(&state))
+    let up = match net::connect(target, &upstream_opts(&state, netns))
         .await
         .and_then(PollTcp::new)
     {
@@ -161,6 +170,7 @@ pub(super) async fn plaintext(
     peer: SocketAddr,
     listen: SocketAddr,
     state: Arc<State>,
+    netns: Option<Arc<NetNs>>,
 ) {
     let start = Instant::now();
     let Some(target) = super::outbound::original_destination(&sock, listen) else {
@@ -183,7 +193,7 @@ pub(super) async fn plaintext(
         return log.close(&state, r.response_flags, 0, 0, Some(r.reason));
     }
     drop(index);
-    let up = match net::connect(target, &upstream_opts(&state)).await {
+    let up = match net::connect(target, &upstream_opts(&state, netns)).await {
         Ok(u) => u,
         Err(e) => {
             let _ = zring_runtime::net::set_reset_on_close(&sock);

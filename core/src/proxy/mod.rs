@@ -84,6 +84,9 @@ pub struct RunConfig {
     pub stats: Option<SocketAddr>,
     /// Readiness endpoint (15021).
     pub readiness: Option<SocketAddr>,
+    /// In-pod mode: the node agent's ZDS socket. Pods it hands over get listeners on 15001,
+    /// 15006 and 15008 inside their own network namespace.
+    pub zds_socket: Option<PathBuf>,
     /// Workers.
     pub workers: WorkerConfig,
 }
@@ -120,6 +123,17 @@ pub struct State {
     worker_generation: Mutex<HashMap<usize, u64>>,
     workers: AtomicUsize,
     last_error: Mutex<Option<String>>,
+    /// Pods handed over by the node agent (in-pod mode).
+    pods: Mutex<Pods>,
+    /// +1 whenever `pods` changes.
+    pods_generation: AtomicU64,
+}
+
+/// The pods of in-pod mode.
+#[derive(Debug, Default)]
+struct Pods {
+    by_uid: std::collections::BTreeMap<String, Arc<crate::zds::client::Pod>>,
+    netns_by_ip: HashMap<IpAddr, Arc<zring_runtime::net::NetNs>>,
 }
 
 impl State {
@@ -217,6 +231,46 @@ impl State {
         Ok(g)
     }
 
+    /// The network namespace connections from pod IP `ip` leave from (in-pod mode).
+    pub fn netns_of(&self, ip: IpAddr) -> Option<Arc<zring_runtime::net::NetNs>> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .netns_by_ip
+            .get(&ip)
+            .cloned()
+    }
+
+    fn pods_snapshot(&self) -> Vec<Arc<crate::zds::client::Pod>> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_uid
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn pods_changed(&self, f: impl FnOnce(&mut Pods)) {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut pods);
+        let index = self.index();
+        pods.netns_by_ip = pods
+            .by_uid
+            .values()
+            .flat_map(|p| {
+                index
+                    .config
+                    .workloads
+                    .iter()
+                    .filter(|w| w.name == p.info.name && w.namespace == p.info.namespace)
+                    .flat_map(|w| w.workload_ips.iter().map(|ip| (*ip, p.netns.clone())))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        self.pods_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
     fn worker_at(&self, worker: usize, g: u64) {
         self.worker_generation
             .lock()
@@ -249,6 +303,8 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         worker_generation: Mutex::new(HashMap::new()),
         workers: AtomicUsize::new(0),
         last_error: Mutex::new(None),
+        pods: Mutex::new(Pods::default()),
+        pods_generation: AtomicU64::new(0),
     });
     // A file that exists must be valid at start: a typo fails fast. A missing file is waited
     // for (not ready meanwhile): the config may be mounted after the proxy starts.
@@ -277,6 +333,12 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
     }
     admin::start(listeners, state.clone(), trigger.clone())?;
     spawn_config_watch(state.clone(), first, trigger.clone())?;
+    if let Some(path) = cfg.zds_socket.clone() {
+        let (s, t) = (state.clone(), trigger.clone());
+        std::thread::Builder::new()
+            .name("zring-zds".into())
+            .spawn(move || crate::zds::client::run(path, &mut ProxyPods(s), &t))?;
+    }
     spawn_renewal(state.certs.clone(), trigger.clone())?;
     let s = state.clone();
     let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
@@ -340,6 +402,38 @@ fn spawn_config_watch(
     Ok(())
 }
 
+/// In-pod mode's pod handler: pods are recorded; workers bind their listeners.
+struct ProxyPods(Arc<State>);
+
+impl crate::zds::client::PodHandler for ProxyPods {
+    fn add(&mut self, pod: crate::zds::client::Pod) -> Result<(), String> {
+        let index = self.0.index();
+        if !index
+            .config
+            .workloads
+            .iter()
+            .any(|w| w.name == pod.info.name && w.namespace == pod.info.namespace)
+        {
+            tracing::warn!(pod = %pod.info.name, namespace = %pod.info.namespace, "no workload in the config for this pod yet; its outbound connections leave from zring's namespace until one appears");
+        }
+        let uid = pod.uid.clone();
+        self.0.pods_changed(|p| {
+            p.by_uid.insert(uid, Arc::new(pod));
+        });
+        Ok(())
+    }
+    fn del(&mut self, uid: &str) -> Result<(), String> {
+        self.0.pods_changed(|p| {
+            p.by_uid.remove(uid);
+        });
+        Ok(())
+    }
+    fn retain(&mut self, keep: &HashSet<String>) {
+        self.0
+            .pods_changed(|p| p.by_uid.retain(|uid, _| keep.contains(uid)));
+    }
+}
+
 /// A control thread that renews certificates past half their lifetime (or re-reads changed
 /// certificate files). New connections pick up the new certificate (`CertManager::get` per
 /// connection); live ones keep theirs. A failed renewal keeps the old certificate and is
@@ -367,6 +461,63 @@ fn spawn_renewal(certs: Arc<CertManager>, trigger: ShutdownTrigger) -> std::io::
     Ok(())
 }
 
+/// Bind a pod's listeners inside its namespace on this worker and start their accept loops;
+/// the returned drain stops them.
+fn pod_loops(
+    state: &Arc<State>,
+    pool: &Rc<HbonePool>,
+    rr: &Rc<std::cell::Cell<usize>>,
+    pod: &crate::zds::client::Pod,
+) -> std::io::Result<(Drain, Vec<monoio::task::JoinHandle<()>>)> {
+    let ns = pod.netns.clone();
+    let bind = |port: u16| -> std::io::Result<monoio::net::TcpListener> {
+        let addr = SocketAddr::from(([0, 0, 0, 0], port));
+        let std = ns.run(|| net::bind_listener(addr, &ListenOptions::default()))??;
+        monoio::net::TcpListener::from_std(std)
+    };
+    let (outbound, plaintext, hbone) = (bind(15001)?, bind(15006)?, bind(state.cfg.hbone_port)?);
+    let pod_drain = Drain::new();
+    let mut loops = Vec::new();
+    let out_addr = SocketAddr::from(([0, 0, 0, 0], 15001));
+    let (s, d, p, rr2, n) = (
+        state.clone(),
+        pod_drain.clone(),
+        pool.clone(),
+        rr.clone(),
+        ns.clone(),
+    );
+    loops.push(monoio::spawn(async move {
+        accept::accept_loop(outbound, &d, |sock, peer| {
+            let o = outbound::Outbound::new(s.clone(), p.clone(), rr2.clone())
+                .in_netns(Some(n.clone()));
+            accept::spawn_tracked(&d, o.captured(sock, peer, out_addr));
+        })
+        .await;
+    }));
+    let pt_addr = SocketAddr::from(([0, 0, 0, 0], 15006));
+    let (s, d, n) = (state.clone(), pod_drain.clone(), ns.clone());
+    loops.push(monoio::spawn(async move {
+        accept::accept_loop(plaintext, &d, |sock, peer| {
+            accept::spawn_tracked(
+                &d,
+                inbound::plaintext(sock, peer, pt_addr, s.clone(), Some(n.clone())),
+            );
+        })
+        .await;
+    }));
+    let (s, d, n) = (state.clone(), pod_drain.clone(), ns);
+    loops.push(monoio::spawn(async move {
+        accept::accept_loop(hbone, &d, |tcp, peer| {
+            accept::spawn_tracked(
+                &d,
+                inbound::hbone(tcp, peer, s.clone(), d.clone(), Some(n.clone())),
+            );
+        })
+        .await;
+    }));
+    Ok((pod_drain, loops))
+}
+
 /// The worker's HBONE connection pool.
 pub(crate) type HbonePool = Pool<TlsDialer, MonoioExecutor>;
 
@@ -384,6 +535,10 @@ fn pool(state: &Arc<State>) -> Rc<HbonePool> {
             ..Default::default()
         },
         bind_source: state.cfg.bind_source,
+        netns_of: state.cfg.zds_socket.as_ref().map(|_| {
+            let s = state.clone();
+            Arc::new(move |ip| s.netns_of(ip)) as crate::hbone_io::NetnsOf
+        }),
     };
     Rc::new(Pool::new(
         dialer,
@@ -440,7 +595,7 @@ async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
         let (s, d) = (state.clone(), drain.clone());
         loops.push(monoio::spawn(async move {
             accept::accept_loop(listener, &d, |sock, peer| {
-                accept::spawn_tracked(&d, inbound::plaintext(sock, peer, addr, s.clone()));
+                accept::spawn_tracked(&d, inbound::plaintext(sock, peer, addr, s.clone(), None));
             })
             .await;
         }));
@@ -450,6 +605,9 @@ async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
     // restart; connections to them are refused with 503 NR by `inbound::decide`.)
     let mut bound: HashSet<IpAddr> = HashSet::new();
     let mut seen = 0;
+    // In-pod mode: per pod uid, the drain that stops its listeners.
+    let mut pod_listeners: HashMap<String, Drain> = HashMap::new();
+    let mut pods_seen = 0;
     let mut ticks = 0u64;
     loop {
         ticks += 1;
@@ -478,7 +636,7 @@ async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
                             accept::accept_loop(listener, &d, |tcp, peer| {
                                 accept::spawn_tracked(
                                     &d,
-                                    inbound::hbone(tcp, peer, s.clone(), d.clone()),
+                                    inbound::hbone(tcp, peer, s.clone(), d.clone(), None),
                                 )
                             })
                             .await;
@@ -493,10 +651,48 @@ async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
             seen = g;
             state.worker_at(ctx.index, g);
         }
+        let pg = state.pods_generation.load(Ordering::Acquire);
+        if pg != pods_seen {
+            pods_seen = pg;
+            let pods = state.pods_snapshot();
+            let current: HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
+            pod_listeners.retain(|uid, d| {
+                let keep = current.contains(uid.as_str());
+                if !keep {
+                    // Stops the pod's accept loops; its live connections finish on their own
+                    // (bounded by the worker's drain at shutdown).
+                    d.start();
+                    if ctx.index == 0 {
+                        tracing::info!(uid = %uid, "pod removed: its listeners are closed");
+                    }
+                }
+                keep
+            });
+            for pod in pods {
+                if pod_listeners.contains_key(&pod.uid) {
+                    continue;
+                }
+                match pod_loops(&state, &pool, &rr, &pod) {
+                    Ok((pod_drain, mut l)) => {
+                        loops.append(&mut l);
+                        pod_listeners.insert(pod.uid.clone(), pod_drain);
+                        if ctx.index == 0 {
+                            tracing::info!(uid = %pod.uid, pod = %pod.info.name, namespace = %pod.info.namespace, "pod listeners bound in its network namespace (15001, 15006, 15008)");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(uid = %pod.uid, error = %e, "cannot listen inside the pod's network namespace")
+                    }
+                }
+            }
+        }
         monoio::select! {
             _ = drain.signaled() => break,
             _ = monoio::time::sleep(TICK) => {}
         }
+    }
+    for d in pod_listeners.values() {
+        d.start();
     }
     for l in loops {
         l.await;

@@ -74,6 +74,8 @@ pub(super) struct Outbound {
     state: Arc<State>,
     pool: Rc<HbonePool>,
     rr: Rc<Cell<usize>>,
+    /// In-pod mode: the pod's namespace, where upstream connections are created.
+    netns: Option<Arc<zring_runtime::net::NetNs>>,
 }
 
 #[derive(Clone, Copy)]
@@ -84,7 +86,18 @@ enum Client {
 
 impl Outbound {
     pub(super) fn new(state: Arc<State>, pool: Rc<HbonePool>, rr: Rc<Cell<usize>>) -> Self {
-        Outbound { state, pool, rr }
+        Outbound {
+            state,
+            pool,
+            rr,
+            netns: None,
+        }
+    }
+
+    /// Upstream connections from inside `netns` (a pod's).
+    pub(super) fn in_netns(mut self, netns: Option<Arc<zring_runtime::net::NetNs>>) -> Self {
+        self.netns = netns;
+        self
     }
 
     /// A connection captured on the outbound port.
@@ -201,6 +214,7 @@ impl Outbound {
         let upstream_opts = ConnectOptions {
             mark: state.cfg.mark,
             timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+            netns: self.netns.clone(),
             ..Default::default()
         };
         let dst = match route {
@@ -363,7 +377,9 @@ impl Outbound {
             log.dst_identity = None;
             return Ok(Route::Passthrough(dst));
         }
-        if w.node == self.state.cfg.node {
+        // Same node: delivered directly, unless pods live in their own namespaces (in-pod
+        // mode), where the destination pod's own 15008 is reached over HBONE like any other.
+        if w.node == self.state.cfg.node && self.state.cfg.zds_socket.is_none() {
             return Ok(Route::Local(dst));
         }
         Ok(Route::Hbone {
