@@ -180,6 +180,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         std::thread::sleep(Duration::from_millis(20));
     }
     let host = format!("127.{}.9.1", 10 + std::process::id() % 200);
+    let socks = format!("{host}:15080");
     let (admin, stats, ready) = (
         format!("{host}:15000"),
         format!("{host}:15020"),
@@ -203,6 +204,8 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         &stats,
         "--readiness-addr",
         &ready,
+        "--socks5",
+        &socks,
     ]);
     let enroll = |ns: &Netns, name: &str, sa: &str| {
         let out = Command::new(ZRING)
@@ -297,6 +300,40 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         "{log}"
     );
 
+    // SOCKS5 inside the pod (127.0.0.1:15080 in its own namespace): the pod's identity is used.
+    let mut c = ns_a
+        .run(|| TcpStream::connect("127.0.0.1:15080"))
+        .unwrap()
+        .expect("SOCKS5 inside pod a");
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(&[5, 1, 0]).unwrap();
+    let mut g = [0u8; 2];
+    c.read_exact(&mut g).unwrap();
+    c.write_all(&[5, 1, 0, 1, 10, 233, 2, 2, 0x23, 0x78])
+        .unwrap();
+    let mut r = [0u8; 10];
+    c.read_exact(&mut r).unwrap();
+    assert_eq!(
+        r[1],
+        0,
+        "SOCKS5 in the pod as sleep: allowed\n{}",
+        zring.log()
+    );
+    c.write_all(b"via socks").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"via socks");
+
+    // A connection that stays open across the removal (closed after the drain deadline).
+    let addr: SocketAddr = "10.233.2.2:9080".parse().unwrap();
+    let mut live = ns_a.run(|| TcpStream::connect(addr)).unwrap().unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    live.write_all(b"x").unwrap();
+    let mut one = [0u8; 1];
+    live.read_exact(&mut one).unwrap();
+
     // Removing productpage closes its listeners: sleep's next connection fails.
     let out = Command::new(ZRING)
         .args([
@@ -322,6 +359,17 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         assert!(Instant::now() < deadline, "{}", zring.log());
         std::thread::sleep(Duration::from_millis(20));
     }
+    let t = Instant::now();
+    let mut rest = [0u8; 16];
+    let end = live.read(&mut rest);
+    assert!(
+        matches!(end, Ok(0) | Err(_)),
+        "the live connection is closed: {end:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(14),
+        "closed after the drain deadline, not by the read timeout"
+    );
     let after = exchange(&ns_a, "10.233.2.2:9080", b"hello");
     assert!(
         after.map(|d| d.is_empty()).unwrap_or(true),

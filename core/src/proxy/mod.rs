@@ -461,6 +461,28 @@ fn spawn_renewal(certs: Arc<CertManager>, trigger: ShutdownTrigger) -> std::io::
     Ok(())
 }
 
+/// How long a removed pod's live connections may go on before they are closed.
+pub const POD_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Run a pod's connection, tracked by the pod's drain; once the pod is removed (the drain
+/// starts), the connection has [`POD_DRAIN_DEADLINE`] to finish, then it is dropped (its
+/// sockets closed).
+fn spawn_pod_conn<F>(pod_drain: &Drain, fut: F)
+where
+    F: std::future::Future<Output = ()> + 'static,
+{
+    let d = pod_drain.clone();
+    accept::spawn_tracked(pod_drain, async move {
+        monoio::select! {
+            _ = fut => {}
+            _ = async {
+                d.signaled().await;
+                monoio::time::sleep(POD_DRAIN_DEADLINE).await;
+            } => tracing::info!("pod removed: a connection still open after the drain deadline was closed"),
+        }
+    });
+}
+
 /// Bind a pod's listeners inside its namespace on this worker and start their accept loops;
 /// the returned drain stops them.
 fn pod_loops(
@@ -478,19 +500,38 @@ fn pod_loops(
     let (outbound, plaintext, hbone) = (bind(15001)?, bind(15006)?, bind(state.cfg.hbone_port)?);
     let pod_drain = Drain::new();
     let mut loops = Vec::new();
+    if state.cfg.socks5.is_some() {
+        // SOCKS5 for the pod's own processes, on the pod's loopback (as ztunnel's 15080).
+        let addr = SocketAddr::from(([127, 0, 0, 1], 15080));
+        let std = ns.run(|| net::bind_listener(addr, &ListenOptions::default()))??;
+        let socks = monoio::net::TcpListener::from_std(std)?;
+        let (s, d, p, rr2, pod) = (
+            state.clone(),
+            pod_drain.clone(),
+            pool.clone(),
+            rr.clone(),
+            pod.clone(),
+        );
+        loops.push(monoio::spawn(async move {
+            accept::accept_loop(socks, &d, |sock, peer| {
+                let o = outbound::Outbound::new(s.clone(), p.clone(), rr2.clone()).for_pod(&pod);
+                spawn_pod_conn(&d, o.socks(sock, peer));
+            })
+            .await;
+        }));
+    }
     let out_addr = SocketAddr::from(([0, 0, 0, 0], 15001));
-    let (s, d, p, rr2, n) = (
+    let (s, d, p, rr2, pod) = (
         state.clone(),
         pod_drain.clone(),
         pool.clone(),
         rr.clone(),
-        ns.clone(),
+        pod.clone(),
     );
     loops.push(monoio::spawn(async move {
         accept::accept_loop(outbound, &d, |sock, peer| {
-            let o = outbound::Outbound::new(s.clone(), p.clone(), rr2.clone())
-                .in_netns(Some(n.clone()));
-            accept::spawn_tracked(&d, o.captured(sock, peer, out_addr));
+            let o = outbound::Outbound::new(s.clone(), p.clone(), rr2.clone()).for_pod(&pod);
+            spawn_pod_conn(&d, o.captured(sock, peer, out_addr));
         })
         .await;
     }));
@@ -498,7 +539,7 @@ fn pod_loops(
     let (s, d, n) = (state.clone(), pod_drain.clone(), ns.clone());
     loops.push(monoio::spawn(async move {
         accept::accept_loop(plaintext, &d, |sock, peer| {
-            accept::spawn_tracked(
+            spawn_pod_conn(
                 &d,
                 inbound::plaintext(sock, peer, pt_addr, s.clone(), Some(n.clone())),
             );
@@ -508,7 +549,7 @@ fn pod_loops(
     let (s, d, n) = (state.clone(), pod_drain.clone(), ns);
     loops.push(monoio::spawn(async move {
         accept::accept_loop(hbone, &d, |tcp, peer| {
-            accept::spawn_tracked(
+            spawn_pod_conn(
                 &d,
                 inbound::hbone(tcp, peer, s.clone(), d.clone(), Some(n.clone())),
             );

@@ -76,6 +76,8 @@ pub(super) struct Outbound {
     rr: Rc<Cell<usize>>,
     /// In-pod mode: the pod's namespace, where upstream connections are created.
     netns: Option<Arc<zring_runtime::net::NetNs>>,
+    /// In-pod mode: the pod these connections come from.
+    pod: Option<crate::zds::proto::WorkloadInfo>,
 }
 
 #[derive(Clone, Copy)]
@@ -91,12 +93,14 @@ impl Outbound {
             pool,
             rr,
             netns: None,
+            pod: None,
         }
     }
 
-    /// Upstream connections from inside `netns` (a pod's).
-    pub(super) fn in_netns(mut self, netns: Option<Arc<zring_runtime::net::NetNs>>) -> Self {
-        self.netns = netns;
+    /// Connections from `pod`: upstream connections are created inside its namespace.
+    pub(super) fn for_pod(mut self, pod: &crate::zds::client::Pod) -> Self {
+        self.netns = Some(pod.netns.clone());
+        self.pod = Some(pod.info.clone());
         self
     }
 
@@ -187,10 +191,21 @@ impl Outbound {
                 }
             }
         };
-        let Some(src) = index
-            .workload_by_ip(peer.ip())
-            .filter(|w| w.node == state.cfg.node)
-        else {
+        // The source workload: the owner of the client's address; for a pod's own loopback
+        // (SOCKS5 inside the pod) the pod's workload, whose address the connection then uses.
+        let src = match (&self.pod, peer.ip().is_loopback()) {
+            (Some(pod), true) => index.config.workloads.iter().find(|w| {
+                w.name == pod.name && w.namespace == pod.namespace && w.node == state.cfg.node
+            }),
+            _ => index
+                .workload_by_ip(peer.ip())
+                .filter(|w| w.node == state.cfg.node),
+        };
+        let client_ip = match (src, peer.ip().is_loopback()) {
+            (Some(w), true) => w.workload_ips.first().copied().unwrap_or(peer.ip()),
+            _ => peer.ip(),
+        };
+        let Some(src) = src else {
             refuse(sock, Reply::NotAllowed).await;
             let why = format!("{} is not a workload on node {}", peer.ip(), state.cfg.node);
             return log.close(state, "NR", 0, 0, Some(why));
@@ -278,11 +293,11 @@ impl Outbound {
         let key = PoolKey {
             src_id,
             dst_id,
-            src_ip: peer.ip(),
+            src_ip: client_ip,
             dst: hbone,
         };
         let headers = ConnectHeaders {
-            forwarded_for: Some(peer.ip()),
+            forwarded_for: Some(client_ip),
             ..Default::default()
         };
         let stream = match self.pool.connect(&key, connect_to, &headers).await {
