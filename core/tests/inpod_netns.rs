@@ -166,7 +166,13 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         .status
         .success());
     let cfg = dir.join("mesh.yaml");
-    std::fs::write(&cfg, CONFIG).unwrap();
+    // The config starts without sleep: its pod is handed over before the config names it.
+    let without_sleep = CONFIG.replace(
+        "- uid: c//v1/Pod/default/sleep\n  name: sleep\n  namespace: default\n  serviceAccount: sleep\n  workloadIps: [\"10.233.1.2\"]\n  protocol: HBONE\n  node: node-1\n",
+        "",
+    );
+    assert_ne!(without_sleep, CONFIG);
+    std::fs::write(&cfg, &without_sleep).unwrap();
     let sock = dir.join("ztunnel.sock");
     let sock_s = sock.to_str().unwrap().to_string();
     let agent = Proc::spawn(&["node-agent", "run", "--socket", &sock_s]);
@@ -259,6 +265,18 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+
+    // sleep's first connection comes before the config knows sleep: it waits (bounded) for
+    // the config, and with it sleep's certificate, instead of failing.
+    let early = {
+        let ns = NetNs::open(format!("/var/run/netns/{}", pa.0)).unwrap();
+        std::thread::spawn(move || exchange(&ns, "10.233.2.2:9080", b"early bird"))
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(&cfg, CONFIG).unwrap();
+    zring.signal(1);
+    let got = early.join().unwrap().expect("the early connection");
+    assert_eq!(got, b"early bird", "{}", zring.log());
 
     // Capture the wire between the pods while sleep calls productpage.
     let pcap_txt = dir.join("wire.txt");

@@ -14,7 +14,7 @@ use zring_runtime::{
     relay::RelayOptions,
 };
 
-use super::{ConnLog, State};
+use super::{wait_for_config, ConnLog, State};
 use crate::{
     config::index::MeshIndex,
     hbone_io::{MonoioExecutor, PollTcp},
@@ -72,8 +72,13 @@ pub(super) async fn hbone(
 ) {
     let _ = tcp.set_nodelay(true);
     let Ok(local) = tcp.local_addr() else { return };
-    let Some(id) = state
-        .index()
+    // In a pod, the connection may come before the config naming the pod (and its
+    // certificate): wait for it, bounded.
+    let index = match netns {
+        Some(_) => wait_for_config(&state, |idx| idx.workload_by_ip(local.ip()).is_some()).await,
+        None => state.index(),
+    };
+    let Some(id) = index
         .workload_by_ip(local.ip())
         .and_then(|w| w.identity().ok())
     else {
@@ -176,7 +181,10 @@ pub(super) async fn plaintext(
     let Some(target) = super::outbound::original_destination(&sock, listen) else {
         return tracing::warn!(src.addr = %peer, "inbound plaintext connection without an original destination (not redirected?); closed");
     };
-    let index = state.index();
+    let index = match netns {
+        Some(_) => wait_for_config(&state, |idx| idx.workload_by_ip(target.ip()).is_some()).await,
+        None => state.index(),
+    };
     let mut log = ConnLog::new(
         "inbound",
         "plaintext",

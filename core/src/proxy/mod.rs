@@ -227,6 +227,9 @@ impl State {
         );
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        // Pods' addresses come from the config: a pod handed over before its workload was
+        // known gets its address (and so its namespace for upstream sockets) now.
+        self.pods_changed(|_| {});
         tracing::info!(file = %self.cfg.config.display(), generation = g, workloads = w, services = s, policies = p, local_workloads = l, identities = ids.len(), "config in force");
         Ok(g)
     }
@@ -459,6 +462,26 @@ fn spawn_renewal(certs: Arc<CertManager>, trigger: ShutdownTrigger) -> std::io::
             }
         })?;
     Ok(())
+}
+
+/// How long a pod's connection waits for the config that names its workload (and so for the
+/// workload's certificate) when the pod was handed over first.
+pub const POD_WAIT: Duration = Duration::from_secs(5);
+
+/// In-pod mode: wait, bounded by [`POD_WAIT`], until `ready` holds for the config in force;
+/// returns the config to use (the last one seen if the wait ran out).
+pub(crate) async fn wait_for_config(
+    state: &State,
+    ready: impl Fn(&MeshIndex) -> bool,
+) -> Arc<MeshIndex> {
+    let deadline = std::time::Instant::now() + POD_WAIT;
+    loop {
+        let index = state.index();
+        if ready(&index) || std::time::Instant::now() >= deadline {
+            return index;
+        }
+        monoio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// How long a removed pod's live connections may go on before they are closed.

@@ -24,7 +24,7 @@ use zring_runtime::{
     relay::RelayOptions,
 };
 
-use super::{ConnLog, HbonePool, State};
+use super::{wait_for_config, ConnLog, HbonePool, State};
 use crate::{
     config::{
         index::{MeshIndex, Resolved},
@@ -190,6 +190,24 @@ impl Outbound {
                     let _ = net::set_reset_on_close(&sock);
                 }
             }
+        };
+        // A pod's connection may come before the config that names its workload: wait for it.
+        let index = match &self.pod {
+            Some(pod) => {
+                let node = &state.cfg.node;
+                wait_for_config(state, |idx| {
+                    idx.workload_by_ip(peer.ip())
+                        .is_some_and(|w| &w.node == node)
+                        || (peer.ip().is_loopback()
+                            && idx.config.workloads.iter().any(|w| {
+                                w.name == pod.name
+                                    && w.namespace == pod.namespace
+                                    && &w.node == node
+                            }))
+                })
+                .await
+            }
+            None => index,
         };
         // The source workload: the owner of the client's address; for a pod's own loopback
         // (SOCKS5 inside the pod) the pod's workload, whose address the connection then uses.
