@@ -6,8 +6,6 @@
 //! Needs root (CI runs as root). Elsewhere it prints a loud SKIPPED line and returns.
 
 use std::{
-    io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::Command,
     time::{Duration, Instant},
 };
@@ -16,31 +14,10 @@ use zring_runtime::net::NetNs;
 
 mod common;
 
-use common::{tmp, Proc, ZRING};
-
-struct TestNs {
-    name: String,
-}
-
-impl Drop for TestNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("run command");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{
+    netns::{echo_in, exchange, is_root, TestNs},
+    tmp, Proc, ZRING,
+};
 
 const CONFIG: &str = r#"workloads:
 - uid: c//v1/Pod/default/sleep
@@ -83,50 +60,10 @@ policies:
         - !Exact cluster.local/ns/default/sa/sleep
 "#;
 
-/// An echo server bound inside `ns`.
-fn echo_in(ns: &NetNs, addr: &str) {
-    let l = ns.run(|| TcpListener::bind(addr)).unwrap().unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = c.shutdown(Shutdown::Write);
-            });
-        }
-    });
-}
-
-/// Connect inside `ns` from `src` to `dst`, send `data`, half-close, read everything back.
-fn exchange(ns: &NetNs, src: &str, dst: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut c = ns
-        .run(|| -> std::io::Result<TcpStream> {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            s.bind(&src.parse::<SocketAddr>().unwrap().into())?;
-            s.connect_timeout(
-                &dst.parse::<SocketAddr>().unwrap().into(),
-                Duration::from_secs(5),
-            )?;
-            Ok(s.into())
-        })
-        .unwrap()?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))?;
-    c.write_all(data)?;
-    c.shutdown(Shutdown::Write)?;
-    let mut got = Vec::new();
-    c.read_to_end(&mut got)?;
-    Ok(got)
-}
-
 fn get(ns: &NetNs, addr: &str, path: &str) -> (u16, String) {
     let r = exchange(
         ns,
-        "127.0.0.1:0",
+        Some("127.0.0.1:0"),
         addr,
         format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
     );
@@ -150,14 +87,6 @@ fn wait_ready(ns: &NetNs, addr: &str, p: &mut Proc) {
     }
 }
 
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
-}
-
 /// A test namespace with the workloads' addresses, echo servers for productpage and legacy-db,
 /// capture `rules` (each a command run inside), and zring node-b and node-a (with `a_extra`).
 struct Mesh {
@@ -170,22 +99,9 @@ struct Mesh {
 
 impl Mesh {
     fn start(tag: &str, rules: &[&[&str]], a_extra: &[&str]) -> Mesh {
-        let name = format!(
-            "zr-{tag}-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .subsec_nanos()
-        );
-        sh(&["ip", "netns", "add", &name]);
-        let guard = TestNs { name: name.clone() };
-        let exec = |args: &[&str]| {
-            let mut full = vec!["ip", "netns", "exec", &name];
-            full.extend_from_slice(args);
-            sh(&full);
-        };
-        exec(&["ip", "link", "set", "lo", "up"]);
+        let guard = TestNs::new(tag);
+        let name = guard.name.clone();
+        let exec = |args: &[&str]| guard.exec(args);
         for a in [
             "10.230.1.2",
             "10.230.1.3",
@@ -198,7 +114,7 @@ impl Mesh {
         for r in rules {
             exec(r);
         }
-        let ns = NetNs::open(format!("/var/run/netns/{name}")).unwrap();
+        let ns = guard.open();
         echo_in(&ns, "10.230.2.2:9080");
         echo_in(&ns, "10.230.2.9:5432");
         let dir = tmp(tag);
@@ -285,7 +201,7 @@ fn tproxy_capture_uses_the_local_address_as_the_original_destination() {
     // IP_TRANSPARENT listener unchanged: no NAT, so no SO_ORIGINAL_DST; the accepted socket's
     // local address is the original destination.
     let m = Mesh::start(
-        "tproxy",
+        "tp",
         &[
             &[
                 "iptables",
@@ -334,14 +250,14 @@ fn tproxy_capture_uses_the_local_address_as_the_original_destination() {
         ],
     );
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-    let got = exchange(&m.ns, "10.230.1.2:0", "10.230.2.2:9080", &payload).unwrap();
+    let got = exchange(&m.ns, Some("10.230.1.2:0"), "10.230.2.2:9080", &payload).unwrap();
     assert!(
         got == payload,
         "sleep -> productpage through TPROXY\nA:\n{}\nB:\n{}",
         m.a.log(),
         m.b.log()
     );
-    let denied = exchange(&m.ns, "10.230.1.3:0", "10.230.2.2:9080", b"hello");
+    let denied = exchange(&m.ns, Some("10.230.1.3:0"), "10.230.2.2:9080", b"hello");
     assert!(
         denied.map(|d| d.is_empty()).unwrap_or(true),
         "notsleep must get nothing back"
@@ -363,7 +279,7 @@ fn redirected_outbound_and_inbound_plaintext_use_the_original_destination() {
     // The capture rules: zring's own (marked) sockets are skipped; the workloads' outbound TCP
     // goes to 15001; an outsider's TCP to node-b's workloads goes to 15006.
     let m = Mesh::start(
-        "redirect",
+        "rd",
         &[
             &[
                 "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-m", "mark", "--mark",
@@ -409,7 +325,7 @@ fn redirected_outbound_and_inbound_plaintext_use_the_original_destination() {
     let (ns, a, b) = (&m.ns, &m.a, &m.b);
     // sleep connects straight to productpage: captured, tunnelled, delivered, byte-exact.
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let got = exchange(ns, "10.230.1.2:0", "10.230.2.2:9080", &payload).unwrap();
+    let got = exchange(ns, Some("10.230.1.2:0"), "10.230.2.2:9080", &payload).unwrap();
     assert!(
         got == payload,
         "sleep -> productpage through capture ({} bytes back)\nA:\n{}\nB:\n{}",
@@ -418,25 +334,25 @@ fn redirected_outbound_and_inbound_plaintext_use_the_original_destination() {
         b.log()
     );
     // notsleep is denied by productpage's policy: the captured connection is reset, no data.
-    let denied = exchange(ns, "10.230.1.3:0", "10.230.2.2:9080", b"hello");
+    let denied = exchange(ns, Some("10.230.1.3:0"), "10.230.2.2:9080", b"hello");
     assert!(
         denied.map(|d| d.is_empty()).unwrap_or(true),
         "notsleep must get nothing back"
     );
     // sleep -> the TCP-only workload: passthrough.
     assert_eq!(
-        exchange(ns, "10.230.1.2:0", "10.230.2.9:5432", b"plain").unwrap(),
+        exchange(ns, Some("10.230.1.2:0"), "10.230.2.9:5432", b"plain").unwrap(),
         b"plain"
     );
     // An outsider's plaintext to productpage: 15006, no identity, the policy denies.
-    let denied = exchange(ns, "10.230.9.9:0", "10.230.2.2:9080", b"hello");
+    let denied = exchange(ns, Some("10.230.9.9:0"), "10.230.2.2:9080", b"hello");
     assert!(
         denied.map(|d| d.is_empty()).unwrap_or(true),
         "plaintext to productpage must be denied"
     );
     // An outsider's plaintext to a workload without policy: delivered.
     assert_eq!(
-        exchange(ns, "10.230.9.9:0", "10.230.2.9:5432", b"open").unwrap(),
+        exchange(ns, Some("10.230.9.9:0"), "10.230.2.9:5432", b"open").unwrap(),
         b"open"
     );
     std::thread::sleep(Duration::from_millis(300));

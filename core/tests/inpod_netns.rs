@@ -7,7 +7,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -16,41 +16,10 @@ use zring_runtime::net::NetNs;
 
 mod common;
 
-use common::{tmp, Proc, ZRING};
-
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("run command");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn netns(tag: &str) -> Netns {
-    let n = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos()
-        % 100_000;
-    let name = format!("zr-{tag}-{}-{n}", std::process::id());
-    sh(&["ip", "netns", "add", &name]);
-    sh(&[
-        "ip", "netns", "exec", &name, "ip", "link", "set", "lo", "up",
-    ]);
-    Netns(name)
-}
+use common::{
+    netns::{echo_in, exchange, is_root, sh, TestNs},
+    tmp, Proc, ZRING,
+};
 
 const CONFIG: &str = r#"workloads:
 - uid: c//v1/Pod/default/sleep
@@ -79,42 +48,24 @@ policies:
         - !Exact cluster.local/ns/default/sa/sleep
 "#;
 
-fn exchange(ns: &NetNs, dst: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let addr: SocketAddr = dst.parse().unwrap();
-    let mut c = ns
-        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
-        .unwrap()?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))?;
-    c.write_all(data)?;
-    c.shutdown(Shutdown::Write)?;
-    let mut got = Vec::new();
-    c.read_to_end(&mut got)?;
-    Ok(got)
-}
-
 #[test]
 fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() {
-    if Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout != b"0\n")
-        .unwrap_or(true)
-    {
+    if !is_root() {
         eprintln!("SKIPPED pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners: needs root for network namespaces, veth, iptables, tcpdump (CI runs as root)");
         return;
     }
-    let (pa, pb) = (netns("pa"), netns("pb"));
+    let (pa, pb) = (TestNs::new("pa"), TestNs::new("pb"));
     let (va, vb) = (
         format!("zra{}", std::process::id() % 100_000),
         format!("zrb{}", std::process::id() % 100_000),
     );
     sh(&[
-        "ip", "link", "add", &va, "netns", &pa.0, "type", "veth", "peer", "name", &vb, "netns",
-        &pb.0,
+        "ip", "link", "add", &va, "netns", &pa.name, "type", "veth", "peer", "name", &vb, "netns",
+        &pb.name,
     ]);
     for (ns, dev, me, peer) in [
-        (&pa.0, &va, "10.233.1.2", "10.233.2.2"),
-        (&pb.0, &vb, "10.233.2.2", "10.233.1.2"),
+        (&pa.name, &va, "10.233.1.2", "10.233.2.2"),
+        (&pb.name, &vb, "10.233.2.2", "10.233.1.2"),
     ] {
         sh(&[
             "ip",
@@ -133,27 +84,10 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
             "ip", "netns", "exec", ns, "ip", "route", "add", peer, "dev", dev, "src", me,
         ]);
     }
-    let ns_a = NetNs::open(format!("/var/run/netns/{}", pa.0)).unwrap();
-    let ns_b = NetNs::open(format!("/var/run/netns/{}", pb.0)).unwrap();
+    let ns_a = NetNs::open(format!("/var/run/netns/{}", pa.name)).unwrap();
+    let ns_b = NetNs::open(format!("/var/run/netns/{}", pb.name)).unwrap();
     // productpage's app: an echo server inside pod b.
-    let l = ns_b
-        .run(|| TcpListener::bind("10.233.2.2:9080"))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = c.shutdown(Shutdown::Write);
-            });
-        }
-    });
+    echo_in(&ns_b, "10.233.2.2:9080");
 
     let dir = tmp("inpod");
     std::fs::create_dir_all(&dir).unwrap();
@@ -213,7 +147,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         "--socks5",
         &socks,
     ]);
-    let enroll = |ns: &Netns, name: &str, sa: &str| {
+    let enroll = |ns: &TestNs, name: &str, sa: &str| {
         let out = Command::new(ZRING)
             .args([
                 "node-agent",
@@ -221,7 +155,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
                 "--socket",
                 &sock_s,
                 "--netns",
-                &format!("/var/run/netns/{}", ns.0),
+                &ns.path(),
             ])
             .args([
                 "--uid",
@@ -269,8 +203,8 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
     // sleep's first connection comes before the config knows sleep: it waits (bounded) for
     // the config, and with it sleep's certificate, instead of failing.
     let early = {
-        let ns = NetNs::open(format!("/var/run/netns/{}", pa.0)).unwrap();
-        std::thread::spawn(move || exchange(&ns, "10.233.2.2:9080", b"early bird"))
+        let ns = NetNs::open(format!("/var/run/netns/{}", pa.name)).unwrap();
+        std::thread::spawn(move || exchange(&ns, None, "10.233.2.2:9080", b"early bird"))
     };
     std::thread::sleep(Duration::from_millis(1000));
     std::fs::write(&cfg, CONFIG).unwrap();
@@ -282,7 +216,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
     let pcap_txt = dir.join("wire.txt");
     let mut dump = Command::new("ip")
         .args([
-            "netns", "exec", &pa.0, "tcpdump", "-i", &va, "-nn", "-l", "-U", "tcp",
+            "netns", "exec", &pa.name, "tcpdump", "-i", &va, "-nn", "-l", "-U", "tcp",
         ])
         .stdout(std::fs::File::create(&pcap_txt).unwrap())
         .stderr(Stdio::piped())
@@ -290,7 +224,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         .expect("tcpdump (scripts/test installs it)");
     std::thread::sleep(Duration::from_millis(800));
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    let got = exchange(&ns_a, "10.233.2.2:9080", &payload).unwrap();
+    let got = exchange(&ns_a, None, "10.233.2.2:9080", &payload).unwrap();
     assert!(
         got == payload,
         "sleep -> productpage in-pod ({} bytes back)\n{}",
@@ -388,7 +322,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         t.elapsed() < Duration::from_secs(14),
         "closed after the drain deadline, not by the read timeout"
     );
-    let after = exchange(&ns_a, "10.233.2.2:9080", b"hello");
+    let after = exchange(&ns_a, None, "10.233.2.2:9080", b"hello");
     assert!(
         after.map(|d| d.is_empty()).unwrap_or(true),
         "productpage is out of the mesh now"
@@ -404,21 +338,16 @@ fn bad_zds_messages_get_error_acks_and_zring_keeps_serving_its_pods() {
     use std::os::fd::AsFd;
     use zring_core::zds::proto::{self, workload_request::Payload};
     use zring_runtime::uds::SeqPacketListener;
-    if Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout != b"0\n")
-        .unwrap_or(true)
-    {
+    if !is_root() {
         eprintln!("SKIPPED bad_zds_messages_get_error_acks_and_zring_keeps_serving_its_pods: needs root for a network namespace (CI runs as root)");
         return;
     }
-    let pod = netns("pbad");
+    let pod = TestNs::new("pbd");
     sh(&[
         "ip",
         "netns",
         "exec",
-        &pod.0,
+        &pod.name,
         "ip",
         "addr",
         "add",
@@ -495,7 +424,7 @@ fn bad_zds_messages_get_error_acks_and_zring_keeps_serving_its_pods() {
         }
         .encode_to_vec()
     };
-    let ns_file = std::fs::File::open(format!("/var/run/netns/{}", pod.0)).unwrap();
+    let ns_file = std::fs::File::open(format!("/var/run/netns/{}", pod.name)).unwrap();
     assert_eq!(ask(&add("good"), &[ns_file.as_fd()]), "");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !zring.log().contains("pod listeners bound") {
@@ -507,7 +436,7 @@ fn bad_zds_messages_get_error_acks_and_zring_keeps_serving_its_pods() {
     let (pipe_r, _pipe_w) = std::io::pipe().unwrap();
     assert!(ask(&add("bad"), &[pipe_r.as_fd()]).contains("not a network namespace"));
     // The good pod is still served: its HBONE port inside its namespace accepts.
-    let ns = NetNs::open(format!("/var/run/netns/{}", pod.0)).unwrap();
+    let ns = NetNs::open(format!("/var/run/netns/{}", pod.name)).unwrap();
     let addr: SocketAddr = "10.236.1.2:15008".parse().unwrap();
     let c = ns
         .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(3)))

@@ -8,8 +8,6 @@
 //! Needs root (CI runs as root). Elsewhere it prints a loud SKIPPED line and returns.
 
 use std::{
-    io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -18,31 +16,10 @@ use zring_runtime::net::NetNs;
 
 mod common;
 
-use common::{tmp, Proc, ZRING};
-
-/// Namespaces and links created by the test, removed on drop (also when the test fails).
-#[derive(Default)]
-struct Cleanup(Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for n in self.0.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", n]).status();
-        }
-    }
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("run command");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{
+    netns::{echo_in, exchange, is_root, sh, TestNs},
+    tmp, Proc, ZRING,
+};
 
 fn inns(ns: &str, args: &[&str]) {
     let mut v = vec!["ip", "netns", "exec", ns];
@@ -86,23 +63,10 @@ policies:
 
 const SECRET: &[u8] = b"THE-PLAINTEXT-PAYLOAD-MUST-NOT-BE-ON-THE-WIRE";
 
-/// Connect inside `ns` to `dst`, send `data`, half-close, read all back.
-fn exchange(ns: &NetNs, dst: &str, data: &[u8]) -> std::io::Result<Vec<u8>> {
-    let addr: SocketAddr = dst.parse().unwrap();
-    let mut c = ns
-        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
-        .unwrap()?;
-    c.set_read_timeout(Some(Duration::from_secs(10)))?;
-    c.write_all(data)?;
-    c.shutdown(Shutdown::Write)?;
-    let mut got = Vec::new();
-    c.read_to_end(&mut got)?;
-    Ok(got)
-}
-
 fn ready(ns: &NetNs) -> bool {
     exchange(
         ns,
+        None,
         "127.0.0.1:15021",
         b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
@@ -131,12 +95,7 @@ struct Node {
 
 #[test]
 fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
-    if Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout != b"0\n")
-        .unwrap_or(true)
-    {
+    if !is_root() {
         eprintln!("SKIPPED two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart: needs root for network namespaces, veth, iptables and tcpdump (CI runs as root)");
         return;
     }
@@ -149,13 +108,13 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
             .subsec_nanos()
             % 1000
     );
-    let mut cleanup = Cleanup::default();
+    // Every namespace is deleted when these drop (links go with them), also on failure.
+    let mut namespaces: Vec<TestNs> = Vec::new();
     let mut mk = |tag: &str| {
-        let n = format!("zr{tag}-{id}");
-        sh(&["ip", "netns", "add", &n]);
-        cleanup.0.push(n.clone());
-        inns(&n, &["ip", "link", "set", "lo", "up"]);
-        n
+        let ns = TestNs::new(tag);
+        let name = ns.name.clone();
+        namespaces.push(ns);
+        name
     };
     let (n1, n2) = (mk("n1"), mk("n2"));
     let (p_sleep, p_not, p_pp) = (mk("ps"), mk("pn"), mk("pp"));
@@ -234,27 +193,10 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
     }
     let open = |n: &str| NetNs::open(format!("/var/run/netns/{n}")).unwrap();
     // productpage's app: an echo server with no idea of the mesh.
-    let l = open(&p_pp)
-        .run(|| TcpListener::bind("10.234.2.2:9080"))
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        for c in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut c = c;
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = c.read(&mut buf) {
-                    if n == 0 || c.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = c.shutdown(Shutdown::Write);
-            });
-        }
-    });
+    echo_in(&open(&p_pp), "10.234.2.2:9080");
     // Without the mesh the pods already reach each other (plain routing works).
     assert_eq!(
-        exchange(&open(&p_sleep), "10.234.2.2:9080", b"plain").unwrap(),
+        exchange(&open(&p_sleep), None, "10.234.2.2:9080", b"plain").unwrap(),
         b"plain"
     );
 
@@ -412,7 +354,7 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
         .cycle()
         .take(SECRET.len() * 2000)
         .collect();
-    let got = exchange(&open(&p_sleep), "10.234.2.2:9080", &payload).unwrap();
+    let got = exchange(&open(&p_sleep), None, "10.234.2.2:9080", &payload).unwrap();
     assert!(
         got == payload,
         "sleep -> productpage ({} bytes back)\nnode-1:\n{}\nnode-2:\n{}",
@@ -421,7 +363,7 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
         z2.log()
     );
     // The seeds' policy: notsleep is denied (its connection is reset, nothing comes back).
-    let denied = exchange(&open(&p_not), "10.234.2.2:9080", SECRET);
+    let denied = exchange(&open(&p_not), None, "10.234.2.2:9080", SECRET);
     assert!(
         denied.map(|d| d.is_empty()).unwrap_or(true),
         "notsleep must be denied"
@@ -472,7 +414,7 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
         || z1.log().contains("pod removed: its listeners are closed"),
         &|| z1.log(),
     );
-    let out = exchange(&open(&p_sleep), "10.234.2.2:9080", b"bypass");
+    let out = exchange(&open(&p_sleep), None, "10.234.2.2:9080", b"bypass");
     assert!(
         out.map(|d| d.is_empty()).unwrap_or(true),
         "uncaptured plaintext must be denied at productpage"
@@ -489,7 +431,7 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
         &|| z1.log(),
     );
     assert_eq!(
-        exchange(&open(&p_sleep), "10.234.2.2:9080", b"again").unwrap(),
+        exchange(&open(&p_sleep), None, "10.234.2.2:9080", b"again").unwrap(),
         b"again"
     );
 
@@ -502,7 +444,7 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
         || z2.log().contains("pod listeners bound"),
         &|| z2.log(),
     );
-    let got = exchange(&open(&p_sleep), "10.234.2.2:9080", b"after restart").unwrap();
+    let got = exchange(&open(&p_sleep), None, "10.234.2.2:9080", b"after restart").unwrap();
     assert_eq!(got, b"after restart", "node-2:\n{}", z2.log());
     z1.signal(15);
     drop((z1, z2));

@@ -2,6 +2,8 @@
 //! waiting for listeners, echo servers.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -127,6 +129,12 @@ pub fn free_port() -> SocketAddr {
 pub fn echo_at(addr: SocketAddr) -> SocketAddr {
     let l = TcpListener::bind(addr).unwrap();
     let a = l.local_addr().unwrap();
+    serve_echo(l);
+    a
+}
+
+/// Echo on an already bound listener (thread per connection); half-closes after EOF.
+pub fn serve_echo(l: TcpListener) {
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
             std::thread::spawn(move || {
@@ -141,7 +149,6 @@ pub fn echo_at(addr: SocketAddr) -> SocketAddr {
             });
         }
     });
-    a
 }
 
 /// An echo server on a free loopback port.
