@@ -265,12 +265,23 @@ impl Node {
         ca: &std::path::Path,
         extra: &[&str],
     ) -> Node {
+        Node::start_with(name, host, cfg, Some(ca), extra)
+    }
+
+    /// Without a CA directory, `extra` names the certificate source (`--cert-dir`).
+    fn start_with(
+        name: &str,
+        host: IpAddr,
+        cfg: &std::path::Path,
+        ca: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> Node {
         let (admin, stats, ready) = (
             SocketAddr::new(host, 15000),
             SocketAddr::new(host, 15020),
             SocketAddr::new(host, 15021),
         );
-        let (cfg, ca) = (cfg.to_str().unwrap(), ca.to_str().unwrap());
+        let cfg = cfg.to_str().unwrap();
         let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
         let mut args = vec![
             "run",
@@ -278,8 +289,6 @@ impl Node {
             cfg,
             "--node-name",
             name,
-            "--ca-dir",
-            ca,
             "--packet-mark",
             "0",
             "--workers",
@@ -291,6 +300,9 @@ impl Node {
             "--readiness-addr",
             &r,
         ];
+        if let Some(ca) = ca {
+            args.extend(["--ca-dir", ca.to_str().unwrap()]);
+        }
         args.extend_from_slice(extra);
         Node {
             proc: Proc::spawn(&args),
@@ -905,38 +917,9 @@ fn certificates_from_files_are_used_and_reread_when_rotated() {
     let certs_s = certs.to_str().unwrap().to_string();
     // No CA key anywhere near the proxies: --cert-dir only.
     let start = |name: &str, host: IpAddr, extra: &[&str]| {
-        let (admin, stats, ready) = (
-            SocketAddr::new(host, 15000),
-            SocketAddr::new(host, 15020),
-            SocketAddr::new(host, 15021),
-        );
-        let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
-        let mut args = vec![
-            "run",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--node-name",
-            name,
-            "--cert-dir",
-            &certs_s,
-            "--packet-mark",
-            "0",
-            "--workers",
-            "1",
-            "--admin-addr",
-            &a,
-            "--stats-addr",
-            &s,
-            "--readiness-addr",
-            &r,
-        ];
+        let mut args = vec!["--cert-dir", certs_s.as_str()];
         args.extend_from_slice(extra);
-        Node {
-            proc: Proc::spawn(&args),
-            stats,
-            ready,
-            admin,
-        }
+        Node::start_with(name, host, &cfg, None, &args)
     };
     let mut b = start("node-b", ip(2, 1), &[]);
     let mut a = start("node-a", ip(1, 1), &["--bind-source", "--socks5", &socks_s]);
