@@ -17,7 +17,7 @@ use zring_runtime::net::NetNs;
 mod common;
 
 use common::{
-    netns::{echo_in, exchange, is_root, sh, TestNs},
+    netns::{agent_add, agent_remove, echo_in, exchange, is_root, sh, TestNs},
     tmp, Proc, ZRING,
 };
 
@@ -148,34 +148,13 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
         &socks,
     ]);
     let enroll = |ns: &TestNs, name: &str, sa: &str| {
-        let out = Command::new(ZRING)
-            .args([
-                "node-agent",
-                "add",
-                "--socket",
-                &sock_s,
-                "--netns",
-                &ns.path(),
-            ])
-            .args([
-                "--uid",
-                &format!("uid-{name}"),
-                "--name",
-                name,
-                "--namespace",
-                "default",
-                "--service-account",
-                sa,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "enroll {name}: {}\nagent:\n{}\nzring:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            agent.log(),
-            zring.log()
-        );
+        if let Err(e) = agent_add(&sock_s, &ns.path(), name, sa) {
+            panic!(
+                "enroll {name}: {e}\nagent:\n{}\nzring:\n{}",
+                agent.log(),
+                zring.log()
+            );
+        }
     };
     // The agent answers an add only once zring acked it, so wait for zring to be connected.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -287,22 +266,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
     live.read_exact(&mut one).unwrap();
 
     // Removing productpage closes its listeners: sleep's next connection fails.
-    let out = Command::new(ZRING)
-        .args([
-            "node-agent",
-            "remove",
-            "--socket",
-            &sock_s,
-            "--uid",
-            "uid-productpage",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    agent_remove(&sock_s, "productpage").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !zring
         .log()

@@ -17,7 +17,7 @@ use zring_runtime::net::NetNs;
 mod common;
 
 use common::{
-    netns::{echo_in, exchange, is_root, sh, TestNs},
+    netns::{agent_add, agent_remove, echo_in, exchange, is_root, sh, TestNs},
     tmp, Proc, ZRING,
 };
 
@@ -266,51 +266,14 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
         );
     }
     let enroll = |node: &Node, pod: &str, name: &str, sa: &str| {
-        let out = Command::new(ZRING)
-            .args([
-                "node-agent",
-                "add",
-                "--socket",
-                &node.socket,
-                "--netns",
-                &format!("/var/run/netns/{pod}"),
-            ])
-            .args([
-                "--uid",
-                &format!("uid-{name}"),
-                "--name",
-                name,
-                "--namespace",
-                "default",
-                "--service-account",
-                sa,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "enroll {name}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            node.agent.log()
-        );
+        if let Err(e) = agent_add(&node.socket, &format!("/var/run/netns/{pod}"), name, sa) {
+            panic!("enroll {name}: {e}\n{}", node.agent.log());
+        }
     };
     let remove = |node: &Node, name: &str| {
-        let out = Command::new(ZRING)
-            .args([
-                "node-agent",
-                "remove",
-                "--socket",
-                &node.socket,
-                "--uid",
-                &format!("uid-{name}"),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "remove {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = agent_remove(&node.socket, name) {
+            panic!("remove {name}: {e}");
+        }
     };
     enroll(&nodes[0], &p_sleep, "sleep", "sleep");
     enroll(&nodes[0], &p_not, "notsleep", "notsleep");

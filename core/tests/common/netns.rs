@@ -106,3 +106,48 @@ pub fn exchange(ns: &NetNs, src: Option<&str>, dst: &str, data: &[u8]) -> std::i
     c.read_to_end(&mut got)?;
     Ok(got)
 }
+
+/// `zring node-agent add` for pod `name` (uid `uid-NAME`, namespace default) whose network
+/// namespace is at `netns`; Err with the command's stderr when it fails.
+pub fn agent_add(socket: &str, netns: &str, name: &str, sa: &str) -> Result<(), String> {
+    let uid = format!("uid-{name}");
+    agent(&[
+        "add",
+        "--socket",
+        socket,
+        "--netns",
+        netns,
+        "--uid",
+        &uid,
+        "--name",
+        name,
+        "--namespace",
+        "default",
+        "--service-account",
+        sa,
+    ])
+}
+
+/// `zring node-agent remove` for pod `name` (uid `uid-NAME`).
+pub fn agent_remove(socket: &str, name: &str) -> Result<(), String> {
+    agent(&[
+        "remove",
+        "--socket",
+        socket,
+        "--uid",
+        &format!("uid-{name}"),
+    ])
+}
+
+fn agent(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(super::ZRING)
+        .arg("node-agent")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
