@@ -108,9 +108,8 @@ pub struct ConnLabels {
 
 impl ConnLabels {
     /// Set the destination service labels from a service.
-    pub fn with_service(mut self, s: Option<&Service>) -> Self {
-        self.service = s.map(|s| (s.hostname.clone(), s.name.clone(), s.namespace.clone()));
-        self
+    pub fn set_service(&mut self, s: &Service) {
+        self.service = Some((s.hostname.clone(), s.name.clone(), s.namespace.clone()));
     }
 }
 
@@ -137,17 +136,25 @@ pub struct Metrics {
 impl Metrics {
     /// A connection opened.
     pub fn opened(&self, l: &ConnLabels) {
-        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        m.entry(l.clone()).or_default().opened += 1;
+        self.update(l, |c| c.opened += 1);
     }
 
     /// A connection closed after `sent` bytes towards the destination and `received` back.
     pub fn closed(&self, l: &ConnLabels, sent: u64, received: u64) {
+        self.update(l, |c| {
+            c.closed += 1;
+            c.sent += sent;
+            c.received += received;
+        });
+    }
+
+    /// Update the counters of `l`'s series; the label set is cloned only for a new series.
+    fn update(&self, l: &ConnLabels, f: impl FnOnce(&mut Counters)) {
         let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let c = m.entry(l.clone()).or_default();
-        c.closed += 1;
-        c.sent += sent;
-        c.received += received;
+        match m.get_mut(l) {
+            Some(c) => f(c),
+            None => f(m.entry(l.clone()).or_default()),
+        }
     }
 
     /// A config reload ended; `generation` is the config in force afterwards.

@@ -5,18 +5,16 @@
 //!
 //! Needs root (CI runs as root). Elsewhere it prints a loud SKIPPED line and returns.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use zring_runtime::net::NetNs;
 
 mod common;
 
 use common::{
+    ca_init,
     netns::{echo_in, exchange, is_root, TestNs},
-    tmp, Proc, ZRING,
+    tmp, Proc,
 };
 
 const CONFIG: &str = r#"workloads:
@@ -118,15 +116,7 @@ impl Mesh {
         echo_in(&ns, "10.230.2.2:9080");
         echo_in(&ns, "10.230.2.9:5432");
         let dir = tmp(tag);
-        std::fs::create_dir_all(&dir).unwrap();
-        let ca = dir.join("ca");
-        assert!(Command::new(ZRING)
-            .args(["ca", "init", "--dir"])
-            .arg(&ca)
-            .output()
-            .unwrap()
-            .status
-            .success());
+        let ca = ca_init(&dir);
         let cfg = dir.join("mesh.yaml");
         std::fs::write(&cfg, CONFIG).unwrap();
         let (cfg, ca) = (
@@ -192,14 +182,15 @@ impl Drop for Mesh {
 }
 
 #[test]
-fn tproxy_capture_uses_the_local_address_as_the_original_destination() {
+fn tproxy_capture_reaches_the_original_destination() {
     if !is_root() {
-        eprintln!("SKIPPED tproxy_capture_uses_the_local_address_as_the_original_destination: needs root for a network namespace, iptables and policy routing (CI runs as root)");
+        eprintln!("SKIPPED tproxy_capture_reaches_the_original_destination: needs root for a network namespace, iptables and policy routing (CI runs as root)");
         return;
     }
     // TPROXY (mangle PREROUTING; looped-back packets pass it) hands the connection to the
-    // IP_TRANSPARENT listener unchanged: no NAT, so no SO_ORIGINAL_DST; the accepted socket's
-    // local address is the original destination.
+    // IP_TRANSPARENT listener unchanged (no NAT): the accepted socket's local address is the
+    // original destination. This checks that such a listener works end to end; it does not
+    // tell which of the two lookups (SO_ORIGINAL_DST, local address) produced the address.
     let m = Mesh::start(
         "tp",
         &[

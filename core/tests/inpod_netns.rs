@@ -17,8 +17,9 @@ use zring_runtime::net::NetNs;
 mod common;
 
 use common::{
+    ca_init,
     netns::{agent_add, agent_remove, echo_in, exchange, is_root, sh, TestNs},
-    tmp, Proc, ZRING,
+    tmp, Proc,
 };
 
 const CONFIG: &str = r#"workloads:
@@ -90,15 +91,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
     echo_in(&ns_b, "10.233.2.2:9080");
 
     let dir = tmp("inpod");
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca");
-    assert!(Command::new(ZRING)
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let ca = ca_init(&dir);
     let cfg = dir.join("mesh.yaml");
     // The config starts without sleep: its pod is handed over before the config names it.
     let without_sleep = CONFIG.replace(
@@ -320,15 +313,7 @@ fn bad_zds_messages_get_error_acks_and_zring_keeps_serving_its_pods() {
         "lo",
     ]);
     let dir = tmp("zdsbad");
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca");
-    assert!(Command::new(ZRING)
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let ca = ca_init(&dir);
     let cfg = dir.join("mesh.yaml");
     std::fs::write(&cfg, CONFIG.replace("10.233.1.2", "10.236.1.2")).unwrap();
     // The test is the agent: it speaks raw ZDS to a real zring.

@@ -17,8 +17,9 @@ use zring_runtime::net::NetNs;
 mod common;
 
 use common::{
+    ca_init,
     netns::{agent_add, agent_remove, echo_in, exchange, is_root, sh, TestNs},
-    tmp, Proc, ZRING,
+    tmp, Proc,
 };
 
 fn inns(ns: &str, args: &[&str]) {
@@ -201,15 +202,7 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
     );
 
     let dir = tmp("inpod2");
-    std::fs::create_dir_all(&dir).unwrap();
-    let ca = dir.join("ca");
-    assert!(Command::new(ZRING)
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    let ca = ca_init(&dir);
     let cfg = dir.join("mesh.yaml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let (cfg_s, ca_s) = (

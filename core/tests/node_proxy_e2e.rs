@@ -12,7 +12,7 @@ use std::{
 
 mod common;
 
-use common::{echo_at, tmp, Proc, ZRING};
+use common::{ca_init, echo_at, tmp, Proc, ZRING};
 
 thread_local! {
     /// Which of this process's address blocks the test on this thread uses.
@@ -337,18 +337,6 @@ impl Node {
     }
 }
 
-fn ca_init(dir: &std::path::Path) -> PathBuf {
-    let ca = dir.join("ca");
-    assert!(Command::new(ZRING)
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap()
-        .success());
-    ca
-}
-
 /// SOCKS5 CONNECT from `src` through `proxy` to `dst`; returns the reply code and the stream.
 fn socks(src: IpAddr, proxy: SocketAddr, dst: SocketAddr) -> (u8, TcpStream) {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
@@ -566,41 +554,17 @@ fn the_mesh_paths_policies_waypoint_vip_passthrough_metrics_and_logs() {
         .copied()
         .chain(["reporter=\"destination\""])
         .collect();
-    assert_eq!(
-        metric(&ma, "istio_tcp_connections_opened_total", &src),
-        Some(2),
-        "{ma}"
-    );
-    assert_eq!(
-        metric(&ma, "istio_tcp_connections_closed_total", &src),
-        Some(2),
-        "{ma}"
-    );
-    assert_eq!(
-        metric(&ma, "istio_tcp_sent_bytes_total", &src),
-        Some(2 << 20),
-        "{ma}"
-    );
-    assert_eq!(
-        metric(&ma, "istio_tcp_received_bytes_total", &src),
-        Some(2 << 20),
-        "{ma}"
-    );
-    assert_eq!(
-        metric(&mb, "istio_tcp_connections_opened_total", &dst),
-        Some(2),
-        "{mb}"
-    );
-    assert_eq!(
-        metric(&mb, "istio_tcp_sent_bytes_total", &dst),
-        Some(2 << 20),
-        "{mb}"
-    );
-    assert_eq!(
-        metric(&mb, "istio_tcp_received_bytes_total", &dst),
-        Some(2 << 20),
-        "{mb}"
-    );
+    // Both sides count the two connections and exactly 2 MiB each way.
+    for (text, labels) in [(&ma, &src), (&mb, &dst)] {
+        for (name, want) in [
+            ("istio_tcp_connections_opened_total", 2),
+            ("istio_tcp_connections_closed_total", 2),
+            ("istio_tcp_sent_bytes_total", 2 << 20),
+            ("istio_tcp_received_bytes_total", 2 << 20),
+        ] {
+            assert_eq!(metric(text, name, labels), Some(want), "{name}:\n{text}");
+        }
+    }
     assert!(
         metric(
             &ma,

@@ -23,31 +23,38 @@ use crate::{
     relay_cmd::DEFAULT_CONNECT_TIMEOUT,
 };
 
-/// Labels of an inbound connection: the source is the workload at `src` when it owns the
-/// proven identity (or, for plaintext, any workload there), the destination the local workload.
-fn labels(
+/// The telemetry of an inbound connection: the source is the workload at `src` when it owns
+/// the proven identity (or, for plaintext, any workload there), the destination the workload
+/// at `target`; its identity is worked out once, for the labels and the access log.
+fn inbound_log(
     index: &MeshIndex,
+    path: &'static str,
     src: SocketAddr,
-    peer: Option<&SpiffeId>,
+    peer: Option<SpiffeId>,
     target: SocketAddr,
-    mtls: bool,
-) -> ConnLabels {
+    start: Instant,
+) -> ConnLog {
     let source = match index.workload_by_ip(src.ip()) {
-        Some(w) if peer.is_none() || w.identity().ok().as_ref() == peer => Peer::of(w, peer),
-        _ => Peer::unknown(peer),
+        Some(w) if peer.is_none() || w.identity().ok() == peer => Peer::of(w, peer.as_ref()),
+        _ => Peer::unknown(peer.as_ref()),
     };
     let dst = index.workload_by_ip(target.ip());
+    let dst_identity = dst.and_then(|w| w.identity().ok());
     let destination = dst
-        .map(|w| Peer::of(w, w.identity().ok().as_ref()))
+        .map(|w| Peer::of(w, dst_identity.as_ref()))
         .unwrap_or_default();
-    ConnLabels {
+    let labels = ConnLabels {
         reporter: Reporter::Destination,
         source,
         destination,
         service: None,
-        mtls,
+        mtls: path == "hbone",
         response_flags: "-",
-    }
+    };
+    let mut log = ConnLog::new("inbound", path, src, target, labels, start);
+    log.src_identity = peer;
+    log.dst_identity = dst_identity;
+    log
 }
 
 /// How to reach the destination workload: marked, bounded, and from inside its pod's
@@ -120,18 +127,7 @@ async fn stream(
     let target = incoming.request.target;
     let peer = incoming.request.peer.clone();
     let index = state.index();
-    let mut log = ConnLog::new(
-        "inbound",
-        "hbone",
-        peer_addr,
-        target,
-        labels(&index, peer_addr, peer.as_ref(), target, true),
-        start,
-    );
-    log.src_identity = peer.clone();
-    log.dst_identity = index
-        .workload_by_ip(target.ip())
-        .and_then(|w| w.identity().ok());
+    let mut log = inbound_log(&index, "hbone", peer_addr, peer.clone(), target, start);
     if let Err(r) = inbound::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()) {
         log.close(&state, r.response_flags, 0, 0, Some(r.reason));
         return incoming.reject(r.status);
@@ -185,17 +181,7 @@ pub(super) async fn plaintext(
         Some(_) => wait_for_config(&state, |idx| idx.workload_by_ip(target.ip()).is_some()).await,
         None => state.index(),
     };
-    let mut log = ConnLog::new(
-        "inbound",
-        "plaintext",
-        peer,
-        target,
-        labels(&index, peer, None, target, false),
-        start,
-    );
-    log.dst_identity = index
-        .workload_by_ip(target.ip())
-        .and_then(|w| w.identity().ok());
+    let mut log = inbound_log(&index, "plaintext", peer, None, target, start);
     if let Err(r) = inbound::decide_plaintext(&index, &state.cfg.node, peer, target) {
         let _ = zring_runtime::net::set_reset_on_close(&sock);
         return log.close(&state, r.response_flags, 0, 0, Some(r.reason));

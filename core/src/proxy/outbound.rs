@@ -365,7 +365,7 @@ impl Outbound {
     ) -> Result<Route, String> {
         let resolved = idx.resolve(target);
         if let Resolved::Service { service, .. } = &resolved {
-            log.labels = log.labels.clone().with_service(Some(service));
+            log.labels.set_service(service);
         }
         if let Some(wp) = idx.waypoint_for(&resolved) {
             return via_waypoint(idx, log, wp, target);

@@ -117,6 +117,23 @@ pub fn tmp(tag: &str) -> PathBuf {
     std::env::temp_dir().join(format!("zring-test-{tag}-{}-{n}", std::process::id()))
 }
 
+/// `zring ca init` in `dir/ca` (creating `dir`); returns the CA directory.
+pub fn ca_init(dir: &std::path::Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca = dir.join("ca");
+    let out = Command::new(ZRING)
+        .args(["ca", "init", "--dir"])
+        .arg(&ca)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ca
+}
+
 /// A loopback port nothing listens on (bound and released).
 pub fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
