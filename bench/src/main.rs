@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod capacity;
+mod harness;
 mod iowq;
 mod mesh;
 mod relay;
@@ -41,6 +42,13 @@ enum Command {
     /// The node-proxy path (captured client -> zring -> HBONE -> zring -> server) vs direct:
     /// latency at fixed rates, max rps, connection rate, iperf3, CPU and RSS. Needs root.
     Mesh(mesh::Args),
+    /// The latency harness: no-mesh vs ambient (zring) vs sidecar (HAProxy) [vs ztunnel, waypoint]
+    /// on network namespaces; writes perf-reports/<date>-<commit>/report.md. Needs root.
+    Run(harness::RunArgs),
+    /// Flamegraphs of the ambient path's proxies during one scenario, added to a report.
+    Profile(harness::ProfileArgs),
+    /// Re-render a report folder's report.md (and the perf-reports index) from its results.json.
+    Report(harness::ReportArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,5 +58,8 @@ fn main() -> anyhow::Result<()> {
         Command::Loadgen(args) => capacity::run(args),
         Command::Tunnel(args) => tunnel::run(args),
         Command::Mesh(args) => mesh::run(args),
+        Command::Run(args) => harness::run(args),
+        Command::Profile(args) => harness::profile(args),
+        Command::Report(args) => harness::report_cmd(args),
     }
 }

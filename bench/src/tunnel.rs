@@ -405,7 +405,7 @@ fn profile(args: &Args, ca: &Path, io: &str) -> anyhow::Result<Vec<String>> {
 }
 
 /// `perf script` -> inferno collapse -> inferno flamegraph SVG.
-fn render(data: &Path, svg: &Path, title: &str) -> anyhow::Result<()> {
+pub(crate) fn render(data: &Path, svg: &Path, title: &str) -> anyhow::Result<()> {
     use inferno::collapse::Collapse;
     let script = Command::new("perf")
         .args(["script", "-i"])

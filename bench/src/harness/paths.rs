@@ -1,0 +1,697 @@
+//! The paths the harness compares, each deployed on a fresh [`Lab`]:
+//!
+//! - `no-mesh`: client pod -> server pod, plain routing.
+//! - `ambient`: in-pod capture, as in a cluster: a `zring node-agent` on each node enrolls its
+//!   pod over ZDS (iptables rules inside the pod), zring on node-1 tunnels the client's
+//!   connections over HBONE (mTLS, HTTP/2 CONNECT) to the server pod's 15008, where zring on
+//!   node-2 checks the L4 policy (the client's principal must be allowed) and delivers.
+//! - `ztunnel`: the ambient path with Istio's ztunnel binary (`--ztunnel PATH`) in place of
+//!   zring, same config file and agents; ztunnel speaks the same ZDS protocol.
+//! - `sidecar`: an L7 proxy in each pod, as with Istio sidecars: iptables in the client pod sends
+//!   its outbound connections to HAProxy (HTTP mode for HTTP, TCP mode for the other ports),
+//!   which opens mutual TLS to the server pod, where iptables sends them to the server pod's
+//!   HAProxy, which terminates TLS (client certificate required) and forwards to the app on
+//!   127.0.0.1. `--sidecar envoy:PATH` uses Envoy with the equivalent static config.
+//! - `waypoint`: client -> zring -> HBONE -> waypoint -> HBONE -> zring -> server. zring has no
+//!   waypoint (L7) mode yet; the path is listed and reported as not run. `--waypoint
+//!   envoy:PATH` is where a user's Envoy waypoint will plug in.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context};
+
+use super::lab::{probe_http, spawn, tail, wait_for, Lab, Ns, Proc, Scratch, CLIENT_IP, SERVER_IP};
+
+/// App ports in the server pod: HTTP (1 KiB responses), TCP echo, iperf3.
+pub const HTTP_PORT: u16 = 8080;
+pub const ECHO_PORT: u16 = 8081;
+pub const IPERF_PORT: u16 = 5201;
+
+/// A path as chosen on the command line.
+#[derive(Debug, Clone)]
+pub enum PathSpec {
+    NoMesh,
+    Ambient,
+    Ztunnel(Option<PathBuf>),
+    Sidecar(SidecarProxy),
+    Waypoint(Option<PathBuf>),
+}
+
+#[derive(Debug, Clone)]
+pub enum SidecarProxy {
+    Haproxy,
+    Envoy(PathBuf),
+}
+
+impl PathSpec {
+    pub fn name(&self) -> &'static str {
+        match self {
+            PathSpec::NoMesh => "no-mesh",
+            PathSpec::Ambient => "ambient",
+            PathSpec::Ztunnel(_) => "ztunnel",
+            PathSpec::Sidecar(_) => "sidecar",
+            PathSpec::Waypoint(_) => "waypoint",
+        }
+    }
+
+    /// What the path is, for the report.
+    pub fn describe(&self) -> String {
+        match self {
+            PathSpec::NoMesh => "client pod -> server pod, no proxy".into(),
+            PathSpec::Ambient => "client pod -(in-pod capture)-> zring node-1 -HBONE/mTLS-> zring node-2 -> server pod (L4 policy: client principal allowed)".into(),
+            PathSpec::Ztunnel(_) => "the ambient path with Istio's ztunnel in place of zring (same YAML, same agents, ZDS)".into(),
+            PathSpec::Sidecar(SidecarProxy::Haproxy) => "client -(iptables)-> HAProxy sidecar (HTTP mode; TCP mode for echo/iperf3) -mTLS-> HAProxy sidecar -(iptables)-> server".into(),
+            PathSpec::Sidecar(SidecarProxy::Envoy(p)) => format!("client -(iptables)-> Envoy sidecar ({}) -mTLS-> Envoy sidecar -> server", p.display()),
+            PathSpec::Waypoint(_) => "client -> zring -HBONE-> waypoint (L7) -HBONE-> zring -> server".into(),
+        }
+    }
+
+    /// Why the path cannot run here, if it cannot.
+    pub fn not_run_reason(&self) -> Option<String> {
+        match self {
+            PathSpec::Ztunnel(None) => Some("no ztunnel binary on this machine (and no network to fetch one); `--ztunnel PATH` runs it: the ambient topology with ztunnel started as `FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<yaml> NODE_NAME=<node> INPOD_UDS=<agent socket> PATH` (FAKE_CA needs a ztunnel built with `--features testing`)".into()),
+            PathSpec::Waypoint(None) => Some("zring has no waypoint (L7) mode yet; `--waypoint envoy:PATH` is the plug-in point for a user's Envoy waypoint".into()),
+            PathSpec::Waypoint(Some(_)) => Some("waypoint topology is not wired yet: zring would need to route to the waypoint and accept its HBONE; listed so that reports keep the column".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Parse `--paths`.
+pub fn parse_paths(
+    list: &str,
+    ztunnel: Option<PathBuf>,
+    sidecar: Option<&str>,
+    waypoint: Option<&str>,
+) -> anyhow::Result<Vec<PathSpec>> {
+    let sidecar = match sidecar {
+        None | Some("haproxy") => SidecarProxy::Haproxy,
+        Some(s) => match s.strip_prefix("envoy:") {
+            Some(p) => SidecarProxy::Envoy(PathBuf::from(p)),
+            None => bail!("--sidecar takes haproxy or envoy:PATH, not {s:?}"),
+        },
+    };
+    let waypoint = match waypoint {
+        None => None,
+        Some(s) => match s.strip_prefix("envoy:") {
+            Some(p) => Some(PathBuf::from(p)),
+            None => bail!("--waypoint takes envoy:PATH, not {s:?}"),
+        },
+    };
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        out.push(match name {
+            "no-mesh" => PathSpec::NoMesh,
+            "ambient" => PathSpec::Ambient,
+            "ztunnel" => PathSpec::Ztunnel(ztunnel.clone()),
+            "sidecar" => PathSpec::Sidecar(sidecar.clone()),
+            "waypoint" => PathSpec::Waypoint(waypoint.clone()),
+            other => bail!(
+                "unknown path {other:?}: expected no-mesh, ambient, ztunnel, sidecar, waypoint"
+            ),
+        });
+    }
+    if !out.iter().any(|p| matches!(p, PathSpec::NoMesh)) {
+        bail!("--paths must include no-mesh: every delta is measured against it in the same run");
+    }
+    Ok(out)
+}
+
+/// Binaries the harness drives.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub zring: PathBuf,
+    pub loadgen: PathBuf,
+}
+
+/// A path running on a lab: its processes and the proxies to watch.
+pub struct Deployed {
+    /// (label, pid) of each proxy process, whose CPU and RSS are reported.
+    pub proxies: Vec<(String, u32)>,
+    /// io backend the proxies chose, when they say.
+    pub io_backend: String,
+    /// Every process of the path (servers, agents, proxies); killed on drop.
+    pub procs: Vec<Proc>,
+    /// Concurrent connections the path can hold, when its proxy is configured with a limit
+    /// (HAProxy's maxconn, derived from the open-file hard limit).
+    pub max_conns: Option<(usize, String)>,
+}
+
+impl Deployed {
+    /// Fail if any process of the path has died (with its log).
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.procs {
+            p.check_alive("a process of the path")?;
+        }
+        Ok(())
+    }
+}
+
+/// Start the apps in the server pod, then the path's proxies; return once a request crosses
+/// the path (and, for mesh paths, once the proxies show they carried it).
+pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow::Result<Deployed> {
+    let mut procs = Vec::new();
+    let log = |n: &str| Some(dir.0.join(format!("{n}.log")));
+    procs.push(spawn(
+        {
+            let mut c = lab.server.cmd(&bins.loadgen);
+            c.args(["serve", "http", "--listen", &format!("0.0.0.0:{HTTP_PORT}")])
+                .args(["--resp-size", "1024"]);
+            c
+        },
+        log("app-http"),
+    )?);
+    procs.push(spawn(
+        {
+            let mut c = lab.server.cmd(&bins.loadgen);
+            c.args(["serve", "echo", "--listen", &format!("0.0.0.0:{ECHO_PORT}")]);
+            c
+        },
+        log("app-echo"),
+    )?);
+    procs.push(spawn(
+        {
+            let mut c = lab.server.cmd("iperf3");
+            c.args(["-s", "-p", &IPERF_PORT.to_string()]);
+            c
+        },
+        log("app-iperf3"),
+    )?);
+    let target = format!("{SERVER_IP}:{HTTP_PORT}");
+    wait_for("the server pod's HTTP app", 10, || {
+        probe_http(&lab.server, &format!("127.0.0.1:{HTTP_PORT}"), "/").contains(" 200 ")
+    })?;
+    let mut d = Deployed {
+        proxies: Vec::new(),
+        io_backend: "-".into(),
+        procs,
+        max_conns: None,
+    };
+    match spec {
+        PathSpec::NoMesh => {}
+        PathSpec::Ambient => ambient(lab, bins, dir, None, &mut d)?,
+        PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, Some(p), &mut d)?,
+        PathSpec::Sidecar(proxy) => sidecar(lab, bins, dir, proxy, &mut d)?,
+        PathSpec::Ztunnel(None) | PathSpec::Waypoint(_) => {
+            bail!("{} cannot run here", spec.name())
+        }
+    }
+    let reply = probe_http(&lab.client, &target, "/");
+    if !reply.contains(" 200 ") {
+        d.check_alive()?;
+        bail!(
+            "{}: the client pod's request to {target} got {reply:?}",
+            spec.name()
+        );
+    }
+    Ok(d)
+}
+
+const MESH_YAML: &str = r#"workloads:
+- uid: harness//v1/Pod/default/client
+  name: client
+  namespace: default
+  serviceAccount: client
+  workloadIps: ["10.241.1.2"]
+  protocol: HBONE
+  node: node-1
+- uid: harness//v1/Pod/default/server
+  name: server
+  namespace: default
+  serviceAccount: server
+  workloadIps: ["10.241.2.2"]
+  protocol: HBONE
+  node: node-2
+  authorizationPolicies: ["default/server-viewer"]
+policies:
+- name: server-viewer
+  namespace: default
+  scope: WorkloadSelector
+  action: Allow
+  dryRun: false
+  rules:
+  - - - principals:
+        - !Exact cluster.local/ns/default/sa/client
+"#;
+
+fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| what.to_string())?;
+    if !out.status.success() {
+        bail!("{what}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// Node agents, the node proxies (zring, or ztunnel when `ztunnel` is given), pods enrolled.
+fn ambient(
+    lab: &Lab,
+    bins: &Bins,
+    dir: &Scratch,
+    ztunnel: Option<&Path>,
+    d: &mut Deployed,
+) -> anyhow::Result<()> {
+    let cfg = dir.0.join("mesh.yaml");
+    std::fs::write(&cfg, MESH_YAML)?;
+    let ca = dir.0.join("ca");
+    run_ok(
+        Command::new(&bins.zring)
+            .args(["ca", "init", "--dir"])
+            .arg(&ca),
+        "zring ca init",
+    )?;
+    let nodes = [
+        (&lab.node1, "node-1", &lab.client, "client"),
+        (&lab.node2, "node-2", &lab.server, "server"),
+    ];
+    let mut sockets = Vec::new();
+    for (ns, node, _, _) in nodes {
+        let socket = dir.0.join(format!("{node}.sock"));
+        let mut c = ns.cmd(&bins.zring);
+        c.args(["node-agent", "run", "--socket"]).arg(&socket);
+        let agent = spawn(c, Some(dir.0.join(format!("agent-{node}.log"))))?;
+        let control = PathBuf::from(format!("{}.control", socket.display()));
+        wait_for(&format!("the node agent of {node}"), 10, || {
+            control.exists()
+        })?;
+        d.procs.push(agent);
+        sockets.push(socket);
+    }
+    let first_proxy = d.procs.len();
+    for ((ns, node, _, _), socket) in nodes.iter().zip(&sockets) {
+        let log = dir.0.join(format!("proxy-{node}.log"));
+        let proxy = match ztunnel {
+            None => {
+                let mut c = ns.cmd(&bins.zring);
+                c.args(["run", "--config"])
+                    .arg(&cfg)
+                    .args(["--node-name", node, "--ca-dir"])
+                    .arg(&ca)
+                    .arg("--zds-socket")
+                    .arg(socket)
+                    // Access logs off, as in the HAProxy sidecars; everything else at info.
+                    .env("RUST_LOG", "info,access=off");
+                spawn(c, Some(log))?
+            }
+            Some(bin) => {
+                let mut c = ns.cmd(bin);
+                c.env("FAKE_CA", "true")
+                    .env("XDS_ADDRESS", "")
+                    .env("LOCAL_XDS_PATH", &cfg)
+                    .env("NODE_NAME", node)
+                    .env("INPOD_UDS", socket)
+                    .env("RUST_LOG", "info,access=off");
+                spawn(c, Some(log))?
+            }
+        };
+        let label = format!(
+            "{} {node}",
+            if ztunnel.is_some() {
+                "ztunnel"
+            } else {
+                "zring"
+            }
+        );
+        d.proxies.push((label, proxy.pid()));
+        d.procs.push(proxy);
+    }
+    for (i, (ns, node, _, _)) in nodes.iter().enumerate() {
+        let ready = wait_for(&format!("{node}'s proxy readiness"), 20, || {
+            probe_http(ns, "127.0.0.1:15021", "/healthz/ready").contains(" 200 ")
+        });
+        if let Err(e) = ready {
+            bail!("{e}:\n{}", tail(&d.procs[first_proxy + i].log_text(), 30));
+        }
+    }
+    if ztunnel.is_none() {
+        d.io_backend = d.procs[first_proxy]
+            .log_text()
+            .lines()
+            .find(|l| l.contains("io backend selected"))
+            .and_then(|l| l.split("backend=").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+    }
+    for ((_, node, pod, name), socket) in nodes.iter().zip(&sockets) {
+        run_ok(
+            Command::new(&bins.zring)
+                .args(["node-agent", "add", "--socket"])
+                .arg(socket)
+                .args(["--netns", &pod.path(), "--uid", &format!("uid-{name}")])
+                .args(["--name", name, "--namespace", "default"])
+                .args(["--service-account", name]),
+            &format!("enroll pod {name} on {node}"),
+        )?;
+    }
+    // Traffic must cross the tunnel: node-2's proxy counts the connection as the destination
+    // reporter with the client's principal.
+    let metrics = || {
+        probe_http_full(&lab.node2, "127.0.0.1:15020", "/metrics")
+            .lines()
+            .any(|l| {
+                l.starts_with("istio_tcp_connections_opened_total")
+                    && l.contains("reporter=\"destination\"")
+                    && l.contains(
+                        "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"",
+                    )
+            })
+    };
+    let through = wait_for("a request through the tunnel", 20, || {
+        probe_http(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/").contains(" 200 ")
+            && metrics()
+    });
+    if let Err(e) = through {
+        bail!(
+            "{e}\nnode-1:\n{}\nnode-2:\n{}",
+            tail(&d.procs[d.procs.len() - 2].log_text(), 20),
+            tail(&d.procs[d.procs.len() - 1].log_text(), 20)
+        );
+    }
+    Ok(())
+}
+
+/// Like [`probe_http`] but reads the whole response.
+fn probe_http_full(ns: &Ns, addr: &str, path: &str) -> String {
+    let (host, port) = addr.split_once(':').unwrap_or((addr, "80"));
+    ns.cmd("bash")
+        .args([
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/{host}/{port} && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 3 cat <&3"
+            ),
+        ])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+/// The uid the sidecars run as; the client pod's capture rule skips its connections (Istio's
+/// sidecars use 1337 the same way).
+const SIDECAR_UID: &str = "65534";
+
+/// (app port, client-side capture port, server-side capture port, HTTP?)
+const SIDECAR_PORTS: [(u16, u16, u16, bool); 3] = [
+    (HTTP_PORT, 15001, 15006, true),
+    (ECHO_PORT, 15002, 15007, false),
+    (IPERF_PORT, 15003, 15009, false),
+];
+
+fn sidecar(
+    lab: &Lab,
+    bins: &Bins,
+    dir: &Scratch,
+    proxy: &SidecarProxy,
+    d: &mut Deployed,
+) -> anyhow::Result<()> {
+    let ca = dir.0.join("ca");
+    run_ok(
+        Command::new(&bins.zring)
+            .args(["ca", "init", "--dir"])
+            .arg(&ca),
+        "zring ca init",
+    )?;
+    for sa in ["client", "server"] {
+        let prefix = dir.0.join(format!("{sa}-"));
+        run_ok(
+            Command::new(&bins.zring)
+                .args(["ca", "issue", "--dir"])
+                .arg(&ca)
+                .args([
+                    "--spiffe",
+                    &format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+                ])
+                .arg("--out")
+                .arg(&prefix),
+            "zring ca issue",
+        )?;
+        // HAProxy wants chain and key in one file.
+        let chain = std::fs::read_to_string(dir.0.join(format!("{sa}-cert-chain.pem")))?;
+        let key = std::fs::read_to_string(dir.0.join(format!("{sa}-key.pem")))?;
+        std::fs::write(dir.0.join(format!("{sa}.pem")), format!("{chain}{key}"))?;
+    }
+    // The sidecars drop to SIDECAR_UID: they must be able to reach their files.
+    run_ok(
+        Command::new("chmod").args(["-R", "a+rX"]).arg(&dir.0),
+        "chmod",
+    )?;
+    let root = dir.0.join("client-root-cert.pem");
+    // HAProxy needs two descriptors per proxied connection and cannot go past the hard limit
+    // of open files (raising it needs CAP_SYS_RESOURCE).
+    let hard = nofile_hard_limit();
+    let maxconn = (hard.saturating_sub(200) / 2).clamp(100, 40_000);
+    if matches!(proxy, SidecarProxy::Haproxy) {
+        d.max_conns = Some((
+            maxconn,
+            format!("HAProxy maxconn {maxconn}: two descriptors per connection under this machine's open-file hard limit of {hard}"),
+        ));
+    }
+    // Capture: the client pod's outbound connections to the app ports go to its sidecar, the
+    // server pod's inbound ones to its sidecar.
+    lab.client.sh(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-m",
+        "owner",
+        "--uid-owner",
+        SIDECAR_UID,
+        "-j",
+        "RETURN",
+    ])?;
+    for (app, out_port, in_port, _) in SIDECAR_PORTS {
+        lab.client.sh(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            SERVER_IP,
+            "--dport",
+            &app.to_string(),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &out_port.to_string(),
+        ])?;
+        lab.server.sh(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "tcp",
+            "-d",
+            SERVER_IP,
+            "--dport",
+            &app.to_string(),
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &in_port.to_string(),
+        ])?;
+    }
+    for (pod, side) in [(&lab.client, "client"), (&lab.server, "server")] {
+        let pem = dir.0.join(format!("{side}.pem"));
+        let log = Some(dir.0.join(format!("sidecar-{side}.log")));
+        let p = match proxy {
+            SidecarProxy::Haproxy => {
+                let cfg = dir.0.join(format!("haproxy-{side}.cfg"));
+                std::fs::write(&cfg, haproxy_config(side == "client", &pem, &root, maxconn))?;
+                let mut c = pod.cmd("haproxy");
+                c.args(["-db", "-f"]).arg(&cfg);
+                spawn(c, log)?
+            }
+            SidecarProxy::Envoy(bin) => {
+                let cfg = dir.0.join(format!("envoy-{side}.yaml"));
+                std::fs::write(&cfg, envoy_config(side == "client", dir, side, &root))?;
+                let mut c = pod.cmd("setpriv");
+                c.args([
+                    "--reuid",
+                    SIDECAR_UID,
+                    "--regid",
+                    SIDECAR_UID,
+                    "--clear-groups",
+                ])
+                .arg(bin)
+                .arg("-c")
+                .arg(&cfg)
+                .args(["--disable-hot-restart", "--log-level", "warn"]);
+                spawn(c, log)?
+            }
+        };
+        d.proxies.push((format!("sidecar {side}"), p.pid()));
+        d.procs.push(p);
+    }
+    d.io_backend = "epoll (HAProxy/Envoy)".into();
+    wait_for("the sidecars to listen", 10, || {
+        probe_http(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/").contains(" 200 ")
+    })
+    .map_err(|e| {
+        let logs: Vec<String> = d.procs.iter().map(|p| tail(&p.log_text(), 10)).collect();
+        anyhow::anyhow!("{e}:\n{}", logs.join("\n"))
+    })?;
+    // The request must have been captured on both sides (the rules' packet counters).
+    for (pod, chain) in [(&lab.client, "OUTPUT"), (&lab.server, "PREROUTING")] {
+        let out = run_ok(
+            pod.cmd("iptables")
+                .args(["-t", "nat", "-L", chain, "-v", "-n", "-x"]),
+            "iptables -L",
+        )?;
+        let captured = out
+            .lines()
+            .filter(|l| l.contains("REDIRECT") && l.contains(&format!("dpt:{HTTP_PORT}")))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum::<u64>();
+        if captured == 0 {
+            bail!("sidecar: {chain} in {} captured nothing", pod.name);
+        }
+    }
+    let _ = CLIENT_IP;
+    Ok(())
+}
+
+/// The hard limit of open files (`ulimit -Hn`).
+pub fn nofile_hard_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4)?.parse().ok())
+        .unwrap_or(1024)
+}
+
+fn haproxy_config(client: bool, pem: &Path, root: &Path, maxconn: usize) -> String {
+    let tls = format!(
+        "ssl crt {} ca-file {} verify required",
+        pem.display(),
+        root.display()
+    );
+    let mut s = format!(
+        "global\n  maxconn {maxconn}\n  uid {SIDECAR_UID}\n  gid {SIDECAR_UID}\n\
+         defaults\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n  \
+         timeout http-keep-alive 1h\n  timeout http-request 1h\n\n"
+    );
+    for (app, out_port, in_port, http) in SIDECAR_PORTS {
+        let mode = if http { "http" } else { "tcp" };
+        let name = format!("p{app}");
+        if client {
+            s.push_str(&format!(
+                "frontend {name}\n  mode {mode}\n  bind 0.0.0.0:{out_port}\n  default_backend {name}\n\
+                 backend {name}\n  mode {mode}\n{}  server up {SERVER_IP}:{app} {tls}\n\n",
+                if http { "  http-reuse always\n" } else { "" }
+            ));
+        } else {
+            s.push_str(&format!(
+                "frontend {name}\n  mode {mode}\n  bind 0.0.0.0:{in_port} {tls}\n  default_backend {name}\n\
+                 backend {name}\n  mode {mode}\n{}  server app 127.0.0.1:{app}\n\n",
+                if http { "  http-reuse always\n" } else { "" }
+            ));
+        }
+    }
+    s
+}
+
+/// Envoy's static config for the same sidecar (not run here: no Envoy binary).
+fn envoy_config(client: bool, dir: &Scratch, side: &str, root: &Path) -> String {
+    let chain = dir.0.join(format!("{side}-cert-chain.pem"));
+    let key = dir.0.join(format!("{side}-key.pem"));
+    let certs = format!(
+        "common_tls_context:\n          tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]\n          validation_context: {{trusted_ca: {{filename: {}}}}}",
+        chain.display(),
+        key.display(),
+        root.display()
+    );
+    let mut listeners = String::new();
+    let mut clusters = String::new();
+    for (app, out_port, in_port, http) in SIDECAR_PORTS {
+        let name = format!("p{app}");
+        let (port, up_addr, up_port) = if client {
+            (out_port, SERVER_IP, app)
+        } else {
+            (in_port, "127.0.0.1", app)
+        };
+        let filter = if http {
+            format!(
+                "- name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: {name}\n          route_config: {{virtual_hosts: [{{name: all, domains: [\"*\"], routes: [{{match: {{prefix: \"/\"}}, route: {{cluster: {name}}}}}]}}]}}\n          http_filters: [{{name: envoy.filters.http.router, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]"
+            )
+        } else {
+            format!(
+                "- name: envoy.filters.network.tcp_proxy\n        typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: {name}}}"
+            )
+        };
+        let downstream_tls = if client {
+            String::new()
+        } else {
+            format!(
+                "\n      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          require_client_certificate: true\n          {}",
+                certs.replace("\n          ", "\n            ")
+            )
+        };
+        listeners.push_str(&format!(
+            "  - name: {name}\n    address: {{socket_address: {{address: 0.0.0.0, port_value: {port}}}}}\n    filter_chains:\n    - filters:\n      {filter}{downstream_tls}\n"
+        ));
+        let upstream_tls = if client {
+            format!(
+                "\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        {}",
+                certs
+            )
+        } else {
+            String::new()
+        };
+        clusters.push_str(&format!(
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 5s\n    load_assignment: {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {up_addr}, port_value: {up_port}}}}}}}}}]}}]}}{upstream_tls}\n"
+        ));
+    }
+    format!("static_resources:\n  listeners:\n{listeners}  clusters:\n{clusters}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_configs_name_every_port_and_require_client_certificates() {
+        let dir = Scratch::new("cfg-test").unwrap();
+        let root = dir.0.join("root.pem");
+        let pem = dir.0.join("x.pem");
+        let client = haproxy_config(true, &pem, &root, 9000);
+        let server = haproxy_config(false, &pem, &root, 9000);
+        assert!(client.contains("maxconn 9000") && client.contains("uid 65534"));
+        for (app, out_port, in_port, http) in SIDECAR_PORTS {
+            assert!(client.contains(&format!("bind 0.0.0.0:{out_port}\n")));
+            assert!(client.contains(&format!("server up {SERVER_IP}:{app} ssl crt")));
+            assert!(server.contains(&format!("bind 0.0.0.0:{in_port} ssl crt")));
+            assert!(server.contains(&format!("server app 127.0.0.1:{app}\n")));
+            let _ = http;
+        }
+        assert_eq!(server.matches("verify required").count(), 3);
+        assert_eq!(client.matches("mode http").count(), 2);
+        for client in [true, false] {
+            let y = envoy_config(client, &dir, "client", &root);
+            assert!(y.starts_with("static_resources:\n  listeners:\n"));
+            assert_eq!(y.matches("  - name: p").count(), 6, "{y}");
+            assert_eq!(
+                y.matches("require_client_certificate: true").count(),
+                if client { 0 } else { 3 }
+            );
+            assert_eq!(
+                y.matches("UpstreamTlsContext").count(),
+                if client { 3 } else { 0 }
+            );
+            if std::env::var_os("ZRING_PRINT_ENVOY").is_some() {
+                println!("---\n{y}");
+            }
+        }
+    }
+}
