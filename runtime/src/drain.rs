@@ -129,9 +129,64 @@ pub struct Drain {
 #[derive(Debug, Default)]
 struct EventState {
     set: Cell<bool>,
-    waiters: RefCell<Vec<Waker>>,
+    waiters: RefCell<WakerSet>,
     live: Cell<usize>,
-    idle_waiters: RefCell<Vec<Waker>>,
+    idle_waiters: RefCell<WakerSet>,
+}
+
+/// Wakers of pending futures, each under a key its future removes when dropped. A waker keeps
+/// its task's allocation alive, so a connection that ended while waiting must take its waker
+/// out: a plain list kept every finished connection's task (tens of KiB each) until the drain
+/// fired, and made every registration scan all of them.
+#[derive(Debug, Default)]
+struct WakerSet {
+    slots: Vec<Option<Waker>>,
+    free: Vec<usize>,
+}
+
+impl WakerSet {
+    /// Store `waker` under `key` (a new key when `None`); returns the key.
+    fn register(&mut self, key: Option<usize>, waker: &Waker) -> usize {
+        if let Some(k) = key {
+            if let Some(slot) = self.slots.get_mut(k) {
+                match slot {
+                    Some(w) if w.will_wake(waker) => {}
+                    _ => *slot = Some(waker.clone()),
+                }
+                return k;
+            }
+        }
+        match self.free.pop() {
+            Some(k) => {
+                self.slots[k] = Some(waker.clone());
+                k
+            }
+            None => {
+                self.slots.push(Some(waker.clone()));
+                self.slots.len() - 1
+            }
+        }
+    }
+
+    fn remove(&mut self, key: usize) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            if slot.take().is_some() {
+                self.free.push(key);
+            }
+        }
+    }
+
+    /// Wake every waiter. Their keys stay reserved until their futures drop or poll again,
+    /// so a key is never handed to a second future while the first still holds it.
+    fn wake_all(&mut self) {
+        for w in self.slots.iter().flatten() {
+            w.wake_by_ref();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
 }
 
 impl Drain {
@@ -155,9 +210,7 @@ impl Drain {
     /// Start draining: wake everyone waiting in [`Drain::signaled`].
     pub fn start(&self) {
         if !self.inner.set.replace(true) {
-            for w in self.inner.waiters.borrow_mut().drain(..) {
-                w.wake();
-            }
+            self.inner.waiters.borrow_mut().wake_all();
         }
     }
 
@@ -168,7 +221,16 @@ impl Drain {
 
     /// Completes once draining has started.
     pub fn signaled(&self) -> Signaled<'_> {
-        Signaled { drain: self }
+        Signaled {
+            drain: self,
+            key: None,
+        }
+    }
+
+    /// Futures currently waiting in [`Drain::signaled`] or [`Drain::idle`] (for tests and
+    /// diagnostics: it must not grow with connections that have ended).
+    pub fn waiters(&self) -> usize {
+        self.inner.waiters.borrow().len() + self.inner.idle_waiters.borrow().len()
     }
 
     /// Count a live connection until the returned guard drops.
@@ -186,7 +248,10 @@ impl Drain {
 
     /// Completes when no tracked connection is left.
     pub fn idle(&self) -> Idle<'_> {
-        Idle { drain: self }
+        Idle {
+            drain: self,
+            key: None,
+        }
     }
 
     /// Wait for the tracked connections to finish, at most `deadline`. Returns how many were
@@ -199,44 +264,69 @@ impl Drain {
     }
 }
 
-/// Future of [`Drain::signaled`].
+/// Future of [`Drain::signaled`]; takes its waker out of the drain when dropped.
 #[derive(Debug)]
 pub struct Signaled<'a> {
     drain: &'a Drain,
+    key: Option<usize>,
 }
 
 impl Future for Signaled<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.drain.inner.set.get() {
+        let this = self.get_mut();
+        if this.drain.inner.set.get() {
             return Poll::Ready(());
         }
-        register(&self.drain.inner.waiters, cx.waker());
+        let key = this
+            .drain
+            .inner
+            .waiters
+            .borrow_mut()
+            .register(this.key, cx.waker());
+        this.key = Some(key);
         Poll::Pending
     }
 }
 
-/// Future of [`Drain::idle`].
+impl Drop for Signaled<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.drain.inner.waiters.borrow_mut().remove(k);
+        }
+    }
+}
+
+/// Future of [`Drain::idle`]; takes its waker out of the drain when dropped.
 #[derive(Debug)]
 pub struct Idle<'a> {
     drain: &'a Drain,
+    key: Option<usize>,
 }
 
 impl Future for Idle<'_> {
     type Output = ();
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.drain.inner.live.get() == 0 {
+        let this = self.get_mut();
+        if this.drain.inner.live.get() == 0 {
             return Poll::Ready(());
         }
-        register(&self.drain.inner.idle_waiters, cx.waker());
+        let key = this
+            .drain
+            .inner
+            .idle_waiters
+            .borrow_mut()
+            .register(this.key, cx.waker());
+        this.key = Some(key);
         Poll::Pending
     }
 }
 
-fn register(list: &RefCell<Vec<Waker>>, waker: &Waker) {
-    let mut list = list.borrow_mut();
-    if !list.iter().any(|w| w.will_wake(waker)) {
-        list.push(waker.clone());
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key.take() {
+            self.drain.inner.idle_waiters.borrow_mut().remove(k);
+        }
     }
 }
 
@@ -251,9 +341,66 @@ impl Drop for ConnGuard {
         let left = self.inner.live.get().saturating_sub(1);
         self.inner.live.set(left);
         if left == 0 {
-            for w in self.inner.idle_waiters.borrow_mut().drain(..) {
-                w.wake();
-            }
+            self.inner.idle_waiters.borrow_mut().wake_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rt() -> monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>> {
+        monoio::RuntimeBuilder::<monoio::time::TimeDriver<monoio::LegacyDriver>>::new()
+            .build()
+            .expect("runtime")
+    }
+
+    #[test]
+    fn finished_connections_leave_no_waker_behind_and_the_drain_still_wakes_the_rest() {
+        rt().block_on(async {
+            let drain = Drain::new();
+            // 1000 "connections" that end on their own while waiting for the drain, as a
+            // connection task does with `select!`.
+            let mut done = Vec::new();
+            for _ in 0..1000 {
+                let d = drain.clone();
+                done.push(monoio::spawn(async move {
+                    let _guard = d.track();
+                    monoio::select! {
+                        _ = monoio::time::sleep(Duration::from_millis(5)) => true,
+                        _ = d.signaled() => false,
+                    }
+                }));
+            }
+            for h in done {
+                assert!(h.await, "ended by its own work, not the drain");
+            }
+            assert_eq!(drain.waiters(), 0, "ended connections keep no waker");
+            assert_eq!(drain.live(), 0);
+
+            // Long-lived ones are still woken by start(), and their wakers go when they end.
+            let mut waiting = Vec::new();
+            for _ in 0..10 {
+                let d = drain.clone();
+                waiting.push(monoio::spawn(async move {
+                    let _guard = d.track();
+                    d.signaled().await;
+                }));
+            }
+            monoio::time::sleep(Duration::from_millis(10)).await;
+            assert_eq!(drain.waiters(), 10);
+            assert_eq!(drain.live(), 10);
+            let left = drain.clone();
+            let idle = monoio::spawn(async move { left.wait_idle(Duration::from_secs(5)).await });
+            drain.start();
+            for h in waiting {
+                h.await;
+            }
+            assert_eq!(idle.await, 0, "idle() saw every connection finish");
+            assert_eq!(drain.waiters(), 0);
+            // A signaled() after the start completes at once.
+            drain.signaled().await;
+        });
     }
 }
