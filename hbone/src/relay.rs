@@ -19,8 +19,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::stream::H2Stream;
 
-/// Buffer per direction of the socket <-> stream copy.
+/// Largest read buffer of the socket -> stream copy: bulk transfers read up to this much per
+/// syscall and hand it to h2 as one chunk.
 pub const COPY_BUFFER: usize = 256 * 1024;
+/// First read buffer of a connection. A connection's buffer grows (x4 up to [`COPY_BUFFER`])
+/// only when reads fill it, so idle and request/response connections - most of a node's
+/// connections - hold 4 KiB instead of 256 KiB.
+pub const INITIAL_COPY_BUFFER: usize = 4 * 1024;
 
 /// A socket that can be told to send RST instead of FIN when closed.
 pub trait ResetOnClose {
@@ -69,12 +74,17 @@ where
     let error = {
         // Socket -> stream: read into a BytesMut and hand the filled part to h2 as is (no copy).
         let a = pin!(async {
-            let mut buf = BytesMut::with_capacity(COPY_BUFFER);
+            let mut want = INITIAL_COPY_BUFFER;
+            let mut buf = BytesMut::new();
             loop {
-                if buf.capacity() < COPY_BUFFER / 4 {
-                    buf.reserve(COPY_BUFFER);
+                if buf.capacity() < want / 4 {
+                    buf.reserve(want);
                 }
+                let room = buf.capacity();
                 let n = sr.read_buf(&mut buf).await.map_err(TunnelError::Socket)?;
+                if n == room && want < COPY_BUFFER {
+                    want = (want * 4).min(COPY_BUFFER);
+                }
                 if n == 0 {
                     h2w.shutdown().await.map_err(TunnelError::Stream)?;
                     return Ok(());
