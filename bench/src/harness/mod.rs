@@ -53,6 +53,9 @@ pub struct RunArgs {
     /// route to one).
     #[arg(long)]
     waypoint: Option<String>,
+    /// Idle-connection counts to measure memory with (default 1000,10000; 200 with --quick).
+    #[arg(long, value_delimiter = ',')]
+    idle_conns: Option<Vec<usize>>,
     #[command(flatten)]
     common: Common,
 }
@@ -285,7 +288,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None => PathBuf::from("perf-reports").join(format!("{date}-{commit}")),
     };
     std::fs::create_dir_all(out.join("raw"))?;
-    let plan = Plan::new(args.quick);
+    let mut plan = Plan::new(args.quick);
+    if let Some(v) = &args.idle_conns {
+        plan.idle_conns = v.clone();
+    }
     let mut results = Results {
         command: command_line(),
         commit,
@@ -361,11 +367,32 @@ fn run_path(
 ) -> anyhow::Result<()> {
     let scratch = Scratch::new(spec.name())?;
     let lab = Lab::build()?;
-    let mut d = paths::deploy(spec, &lab, bins, &scratch)?;
+    let result = measure_path(spec, bins, plan, out, pr, &lab, &scratch);
+    // The processes' logs go with the report (kept also when the path failed).
+    let logs = out.join("logs").join(spec.name());
+    std::fs::create_dir_all(&logs)?;
+    for e in std::fs::read_dir(&scratch.0)?.flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::copy(e.path(), logs.join(e.file_name()));
+        }
+    }
+    result
+}
+
+fn measure_path(
+    spec: &PathSpec,
+    bins: &Bins,
+    plan: &Plan,
+    out: &Path,
+    pr: &mut PathResult,
+    lab: &Lab,
+    scratch: &Scratch,
+) -> anyhow::Result<()> {
+    let mut d = paths::deploy(spec, lab, bins, scratch)?;
     pr.io_backend = d.io_backend.clone();
     pr.proxies = d.proxies.iter().map(|(l, _)| l.clone()).collect();
     let m = Measure {
-        lab: &lab,
+        lab,
         bins,
         out,
         path: spec.name(),
