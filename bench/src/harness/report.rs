@@ -111,7 +111,7 @@ fn headline(r: &Results, conns: usize) -> Vec<(String, Vec<Option<f64>>, bool)> 
             false,
         ),
         (
-            "proxy MiB per 1000 idle connections (all proxies)".into(),
+            "proxy MiB per 1000 idle connections (all proxies, largest idle run)".into(),
             col(&|p| mib_per_1000_idle(p).map(|(_, m)| m)),
             false,
         ),
@@ -144,7 +144,7 @@ fn headline_table(r: &Results) -> String {
     }
     s.push('\n');
     for (metric, vals, _) in headline(r, conns) {
-        let digits = if metric.starts_with('p') {
+        let digits = if metric.contains(" ms,") {
             3
         } else if metric.starts_with("Gbit") || metric.contains("MiB") {
             2
@@ -163,6 +163,9 @@ fn headline_table(r: &Results) -> String {
             let _ = write!(s, " {} |", ratio(vals[a], vals[b]));
         }
         s.push('\n');
+    }
+    if amb.is_some() && side.is_some() {
+        s.push_str("\nambient / sidecar: below 1 is better for latency, CPU and memory; above 1 is better for rates and throughput.\n");
     }
     s
 }
@@ -221,8 +224,15 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     md.push_str("\nThe sidecar path stands in for Istio's Envoy sidecars with HAProxy (Debian's): HTTP mode for HTTP, TCP mode for echo and iperf3, mutual TLS with the same CA, certificate chain verified; it does not check the peer's SPIFFE identity against a policy (the ambient path does, with an L4 allow policy on the server). zring's access logs are off in the harness, like HAProxy's.\n\n");
 
     md.push_str("## Headline\n\n");
+    // Human reading of the numbers, kept across re-renders.
+    let notes = std::fs::read_to_string(dir.join("notes.md")).unwrap_or_default();
     md.push_str(&headline_table(r));
     md.push('\n');
+    if !notes.trim().is_empty() {
+        md.push_str("## Reading this report\n\n");
+        md.push_str(notes.trim());
+        md.push_str("\n\n");
+    }
 
     // Latency sweep.
     let paths: Vec<&PathResult> = ran(r).collect();
@@ -458,7 +468,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
 
     // Flamegraphs.
     if !r.profiles.is_empty() {
-        md.push_str("\n## Flamegraphs\n\n`perf record -e cpu-clock -g --call-graph dwarf` on each proxy process during the scenario, rendered with inferno.\n\n");
+        md.push_str("\n## Flamegraphs\n\n`perf record -e cpu-clock -g --call-graph dwarf` on each proxy process during the scenario, rendered with inferno. Rates under perf are lower than in the measured runs above (dwarf unwinding costs CPU on the same two cores).\n\n");
         for p in &r.profiles {
             let _ = writeln!(
                 md,
@@ -492,7 +502,7 @@ pub fn update_index(dir: &Path, r: &Results) -> anyhow::Result<()> {
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
     let mut section = format!(
-        "{INDEX_START}\n## Latest latency-harness headline ([{name}/report.md]({name}/report.md))\n\n`{}`, commit `{}`, {} CPUs, {}, kernel {}.\n\n",
+        "{INDEX_START}\n\n## Latest latency-harness headline ([{name}/report.md]({name}/report.md))\n\n`{}`, commit `{}`, {} CPUs, {}, kernel {}.\n\n",
         r.command,
         r.commit,
         r.machine["nproc"],
@@ -508,12 +518,13 @@ pub fn update_index(dir: &Path, r: &Results) -> anyhow::Result<()> {
             p.not_run.as_deref().unwrap_or("")
         );
     }
+    section.push('\n');
     section.push_str(INDEX_END);
     let mut text = match (text.find(INDEX_START), text.find(INDEX_END)) {
         (Some(a), Some(b)) if b > a => {
             format!("{}{section}{}", &text[..a], &text[b + INDEX_END.len()..])
         }
-        _ => format!("{}\n{section}\n", text.trim_end()),
+        _ => format!("{}\n\n{section}\n", text.trim_end()),
     };
     let row = format!("| [{name}/report.md]({name}/report.md) |");
     if !text.contains(&row) {
