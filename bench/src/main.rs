@@ -1,5 +1,8 @@
 //! `zring-bench`: measurements that compare zring against baselines in the same run.
 //!
+//! `zring-bench run` is the latency harness (see `harness`): no-mesh vs ambient vs sidecar paths
+//! on network namespaces, Istio's scenarios, reports with charts and flamegraphs.
+//!
 //! `zring-bench relay` measures bulk TCP throughput on loopback with iperf3 through nothing
 //! (direct), through `zring relay` in copy mode (64 KiB and 256 KiB buffers) and in splice mode,
 //! on io_uring and epoll, plus io_uring's own splice opcode for the io-wq thread count. It
