@@ -43,13 +43,35 @@ where
 }
 
 /// Spawn `fut` on the current worker as a tracked connection of `drain`.
+///
+/// The task holds `fut` once. An `async move { fut.await }` wrapper would keep room for it
+/// twice (the captured value and the awaited one), and connection futures are several KiB: the
+/// task is the largest per-connection allocation of an idle connection.
 pub fn spawn_tracked<F>(drain: &Drain, fut: F)
 where
     F: Future<Output = ()> + 'static,
 {
-    let guard = drain.track();
-    monoio::spawn(async move {
-        fut.await;
-        drop(guard);
+    monoio::spawn(Tracked {
+        fut,
+        _guard: drain.track(),
     });
+}
+
+/// A future that keeps a connection counted in its drain until it completes or is dropped.
+struct Tracked<F> {
+    fut: F,
+    _guard: crate::drain::ConnGuard,
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // SAFETY: structural pinning of `fut`: it is never moved out of `Tracked` (no method
+        // hands it out by value, `Tracked` has no `Drop` impl that could move it, and it is not
+        // `Unpin` unless `F` is), so pinning `Tracked` pins `fut` for its whole life.
+        unsafe { self.map_unchecked_mut(|t| &mut t.fut) }.poll(cx)
+    }
 }
