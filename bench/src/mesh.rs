@@ -22,7 +22,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 
 use crate::{
-    sample::CpuWindow,
+    sample::{rss_mib, CpuWindow},
     util::{git_commit, machine, which, Killed},
 };
 
@@ -123,15 +123,6 @@ struct Row {
     /// Errors by kind, as zring-loadgen reports them.
     error_kinds: String,
     proxies: Vec<Proxy>,
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn wait_ready(ns: &Ns, addr: &str) -> anyhow::Result<()> {

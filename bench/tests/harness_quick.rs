@@ -55,6 +55,22 @@ fn harness(args: &[&str]) -> Command {
     c
 }
 
+/// `zring-bench run --quick --out <tmp>/zring-harness-TAG-<pid> EXTRA...` with stderr in a log
+/// file: (report folder, log, child).
+fn start(tag: &str, extra: &[&str]) -> (PathBuf, PathBuf, std::process::Child) {
+    let out = std::env::temp_dir().join(format!("zring-harness-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let log = out.with_extension("log");
+    let mut args = vec!["run", "--quick", "--out", out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let child = harness(&args)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (out, log, child)
+}
+
 fn namespaces_of(pid: u32) -> Vec<String> {
     let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
@@ -100,14 +116,7 @@ fn quick_run_measures_every_path_and_writes_the_report() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = std::env::temp_dir().join(format!("zring-harness-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let log = out.with_extension("log");
-    let mut child = harness(&["run", "--quick", "--out", out.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (out, log, mut child) = start("test", &[]);
     let pid = child.id();
     let st = wait_with_deadline(&mut child, 400);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -211,20 +220,7 @@ fn an_interrupted_run_removes_its_namespaces_and_processes() {
         return;
     }
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = std::env::temp_dir().join(format!("zring-harness-int-{}", std::process::id()));
-    let log = out.with_extension("log");
-    let mut child = harness(&[
-        "run",
-        "--quick",
-        "--paths",
-        "no-mesh,ambient",
-        "--out",
-        out.to_str().unwrap(),
-    ])
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&log).unwrap())
-    .spawn()
-    .unwrap();
+    let (out, log, mut child) = start("int", &["--paths", "no-mesh,ambient"]);
     let pid = child.id();
     // Interrupt while the ambient path is up and measuring (its proxies are running).
     let deadline = Instant::now() + Duration::from_secs(120);

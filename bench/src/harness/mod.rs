@@ -26,7 +26,7 @@ use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    sample::CpuWindow,
+    sample::{rss_mib, CpuWindow},
     util::{git_commit, machine, which},
 };
 use lab::{Lab, Scratch, SERVER_IP};
@@ -460,15 +460,6 @@ struct Measure<'a> {
     out: &'a Path,
     path: &'static str,
     plan: &'a Plan,
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 impl Measure<'_> {

@@ -466,40 +466,8 @@ fn sidecar(
         "RETURN",
     ])?;
     for (app, out_port, in_port, _) in SIDECAR_PORTS {
-        lab.client.sh(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            SERVER_IP,
-            "--dport",
-            &app.to_string(),
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &out_port.to_string(),
-        ])?;
-        lab.server.sh(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "tcp",
-            "-d",
-            SERVER_IP,
-            "--dport",
-            &app.to_string(),
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &in_port.to_string(),
-        ])?;
+        redirect(&lab.client, "OUTPUT", app, out_port)?;
+        redirect(&lab.server, "PREROUTING", app, in_port)?;
     }
     for (pod, side) in [(&lab.client, "client"), (&lab.server, "server")] {
         let pem = dir.0.join(format!("{side}.pem"));
@@ -559,6 +527,27 @@ fn sidecar(
     }
     let _ = CLIENT_IP;
     Ok(())
+}
+
+/// `iptables -t nat -A CHAIN -p tcp -d SERVER_IP --dport APP -j REDIRECT --to-ports TO` in `ns`.
+fn redirect(ns: &Ns, chain: &str, app: u16, to: u16) -> anyhow::Result<()> {
+    ns.sh(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        chain,
+        "-p",
+        "tcp",
+        "-d",
+        SERVER_IP,
+        "--dport",
+        &app.to_string(),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        &to.to_string(),
+    ])
 }
 
 /// The hard limit of open files (`ulimit -Hn`).
