@@ -245,6 +245,18 @@ fn run_ok(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
+/// A fresh local CA in `dir/ca` (`zring ca init`).
+fn ca_init(bins: &Bins, dir: &Scratch) -> anyhow::Result<PathBuf> {
+    let ca = dir.0.join("ca");
+    run_ok(
+        Command::new(&bins.zring)
+            .args(["ca", "init", "--dir"])
+            .arg(&ca),
+        "zring ca init",
+    )?;
+    Ok(ca)
+}
+
 /// Node agents, the node proxies (zring, or ztunnel when `ztunnel` is given), pods enrolled.
 fn ambient(
     lab: &Lab,
@@ -255,13 +267,7 @@ fn ambient(
 ) -> anyhow::Result<()> {
     let cfg = dir.0.join("mesh.yaml");
     std::fs::write(&cfg, MESH_YAML)?;
-    let ca = dir.0.join("ca");
-    run_ok(
-        Command::new(&bins.zring)
-            .args(["ca", "init", "--dir"])
-            .arg(&ca),
-        "zring ca init",
-    )?;
+    let ca = ca_init(bins, dir)?;
     let nodes = [
         (&lab.node1, "node-1", &lab.client, "client"),
         (&lab.node2, "node-2", &lab.server, "server"),
@@ -406,13 +412,7 @@ fn sidecar(
     proxy: &SidecarProxy,
     d: &mut Deployed,
 ) -> anyhow::Result<()> {
-    let ca = dir.0.join("ca");
-    run_ok(
-        Command::new(&bins.zring)
-            .args(["ca", "init", "--dir"])
-            .arg(&ca),
-        "zring ca init",
-    )?;
+    let ca = ca_init(bins, dir)?;
     for sa in ["client", "server"] {
         let prefix = dir.0.join(format!("{sa}-"));
         run_ok(
