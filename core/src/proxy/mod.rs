@@ -526,41 +526,34 @@ fn pod_loops(
     let (outbound, plaintext, hbone) = (bind(15001)?, bind(15006)?, bind(state.cfg.hbone_port)?);
     let pod_drain = Drain::new();
     let mut loops = Vec::new();
+    let template = outbound::Outbound::new(state.clone(), pool.clone(), rr.clone()).for_pod(pod);
+    // One accept loop per outbound listener; `socks` picks the SOCKS5 handshake over the
+    // original destination of a captured connection.
+    let outbound_loop = |listener: monoio::net::TcpListener, socks: bool| {
+        let (o, d) = (template.clone(), pod_drain.clone());
+        let out_addr = SocketAddr::from(([0, 0, 0, 0], 15001));
+        monoio::spawn(async move {
+            accept::accept_loop(listener, &d, |sock, peer| {
+                let o = o.clone();
+                if socks {
+                    spawn_pod_conn(&d, o.socks(sock, peer));
+                } else {
+                    spawn_pod_conn(&d, o.captured(sock, peer, out_addr));
+                }
+            })
+            .await;
+        })
+    };
     if state.cfg.socks5.is_some() {
         // SOCKS5 for the pod's own processes, on the pod's loopback (as ztunnel's 15080).
         let addr = SocketAddr::from(([127, 0, 0, 1], 15080));
         let std = ns.run(|| net::bind_listener(addr, &ListenOptions::default()))??;
-        let socks = monoio::net::TcpListener::from_std(std)?;
-        let (s, d, p, rr2, pod) = (
-            state.clone(),
-            pod_drain.clone(),
-            pool.clone(),
-            rr.clone(),
-            pod.clone(),
-        );
-        loops.push(monoio::spawn(async move {
-            accept::accept_loop(socks, &d, |sock, peer| {
-                let o = outbound::Outbound::new(s.clone(), p.clone(), rr2.clone()).for_pod(&pod);
-                spawn_pod_conn(&d, o.socks(sock, peer));
-            })
-            .await;
-        }));
+        loops.push(outbound_loop(
+            monoio::net::TcpListener::from_std(std)?,
+            true,
+        ));
     }
-    let out_addr = SocketAddr::from(([0, 0, 0, 0], 15001));
-    let (s, d, p, rr2, pod) = (
-        state.clone(),
-        pod_drain.clone(),
-        pool.clone(),
-        rr.clone(),
-        pod.clone(),
-    );
-    loops.push(monoio::spawn(async move {
-        accept::accept_loop(outbound, &d, |sock, peer| {
-            let o = outbound::Outbound::new(s.clone(), p.clone(), rr2.clone()).for_pod(&pod);
-            spawn_pod_conn(&d, o.captured(sock, peer, out_addr));
-        })
-        .await;
-    }));
+    loops.push(outbound_loop(outbound, false));
     let pt_addr = SocketAddr::from(([0, 0, 0, 0], 15006));
     let (s, d, n) = (state.clone(), pod_drain.clone(), ns.clone());
     loops.push(monoio::spawn(async move {
@@ -637,22 +630,26 @@ async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
     let mut loops = Vec::new();
     if let Some(addr) = state.cfg.socks5 {
         let listener = listen("SOCKS5", addr, false)?;
-        let (s, d, p, rr) = (state.clone(), drain.clone(), pool.clone(), rr.clone());
+        let (o, d) = (
+            outbound::Outbound::new(state.clone(), pool.clone(), rr.clone()),
+            drain.clone(),
+        );
         loops.push(monoio::spawn(async move {
             accept::accept_loop(listener, &d, |sock, peer| {
-                let o = outbound::Outbound::new(s.clone(), p.clone(), rr.clone());
-                accept::spawn_tracked(&d, o.socks(sock, peer));
+                accept::spawn_tracked(&d, o.clone().socks(sock, peer));
             })
             .await;
         }));
     }
     if let Some(addr) = state.cfg.outbound {
         let listener = listen("outbound capture", addr, state.cfg.transparent)?;
-        let (s, d, p, rr) = (state.clone(), drain.clone(), pool.clone(), rr.clone());
+        let (o, d) = (
+            outbound::Outbound::new(state.clone(), pool.clone(), rr.clone()),
+            drain.clone(),
+        );
         loops.push(monoio::spawn(async move {
             accept::accept_loop(listener, &d, |sock, peer| {
-                let o = outbound::Outbound::new(s.clone(), p.clone(), rr.clone());
-                accept::spawn_tracked(&d, o.captured(sock, peer, addr));
+                accept::spawn_tracked(&d, o.clone().captured(sock, peer, addr));
             })
             .await;
         }));

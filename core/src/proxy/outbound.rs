@@ -69,7 +69,9 @@ enum Route {
     Passthrough(SocketAddr),
 }
 
-/// Outbound handling on one worker.
+/// Outbound handling on one worker. Built once per listener and cloned per connection (a few
+/// reference counts).
+#[derive(Clone)]
 pub(super) struct Outbound {
     state: Arc<State>,
     pool: Rc<HbonePool>,
@@ -77,7 +79,7 @@ pub(super) struct Outbound {
     /// In-pod mode: the pod's namespace, where upstream connections are created.
     netns: Option<Arc<zring_runtime::net::NetNs>>,
     /// In-pod mode: the pod these connections come from.
-    pod: Option<crate::zds::proto::WorkloadInfo>,
+    pod: Option<Rc<crate::zds::proto::WorkloadInfo>>,
 }
 
 #[derive(Clone, Copy)]
@@ -100,7 +102,7 @@ impl Outbound {
     /// Connections from `pod`: upstream connections are created inside its namespace.
     pub(super) fn for_pod(mut self, pod: &crate::zds::client::Pod) -> Self {
         self.netns = Some(pod.netns.clone());
-        self.pod = Some(pod.info.clone());
+        self.pod = Some(Rc::new(pod.info.clone()));
         self
     }
 
