@@ -229,7 +229,15 @@ impl Ns {
     }
 }
 
-/// The four namespaces; all of them (and everything running inside) go on drop.
+impl Drop for Ns {
+    /// Kill everything inside and delete the namespace (its veth ends go with it).
+    fn drop(&mut self) {
+        delete_namespace(&self.name);
+        registry().namespaces.retain(|n| n != &self.name);
+    }
+}
+
+/// The four namespaces; each (and everything running inside) goes on drop.
 #[derive(Debug)]
 pub struct Lab {
     pub node1: Ns,
@@ -263,28 +271,12 @@ impl Lab {
             ns.sh(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65000"])?;
             Ok(ns)
         };
-        // Built field by field so that a failure part-way drops (deletes) what exists.
-        let mut made: Vec<Ns> = Vec::new();
-        for role in ["node1", "node2", "client", "server"] {
-            match mk(role) {
-                Ok(ns) => made.push(ns),
-                Err(e) => {
-                    for ns in made {
-                        drop_ns(ns);
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        let server = made.pop().context("server")?;
-        let client = made.pop().context("client")?;
-        let node2 = made.pop().context("node2")?;
-        let node1 = made.pop().context("node1")?;
+        // A failure part-way drops (deletes) the namespaces made so far.
         let lab = Lab {
-            node1,
-            node2,
-            client,
-            server,
+            node1: mk("node1")?,
+            node2: mk("node2")?,
+            client: mk("client")?,
+            server: mk("server")?,
         };
         lab.wire()?;
         Ok(lab)
@@ -334,24 +326,6 @@ impl Lab {
         }
         Ok(())
     }
-
-    pub fn namespaces(&self) -> [&Ns; 4] {
-        [&self.node1, &self.node2, &self.client, &self.server]
-    }
-}
-
-fn drop_ns(ns: Ns) {
-    delete_namespace(&ns.name);
-    registry().namespaces.retain(|n| n != &ns.name);
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for ns in self.namespaces() {
-            delete_namespace(&ns.name);
-            registry().namespaces.retain(|n| n != &ns.name);
-        }
-    }
 }
 
 /// Poll `ok` every 50 ms for up to `secs` seconds.
@@ -366,19 +340,26 @@ pub fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) -> anyhow::
     Ok(())
 }
 
-/// One request/response over a fresh connection from inside `ns` (bash /dev/tcp), returning
-/// what came back; used to check that a path carries traffic before measuring it.
-pub fn probe_http(ns: &Ns, addr: &str, path: &str) -> String {
+/// `GET path` over a fresh connection from inside `ns` (bash /dev/tcp), returning at most
+/// `max` bytes of the response (the whole response when `None`); used to check that a path
+/// carries traffic before measuring it, and to read readiness and metrics.
+pub fn http_get(ns: &Ns, addr: &str, path: &str, max: Option<usize>) -> String {
     let (host, port) = addr.split_once(':').unwrap_or((addr, "80"));
+    let read = max.map_or("cat".to_string(), |n| format!("head -c {n}"));
     ns.cmd("bash")
         .args([
             "-c",
             &format!(
-                "exec 3<>/dev/tcp/{host}/{port} && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 3 head -c 200 <&3"
+                "exec 3<>/dev/tcp/{host}/{port} && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 3 {read} <&3"
             ),
         ])
         .stderr(Stdio::null())
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
         .unwrap_or_default()
+}
+
+/// The status line of `GET path` from inside `ns` is 200.
+pub fn get_ok(ns: &Ns, addr: &str, path: &str) -> bool {
+    http_get(ns, addr, path, Some(200)).contains(" 200 ")
 }

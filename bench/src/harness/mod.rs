@@ -398,58 +398,46 @@ fn measure_path(
         path: spec.name(),
         plan,
     };
-    for &c in &plan.latency_conns {
-        let mut r = m.loadgen(&d, "latency", "http", Some(plan.latency_rps), c, plan.secs)?;
-        r.conns = c;
+    // Every run is logged, kept, and followed by a check that the path's processes still live.
+    let mut record = |r: RunResult, d: &mut Deployed| -> anyhow::Result<()> {
         m.log(&r);
         pr.runs.push(r);
-        d.check_alive()?;
+        d.check_alive()
+    };
+    for &c in &plan.latency_conns {
+        let r = m.loadgen(&d, "latency", "http", Some(plan.latency_rps), c, plan.secs)?;
+        record(r, &mut d)?;
     }
     for &rps in &plan.sweep_rps {
-        let r = m.loadgen(
-            &d,
-            "sweep",
-            "http",
-            Some(rps),
-            plan.sweep_conns,
-            plan.sweep_secs,
-        )?;
-        m.log(&r);
-        pr.runs.push(r);
-        d.check_alive()?;
+        let (c, secs) = (plan.sweep_conns, plan.sweep_secs);
+        let r = m.loadgen(&d, "sweep", "http", Some(rps), c, secs)?;
+        record(r, &mut d)?;
     }
     let r = m.loadgen(&d, "max-rps", "http", None, plan.sweep_conns, plan.secs)?;
-    m.log(&r);
-    pr.runs.push(r);
+    record(r, &mut d)?;
     for &s in &plan.streams {
         let r = m.iperf(&d, s)?;
-        m.log(&r);
-        pr.runs.push(r);
-        d.check_alive()?;
+        record(r, &mut d)?;
     }
     let r = m.loadgen(&d, "conns", "tcp-crr", None, plan.sweep_conns, plan.secs)?;
-    m.log(&r);
-    pr.runs.push(r);
-    d.check_alive()?;
-    if !d.proxies.is_empty() {
-        for &n in &plan.idle_conns {
-            if let Some((max, why)) = &d.max_conns {
-                if n > *max {
-                    eprintln!("{:>8} idle {n}: skipped: {why}", spec.name());
-                    pr.runs.push(RunResult {
-                        scenario: "idle".into(),
-                        conns: n,
-                        note: Some(format!("not measured: {why}")),
-                        ..Default::default()
-                    });
-                    continue;
-                }
-            }
-            let r = m.idle(&d, n)?;
-            m.log(&r);
-            pr.runs.push(r);
-            d.check_alive()?;
-        }
+    record(r, &mut d)?;
+    // Idle connections only load proxies; no-mesh has none.
+    let idle = if d.proxies.is_empty() {
+        &[][..]
+    } else {
+        &plan.idle_conns[..]
+    };
+    for &n in idle {
+        let r = match &d.max_conns {
+            Some((max, why)) if n > *max => RunResult {
+                scenario: "idle".into(),
+                conns: n,
+                note: Some(format!("not measured: {why}")),
+                ..Default::default()
+            },
+            _ => m.idle(&d, n)?,
+        };
+        record(r, &mut d)?;
     }
     Ok(())
 }
@@ -464,6 +452,12 @@ struct Measure<'a> {
 
 impl Measure<'_> {
     fn log(&self, r: &RunResult) {
+        if let Some(note) = &r.note {
+            return eprintln!(
+                "{:>8} {:<10} c={:<5} {note}",
+                self.path, r.scenario, r.conns
+            );
+        }
         let px: Vec<String> = r
             .proxies
             .iter()

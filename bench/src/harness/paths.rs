@@ -23,7 +23,7 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use super::lab::{probe_http, spawn, tail, wait_for, Lab, Ns, Proc, Scratch, CLIENT_IP, SERVER_IP};
+use super::lab::{get_ok, http_get, spawn, tail, wait_for, Lab, Ns, Proc, Scratch, SERVER_IP};
 
 /// App ports in the server pod: HTTP (1 KiB responses), TCP echo, iperf3.
 pub const HTTP_PORT: u16 = 8080;
@@ -182,7 +182,7 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
     )?);
     let target = format!("{SERVER_IP}:{HTTP_PORT}");
     wait_for("the server pod's HTTP app", 10, || {
-        probe_http(&lab.server, &format!("127.0.0.1:{HTTP_PORT}"), "/").contains(" 200 ")
+        get_ok(&lab.server, &format!("127.0.0.1:{HTTP_PORT}"), "/")
     })?;
     let mut d = Deployed {
         proxies: Vec::new(),
@@ -199,7 +199,7 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
             bail!("{} cannot run here", spec.name())
         }
     }
-    let reply = probe_http(&lab.client, &target, "/");
+    let reply = http_get(&lab.client, &target, "/", Some(200));
     if !reply.contains(" 200 ") {
         d.check_alive()?;
         bail!(
@@ -325,7 +325,7 @@ fn ambient(
     }
     for (i, (ns, node, _, _)) in nodes.iter().enumerate() {
         let ready = wait_for(&format!("{node}'s proxy readiness"), 20, || {
-            probe_http(ns, "127.0.0.1:15021", "/healthz/ready").contains(" 200 ")
+            get_ok(ns, "127.0.0.1:15021", "/healthz/ready")
         });
         if let Err(e) = ready {
             bail!("{e}:\n{}", tail(&d.procs[first_proxy + i].log_text(), 30));
@@ -355,7 +355,7 @@ fn ambient(
     // Traffic must cross the tunnel: node-2's proxy counts the connection as the destination
     // reporter with the client's principal.
     let metrics = || {
-        probe_http_full(&lab.node2, "127.0.0.1:15020", "/metrics")
+        http_get(&lab.node2, "127.0.0.1:15020", "/metrics", None)
             .lines()
             .any(|l| {
                 l.starts_with("istio_tcp_connections_opened_total")
@@ -366,8 +366,7 @@ fn ambient(
             })
     };
     let through = wait_for("a request through the tunnel", 20, || {
-        probe_http(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/").contains(" 200 ")
-            && metrics()
+        get_ok(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/") && metrics()
     });
     if let Err(e) = through {
         bail!(
@@ -377,21 +376,6 @@ fn ambient(
         );
     }
     Ok(())
-}
-
-/// Like [`probe_http`] but reads the whole response.
-fn probe_http_full(ns: &Ns, addr: &str, path: &str) -> String {
-    let (host, port) = addr.split_once(':').unwrap_or((addr, "80"));
-    ns.cmd("bash")
-        .args([
-            "-c",
-            &format!(
-                "exec 3<>/dev/tcp/{host}/{port} && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 3 cat <&3"
-            ),
-        ])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default()
 }
 
 /// The uid the sidecars run as; the client pod's capture rule skips its connections (Istio's
@@ -503,7 +487,7 @@ fn sidecar(
     }
     d.io_backend = "epoll (HAProxy/Envoy)".into();
     wait_for("the sidecars to listen", 10, || {
-        probe_http(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/").contains(" 200 ")
+        get_ok(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/")
     })
     .map_err(|e| {
         let logs: Vec<String> = d.procs.iter().map(|p| tail(&p.log_text(), 10)).collect();
@@ -525,7 +509,6 @@ fn sidecar(
             bail!("sidecar: {chain} in {} captured nothing", pod.name);
         }
     }
-    let _ = CLIENT_IP;
     Ok(())
 }
 
@@ -658,11 +641,13 @@ mod tests {
         let server = haproxy_config(false, &pem, &root, 9000);
         assert!(client.contains("maxconn 9000") && client.contains("uid 65534"));
         for (app, out_port, in_port, http) in SIDECAR_PORTS {
-            assert!(client.contains(&format!("bind 0.0.0.0:{out_port}\n")));
+            let mode = if http { "mode http" } else { "mode tcp" };
+            assert!(client.contains(&format!(
+                "frontend p{app}\n  {mode}\n  bind 0.0.0.0:{out_port}\n"
+            )));
             assert!(client.contains(&format!("server up {SERVER_IP}:{app} ssl crt")));
             assert!(server.contains(&format!("bind 0.0.0.0:{in_port} ssl crt")));
             assert!(server.contains(&format!("server app 127.0.0.1:{app}\n")));
-            let _ = http;
         }
         assert_eq!(server.matches("verify required").count(), 3);
         assert_eq!(client.matches("mode http").count(), 2);
