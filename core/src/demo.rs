@@ -100,6 +100,7 @@ fn node(name: &str, ip: Ipv4Addr, cfg: &Path, ca: &Path, socks5: bool) -> RunCon
             io: BackendChoice::Auto,
             ..WorkerConfig::default()
         },
+        limits: proxy::Limits::default(),
     }
 }
 

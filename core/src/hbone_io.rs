@@ -12,7 +12,12 @@ use std::{
 
 use monoio::io::IntoPollIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use zring_hbone::{pool::PoolKey, relay::ResetOnClose, tls, Executor, LocalFuture};
+use zring_hbone::{
+    pool::PoolKey,
+    relay::ResetOnClose,
+    settings::{TimeoutKind, Timeouts},
+    tls, Executor, LocalFuture,
+};
 use zring_runtime::net::{self, ConnectOptions};
 
 /// Spawns and sleeps on the current monoio worker.
@@ -105,6 +110,10 @@ pub struct TlsDialer {
     pub bind_source: bool,
     /// In-pod mode: the network namespace a source IP's connections leave from.
     pub netns_of: Option<NetnsOf>,
+    /// The TLS handshake limit (and the hook that counts it).
+    pub timeouts: Timeouts,
+    /// TCP keepalive on the dialed connection (pooled, so long-lived).
+    pub tcp_keepalive: Option<net::TcpKeepalive>,
 }
 
 /// Finds the network namespace of a pod by its IP.
@@ -136,17 +145,29 @@ impl zring_hbone::pool::Dialer for TlsDialer {
             let tcp = net::connect(key.dst, &opts).await.map_err(|e| {
                 io::Error::new(e.kind(), format!("TCP to {} failed: {e} (is port 15008 reachable, or a NetworkPolicy blocking HBONE?)", key.dst))
             })?;
+            if let Some(ka) = &this.tcp_keepalive {
+                let _ = net::set_tcp_keepalive(&tcp, ka);
+            }
             let tcp = PollTcp::new(tcp)?;
-            tokio_rustls::TlsConnector::from(cfg)
-                .connect(tls::server_name(key.dst.ip()), tcp)
-                .await
-                .map_err(|e| {
+            let limit = this.timeouts.tls_handshake;
+            let handshake =
+                tokio_rustls::TlsConnector::from(cfg).connect(tls::server_name(key.dst.ip()), tcp);
+            match monoio::time::timeout(limit, handshake).await {
+                Ok(done) => done.map_err(|e| {
                     let why = tls::classify_handshake(e);
                     io::Error::new(
                         io::ErrorKind::PermissionDenied,
                         format!("TLS to {}: {why}", key.dst),
                     )
-                })
+                }),
+                Err(_) => {
+                    this.timeouts.fired(TimeoutKind::TlsHandshake);
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("TLS to {}: no handshake within {limit:?} (is something other than an HBONE proxy listening on 15008?)", key.dst),
+                    ))
+                }
+            }
         })
     }
 }

@@ -1,5 +1,11 @@
 //! Log set-up: human-readable text by default, JSON with `--log-format json`. The level comes
 //! from `RUST_LOG` (or `--log-level`), default `info`.
+//!
+//! Lines never block the thread that logs them (a worker writing an access-log line): they go
+//! into a bounded lock-free queue of [`LOG_BUFFER_LINES`] lines that one writer thread drains
+//! to stderr. When stderr is slow (a full pipe, a stalled collector), the queue fills and new
+//! lines are dropped and counted ([`dropped_lines`], `zring_log_lines_dropped_total`) instead of
+//! waiting. Call [`flush`] before exit so the last lines are written.
 
 use std::{
     str::FromStr,
@@ -31,7 +37,29 @@ impl FromStr for LogFormat {
     }
 }
 
+/// Lines the log queue holds before new ones are dropped: room for bursts (a few MiB at most)
+/// without letting a stalled sink grow memory without bound.
+pub const LOG_BUFFER_LINES: usize = 16 * 1024;
+
 type Setter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// The writer thread's guard (flushes on drop) and its count of dropped lines.
+static WRITER: OnceLock<(
+    Mutex<Option<tracing_appender::non_blocking::WorkerGuard>>,
+    tracing_appender::non_blocking::ErrorCounter,
+)> = OnceLock::new();
+
+/// Log lines dropped because the sink did not keep up.
+pub fn dropped_lines() -> u64 {
+    WRITER.get().map_or(0, |(_, c)| c.dropped_lines() as u64)
+}
+
+/// Write out the lines still queued (at exit).
+pub fn flush() {
+    if let Some((guard, _)) = WRITER.get() {
+        drop(guard.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+}
 
 /// The installed subscriber's filter: its text, and how to replace it (admin `/logging`).
 static FILTER: OnceLock<(Mutex<String>, Setter)> = OnceLock::new();
@@ -49,7 +77,13 @@ pub fn init(format: LogFormat, level: Option<&str>) {
     let (filter, handle) = reload::Layer::new(filter);
     // Colours only on a terminal: log files and collectors get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let fmt_layer = fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("zring-log")
+        .finish(std::io::stderr());
+    let _ = WRITER.set((Mutex::new(Some(guard)), writer.error_counter()));
+    let fmt_layer = fmt::layer().with_writer(writer).with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match format {
         LogFormat::Text => registry.with(fmt_layer.with_target(false)).try_init(),

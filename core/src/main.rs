@@ -35,7 +35,7 @@ enum Command {
     Relay(RelayArgs),
     /// The node proxy: ztunnel's job (outbound capture/SOCKS5, inbound HBONE and plaintext, L4
     /// policy, metrics, admin, readiness, config reload).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// A local certificate authority: `init` a root, `issue` workload certificates.
     Ca {
         #[command(subcommand)]
@@ -113,6 +113,72 @@ struct RunArgs {
     bind_source: bool,
     #[command(flatten)]
     workers: WorkerArgs,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Handshake, response and keepalive limits (durations like `10s`, `500ms`, `2m`).
+#[derive(Debug, clap::Args)]
+struct LimitArgs {
+    /// TLS handshake limit on 15008, both sides, counted from accept (or from the TCP connect).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
+    /// HTTP/2 preface and SETTINGS limit after TLS.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    h2_handshake_timeout: Duration,
+    /// How long an outbound CONNECT waits for the destination's answer.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    connect_response_timeout: Duration,
+    /// Close an inbound HBONE connection that opened no stream this long after its handshake.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_no_stream_timeout: Duration,
+    /// HTTP/2 PING interval on HBONE connections, both sides (0s: no keepalive).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ping_interval: Duration,
+    /// An unanswered PING after this long closes the connection.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    ping_timeout: Duration,
+    /// A SOCKS5 client must finish its greeting and request within this.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    socks5_greeting_timeout: Duration,
+    /// Unfinished handshakes (TLS on 15008, SOCKS5 greetings) per listener and worker; past it
+    /// new connections are closed at once and counted.
+    #[arg(long, default_value_t = zring_core::proxy::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
+    /// TCP keepalive idle time on HBONE connections (0s: off).
+    #[arg(long, env = "KEEPALIVE_TIME", default_value = "180s", value_parser = humantime::parse_duration)]
+    tcp_keepalive_time: Duration,
+    /// TCP keepalive probe interval.
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = humantime::parse_duration)]
+    tcp_keepalive_interval: Duration,
+    /// Unanswered TCP keepalive probes before the connection is dropped.
+    #[arg(long, env = "KEEPALIVE_RETRIES", default_value_t = 9)]
+    tcp_keepalive_retries: u32,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> zring_core::proxy::Limits {
+        zring_core::proxy::Limits {
+            timeouts: zring_hbone::settings::Timeouts {
+                tls_handshake: self.tls_handshake_timeout,
+                h2_handshake: self.h2_handshake_timeout,
+                connect_response: self.connect_response_timeout,
+                idle_no_stream: self.idle_no_stream_timeout,
+                ping_interval: self.ping_interval,
+                ping_timeout: self.ping_timeout,
+                hook: None,
+            },
+            socks5_greeting: self.socks5_greeting_timeout,
+            max_handshakes: self.max_handshakes.max(1),
+            tcp_keepalive: (!self.tcp_keepalive_time.is_zero()).then_some(
+                zring_runtime::net::TcpKeepalive {
+                    time: self.tcp_keepalive_time,
+                    interval: self.tcp_keepalive_interval,
+                    retries: self.tcp_keepalive_retries,
+                },
+            ),
+        }
+    }
 }
 
 fn node_agent(c: AgentCommand, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
@@ -362,6 +428,7 @@ struct RelayArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format, cli.log_level.as_deref());
+    zring_runtime::server::install_panic_hook();
     let trigger = ShutdownTrigger::new();
     if let Err(e) = trigger.on_signals() {
         eprintln!("zring: cannot install signal handlers: {e}");
@@ -391,6 +458,7 @@ fn main() -> std::process::ExitCode {
                 mark: (a.packet_mark != 0).then_some(a.packet_mark),
                 bind_source: a.bind_source,
                 workers: a.workers.config(),
+                limits: a.limits.limits(),
             },
             &trigger,
         ),
@@ -428,14 +496,16 @@ fn main() -> std::process::ExitCode {
             zring_core::tunnel_cmd::run_client(tunnel_common(common), t, &trigger)
         }
     };
-    match result {
+    let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("zring: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    logging::flush();
+    code
 }
 
 fn relay_config(a: RelayArgs) -> relay_cmd::RelayConfig {

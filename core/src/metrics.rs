@@ -8,7 +8,15 @@
 //! its bytes are added when it closes.
 //!
 //! zring's own: `zring_config_reloads_total{result="success"|"failure"}` and
-//! `zring_config_generation` (the config in force; a rejected file leaves it unchanged).
+//! `zring_config_generation` (the config in force; a rejected file leaves it unchanged);
+//! `zring_timeouts_total{kind}` (handshake, response and keepalive limits that fired),
+//! `zring_handshake_limit_rejected_total{listener}` (connections closed at once because their
+//! listener had too many unfinished handshakes on that worker), `zring_task_panics_total`
+//! (connection tasks that panicked and were contained) and `zring_log_lines_dropped_total`
+//! (log lines dropped because the log sink was slow).
+//!
+//! Byte counters are updated while a connection lives (every [`LIVE_BYTES_INTERVAL`]) and at
+//! its close, so a long-lived connection's traffic shows before it ends.
 
 use std::{
     collections::HashMap,
@@ -19,7 +27,10 @@ use std::{
     },
 };
 
-use zring_hbone::SpiffeId;
+use zring_hbone::{settings::TimeoutKind, SpiffeId};
+
+/// How often a live connection's byte counters are added to the metrics.
+pub const LIVE_BYTES_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 use crate::config::{Service, Workload};
 
@@ -131,6 +142,8 @@ pub struct Metrics {
     reload_ok: AtomicU64,
     reload_failed: AtomicU64,
     generation: AtomicU64,
+    timeouts: [AtomicU64; TimeoutKind::ALL.len()],
+    handshake_rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
@@ -139,13 +152,49 @@ impl Metrics {
         self.update(l, |c| c.opened += 1);
     }
 
-    /// A connection closed after `sent` bytes towards the destination and `received` back.
+    /// A connection closed; `sent` and `received` are the bytes not yet reported by
+    /// [`Metrics::bytes`].
     pub fn closed(&self, l: &ConnLabels, sent: u64, received: u64) {
         self.update(l, |c| {
             c.closed += 1;
             c.sent += sent;
             c.received += received;
         });
+    }
+
+    /// A live connection moved `sent` more bytes towards the destination and `received` back.
+    pub fn bytes(&self, l: &ConnLabels, sent: u64, received: u64) {
+        if sent != 0 || received != 0 {
+            self.update(l, |c| {
+                c.sent += sent;
+                c.received += received;
+            });
+        }
+    }
+
+    /// A time limit fired.
+    pub fn timeout(&self, kind: TimeoutKind) {
+        if let Some(i) = TimeoutKind::ALL.iter().position(|k| *k == kind) {
+            self.timeouts[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// How often `kind` fired.
+    pub fn timeouts(&self, kind: TimeoutKind) -> u64 {
+        TimeoutKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .map_or(0, |i| self.timeouts[i].load(Ordering::Relaxed))
+    }
+
+    /// A connection to `listener` was closed at once: too many unfinished handshakes.
+    pub fn handshake_rejected(&self, listener: &'static str) {
+        *self
+            .handshake_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(listener)
+            .or_default() += 1;
     }
 
     /// Update the counters of `l`'s series; the label set is cloned only for a new series.
@@ -212,6 +261,37 @@ impl Metrics {
             out,
             "# HELP zring_config_generation The config in force (1 = the file read at start).\n# TYPE zring_config_generation gauge\nzring_config_generation {}",
             self.generation.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(out, "# HELP zring_timeouts_total Time limits that fired, by kind.\n# TYPE zring_timeouts_total counter");
+        for (i, k) in TimeoutKind::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "zring_timeouts_total{{kind=\"{}\"}} {}",
+                k.as_str(),
+                self.timeouts[i].load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(out, "# HELP zring_handshake_limit_rejected_total Connections closed at once because their listener had too many unfinished handshakes on that worker.\n# TYPE zring_handshake_limit_rejected_total counter");
+        for (l, n) in self
+            .handshake_rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "zring_handshake_limit_rejected_total{{listener=\"{l}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP zring_task_panics_total Connection tasks that panicked; each closed its connection only.\n# TYPE zring_task_panics_total counter\nzring_task_panics_total {}",
+            zring_runtime::server::task_panics()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP zring_log_lines_dropped_total Log lines dropped because the log sink did not keep up.\n# TYPE zring_log_lines_dropped_total counter\nzring_log_lines_dropped_total {}",
+            crate::logging::dropped_lines()
         );
         out
     }

@@ -66,9 +66,9 @@ async fn worker_main(ctx: WorkerContext, cfg: Arc<RelayConfig>) -> std::io::Resu
             std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.listen))
         })?;
     let drain = Drain::on_shutdown(ctx.shutdown);
-    server::accept_loop(listener, &drain, |client, peer| {
+    server::accept_loop(listener, &drain, |client, conn| {
         let cfg = cfg.clone();
-        server::spawn_tracked(&drain, handle(client, peer, cfg));
+        server::spawn_tracked(&drain, conn, handle(client, conn.peer, cfg));
     })
     .await;
     let left = drain.wait_idle(cfg.drain_timeout).await;

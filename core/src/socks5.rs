@@ -1,5 +1,7 @@
 //! The SOCKS5 server side (RFC 1928), for hosts without traffic capture: no authentication,
-//! CONNECT to an IPv4 or IPv6 address. Parsing is separate from I/O so it is tested on bytes.
+//! CONNECT to an IPv4 or IPv6 address or a domain name (the caller resolves it: ztunnel
+//! resolves names through its DNS proxy, zring against the mesh's service hostnames). Parsing
+//! is separate from I/O so it is tested on bytes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -19,8 +21,17 @@ pub enum Reply {
     Refused = 5,
     /// Command not supported.
     CommandNotSupported = 7,
-    /// Address type not supported (domain names: zring needs an IP to find the workload).
+    /// Address type not supported.
     AddressNotSupported = 8,
+}
+
+/// What a SOCKS5 request asks to reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An address.
+    Addr(SocketAddr),
+    /// A domain name (ATYP 3) and port; valid UTF-8, 1 to 255 bytes.
+    Name(String, u16),
 }
 
 /// Parse the greeting (`VER NMETHODS METHODS...`). Returns how many bytes it took, or `None` if
@@ -44,7 +55,7 @@ pub fn parse_greeting(buf: &[u8]) -> Result<Option<usize>, &'static str> {
 
 /// Parse a request (`VER CMD RSV ATYP ADDR PORT`). Returns the target and the bytes taken, or
 /// `None` if more are needed; `Err(reply)` says what to answer.
-pub fn parse_request(buf: &[u8]) -> Result<Option<(SocketAddr, usize)>, Reply> {
+pub fn parse_request(buf: &[u8]) -> Result<Option<(Target, usize)>, Reply> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -54,12 +65,17 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(SocketAddr, usize)>, Reply> {
     if buf[1] != 1 {
         return Err(Reply::CommandNotSupported);
     }
-    let (ip, len): (IpAddr, usize) = match buf[3] {
+    let port_at = |len: usize| u16::from_be_bytes([buf[len - 2], buf[len - 1]]);
+    match buf[3] {
         1 => {
             if buf.len() < 10 {
                 return Ok(None);
             }
-            (Ipv4Addr::new(buf[4], buf[5], buf[6], buf[7]).into(), 10)
+            let ip = Ipv4Addr::new(buf[4], buf[5], buf[6], buf[7]);
+            Ok(Some((
+                Target::Addr(SocketAddr::new(ip.into(), port_at(10))),
+                10,
+            )))
         }
         4 => {
             if buf.len() < 22 {
@@ -67,12 +83,26 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(SocketAddr, usize)>, Reply> {
             }
             let mut o = [0u8; 16];
             o.copy_from_slice(&buf[4..20]);
-            (Ipv6Addr::from(o).into(), 22)
+            let ip = IpAddr::from(Ipv6Addr::from(o));
+            Ok(Some((Target::Addr(SocketAddr::new(ip, port_at(22))), 22)))
         }
-        _ => return Err(Reply::AddressNotSupported),
-    };
-    let port = u16::from_be_bytes([buf[len - 2], buf[len - 1]]);
-    Ok(Some((SocketAddr::new(ip, port), len)))
+        3 => {
+            let Some(&n) = buf.get(4) else {
+                return Ok(None);
+            };
+            let len = 5 + n as usize + 2;
+            if n == 0 {
+                return Err(Reply::HostUnreachable);
+            }
+            if buf.len() < len {
+                return Ok(None);
+            }
+            let name =
+                std::str::from_utf8(&buf[5..5 + n as usize]).map_err(|_| Reply::HostUnreachable)?;
+            Ok(Some((Target::Name(name.to_string(), port_at(len)), len)))
+        }
+        _ => Err(Reply::AddressNotSupported),
+    }
 }
 
 /// The reply bytes (bound address 0.0.0.0:0).
@@ -94,16 +124,34 @@ mod tests {
         assert_eq!(parse_request(&req[..7]), Ok(None));
         assert_eq!(
             parse_request(&req),
-            Ok(Some(("10.201.2.2:9080".parse().unwrap(), 10)))
+            Ok(Some((Target::Addr("10.201.2.2:9080".parse().unwrap()), 10)))
         );
         assert_eq!(
             parse_request(&[5, 2, 0, 1]),
             Err(Reply::CommandNotSupported)
         );
+        assert_eq!(parse_request(&[5, 1, 0, 3, 4]), Ok(None));
         assert_eq!(
-            parse_request(&[5, 1, 0, 3, 4]),
+            parse_request(&[5, 1, 0, 9, 4]),
             Err(Reply::AddressNotSupported)
         );
+        assert_eq!(
+            parse_request(&[5, 1, 0, 3, 0, 0, 80]),
+            Err(Reply::HostUnreachable)
+        );
+        let mut named = vec![5, 1, 0, 3, 11];
+        named.extend_from_slice(b"productpage");
+        named.extend_from_slice(&9080u16.to_be_bytes());
+        assert_eq!(
+            parse_request(&named),
+            Ok(Some((
+                Target::Name("productpage".into(), 9080),
+                named.len()
+            )))
+        );
+        assert_eq!(parse_request(&named[..named.len() - 1]), Ok(None));
+        named[6] = 0xff;
+        assert_eq!(parse_request(&named), Err(Reply::HostUnreachable));
     }
 
     #[test]

@@ -68,9 +68,10 @@ async fn server_worker(
 ) -> std::io::Result<()> {
     let listener = net::bind_monoio_listener(c.listen, &ListenOptions::default())?;
     let drain = Drain::on_shutdown(ctx.shutdown);
-    accept::accept_loop(listener, &drain, |tcp, peer_addr| {
+    accept::accept_loop(listener, &drain, |tcp, conn| {
         let (c, config, d) = (c.clone(), config.clone(), drain.clone());
-        accept::spawn_tracked(&drain, async move {
+        let peer_addr = conn.peer;
+        accept::spawn_tracked(&drain, conn, async move {
             // Without TCP_NODELAY, small frames (WINDOW_UPDATE, SETTINGS ACK) wait for Nagle
             // and the peer's delayed ACK, stalling flow control for tens of milliseconds.
             let _ = tcp.set_nodelay(true);
@@ -171,6 +172,8 @@ async fn client_worker(
         connect: c.connect.clone(),
         bind_source: false,
         netns_of: None,
+        timeouts: t.pool.h2.timeouts.clone(),
+        tcp_keepalive: Some(zring_runtime::net::DEFAULT_TCP_KEEPALIVE),
     };
     let pool = Rc::new(Pool::new(dialer, MonoioExecutor, t.pool.clone()));
     let key = Rc::new(PoolKey {
@@ -179,12 +182,13 @@ async fn client_worker(
         src_ip: c.listen.ip(),
         dst: t.server,
     });
-    accept::accept_loop(listener, &drain, |sock, peer| {
+    accept::accept_loop(listener, &drain, |sock, conn| {
         let (pool, key, t) = (pool.clone(), key.clone(), t.clone());
-        accept::spawn_tracked(&drain, async move {
+        let peer = conn.peer;
+        accept::spawn_tracked(&drain, conn, async move {
             let start = Instant::now();
             let _ = sock.set_nodelay(true);
-            let headers = ConnectHeaders { forwarded_for: Some(peer.ip()), ..Default::default() };
+            let headers = ConnectHeaders { forwarded_for: Some(peer), ..Default::default() };
             let stream = match pool.connect(&key, t.target, &headers).await {
                 Ok(s) => s,
                 Err(e) => {

@@ -1,22 +1,27 @@
 //! The CONNECT client: open HBONE streams on an established TLS connection.
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    rc::Rc,
-};
+use std::{net::SocketAddr, rc::Rc};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
 use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{settings::H2Settings, stream::H2Stream, Executor};
+use crate::{
+    keepalive,
+    settings::{H2Settings, TimeoutKind},
+    stream::H2Stream,
+    Executor,
+};
 
-/// Headers zring sends with each CONNECT.
+/// Headers zring sends with each CONNECT, as ztunnel sends them.
 #[derive(Debug, Clone, Default)]
 pub struct ConnectHeaders {
-    /// The original client address, sent as `Forwarded: for="<ip>"`.
-    pub forwarded_for: Option<IpAddr>,
+    /// The original client address, sent as `Forwarded: for="<ip>:<port>"`.
+    pub forwarded_for: Option<SocketAddr>,
+    /// The service the client meant to reach, sent as `;host=<hostname>` in `Forwarded` (the
+    /// destination uses it to label its metrics with the right service).
+    pub forwarded_host: Option<String>,
     /// W3C `baggage`.
     pub baggage: Option<String>,
     /// W3C `traceparent`.
@@ -43,6 +48,23 @@ pub enum ConnectError {
     /// connection on these.
     #[error("HBONE stream failed: {0}")]
     H2(#[from] h2::Error),
+    /// No response to the CONNECT within the limit (the stream is reset).
+    #[error(
+        "no response to CONNECT within {0:?} (the destination node may be overloaded or gone)"
+    )]
+    Timeout(std::time::Duration),
+}
+
+/// Why an HTTP/2 handshake (preface and SETTINGS) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The peer broke the handshake (not HTTP/2, garbage, early close).
+    #[error("HTTP/2 handshake failed: {0}")]
+    H2(#[from] h2::Error),
+    /// The peer did not finish the handshake in time.
+    #[error("HTTP/2 handshake not finished within {0:?}")]
+    Timeout(std::time::Duration),
 }
 
 impl ConnectError {
@@ -60,31 +82,46 @@ impl ConnectError {
     }
 }
 
-/// Perform the HTTP/2 client handshake on `io` and run the connection on `executor`. Returns the
-/// request handle and a flag that turns true when the connection has ended.
+/// Perform the HTTP/2 client handshake on `io` (bounded by `settings.timeouts.h2_handshake`)
+/// and run the connection on `executor`, with PING keepalive. Returns the request handle and a
+/// flag that turns true when the connection has ended (closed, failed, or declared dead by the
+/// keepalive).
 pub async fn handshake<IO, X>(
     io: IO,
     settings: &H2Settings,
     executor: &X,
-) -> Result<(SendRequest<Bytes>, Rc<std::cell::Cell<bool>>), h2::Error>
+) -> Result<(SendRequest<Bytes>, Rc<std::cell::Cell<bool>>), HandshakeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + 'static,
     X: Executor,
 {
-    let (send, conn) = h2::client::Builder::new()
+    let handshake = h2::client::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame)
         .max_header_list_size(settings.max_header_list)
         .max_send_buffer_size(settings.max_frame as usize)
         .max_concurrent_reset_streams(settings.max_streams as usize)
-        .handshake::<_, Bytes>(io)
-        .await?;
+        .handshake::<_, Bytes>(io);
+    let limit = settings.timeouts.h2_handshake;
+    let Some(done) = keepalive::within(executor, limit, handshake).await else {
+        settings.timeouts.fired(TimeoutKind::H2Handshake);
+        return Err(HandshakeError::Timeout(limit));
+    };
+    let (send, mut conn) = done?;
     let closed = Rc::new(std::cell::Cell::new(false));
     let c = closed.clone();
+    let ping_pong = conn.ping_pong();
+    let (timeouts, x) = (settings.timeouts.clone(), executor.clone());
     executor.spawn(Box::pin(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "HBONE client connection ended");
+        let silent = keepalive::until_peer_silent(ping_pong, &timeouts, &x);
+        match futures_util::future::select(std::pin::pin!(conn), std::pin::pin!(silent)).await {
+            futures_util::future::Either::Left((Err(e), _)) => {
+                tracing::debug!(error = %e, "HBONE client connection ended")
+            }
+            futures_util::future::Either::Left((Ok(()), _)) => {}
+            // Dropping the connection fails its streams; the pool sees `closed` and dials anew.
+            futures_util::future::Either::Right(_) => {}
         }
         c.set(true);
     }));
@@ -100,10 +137,10 @@ pub async fn open(
     let mut req = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string());
-    if let Some(ip) = headers.forwarded_for {
-        let v = match ip {
-            IpAddr::V4(v4) => format!("for=\"{v4}\""),
-            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    if let Some(addr) = headers.forwarded_for {
+        let v = match &headers.forwarded_host {
+            Some(host) => format!("for=\"{addr}\";host={host}"),
+            None => format!("for=\"{addr}\""),
         };
         req = req.header("forwarded", v);
     }
@@ -129,5 +166,36 @@ pub async fn open(
             Err(ConnectError::BadRequest(s))
         }
         s => Err(ConnectError::Status(s)),
+    }
+}
+
+/// The `host=` part of a `Forwarded` header (the service the client meant), as ztunnel reads
+/// it; the `for=` part is not trusted for anything.
+pub fn forwarded_host(value: &str) -> Option<&str> {
+    if !value.is_ascii() {
+        return None;
+    }
+    value
+        .split(';')
+        .map(str::trim)
+        .find_map(|part| part.strip_prefix("host="))
+        .map(|h| h.trim_matches('"'))
+        .filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forwarded_host;
+
+    #[test]
+    fn forwarded_host_reads_only_the_host_part() {
+        assert_eq!(
+            forwarded_host(r#"for="10.1.2.3:4567";host=reviews.default.svc.cluster.local"#),
+            Some("reviews.default.svc.cluster.local")
+        );
+        assert_eq!(forwarded_host(r#"for="[::1]:80";host="a.b""#), Some("a.b"));
+        assert_eq!(forwarded_host(r#"for="10.1.2.3:4567""#), None);
+        assert_eq!(forwarded_host("host="), None);
+        assert_eq!(forwarded_host("host=\u{e9}"), None);
     }
 }

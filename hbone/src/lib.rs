@@ -12,6 +12,7 @@
 //! - [`relay`]: the copy between a TCP socket and a CONNECT stream (FIN <-> END_STREAM,
 //!   RST <-> RST_STREAM).
 //! - [`pool`]: the per-worker connection pool.
+//! - [`keepalive`]: bounded waits and the HTTP/2 PING keepalive ([`settings::Timeouts`]).
 //!
 //! Everything is generic over tokio's `AsyncRead + AsyncWrite`, so it runs on monoio's poll-io
 //! streams in zring and on tokio sockets in tests.
@@ -21,6 +22,7 @@
 pub mod ca;
 pub mod client;
 pub mod identity;
+pub mod keepalive;
 pub mod pool;
 pub mod relay;
 pub mod server;

@@ -3,7 +3,11 @@
 //! Key: (source identity, destination identity, source IP, destination address). Each pooled
 //! HTTP/2 connection carries at most `max_streams` CONNECT streams; past that a new connection is
 //! dialed. Only one dial per key is in flight at a time: everyone else who needs that key waits
-//! for it and then takes a slot (no connection storms). A connection that errors or receives
+//! for it and then takes a slot (no connection storms). Every dial ends for its waiters: it
+//! succeeds, fails (each phase is bounded: the dialer's TCP and TLS limits, then
+//! `timeouts.h2_handshake`), or is cancelled (the dialing task dropped, e.g. at a pod's drain
+//! deadline); on failure and cancellation the waiters get the error and the next connection
+//! dials afresh. A connection that errors or receives
 //! GOAWAY is retired and new streams dial afresh; one idle (no stream) for `idle_timeout` is
 //! closed.
 //!
@@ -28,7 +32,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::{
     client::{self, ConnectError, ConnectHeaders},
     identity::SpiffeId,
+    keepalive,
     settings::H2Settings,
+    settings::TimeoutKind,
     stream::H2Stream,
     Executor,
 };
@@ -125,6 +131,54 @@ impl DialWait {
         for w in self.wakers.borrow_mut().drain(..) {
             w.wake();
         }
+    }
+}
+
+/// The dialing task's side of a [`DialWait`]: [`DialGuard::finish`] publishes the outcome; a
+/// guard dropped without it (the task was cancelled) releases the waiters with an error and
+/// frees the key for a fresh dial.
+struct DialGuard<'a> {
+    entries: &'a RefCell<HashMap<PoolKey, Entry>>,
+    key: &'a PoolKey,
+    wait: Rc<DialWait>,
+    done: bool,
+}
+
+impl DialGuard<'_> {
+    fn finish(mut self, result: Result<Rc<Conn>, String>) -> Result<(), String> {
+        self.done = true;
+        let failed = result.as_ref().err().cloned();
+        {
+            let mut entries = self.entries.borrow_mut();
+            let entry = entries.entry(self.key.clone()).or_default();
+            entry.dialing = None;
+            if let Ok(conn) = result {
+                entry.conns.push(conn);
+            }
+        }
+        self.wait.finish(failed.clone());
+        failed.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for DialGuard<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Ok(mut entries) = self.entries.try_borrow_mut() {
+            if let Some(e) = entries.get_mut(self.key) {
+                if e.dialing
+                    .as_ref()
+                    .is_some_and(|w| Rc::ptr_eq(w, &self.wait))
+                {
+                    e.dialing = None;
+                }
+            }
+        }
+        self.wait.finish(Some(
+            "the connection dialing this destination was cancelled".into(),
+        ));
     }
 }
 
@@ -255,7 +309,22 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
                 conn.active.set(conn.active.get() + 1);
                 conn.last_used.set(Instant::now());
                 let slot = StreamSlot(conn.clone());
-                match client::open(&conn.send, target, headers).await {
+                let limit = self.inner.settings.h2.timeouts.connect_response;
+                let opened = keepalive::within(
+                    &self.inner.executor,
+                    limit,
+                    client::open(&conn.send, target, headers),
+                )
+                .await
+                .unwrap_or_else(|| {
+                    self.inner
+                        .settings
+                        .h2
+                        .timeouts
+                        .fired(TimeoutKind::ConnectResponse);
+                    Err(ConnectError::Timeout(limit))
+                });
+                match opened {
                     Ok(stream) => {
                         return Ok(PooledStream {
                             stream,
@@ -277,7 +346,8 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
                 .entries
                 .borrow()
                 .get(key)
-                .and_then(|e| e.dialing.clone());
+                .and_then(|e| e.dialing.clone())
+                .filter(|w| !w.done.get());
             if let Some(w) = waiting {
                 if let Some(message) = WaitDial(w).await {
                     return Err(PoolError::Dial {
@@ -287,7 +357,8 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
                 }
                 continue;
             }
-            // 3. Dial ourselves.
+            // 3. Dial ourselves. The guard releases the waiters even if this task is dropped
+            // mid-dial.
             let wait = Rc::new(DialWait::default());
             self.inner
                 .entries
@@ -296,18 +367,14 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
                 .or_default()
                 .dialing = Some(wait.clone());
             self.inner.dials.set(self.inner.dials.get() + 1);
+            let guard = DialGuard {
+                entries: &self.inner.entries,
+                key,
+                wait,
+                done: false,
+            };
             let result = self.dial(key).await;
-            let failed = result.as_ref().err().map(|e| e.to_string());
-            {
-                let mut entries = self.inner.entries.borrow_mut();
-                let entry = entries.entry(key.clone()).or_default();
-                entry.dialing = None;
-                if let Ok(conn) = &result {
-                    entry.conns.push(conn.clone());
-                }
-            }
-            wait.finish(failed);
-            if let Err(message) = result {
+            if let Err(message) = guard.finish(result) {
                 return Err(PoolError::Dial {
                     dst: key.dst,
                     message,
@@ -325,7 +392,7 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
             .map_err(|e| e.to_string())?;
         let (send, closed) = client::handshake(io, &self.inner.settings.h2, &self.inner.executor)
             .await
-            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+            .map_err(|e| e.to_string())?;
         let id = self.inner.next_id.get();
         self.inner.next_id.set(id + 1);
         tracing::debug!(connection = id, dst = %key.dst, src = %key.src_id, peer = %key.dst_id, "new HBONE connection");

@@ -7,6 +7,7 @@
 //! - Byte counts per direction are returned even when the relay ends with an error.
 
 use std::{
+    cell::Cell,
     future::{poll_fn, Future},
     io,
     pin::pin,
@@ -62,15 +63,36 @@ pub struct TunnelOutcome {
     pub error: Option<TunnelError>,
 }
 
+/// Bytes moved so far by a live tunnel, readable while it runs (live metrics).
+#[derive(Debug, Default)]
+pub struct TunnelCounts {
+    /// From the socket into the tunnel.
+    pub socket_to_stream: Cell<u64>,
+    /// From the tunnel to the socket.
+    pub stream_to_socket: Cell<u64>,
+}
+
 /// Relay until both directions end.
 pub async fn copy_bidirectional<S>(socket: S, stream: H2Stream) -> TunnelOutcome
 where
     S: AsyncRead + AsyncWrite + ResetOnClose + Unpin,
 {
+    copy_bidirectional_counted(socket, stream, &TunnelCounts::default()).await
+}
+
+/// [`copy_bidirectional`], keeping `counts` up to date as bytes move.
+pub async fn copy_bidirectional_counted<S>(
+    socket: S,
+    stream: H2Stream,
+    counts: &TunnelCounts,
+) -> TunnelOutcome
+where
+    S: AsyncRead + AsyncWrite + ResetOnClose + Unpin,
+{
     let (mut h2r, mut h2w) = stream.into_split();
     let (mut sr, mut sw) = tokio::io::split(socket);
-    let mut up = 0u64;
-    let mut down = 0u64;
+    let up = &counts.socket_to_stream;
+    let down = &counts.stream_to_socket;
     let error = {
         // Socket -> stream: read into a BytesMut and hand the filled part to h2 as is (no copy).
         let a = pin!(async {
@@ -92,7 +114,7 @@ where
                 h2w.send_bytes(buf.split().freeze())
                     .await
                     .map_err(TunnelError::Stream)?;
-                up += n as u64;
+                up.set(up.get() + n as u64);
             }
         });
         // Stream -> socket: write h2's received chunks straight to the socket (no copy).
@@ -105,7 +127,7 @@ where
                     }
                     Some(chunk) => {
                         sw.write_all(&chunk).await.map_err(TunnelError::Socket)?;
-                        down += chunk.len() as u64;
+                        down.set(down.get() + chunk.len() as u64);
                     }
                 }
             }
@@ -123,8 +145,8 @@ where
     }
     drop(socket);
     TunnelOutcome {
-        socket_to_stream: up,
-        stream_to_socket: down,
+        socket_to_stream: up.get(),
+        stream_to_socket: down.get(),
         error,
     }
 }

@@ -5,6 +5,10 @@
 //! are not CONNECT get 405; a missing or malformed authority gets 400. The stream limit is
 //! advertised in SETTINGS and enforced by h2 (excess streams are refused). On shutdown the
 //! server sends GOAWAY and lets live streams finish up to the drain deadline.
+//!
+//! Limits (`settings.timeouts`): the HTTP/2 preface/SETTINGS must arrive within
+//! `h2_handshake`; a connection that has opened no stream within `idle_no_stream` of the
+//! handshake is closed; a peer that stops answering PINGs is dropped (see [`crate::keepalive`]).
 
 use std::{future::Future, net::SocketAddr, pin::Pin};
 
@@ -14,7 +18,13 @@ pub use http::StatusCode;
 use http::{HeaderMap, Method, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::{identity::SpiffeId, settings::H2Settings, stream::H2Stream, Executor};
+use crate::{
+    identity::SpiffeId,
+    keepalive,
+    settings::{H2Settings, TimeoutKind},
+    stream::H2Stream,
+    Executor,
+};
 
 /// A validated CONNECT request.
 #[derive(Debug, Clone)]
@@ -66,6 +76,15 @@ pub enum ServeError {
     /// The HTTP/2 preface or settings exchange failed (not HTTP/2, garbage, early close).
     #[error("HTTP/2 handshake failed: {0}")]
     Handshake(h2::Error),
+    /// The peer did not send the HTTP/2 preface and SETTINGS in time.
+    #[error("HTTP/2 handshake not finished within {0:?}")]
+    HandshakeTimeout(std::time::Duration),
+    /// The peer opened no stream within the idle limit after the handshake.
+    #[error("no stream opened within {0:?} of the handshake; closed")]
+    IdleNoStream(std::time::Duration),
+    /// The peer stopped answering HTTP/2 PINGs.
+    #[error("the peer stopped answering HTTP/2 PINGs; closed")]
+    PeerSilent,
     /// The connection failed after the handshake.
     #[error("HTTP/2 connection error: {0}")]
     Connection(h2::Error),
@@ -102,18 +121,33 @@ where
     Fut: Future<Output = ()> + 'static,
     X: Executor,
 {
-    let mut conn = h2::server::Builder::new()
+    let t = &settings.timeouts;
+    let handshake = h2::server::Builder::new()
         .initial_window_size(settings.stream_window)
         .initial_connection_window_size(settings.connection_window)
         .max_frame_size(settings.max_frame)
         .max_concurrent_streams(settings.max_streams)
         .max_header_list_size(settings.max_header_list)
         .max_send_buffer_size(settings.max_frame as usize)
-        .handshake::<_, Bytes>(io)
-        .await
-        .map_err(ServeError::Handshake)?;
+        .handshake::<_, Bytes>(io);
+    let Some(done) = keepalive::within(&executor, t.h2_handshake, handshake).await else {
+        t.fired(TimeoutKind::H2Handshake);
+        return Err(ServeError::HandshakeTimeout(t.h2_handshake));
+    };
+    let mut conn = done.map_err(ServeError::Handshake)?;
+    let mut silent: Pin<Box<dyn Future<Output = ()> + '_>> =
+        Box::pin(keepalive::until_peer_silent(conn.ping_pong(), t, &executor));
+    // Until the first stream: the idle limit.
+    let mut idle: Option<Pin<Box<dyn Future<Output = ()>>>> =
+        Some(executor.sleep(t.idle_no_stream));
     let mut shutdown: Pin<Box<dyn Future<Output = ()>>> = Box::pin(shutdown);
     let mut deadline: Option<Pin<Box<dyn Future<Output = ()>>>> = None;
+    enum Next<R> {
+        Deadline,
+        Silent,
+        Idle,
+        Accepted(Option<R>),
+    }
     loop {
         let next = std::future::poll_fn(|cx| {
             if deadline.is_none() && shutdown.as_mut().poll(cx).is_ready() {
@@ -122,27 +156,45 @@ where
             }
             if let Some(d) = deadline.as_mut() {
                 if d.as_mut().poll(cx).is_ready() {
-                    return std::task::Poll::Ready(None);
+                    return std::task::Poll::Ready(Next::Deadline);
                 }
             }
-            conn.poll_accept(cx).map(Some)
+            if silent.as_mut().poll(cx).is_ready() {
+                return std::task::Poll::Ready(Next::Silent);
+            }
+            if let Some(i) = idle.as_mut() {
+                if i.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(Next::Idle);
+                }
+            }
+            conn.poll_accept(cx).map(Next::Accepted)
         })
         .await;
         let req = match next {
-            None => {
+            Next::Deadline => {
                 tracing::debug!("drain deadline passed; closing the HBONE connection");
                 return Ok(());
             }
-            Some(None) => return Ok(()),
-            Some(Some(Err(e))) => {
+            Next::Silent => {
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                return Err(ServeError::PeerSilent);
+            }
+            Next::Idle => {
+                t.fired(TimeoutKind::IdleNoStream);
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                return Err(ServeError::IdleNoStream(t.idle_no_stream));
+            }
+            Next::Accepted(None) => return Ok(()),
+            Next::Accepted(Some(Err(e))) => {
                 if e.is_go_away() || e.is_io() {
                     tracing::debug!(error = %e, "HBONE connection ended");
                     return Ok(());
                 }
                 return Err(ServeError::Connection(e));
             }
-            Some(Some(Ok(r))) => r,
+            Next::Accepted(Some(Ok(r))) => r,
         };
+        idle = None;
         let (req, mut respond) = req;
         match check(&req) {
             Err(status) => {

@@ -1,6 +1,6 @@
 //! HTTP/2 settings of HBONE connections.
 
-use std::time::Duration;
+use std::{fmt, sync::Arc, time::Duration};
 
 /// Stream flow-control window: 4 MiB, ztunnel's default. h2's 64 KiB default caps a single
 /// stream at a window per round trip and gives about a third of the throughput.
@@ -17,6 +17,121 @@ pub const DEFAULT_MAX_HEADER_LIST: u32 = 16 * 1024;
 /// Idle pooled connections are closed after 5 minutes (ztunnel).
 pub const DEFAULT_POOL_IDLE: Duration = Duration::from_secs(300);
 
+/// TLS handshake limit, both sides of 15008: 10 s. A peer that opens TCP and never finishes
+/// TLS holds a socket and a task; ztunnel has no explicit limit on its server side (its
+/// outbound connect, TCP only, is bounded by 10 s), so this matches its client side and beats
+/// its server side.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 preface and SETTINGS exchange after TLS: 10 s.
+pub const DEFAULT_H2_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client waits for the answer to a CONNECT: 15 s, longer than the destination's
+/// own 10 s connect timeout towards the workload, so a slow workload is reported by the
+/// destination (503) rather than cut here.
+pub const DEFAULT_CONNECT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A server connection that has finished its handshakes but never opened a stream is closed
+/// after 60 s. A pooled client always opens a stream at once (it dials because it needs one),
+/// so only idle or hostile peers hit this.
+pub const DEFAULT_IDLE_NO_STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 PING every 10 s on an idle-or-busy connection, ztunnel's interval.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// A PING unanswered for 20 s declares the peer gone (ztunnel's value): the connection is
+/// dropped, its streams fail, and the pool dials afresh for the next stream.
+pub const DEFAULT_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Which limit fired; reported through [`TimeoutHook`] so the embedding proxy can count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TimeoutKind {
+    /// TLS handshake (either side).
+    TlsHandshake,
+    /// HTTP/2 preface/SETTINGS.
+    H2Handshake,
+    /// A CONNECT's response.
+    ConnectResponse,
+    /// A server connection that never opened a stream.
+    IdleNoStream,
+    /// An unanswered HTTP/2 PING.
+    Keepalive,
+    /// A SOCKS5 greeting or request (the proxy's own listener).
+    Socks5Greeting,
+}
+
+impl TimeoutKind {
+    /// Label value for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TlsHandshake => "tls_handshake",
+            Self::H2Handshake => "h2_handshake",
+            Self::ConnectResponse => "connect_response",
+            Self::IdleNoStream => "idle_no_stream",
+            Self::Keepalive => "keepalive",
+            Self::Socks5Greeting => "socks5_greeting",
+        }
+    }
+
+    /// Every kind, for rendering counters that start at zero.
+    pub const ALL: [TimeoutKind; 6] = [
+        Self::TlsHandshake,
+        Self::H2Handshake,
+        Self::ConnectResponse,
+        Self::IdleNoStream,
+        Self::Keepalive,
+        Self::Socks5Greeting,
+    ];
+}
+
+/// Called whenever a limit fires (counting it is the caller's business).
+#[derive(Clone)]
+pub struct TimeoutHook(pub Arc<dyn Fn(TimeoutKind) + Send + Sync>);
+
+impl fmt::Debug for TimeoutHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TimeoutHook")
+    }
+}
+
+/// Handshake, response and liveness limits of HBONE connections.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    /// TLS handshake, either side.
+    pub tls_handshake: Duration,
+    /// HTTP/2 preface and SETTINGS.
+    pub h2_handshake: Duration,
+    /// Waiting for a CONNECT's response.
+    pub connect_response: Duration,
+    /// A server connection without any stream yet.
+    pub idle_no_stream: Duration,
+    /// HTTP/2 PING interval (`Duration::ZERO` turns keepalive off).
+    pub ping_interval: Duration,
+    /// An unanswered PING after this long closes the connection.
+    pub ping_timeout: Duration,
+    /// Told about every limit that fires.
+    pub hook: Option<TimeoutHook>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tls_handshake: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            h2_handshake: DEFAULT_H2_HANDSHAKE_TIMEOUT,
+            connect_response: DEFAULT_CONNECT_RESPONSE_TIMEOUT,
+            idle_no_stream: DEFAULT_IDLE_NO_STREAM_TIMEOUT,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            ping_timeout: DEFAULT_PING_TIMEOUT,
+            hook: None,
+        }
+    }
+}
+
+impl Timeouts {
+    /// Report that `kind` fired.
+    pub fn fired(&self, kind: TimeoutKind) {
+        if let Some(h) = &self.hook {
+            (h.0)(kind);
+        }
+    }
+}
+
 /// Tunables shared by HBONE clients and servers.
 #[derive(Debug, Clone)]
 pub struct H2Settings {
@@ -32,6 +147,8 @@ pub struct H2Settings {
     pub max_header_list: u32,
     /// How long a draining server waits for live streams after GOAWAY.
     pub drain_timeout: Duration,
+    /// Handshake, response and keepalive limits.
+    pub timeouts: Timeouts,
 }
 
 impl Default for H2Settings {
@@ -43,6 +160,7 @@ impl Default for H2Settings {
             max_streams: DEFAULT_MAX_STREAMS,
             max_header_list: DEFAULT_MAX_HEADER_LIST,
             drain_timeout: Duration::from_secs(5),
+            timeouts: Timeouts::default(),
         }
     }
 }

@@ -29,7 +29,9 @@ pub mod worker;
 
 pub use backend::{BackendChoice, IoBackend};
 pub use drain::{Drain, ShutdownTrigger};
-pub use relay::{relay, RelayError, RelayMode, RelayOptions, RelayOutcome};
+pub use relay::{
+    relay, relay_counted, ByteCounts, RelayError, RelayMode, RelayOptions, RelayOutcome,
+};
 pub use worker::{WorkerConfig, WorkerContext, Workers};
 
 /// The monoio runtime type every worker runs: io_uring or epoll, both with timers.

@@ -222,6 +222,36 @@ pub fn set_reset_on_close<S: AsRawFd>(s: &S) -> io::Result<()> {
     with_sock(s, |sock| sock.set_linger(Some(Duration::ZERO)))
 }
 
+/// TCP keepalive probes on a long-lived connection (pooled HBONE connections): the kernel
+/// notices a peer that vanished without a FIN or RST.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    /// Idle time before the first probe (`TCP_KEEPIDLE`).
+    pub time: Duration,
+    /// Between probes (`TCP_KEEPINTVL`).
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped (`TCP_KEEPCNT`).
+    pub retries: u32,
+}
+
+/// ztunnel's defaults (`KEEPALIVE_TIME` 180 s, `KEEPALIVE_INTERVAL` 180 s, `KEEPALIVE_RETRIES`
+/// 9). They catch dead peers that HTTP/2 PINGs cannot reach (no HTTP/2 yet, or a stalled
+/// writer); the PING keepalive is what detects a vanished node within seconds.
+pub const DEFAULT_TCP_KEEPALIVE: TcpKeepalive = TcpKeepalive {
+    time: Duration::from_secs(180),
+    interval: Duration::from_secs(180),
+    retries: 9,
+};
+
+/// Turn on TCP keepalive with `ka`.
+pub fn set_tcp_keepalive<S: AsRawFd>(s: &S, ka: &TcpKeepalive) -> io::Result<()> {
+    let params = socket2::TcpKeepalive::new()
+        .with_time(ka.time)
+        .with_interval(ka.interval)
+        .with_retries(ka.retries);
+    with_sock(s, |sock| sock.set_tcp_keepalive(&params))
+}
+
 /// A network namespace, held open by a file descriptor (from `/var/run/netns/NAME`,
 /// `/proc/PID/ns/net`, or received over a unix socket).
 #[derive(Debug)]

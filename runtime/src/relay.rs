@@ -191,8 +191,28 @@ pub struct RelayOutcome {
 /// Relay between `client` and `upstream` until both directions have ended. Consumes and closes
 /// both sockets. On the first error in either direction, both sockets are reset.
 pub async fn relay(client: TcpStream, upstream: TcpStream, opts: &RelayOptions) -> RelayOutcome {
-    let up = Cell::new(0u64);
-    let down = Cell::new(0u64);
+    relay_counted(client, upstream, opts, &ByteCounts::default()).await
+}
+
+/// Bytes moved so far by a live relay, readable while it runs (live metrics).
+#[derive(Debug, Default)]
+pub struct ByteCounts {
+    /// From the client side to the upstream side.
+    pub client_to_upstream: Cell<u64>,
+    /// From upstream back to the client.
+    pub upstream_to_client: Cell<u64>,
+}
+
+/// [`relay`], keeping `counts` up to date as bytes move (so a caller racing it against a timer
+/// can report a long-lived connection's traffic before it ends).
+pub async fn relay_counted(
+    client: TcpStream,
+    upstream: TcpStream,
+    opts: &RelayOptions,
+    counts: &ByteCounts,
+) -> RelayOutcome {
+    let up = &counts.client_to_upstream;
+    let down = &counts.upstream_to_client;
     let activity = Cell::new(Instant::now());
     // Readiness-driven splice and the copy loop need non-blocking sockets (accepted sockets from
     // io_uring are blocking); io_uring's own splice opcode needs blocking ones, or its io-wq
@@ -204,10 +224,10 @@ pub async fn relay(client: TcpStream, upstream: TcpStream, opts: &RelayOptions) 
         Err(e) => Some(RelayError::Setup(e)),
         Ok(()) => match opts.mode {
             RelayMode::Splice(engine) => {
-                relay_splice(&client, &upstream, engine, opts, &up, &down, &activity).await
+                relay_splice(&client, &upstream, engine, opts, up, down, &activity).await
             }
             RelayMode::Copy { buffer } => {
-                relay_copy(&client, &upstream, buffer, opts, &up, &down, &activity).await
+                relay_copy(&client, &upstream, buffer, opts, up, down, &activity).await
             }
         }
         .err(),

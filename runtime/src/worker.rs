@@ -130,7 +130,14 @@ impl Workers {
             let handle = std::thread::Builder::new()
                 .name(format!("zring-worker-{index}"))
                 .spawn(move || {
-                    let result = run_worker(index, cpu, backend, entries, shutdown, &*main);
+                    // A worker that dies (a panic outside any connection task, which
+                    // `server::spawn_tracked` contains) is reported like a failure, so `join`
+                    // stops the others and the process exits non-zero instead of serving with
+                    // one worker short.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_worker(index, cpu, backend, entries, shutdown, &*main)
+                    }))
+                    .unwrap_or(Err(WorkerError::Panicked(index)));
                     let _ = tx.send((index, result));
                 })
                 .map_err(|source| WorkerError::Setup { index, source })?;

@@ -109,6 +109,39 @@ impl MeshIndex {
         }
     }
 
+    /// The service with this exact hostname (`name.namespace.svc.cluster.local`).
+    pub fn service_by_hostname(&self, hostname: &str) -> Option<&Service> {
+        let hostname = hostname.strip_suffix('.').unwrap_or(hostname);
+        self.config
+            .services
+            .iter()
+            .find(|s| s.hostname.eq_ignore_ascii_case(hostname))
+    }
+
+    /// A mesh service named as a pod in `client_namespace` would name it: the full hostname, or
+    /// the short forms its DNS search path completes (`reviews`, `reviews.default`,
+    /// `reviews.default.svc`).
+    pub fn service_by_name(&self, name: &str, client_namespace: &str) -> Option<&Service> {
+        let name = name.strip_suffix('.').unwrap_or(name);
+        if name.is_empty() {
+            return None;
+        }
+        let domain = self
+            .config
+            .services
+            .first()
+            .and_then(|s| s.hostname.split_once(".svc.").map(|(_, d)| d.to_string()))
+            .unwrap_or_else(|| crate::config::DEFAULT_TRUST_DOMAIN.to_string());
+        [
+            name.to_string(),
+            format!("{name}.{client_namespace}.svc.{domain}"),
+            format!("{name}.svc.{domain}"),
+            format!("{name}.{domain}"),
+        ]
+        .iter()
+        .find_map(|h| self.service_by_hostname(h))
+    }
+
     /// Workloads on `node` (the ones this proxy serves).
     pub fn local_workloads<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.config.workloads.iter().filter(move |w| w.node == node)

@@ -181,6 +181,10 @@ pub struct Workload {
     /// Cluster id (telemetry).
     #[serde(default)]
     pub cluster_id: String,
+    /// Owning workload's kind, lower case (`deployment`, `statefulset`...): names the
+    /// `k8s.<kind>.name` baggage entry. Empty means `deployment`, as in ztunnel.
+    #[serde(default)]
+    pub workload_type: String,
 }
 
 impl Workload {

@@ -4,17 +4,16 @@
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use zring_hbone::{
-    relay::copy_bidirectional,
     server::{self, Incoming},
+    settings::TimeoutKind,
     tls, SpiffeId,
 };
 use zring_runtime::{
     drain::Drain,
     net::{self, ConnectOptions, NetNs},
-    relay::RelayOptions,
 };
 
-use super::{wait_for_config, ConnLog, State};
+use super::{telemetry::SocketSide, wait_for_config, ConnLog, HandshakePermit, State};
 use crate::{
     config::index::MeshIndex,
     hbone_io::{MonoioExecutor, PollTcp},
@@ -57,6 +56,30 @@ fn inbound_log(
     log
 }
 
+/// The destination service of an inbound connection, as ztunnel guesses it: the service the
+/// client named (`host`), if `target` is one of its endpoints; else the first of the
+/// workload's services whose target port is `target`'s port.
+fn destination_service<'a>(
+    index: &'a MeshIndex,
+    target: SocketAddr,
+    host: Option<&str>,
+) -> Option<&'a crate::config::Service> {
+    let w = index.workload_by_ip(target.ip())?;
+    let key = |s: &crate::config::Service| format!("{}/{}", s.namespace, s.hostname);
+    let serves = |s: &crate::config::Service| {
+        w.services.get(&key(s)).is_some_and(|ports| {
+            ports.values().any(|&p| p == target.port())
+                || s.ports.values().any(|&p| p == target.port())
+        })
+    };
+    if let Some(s) = host.and_then(|h| index.service_by_hostname(h)) {
+        if w.services.contains_key(&key(s)) {
+            return Some(s);
+        }
+    }
+    index.config.services.iter().find(|s| serves(s))
+}
+
 /// How to reach the destination workload: marked, bounded, and from inside its pod's
 /// namespace in in-pod mode.
 fn upstream_opts(state: &State, netns: Option<Arc<NetNs>>) -> ConnectOptions {
@@ -68,17 +91,24 @@ fn upstream_opts(state: &State, netns: Option<Arc<NetNs>>) -> ConnectOptions {
     }
 }
 
-/// One inbound HBONE connection: TLS with the destination workload's certificate, then
-/// CONNECT streams until the peer or a drain ends it.
+/// One inbound HBONE connection: TLS with the destination workload's certificate (bounded by
+/// the TLS handshake limit; `permit` holds the connection's place under the listener's
+/// handshake cap until then), then CONNECT streams until the peer or a drain ends it.
 pub(super) async fn hbone(
     tcp: monoio::net::TcpStream,
     peer_addr: SocketAddr,
     state: Arc<State>,
     drain: Drain,
     netns: Option<Arc<NetNs>>,
+    permit: HandshakePermit,
 ) {
     let _ = tcp.set_nodelay(true);
+    if let Some(ka) = &state.cfg.limits.tcp_keepalive {
+        let _ = net::set_tcp_keepalive(&tcp, ka);
+    }
     let Ok(local) = tcp.local_addr() else { return };
+    let timeouts = &state.h2.timeouts;
+    let deadline = Instant::now() + timeouts.tls_handshake;
     // In a pod, the connection may come before the config naming the pod (and its
     // certificate): wait for it, bounded.
     let index = match netns {
@@ -91,20 +121,25 @@ pub(super) async fn hbone(
     else {
         return tracing::warn!(dst.addr = %local, "inbound HBONE connection to an address with no workload");
     };
+    drop(index);
     let issued = match state.certs.get(&id) {
         Ok(i) => i,
         Err(e) => return tracing::warn!(error = %e, "no certificate for the destination workload"),
     };
     let Ok(tcp) = PollTcp::new(tcp) else { return };
-    let tls = match tokio_rustls::TlsAcceptor::from(issued.server.clone())
-        .accept(tcp)
-        .await
-    {
-        Ok(t) => t,
-        Err(e) => {
+    let accept = tokio_rustls::TlsAcceptor::from(issued.server.clone()).accept(tcp);
+    let limit = deadline.saturating_duration_since(Instant::now());
+    let tls = match monoio::time::timeout(limit, accept).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
             return tracing::info!(src.addr = %peer_addr, dst.addr = %local, error = %tls::classify_handshake(e), "inbound HBONE handshake failed")
         }
+        Err(_) => {
+            timeouts.fired(TimeoutKind::TlsHandshake);
+            return tracing::debug!(src.addr = %peer_addr, dst.addr = %local, limit_ms = timeouts.tls_handshake.as_millis() as u64, "inbound HBONE: no TLS handshake in time; closed");
+        }
     };
+    drop(permit);
     let peer = tls::peer_identity(tls.get_ref().1);
     let s = state.clone();
     let handler = move |i: Incoming| stream(i, peer_addr, s.clone(), netns.clone());
@@ -113,7 +148,14 @@ pub(super) async fn hbone(
     })
     .await
     {
-        tracing::info!(src.addr = %peer_addr, error = %e, "inbound HBONE connection failed");
+        match e {
+            server::ServeError::HandshakeTimeout(_) | server::ServeError::IdleNoStream(_) => {
+                tracing::debug!(src.addr = %peer_addr, error = %e, "inbound HBONE connection closed")
+            }
+            _ => {
+                tracing::info!(src.addr = %peer_addr, error = %e, "inbound HBONE connection failed")
+            }
+        }
     }
 }
 
@@ -128,6 +170,17 @@ async fn stream(
     let peer = incoming.request.peer.clone();
     let index = state.index();
     let mut log = inbound_log(&index, "hbone", peer_addr, peer.clone(), target, start);
+    // The service the client meant (`Forwarded: ...;host=`), trusted only if the destination
+    // really is one of its endpoints; else a service of the workload with that target port.
+    let host = incoming
+        .request
+        .headers
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(zring_hbone::client::forwarded_host);
+    if let Some(service) = destination_service(&index, target, host) {
+        log.labels.set_service(service);
+    }
     if let Err(r) = inbound::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()) {
         log.close(&state, r.response_flags, 0, 0, Some(r.reason));
         return incoming.reject(r.status);
@@ -152,16 +205,9 @@ async fn stream(
             Some("the stream ended before 200".into()),
         );
     };
-    log.established(&state);
-    let out = copy_bidirectional(up, stream).await;
     // Bytes from the destination's point of view: sent = delivered to the workload.
-    log.close(
-        &state,
-        "-",
-        out.stream_to_socket,
-        out.socket_to_stream,
-        out.error.map(|e| e.to_string()),
-    );
+    log.tunnel_and_close(&state, up, stream, SocketSide::Destination)
+        .await;
 }
 
 /// One captured inbound plaintext connection (15006): the original destination must be a local
@@ -181,7 +227,7 @@ pub(super) async fn plaintext(
         Some(_) => wait_for_config(&state, |idx| idx.workload_by_ip(target.ip()).is_some()).await,
         None => state.index(),
     };
-    let mut log = inbound_log(&index, "plaintext", peer, None, target, start);
+    let log = inbound_log(&index, "plaintext", peer, None, target, start);
     if let Err(r) = inbound::decide_plaintext(&index, &state.cfg.node, peer, target) {
         let _ = zring_runtime::net::set_reset_on_close(&sock);
         return log.close(&state, r.response_flags, 0, 0, Some(r.reason));
@@ -194,13 +240,5 @@ pub(super) async fn plaintext(
             return log.close(&state, "UF", 0, 0, Some(e.to_string()));
         }
     };
-    log.established(&state);
-    let out = zring_runtime::relay(sock, up, &RelayOptions::default()).await;
-    log.close(
-        &state,
-        "-",
-        out.client_to_upstream,
-        out.upstream_to_client,
-        out.error.map(|e| e.to_string()),
-    );
+    log.splice_and_close(&state, sock, up).await;
 }

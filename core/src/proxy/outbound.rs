@@ -16,15 +16,15 @@ use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use zring_hbone::{
     client::{ConnectError, ConnectHeaders},
     pool::{PoolError, PoolKey},
-    relay::copy_bidirectional,
+    settings::TimeoutKind,
     SpiffeId,
 };
-use zring_runtime::{
-    net::{self, ConnectOptions},
-    relay::RelayOptions,
-};
+use zring_runtime::net::{self, ConnectOptions};
 
-use super::{wait_for_config, ConnLog, HbonePool, State};
+use super::{
+    headers::connect_headers, telemetry::SocketSide, wait_for_config, ConnLog, HandshakePermit,
+    HbonePool, State,
+};
 use crate::{
     config::{
         index::{MeshIndex, Resolved},
@@ -34,7 +34,7 @@ use crate::{
     inbound,
     metrics::{ConnLabels, Peer, Reporter},
     relay_cmd::DEFAULT_CONNECT_TIMEOUT,
-    socks5::{self, Reply},
+    socks5::{self, Reply, Target},
 };
 
 /// The original destination of a captured connection: SO_ORIGINAL_DST (REDIRECT), else the
@@ -67,6 +67,62 @@ enum Route {
     Local(SocketAddr),
     /// Plain TCP to `target`.
     Passthrough(SocketAddr),
+}
+
+/// What to do with a connection, decided before any I/O. Short-lived and moved straight into
+/// the call that acts on it, so the size difference between variants costs nothing that
+/// boxing (an allocation per connection) would save.
+#[allow(clippy::large_enum_variant)]
+enum Plan {
+    /// Plain TCP to this address.
+    Tcp(SocketAddr),
+    /// CONNECT `target` over the pooled HBONE connection for `key`.
+    Hbone {
+        key: PoolKey,
+        target: SocketAddr,
+        headers: ConnectHeaders,
+    },
+}
+
+/// A connection refused before any upstream I/O.
+struct Refused {
+    code: Reply,
+    flags: &'static str,
+    reason: String,
+}
+
+impl Refused {
+    fn new(code: Reply, flags: &'static str, reason: String) -> Self {
+        Self {
+            code,
+            flags,
+            reason,
+        }
+    }
+}
+
+/// Refuse: a SOCKS5 code to a SOCKS client, a reset to a captured one.
+async fn refuse(sock: &mut monoio::net::TcpStream, client: Client, code: Reply) {
+    match client {
+        Client::Socks => {
+            let _ = sock.write_all(socks5::reply(code).to_vec()).await;
+        }
+        Client::Captured => {
+            let _ = net::set_reset_on_close(sock);
+        }
+    }
+}
+
+/// A SOCKS client is told it is connected; false when it left meanwhile.
+async fn socks_ok(sock: &mut monoio::net::TcpStream, client: Client) -> bool {
+    match client {
+        Client::Socks => sock
+            .write_all(socks5::reply(Reply::Ok).to_vec())
+            .await
+            .0
+            .is_ok(),
+        Client::Captured => true,
+    }
 }
 
 /// Outbound handling on one worker. Built once per listener and cloned per connection (a few
@@ -119,43 +175,61 @@ impl Outbound {
         self.forward(sock, peer, target, Client::Captured).await
     }
 
-    /// A SOCKS5 client: the handshake gives the destination.
-    pub(super) async fn socks(self, mut sock: monoio::net::TcpStream, peer: SocketAddr) {
-        let mut buf = Vec::new();
-        let greeting = read_until(&mut sock, &mut buf, |b| match socks5::parse_greeting(b) {
-            Ok(Some(n)) => Some(Ok(n)),
-            Ok(None) => None,
-            Err(e) => Some(Err(e)),
-        })
-        .await;
-        let n = match greeting {
-            Some(Ok(n)) => n,
-            Some(Err(e)) => {
-                return tracing::debug!(src.addr = %peer, error = e, "bad SOCKS5 greeting")
+    /// A SOCKS5 client: the handshake gives the destination. The greeting and request must
+    /// arrive within the SOCKS5 limit; `permit` holds the connection's place under the
+    /// listener's handshake cap until then. A domain name is resolved against the mesh's
+    /// service hostnames (and the short forms the client's namespace completes).
+    pub(super) async fn socks(
+        self,
+        mut sock: monoio::net::TcpStream,
+        peer: SocketAddr,
+        permit: HandshakePermit,
+    ) {
+        let limit = self.state.cfg.limits.socks5_greeting;
+        let target = match monoio::time::timeout(limit, socks_handshake(&mut sock, peer)).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return,
+            Err(_) => {
+                self.state.metrics.timeout(TimeoutKind::Socks5Greeting);
+                return tracing::debug!(src.addr = %peer, limit_ms = limit.as_millis() as u64, "SOCKS5 greeting not finished in time; closed");
             }
-            None => return,
         };
-        buf.drain(..n);
-        if sock.write_all(vec![5u8, 0]).await.0.is_err() {
-            return;
-        }
-        let request = read_until(&mut sock, &mut buf, |b| match socks5::parse_request(b) {
-            Ok(Some(v)) => Some(Ok(v)),
-            Ok(None) => None,
-            Err(r) => Some(Err(r)),
-        })
-        .await;
-        let target = match request {
-            Some(Ok((t, _))) => t,
-            Some(Err(r)) => {
-                let _ = sock.write_all(socks5::reply(r).to_vec()).await;
-                return;
-            }
-            None => return,
+        drop(permit);
+        let target = match target {
+            Target::Addr(a) => a,
+            Target::Name(name, port) => match self.resolve_name(&name, port, peer) {
+                Some(a) => a,
+                None => {
+                    let _ = sock
+                        .write_all(socks5::reply(Reply::HostUnreachable).to_vec())
+                        .await;
+                    return tracing::info!(src.addr = %peer, name = %name, "SOCKS5: the name is not a mesh service (zring resolves only service hostnames and their short forms for SOCKS5)");
+                }
+            },
         };
         self.forward(sock, peer, target, Client::Socks).await
     }
 
+    /// A SOCKS5 domain name: an IP literal, or a mesh service's first VIP.
+    fn resolve_name(&self, name: &str, port: u16, peer: SocketAddr) -> Option<SocketAddr> {
+        if let Ok(ip) = name.parse::<std::net::IpAddr>() {
+            return Some(SocketAddr::new(ip, port));
+        }
+        let index = self.state.index();
+        let namespace = match &self.pod {
+            Some(pod) => pod.namespace.clone(),
+            None => index
+                .workload_by_ip(peer.ip())
+                .map(|w| w.namespace.clone())
+                .unwrap_or_default(),
+        };
+        let service = index.service_by_name(name, &namespace)?;
+        let vip = service.vips.first()?;
+        Some(SocketAddr::new(vip.address, port))
+    }
+
+    /// Decide where the connection goes, then act on it: refuse it, relay it as plain TCP, or
+    /// tunnel it over HBONE.
     async fn forward(
         self,
         mut sock: monoio::net::TcpStream,
@@ -163,10 +237,8 @@ impl Outbound {
         target: SocketAddr,
         client: Client,
     ) {
-        let start = Instant::now();
         let _ = sock.set_nodelay(true);
         let state = &*self.state;
-        let index = state.index();
         let mut log = ConnLog::new(
             "outbound",
             "-",
@@ -180,147 +252,166 @@ impl Outbound {
                 mtls: false,
                 response_flags: "-",
             },
-            start,
+            Instant::now(),
         );
-        // Refuse: a SOCKS5 code to a SOCKS client, a reset to a captured one.
-        let refuse = |mut sock: monoio::net::TcpStream, code: Reply| async move {
-            match client {
-                Client::Socks => {
-                    let _ = sock.write_all(socks5::reply(code).to_vec()).await;
-                }
-                Client::Captured => {
-                    let _ = net::set_reset_on_close(&sock);
-                }
+        let index = self.config_for(peer).await;
+        let plan = self.decide(&index, &mut log, peer, target);
+        drop(index);
+        #[cfg(feature = "test-hooks")]
+        super::test_hooks::maybe_panic(target);
+        match plan {
+            Err(r) => {
+                refuse(&mut sock, client, r.code).await;
+                log.close(state, r.flags, 0, 0, Some(r.reason));
             }
+            Ok(Plan::Tcp(dst)) => self.plain(sock, client, log, dst).await,
+            Ok(Plan::Hbone {
+                key,
+                target,
+                headers,
+            }) => self.tunnel(sock, client, log, key, target, headers).await,
+        }
+    }
+
+    /// The config to route with. A pod's connection may come before the config that names its
+    /// workload: wait for it (bounded).
+    async fn config_for(&self, peer: SocketAddr) -> Arc<MeshIndex> {
+        let state = &*self.state;
+        let Some(pod) = &self.pod else {
+            return state.index();
         };
-        // A pod's connection may come before the config that names its workload: wait for it.
-        let index = match &self.pod {
-            Some(pod) => {
-                let node = &state.cfg.node;
-                wait_for_config(state, |idx| {
-                    idx.workload_by_ip(peer.ip())
-                        .is_some_and(|w| &w.node == node)
-                        || (peer.ip().is_loopback()
-                            && idx.config.workloads.iter().any(|w| {
-                                w.name == pod.name
-                                    && w.namespace == pod.namespace
-                                    && &w.node == node
-                            }))
-                })
-                .await
-            }
-            None => index,
-        };
+        let node = &state.cfg.node;
+        wait_for_config(state, |idx| {
+            idx.workload_by_ip(peer.ip())
+                .is_some_and(|w| &w.node == node)
+                || (peer.ip().is_loopback()
+                    && idx.config.workloads.iter().any(|w| {
+                        w.name == pod.name && w.namespace == pod.namespace && &w.node == node
+                    }))
+        })
+        .await
+    }
+
+    /// Where a connection from `peer` to `target` goes, with the log filled in; no I/O.
+    fn decide(
+        &self,
+        index: &MeshIndex,
+        log: &mut ConnLog,
+        peer: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<Plan, Refused> {
+        let node = &self.state.cfg.node;
         // The source workload: the owner of the client's address; for a pod's own loopback
         // (SOCKS5 inside the pod) the pod's workload, whose address the connection then uses.
-        let src = match (&self.pod, peer.ip().is_loopback()) {
-            (Some(pod), true) => index.config.workloads.iter().find(|w| {
-                w.name == pod.name && w.namespace == pod.namespace && w.node == state.cfg.node
-            }),
-            _ => index
-                .workload_by_ip(peer.ip())
-                .filter(|w| w.node == state.cfg.node),
-        };
-        let client_ip = match (src, peer.ip().is_loopback()) {
-            (Some(w), true) => w.workload_ips.first().copied().unwrap_or(peer.ip()),
-            _ => peer.ip(),
-        };
+        let src =
+            match (&self.pod, peer.ip().is_loopback()) {
+                (Some(pod), true) => index.config.workloads.iter().find(|w| {
+                    w.name == pod.name && w.namespace == pod.namespace && &w.node == node
+                }),
+                _ => index.workload_by_ip(peer.ip()).filter(|w| &w.node == node),
+            };
         let Some(src) = src else {
-            refuse(sock, Reply::NotAllowed).await;
-            let why = format!("{} is not a workload on node {}", peer.ip(), state.cfg.node);
-            return log.close(state, "NR", 0, 0, Some(why));
+            return Err(Refused::new(
+                Reply::NotAllowed,
+                "NR",
+                format!("{} is not a workload on node {node}", peer.ip()),
+            ));
         };
-        let src_id = match src.identity() {
-            Ok(i) => i,
-            Err(e) => {
-                refuse(sock, Reply::NotAllowed).await;
-                return log.close(state, "NR", 0, 0, Some(e.to_string()));
-            }
+        let client_ip = match peer.ip().is_loopback() {
+            true => src.workload_ips.first().copied().unwrap_or(peer.ip()),
+            false => peer.ip(),
         };
+        let src_id = src
+            .identity()
+            .map_err(|e| Refused::new(Reply::NotAllowed, "NR", e.to_string()))?;
         log.src_identity = Some(src_id.clone());
         log.labels.source = Peer::of(src, Some(&src_id));
-        let route = match self.route(&index, &mut log, src, target) {
-            Ok(r) => r,
-            Err(e) => {
-                refuse(sock, Reply::HostUnreachable).await;
-                return log.close(state, "NR", 0, 0, Some(e));
+        let route = self
+            .route(index, log, src, target)
+            .map_err(|e| Refused::new(Reply::HostUnreachable, "NR", e))?;
+        match route {
+            Route::Passthrough(dst) => {
+                log.path = "passthrough";
+                log.dst = dst;
+                Ok(Plan::Tcp(dst))
             }
-        };
-        let upstream_opts = ConnectOptions {
+            Route::Local(dst) => {
+                log.path = "local";
+                log.dst = dst;
+                inbound::decide(index, node, peer, dst, Some(&src_id))
+                    .map_err(|r| Refused::new(Reply::NotAllowed, r.response_flags, r.reason))?;
+                Ok(Plan::Tcp(dst))
+            }
+            Route::Hbone {
+                dst_id,
+                hbone,
+                target: connect_to,
+                waypoint,
+            } => {
+                log.path = if waypoint { "waypoint" } else { "hbone" };
+                log.dst = connect_to;
+                log.dst_hbone = Some(hbone);
+                log.dst_identity = Some(dst_id.clone());
+                log.labels.mtls = true;
+                let headers = connect_headers(
+                    src,
+                    SocketAddr::new(client_ip, peer.port()),
+                    log.labels.service.as_ref().map(|s| s.0.as_str()),
+                );
+                Ok(Plan::Hbone {
+                    key: PoolKey {
+                        src_id,
+                        dst_id,
+                        src_ip: client_ip,
+                        dst: hbone,
+                    },
+                    target: connect_to,
+                    headers,
+                })
+            }
+        }
+    }
+
+    /// Plain TCP to `dst` (passthrough, or a workload on this node), spliced.
+    async fn plain(
+        &self,
+        mut sock: monoio::net::TcpStream,
+        client: Client,
+        log: ConnLog,
+        dst: SocketAddr,
+    ) {
+        let state = &*self.state;
+        let opts = ConnectOptions {
             mark: state.cfg.mark,
             timeout: Some(DEFAULT_CONNECT_TIMEOUT),
             netns: self.netns.clone(),
             ..Default::default()
         };
-        let dst = match route {
-            Route::Passthrough(dst) => {
-                log.path = "passthrough";
-                Some(dst)
+        let up = match net::connect(dst, &opts).await {
+            Ok(u) => u,
+            Err(e) => {
+                refuse(&mut sock, client, Reply::Refused).await;
+                return log.close(state, "UF", 0, 0, Some(e.to_string()));
             }
-            Route::Local(dst) => {
-                log.path = "local";
-                if let Err(r) = inbound::decide(&index, &state.cfg.node, peer, dst, Some(&src_id)) {
-                    refuse(sock, Reply::NotAllowed).await;
-                    return log.close(state, r.response_flags, 0, 0, Some(r.reason));
-                }
-                Some(dst)
-            }
-            Route::Hbone { .. } => None,
         };
-        drop(index);
-        if let Some(dst) = dst {
-            log.dst = dst;
-            let up = match net::connect(dst, &upstream_opts).await {
-                Ok(u) => u,
-                Err(e) => {
-                    refuse(sock, Reply::Refused).await;
-                    return log.close(state, "UF", 0, 0, Some(e.to_string()));
-                }
-            };
-            if matches!(client, Client::Socks)
-                && sock
-                    .write_all(socks5::reply(Reply::Ok).to_vec())
-                    .await
-                    .0
-                    .is_err()
-            {
-                return log.close(state, "-", 0, 0, Some("client left".into()));
-            }
-            log.established(state);
-            let out = zring_runtime::relay(sock, up, &RelayOptions::default()).await;
-            return log.close(
-                state,
-                "-",
-                out.client_to_upstream,
-                out.upstream_to_client,
-                out.error.map(|e| e.to_string()),
-            );
+        if !socks_ok(&mut sock, client).await {
+            return log.close(state, "-", 0, 0, Some("client left".into()));
         }
-        let Route::Hbone {
-            dst_id,
-            hbone,
-            target: connect_to,
-            waypoint,
-        } = route
-        else {
-            return;
-        };
-        log.path = if waypoint { "waypoint" } else { "hbone" };
-        log.dst = connect_to;
-        log.dst_hbone = Some(hbone);
-        log.dst_identity = Some(dst_id.clone());
-        log.labels.mtls = true;
-        let key = PoolKey {
-            src_id,
-            dst_id,
-            src_ip: client_ip,
-            dst: hbone,
-        };
-        let headers = ConnectHeaders {
-            forwarded_for: Some(client_ip),
-            ..Default::default()
-        };
-        let stream = match self.pool.connect(&key, connect_to, &headers).await {
+        log.splice_and_close(state, sock, up).await
+    }
+
+    /// A CONNECT to `target` over the worker's pooled HBONE connection for `key`.
+    async fn tunnel(
+        &self,
+        mut sock: monoio::net::TcpStream,
+        client: Client,
+        log: ConnLog,
+        key: PoolKey,
+        target: SocketAddr,
+        headers: ConnectHeaders,
+    ) {
+        let state = &*self.state;
+        let stream = match self.pool.connect(&key, target, &headers).await {
             Ok(s) => s,
             Err(e) => {
                 let (code, flags) = match &e {
@@ -330,32 +421,19 @@ impl Outbound {
                     }
                     _ => (Reply::Failure, "UF"),
                 };
-                refuse(sock, code).await;
+                refuse(&mut sock, client, code).await;
                 return log.close(state, flags, 0, 0, Some(e.to_string()));
             }
         };
-        if matches!(client, Client::Socks)
-            && sock
-                .write_all(socks5::reply(Reply::Ok).to_vec())
-                .await
-                .0
-                .is_err()
-        {
+        if !socks_ok(&mut sock, client).await {
             return log.close(state, "-", 0, 0, Some("client left".into()));
         }
-        log.established(state);
         let (stream, _slot) = stream.into_parts();
         let Ok(sock) = PollTcp::new(sock) else {
             return log.close(state, "-", 0, 0, Some("socket setup failed".into()));
         };
-        let out = copy_bidirectional(sock, stream).await;
-        log.close(
-            state,
-            "-",
-            out.socket_to_stream,
-            out.stream_to_socket,
-            out.error.map(|e| e.to_string()),
-        );
+        log.tunnel_and_close(state, sock, stream, SocketSide::Client)
+            .await;
     }
 
     fn route(
@@ -463,5 +541,39 @@ async fn read_until<T>(
             return None;
         }
         buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The SOCKS5 greeting, our method choice, and the request. None when the client left or sent
+/// something that is not SOCKS5 (answered with a failure reply where the protocol allows).
+async fn socks_handshake(sock: &mut monoio::net::TcpStream, peer: SocketAddr) -> Option<Target> {
+    let mut buf = Vec::new();
+    let greeting = read_until(sock, &mut buf, |b| match socks5::parse_greeting(b) {
+        Ok(Some(n)) => Some(Ok(n)),
+        Ok(None) => None,
+        Err(e) => Some(Err(e)),
+    })
+    .await;
+    let n = match greeting? {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::debug!(src.addr = %peer, error = e, "bad SOCKS5 greeting");
+            return None;
+        }
+    };
+    buf.drain(..n);
+    sock.write_all(vec![5u8, 0]).await.0.ok()?;
+    let request = read_until(sock, &mut buf, |b| match socks5::parse_request(b) {
+        Ok(Some(v)) => Some(Ok(v)),
+        Ok(None) => None,
+        Err(r) => Some(Err(r)),
+    })
+    .await?;
+    match request {
+        Ok((t, _)) => Some(t),
+        Err(r) => {
+            let _ = sock.write_all(socks5::reply(r).to_vec()).await;
+            None
+        }
     }
 }

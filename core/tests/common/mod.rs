@@ -2,6 +2,7 @@
 //! waiting for listeners, echo servers.
 #![allow(dead_code)]
 
+pub mod mesh;
 pub mod netns;
 
 use std::{

@@ -171,7 +171,7 @@ pub async fn tunnel_entry(
             let send = send.clone();
             tokio::task::spawn_local(async move {
                 let headers = ConnectHeaders {
-                    forwarded_for: Some(peer.ip()),
+                    forwarded_for: Some(peer),
                     ..Default::default()
                 };
                 match client::open(&send, target, &headers).await {

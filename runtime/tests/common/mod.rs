@@ -92,10 +92,10 @@ impl RelayFixture {
                 let std = slot.lock().unwrap().take().expect("one worker");
                 let listener = monoio::net::TcpListener::from_std(std)?;
                 let drain = Drain::on_shutdown(ctx.shutdown);
-                server::accept_loop(listener, &drain, |client, _peer| {
+                server::accept_loop(listener, &drain, |client, conn| {
                     let opts = opts.clone();
                     let outcomes = outcomes.clone();
-                    server::spawn_tracked(&drain, async move {
+                    server::spawn_tracked(&drain, conn, async move {
                         let upstream =
                             match net::connect(upstream, &net::ConnectOptions::default()).await {
                                 Ok(u) => u,

@@ -1,0 +1,220 @@
+//! Start-up and the control threads: the config watcher, certificate renewal, and the ZDS
+//! pod handler. Nothing here runs per connection.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context;
+use zring_hbone::{
+    ca::{LocalCa, DEFAULT_WORKLOAD_TTL},
+    settings::{TimeoutHook, Timeouts},
+    H2Settings,
+};
+use zring_runtime::{ShutdownTrigger, Workers};
+
+use super::{
+    state::{Pods, CONFIG_CHECK, TICK},
+    worker::worker,
+    CertSource, RunConfig, State,
+};
+use crate::{
+    admin,
+    config::{index::MeshIndex, LocalConfig},
+    identity::CertManager,
+    metrics::Metrics,
+};
+
+/// Run the node proxy until shutdown.
+pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
+    if let Err(e) = zring_runtime::sys::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open-file limit");
+    }
+    let certs = match &cfg.certs {
+        CertSource::Ca(dir) => CertManager::new(
+            LocalCa::load_dir(dir)
+                .with_context(|| format!("loading the CA from {}", dir.display()))?,
+            DEFAULT_WORKLOAD_TTL,
+        ),
+        CertSource::Files(dir) => CertManager::from_dir(dir)
+            .with_context(|| format!("loading the trust bundle from {}", dir.display()))?,
+    };
+    let metrics = Arc::new(Metrics::default());
+    let state = Arc::new(State {
+        cfg: cfg.clone(),
+        index: RwLock::new(Arc::new(MeshIndex::new(LocalConfig::default()))),
+        generation: AtomicU64::new(0),
+        certs: Arc::new(certs),
+        metrics: metrics.clone(),
+        h2: H2Settings {
+            timeouts: Timeouts {
+                hook: Some(TimeoutHook(Arc::new(move |kind| metrics.timeout(kind)))),
+                ..cfg.limits.timeouts.clone()
+            },
+            ..H2Settings::default()
+        },
+        worker_generation: Mutex::new(HashMap::new()),
+        workers: AtomicUsize::new(0),
+        last_error: Mutex::new(None),
+        pods: Mutex::new(Pods::default()),
+        pods_generation: AtomicU64::new(0),
+    });
+    // A file that exists must be valid at start: a typo fails fast. A missing file is waited
+    // for (not ready meanwhile): the config may be mounted after the proxy starts.
+    let first = match std::fs::read(&cfg.config) {
+        Ok(bytes) => {
+            let config = LocalConfig::from_yaml(&String::from_utf8_lossy(&bytes), &cfg.config)?;
+            let g = state.install(config)?;
+            state.metrics.reload(true, g);
+            Some(bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(file = %cfg.config.display(), "config file does not exist yet; waiting for it (not ready meanwhile)");
+            None
+        }
+        Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", cfg.config.display())),
+    };
+    let mut listeners = Vec::new();
+    for (role, addr) in [
+        (admin::Role::Admin, cfg.admin),
+        (admin::Role::Stats, cfg.stats),
+        (admin::Role::Readiness, cfg.readiness),
+    ] {
+        if let Some(a) = addr {
+            listeners.push((role, a));
+        }
+    }
+    admin::start(listeners, state.clone(), trigger.clone())?;
+    spawn_config_watch(state.clone(), first, trigger.clone())?;
+    if let Some(path) = cfg.zds_socket.clone() {
+        let (s, t) = (state.clone(), trigger.clone());
+        std::thread::Builder::new()
+            .name("zring-zds".into())
+            .spawn(move || crate::zds::client::run(path, &mut ProxyPods(s), &t))?;
+    }
+    spawn_renewal(state.certs.clone(), trigger.clone())?;
+    let s = state.clone();
+    let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
+    state.workers.store(workers.len(), Ordering::Release);
+    tracing::info!(workers = workers.len(), io = %workers.backend(), socks5 = ?cfg.socks5, outbound = ?cfg.outbound, inbound_plaintext = ?cfg.inbound_plaintext, admin = ?cfg.admin, stats = ?cfg.stats, readiness = ?cfg.readiness, "zring node proxy running");
+    workers.join()?;
+    Ok(())
+}
+
+/// The config watcher: re-reads the file when its bytes change (checked every
+/// [`CONFIG_CHECK`]) or on SIGHUP (re-read even if unchanged).
+fn spawn_config_watch(
+    state: Arc<State>,
+    mut last: Option<Vec<u8>>,
+    trigger: ShutdownTrigger,
+) -> anyhow::Result<()> {
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .context("installing the SIGHUP handler")?;
+    std::thread::Builder::new()
+        .name("zring-config".into())
+        .spawn(move || {
+            let mut since_check = Duration::ZERO;
+            let mut missing_logged = last.is_some();
+            while !trigger.is_triggered() {
+                std::thread::sleep(TICK);
+                since_check += TICK;
+                let forced = hup.swap(false, Ordering::AcqRel);
+                if !forced && since_check < CONFIG_CHECK {
+                    continue;
+                }
+                since_check = Duration::ZERO;
+                let bytes = match std::fs::read(&state.cfg.config) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        if forced || !missing_logged {
+                            tracing::error!(file = %state.cfg.config.display(), error = %e, "cannot read the config file; keeping the config in force");
+                            missing_logged = true;
+                        }
+                        continue;
+                    }
+                };
+                if !forced && last.as_deref() == Some(&bytes[..]) {
+                    continue;
+                }
+                let result = LocalConfig::from_yaml(&String::from_utf8_lossy(&bytes), &state.cfg.config)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|c| state.install(c));
+                last = Some(bytes);
+                match result {
+                    Ok(g) => state.metrics.reload(true, g),
+                    Err(e) => {
+                        tracing::error!(file = %state.cfg.config.display(), error = %format!("{e:#}"), generation = state.generation(), "config rejected; the config in force is kept");
+                        *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some(format!("{e:#}"));
+                        state.metrics.reload(false, state.generation());
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// In-pod mode's pod handler: pods are recorded; workers bind their listeners.
+struct ProxyPods(Arc<State>);
+
+impl crate::zds::client::PodHandler for ProxyPods {
+    fn add(&mut self, pod: crate::zds::client::Pod) -> Result<(), String> {
+        let index = self.0.index();
+        if !index
+            .config
+            .workloads
+            .iter()
+            .any(|w| w.name == pod.info.name && w.namespace == pod.info.namespace)
+        {
+            tracing::warn!(pod = %pod.info.name, namespace = %pod.info.namespace, "no workload in the config for this pod yet; its outbound connections leave from zring's namespace until one appears");
+        }
+        let uid = pod.uid.clone();
+        self.0.pods_changed(|p| {
+            p.by_uid.insert(uid, Arc::new(pod));
+        });
+        Ok(())
+    }
+    fn del(&mut self, uid: &str) -> Result<(), String> {
+        self.0.pods_changed(|p| {
+            p.by_uid.remove(uid);
+        });
+        Ok(())
+    }
+    fn retain(&mut self, keep: &HashSet<String>) {
+        self.0
+            .pods_changed(|p| p.by_uid.retain(|uid, _| keep.contains(uid)));
+    }
+}
+
+/// A control thread that renews certificates past half their lifetime (or re-reads changed
+/// certificate files). New connections pick up the new certificate (`CertManager::get` per
+/// connection); live ones keep theirs. A failed renewal keeps the old certificate and is
+/// retried at the next check.
+fn spawn_renewal(certs: Arc<CertManager>, trigger: ShutdownTrigger) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("zring-certs".into())
+        .spawn(move || {
+            let mut waited = Duration::ZERO;
+            while !trigger.is_triggered() {
+                std::thread::sleep(TICK);
+                waited += TICK;
+                if waited < certs.check_interval() {
+                    continue;
+                }
+                waited = Duration::ZERO;
+                for r in certs.renew_due(SystemTime::now()) {
+                    match r {
+                        Ok(id) => tracing::info!(identity = %id, "certificate renewed"),
+                        Err(e) => tracing::warn!(error = %e, "certificate renewal failed; keeping the current one and retrying"),
+                    }
+                }
+            }
+        })?;
+    Ok(())
+}

@@ -1,0 +1,256 @@
+//! What the workers and the control threads share: the settings of `zring run` and the
+//! state behind them (the config snapshot, certificates, metrics, pods).
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, RwLock,
+    },
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context;
+use zring_hbone::H2Settings;
+use zring_runtime::WorkerConfig;
+
+use crate::{
+    config::{index::MeshIndex, LocalConfig},
+    identity::CertManager,
+    metrics::Metrics,
+};
+
+/// ztunnel's default packet mark for its own upstream sockets.
+pub const DEFAULT_PACKET_MARK: u32 = 1337;
+
+/// Settings of `zring run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// The mesh config file.
+    pub config: PathBuf,
+    /// This node's name.
+    pub node: String,
+    /// Where certificates come from.
+    pub certs: CertSource,
+    /// SOCKS5 listener, if any.
+    pub socks5: Option<SocketAddr>,
+    /// Outbound capture listener (15001), if any.
+    pub outbound: Option<SocketAddr>,
+    /// Inbound plaintext capture listener (15006), if any.
+    pub inbound_plaintext: Option<SocketAddr>,
+    /// IP_TRANSPARENT on the capture listeners (TPROXY).
+    pub transparent: bool,
+    /// Inbound HBONE port.
+    pub hbone_port: u16,
+    /// SO_MARK on upstream sockets (None: off, for unprivileged runs).
+    pub mark: Option<u32>,
+    /// Originate HBONE connections from the source workload's IP (loopback demos and tests;
+    /// in-pod mode does this by living in the pod's namespace).
+    pub bind_source: bool,
+    /// Admin endpoint (15000).
+    pub admin: Option<SocketAddr>,
+    /// Prometheus endpoint (15020).
+    pub stats: Option<SocketAddr>,
+    /// Readiness endpoint (15021).
+    pub readiness: Option<SocketAddr>,
+    /// In-pod mode: the node agent's ZDS socket. Pods it hands over get listeners on 15001,
+    /// 15006 and 15008 inside their own network namespace.
+    pub zds_socket: Option<PathBuf>,
+    /// Workers.
+    pub workers: WorkerConfig,
+    /// Handshake, response and keepalive limits; the handshake cap.
+    pub limits: super::Limits,
+}
+
+/// Where the local workloads' certificates come from.
+#[derive(Debug, Clone)]
+pub enum CertSource {
+    /// Issued by the local CA in this directory (`root-cert.pem`, `root-key.pem`).
+    Ca(PathBuf),
+    /// Read from a certificate directory (`root-cert.pem`, `<ns>/<sa>/cert-chain.pem` and
+    /// `key.pem`), re-read when the files change.
+    Files(PathBuf),
+}
+
+/// How often the config file is checked for changes (SIGHUP is seen within `TICK`).
+pub const CONFIG_CHECK: Duration = Duration::from_secs(1);
+pub(super) const TICK: Duration = Duration::from_millis(100);
+
+/// Everything the workers and the control threads share.
+#[derive(Debug)]
+pub struct State {
+    /// Settings.
+    pub cfg: RunConfig,
+    pub(super) index: RwLock<Arc<MeshIndex>>,
+    /// 0 until a config is in force, then +1 per accepted reload.
+    pub(super) generation: AtomicU64,
+    /// Certificates of local identities.
+    pub certs: Arc<CertManager>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// HTTP/2 settings of HBONE connections.
+    pub h2: H2Settings,
+    /// The generation each worker has bound listeners for.
+    pub(super) worker_generation: Mutex<HashMap<usize, u64>>,
+    pub(super) workers: AtomicUsize,
+    pub(super) last_error: Mutex<Option<String>>,
+    /// Pods handed over by the node agent (in-pod mode).
+    pub(super) pods: Mutex<Pods>,
+    /// +1 whenever `pods` changes.
+    pub(super) pods_generation: AtomicU64,
+}
+
+/// The pods of in-pod mode.
+#[derive(Debug, Default)]
+pub(super) struct Pods {
+    pub(super) by_uid: std::collections::BTreeMap<String, Arc<crate::zds::client::Pod>>,
+    pub(super) netns_by_ip: HashMap<IpAddr, Arc<zring_runtime::net::NetNs>>,
+}
+
+impl State {
+    /// The config in force (a snapshot: a connection uses one config from start to end).
+    pub fn index(&self) -> Arc<MeshIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The generation of the config in force.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Why the proxy is not ready, or None when it is.
+    pub fn not_ready(&self) -> Option<String> {
+        let g = self.generation();
+        if g == 0 {
+            let last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+            return Some(match &*last {
+                Some(e) => format!("no config in force yet: {e}"),
+                None => format!("waiting for the config file {}", self.cfg.config.display()),
+            });
+        }
+        let expected = self.workers.load(Ordering::Acquire);
+        let done = self
+            .worker_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|&&w| w >= g)
+            .count();
+        if expected == 0 || done < expected {
+            return Some(format!(
+                "{done} of {expected} workers have bound the listeners of config generation {g}"
+            ));
+        }
+        None
+    }
+
+    /// `/config_dump`: the config in force and the certificates, as JSON.
+    pub fn config_dump(&self) -> String {
+        let index = self.index();
+        let now = SystemTime::now();
+        let certs: Vec<serde_json::Value> = self
+            .certs
+            .expiries()
+            .into_iter()
+            .map(|(id, exp)| {
+                let secs = exp
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let left = exp.duration_since(now).map_or(0, |d| d.as_secs());
+                serde_json::json!({
+                    "identity": id.to_string(),
+                    "expirationTime": humantime::format_rfc3339_seconds(exp).to_string(),
+                    "expirationUnix": secs,
+                    "secondsLeft": left,
+                })
+            })
+            .collect();
+        let dump = serde_json::json!({
+            "node": self.cfg.node,
+            "configFile": self.cfg.config.display().to_string(),
+            "generation": self.generation(),
+            "workloads": index.config.workloads,
+            "services": index.config.services,
+            "policies": index.config.policies,
+            "certificates": certs,
+        });
+        serde_json::to_string_pretty(&dump).unwrap_or_default()
+    }
+
+    /// Put `config` in force: issue the certificates of its local identities first, so that no
+    /// connection ever finds its workload without one.
+    pub(super) fn install(&self, config: LocalConfig) -> anyhow::Result<u64> {
+        let index = MeshIndex::new(config);
+        let mut ids = HashSet::new();
+        for w in index.local_workloads(&self.cfg.node) {
+            let id = w
+                .identity()
+                .with_context(|| format!("workload {}", w.uid))?;
+            if ids.insert(id.clone()) {
+                self.certs.get(&id)?;
+            }
+        }
+        let (w, s, p, l) = (
+            index.config.workloads.len(),
+            index.config.services.len(),
+            index.config.policies.len(),
+            index.local_workloads(&self.cfg.node).count(),
+        );
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+        let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        // Pods' addresses come from the config: a pod handed over before its workload was
+        // known gets its address (and so its namespace for upstream sockets) now.
+        self.pods_changed(|_| {});
+        tracing::info!(file = %self.cfg.config.display(), generation = g, workloads = w, services = s, policies = p, local_workloads = l, identities = ids.len(), "config in force");
+        Ok(g)
+    }
+
+    /// The network namespace connections from pod IP `ip` leave from (in-pod mode).
+    pub fn netns_of(&self, ip: IpAddr) -> Option<Arc<zring_runtime::net::NetNs>> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .netns_by_ip
+            .get(&ip)
+            .cloned()
+    }
+
+    pub(super) fn pods_snapshot(&self) -> Vec<Arc<crate::zds::client::Pod>> {
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_uid
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub(super) fn pods_changed(&self, f: impl FnOnce(&mut Pods)) {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut pods);
+        let index = self.index();
+        pods.netns_by_ip = pods
+            .by_uid
+            .values()
+            .flat_map(|p| {
+                index
+                    .config
+                    .workloads
+                    .iter()
+                    .filter(|w| w.name == p.info.name && w.namespace == p.info.namespace)
+                    .flat_map(|w| w.workload_ips.iter().map(|ip| (*ip, p.netns.clone())))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        self.pods_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(super) fn worker_at(&self, worker: usize, g: u64) {
+        self.worker_generation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(worker, g);
+    }
+}
