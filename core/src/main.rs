@@ -115,6 +115,24 @@ struct RunArgs {
     workers: WorkerArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    /// On SIGTERM (and when a pod leaves), how long live connections may finish before they
+    /// are closed. Default as ztunnel: TERMINATION_GRACE_PERIOD_SECONDS minus 5 s (minus 1 s
+    /// when it is 10 or less), else 5 s.
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = humantime::parse_duration)]
+    drain_timeout: Option<Duration>,
+}
+
+/// ztunnel's drain deadline: a little less than the pod's grace period, so the last seconds
+/// are ours to close what is left before the kubelet's SIGKILL.
+fn default_drain_timeout() -> Duration {
+    match std::env::var("TERMINATION_GRACE_PERIOD_SECONDS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(secs) if secs > 10 => Duration::from_secs(secs - 5),
+        Some(secs) => Duration::from_secs(secs.saturating_sub(1).max(1)),
+        None => relay_cmd::DEFAULT_DRAIN_TIMEOUT,
+    }
 }
 
 /// Handshake, response and keepalive limits (durations like `10s`, `500ms`, `2m`).
@@ -459,6 +477,7 @@ fn main() -> std::process::ExitCode {
                 bind_source: a.bind_source,
                 workers: a.workers.config(),
                 limits: a.limits.limits(),
+                drain_timeout: a.drain_timeout.unwrap_or_else(default_drain_timeout),
             },
             &trigger,
         ),

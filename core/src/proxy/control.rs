@@ -5,7 +5,7 @@ use std::{
     collections::{HashMap, HashSet},
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, RwLock,
+        Arc, Condvar, Mutex, RwLock,
     },
     time::{Duration, SystemTime},
 };
@@ -63,6 +63,9 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         last_error: Mutex::new(None),
         pods: Mutex::new(Pods::default()),
         pods_generation: AtomicU64::new(0),
+        pod_binds: Mutex::new(HashMap::new()),
+        pod_binds_done: Condvar::new(),
+        bind_failures: Mutex::new(Default::default()),
     });
     // A file that exists must be valid at start: a typo fails fast. A missing file is waited
     // for (not ready meanwhile): the config may be mounted after the proxy starts.
@@ -91,16 +94,19 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
     }
     admin::start(listeners, state.clone(), trigger.clone())?;
     spawn_config_watch(state.clone(), first, trigger.clone())?;
+    spawn_renewal(state.certs.clone(), trigger.clone())?;
+    let s = state.clone();
+    let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
+    state.workers.store(workers.len(), Ordering::Release);
+    // Pods are taken only once the workers exist: an AddWorkload is acked after every worker
+    // has bound the pod's listeners.
     if let Some(path) = cfg.zds_socket.clone() {
         let (s, t) = (state.clone(), trigger.clone());
         std::thread::Builder::new()
             .name("zring-zds".into())
             .spawn(move || crate::zds::client::run(path, &mut ProxyPods(s), &t))?;
     }
-    spawn_renewal(state.certs.clone(), trigger.clone())?;
-    let s = state.clone();
-    let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
-    state.workers.store(workers.len(), Ordering::Release);
+
     tracing::info!(workers = workers.len(), io = %workers.backend(), socks5 = ?cfg.socks5, outbound = ?cfg.outbound, inbound_plaintext = ?cfg.inbound_plaintext, admin = ?cfg.admin, stats = ?cfg.stats, readiness = ?cfg.readiness, "zring node proxy running");
     workers.join()?;
     Ok(())
@@ -160,12 +166,28 @@ fn spawn_config_watch(
     Ok(())
 }
 
-/// In-pod mode's pod handler: pods are recorded; workers bind their listeners.
+/// How long an `AddWorkload` waits for the workers to bind the pod's listeners.
+pub const POD_BIND_WAIT: Duration = Duration::from_secs(10);
+
+/// In-pod mode's pod handler: pods are recorded, workers bind their listeners, and the add is
+/// acked once they all have.
 struct ProxyPods(Arc<State>);
 
 impl crate::zds::client::PodHandler for ProxyPods {
     fn add(&mut self, pod: crate::zds::client::Pod) -> Result<(), String> {
-        let index = self.0.index();
+        let state = &self.0;
+        let known = state
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_uid
+            .get(&pod.uid)
+            .map(|p| p.netns_id);
+        if known == Some(pod.netns_id) {
+            // The agent replaying its snapshot: same pod, same namespace, listeners in place.
+            return Ok(());
+        }
+        let index = state.index();
         if !index
             .config
             .workloads
@@ -174,11 +196,52 @@ impl crate::zds::client::PodHandler for ProxyPods {
         {
             tracing::warn!(pod = %pod.info.name, namespace = %pod.info.namespace, "no workload in the config for this pod yet; its outbound connections leave from zring's namespace until one appears");
         }
+        drop(index);
         let uid = pod.uid.clone();
-        self.0.pods_changed(|p| {
-            p.by_uid.insert(uid, Arc::new(pod));
+        let workers = state.workers.load(Ordering::Acquire);
+        state
+            .pod_binds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.clone(), vec![None; workers]);
+        state.pods_changed(|p| {
+            p.by_uid.insert(uid.clone(), Arc::new(pod));
         });
-        Ok(())
+        // Ack only once every worker has bound the pod's listeners (or one failed).
+        let deadline = std::time::Instant::now() + POD_BIND_WAIT;
+        let mut binds = state.pod_binds.lock().unwrap_or_else(|p| p.into_inner());
+        let results = loop {
+            let done = binds
+                .get(&uid)
+                .is_none_or(|v| v.iter().all(Option::is_some));
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if done || left.is_zero() {
+                break binds.remove(&uid).unwrap_or_default();
+            }
+            binds = state
+                .pod_binds_done
+                .wait_timeout(binds, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        drop(binds);
+        let errors: Vec<String> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(w, r)| match r {
+                Some(Ok(())) => None,
+                Some(Err(e)) => Some(format!("worker {w}: {e}")),
+                None => Some(format!("worker {w} did not bind within {POD_BIND_WAIT:?}")),
+            })
+            .collect();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        // No half-served pod: the workers that did bind close the listeners again.
+        state.pods_changed(|p| {
+            p.by_uid.remove(&uid);
+        });
+        Err(format!("cannot serve pod {uid}: {}", errors.join("; ")))
     }
     fn del(&mut self, uid: &str) -> Result<(), String> {
         self.0.pods_changed(|p| {

@@ -32,13 +32,10 @@ pub(crate) async fn wait_for_config(
     }
 }
 
-/// How long a removed pod's live connections may go on before they are closed.
-pub const POD_DRAIN_DEADLINE: Duration = Duration::from_secs(5);
-
 /// Run a pod's connection, tracked by the pod's drain; once the pod is removed (the drain
-/// starts), the connection has [`POD_DRAIN_DEADLINE`] to finish, then it is dropped (its
-/// sockets closed).
-pub(super) fn spawn_pod_conn<F>(pod_drain: &Drain, conn: ConnAddrs, fut: F)
+/// starts: the pod left, or the proxy is shutting down), the connection has `deadline` (the
+/// drain timeout) to finish, then it is dropped (its sockets closed).
+pub(super) fn spawn_pod_conn<F>(pod_drain: &Drain, deadline: Duration, conn: ConnAddrs, fut: F)
 where
     F: std::future::Future<Output = ()> + 'static,
 {
@@ -51,7 +48,7 @@ where
             _ = fut => {}
             _ = async {
                 d.signaled().await;
-                monoio::time::sleep(POD_DRAIN_DEADLINE).await;
+                monoio::time::sleep(deadline).await;
             } => tracing::info!("pod removed: a connection still open after the drain deadline was closed"),
         }
     });
@@ -68,14 +65,23 @@ pub(super) fn pod_loops(
     let ns = pod.netns.clone();
     let bind = |port: u16| -> std::io::Result<monoio::net::TcpListener> {
         let addr = SocketAddr::from(([0, 0, 0, 0], port));
-        let std = ns.run(|| net::bind_listener(addr, &ListenOptions::default()))??;
-        monoio::net::TcpListener::from_std(std)
+        let bound = ns
+            .run(|| net::bind_listener(addr, &ListenOptions::default()))
+            .and_then(|r| r)
+            .and_then(monoio::net::TcpListener::from_std);
+        bound.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("binding port {port} in the pod's network namespace: {e}"),
+            )
+        })
     };
     let (outbound, plaintext, hbone) = (bind(15001)?, bind(15006)?, bind(state.cfg.hbone_port)?);
     let pod_drain = Drain::new();
     let mut loops = Vec::new();
     let template = outbound::Outbound::new(state.clone(), pool.clone(), rr.clone()).for_pod(pod);
     let limit = state.cfg.limits.max_handshakes;
+    let deadline = state.cfg.drain_timeout;
     // One accept loop per outbound listener; `socks` picks the SOCKS5 handshake over the
     // original destination of a captured connection.
     let outbound_loop = |listener: monoio::net::TcpListener, socks: bool| {
@@ -87,9 +93,9 @@ pub(super) fn pod_loops(
                 let o = o.clone();
                 if socks {
                     let Some(permit) = gate.enter() else { return };
-                    spawn_pod_conn(&d, conn, o.socks(sock, conn.peer, permit));
+                    spawn_pod_conn(&d, deadline, conn, o.socks(sock, conn.peer, permit));
                 } else {
-                    spawn_pod_conn(&d, conn, o.captured(sock, conn.peer, out_addr));
+                    spawn_pod_conn(&d, deadline, conn, o.captured(sock, conn.peer, out_addr));
                 }
             })
             .await;
@@ -112,6 +118,7 @@ pub(super) fn pod_loops(
             let netns = Some(n.clone());
             spawn_pod_conn(
                 &d,
+                deadline,
                 conn,
                 inbound::plaintext(sock, conn.peer, pt_addr, s.clone(), netns),
             );
@@ -126,6 +133,7 @@ pub(super) fn pod_loops(
             let netns = Some(n.clone());
             spawn_pod_conn(
                 &d,
+                deadline,
                 conn,
                 inbound::hbone(tcp, conn.peer, s.clone(), d.clone(), netns, permit),
             );

@@ -2,12 +2,12 @@
 //! state behind them (the config snapshot, certificates, metrics, pods).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, RwLock,
+        Arc, Condvar, Mutex, RwLock,
     },
     time::{Duration, SystemTime},
 };
@@ -62,6 +62,9 @@ pub struct RunConfig {
     pub workers: WorkerConfig,
     /// Handshake, response and keepalive limits; the handshake cap.
     pub limits: super::Limits,
+    /// On SIGTERM, and when a pod leaves: how long live connections may go on before they are
+    /// closed.
+    pub drain_timeout: Duration,
 }
 
 /// Where the local workloads' certificates come from.
@@ -100,7 +103,16 @@ pub struct State {
     pub(super) pods: Mutex<Pods>,
     /// +1 whenever `pods` changes.
     pub(super) pods_generation: AtomicU64,
+    /// Pods being added: each worker's bind result (None until it reports). `add` waits on
+    /// `pod_binds_done` until every worker has reported.
+    pub(super) pod_binds: Mutex<HashMap<String, Vec<BindReport>>>,
+    pub(super) pod_binds_done: Condvar,
+    /// Listeners a worker failed to bind, `(worker, address)` -> error; not ready while any.
+    pub(super) bind_failures: Mutex<BTreeMap<(usize, String), String>>,
 }
+
+/// One worker's answer to a pod's bind: None until it has tried.
+pub(super) type BindReport = Option<Result<(), String>>;
 
 /// The pods of in-pod mode.
 #[derive(Debug, Default)]
@@ -129,6 +141,15 @@ impl State {
                 Some(e) => format!("no config in force yet: {e}"),
                 None => format!("waiting for the config file {}", self.cfg.config.display()),
             });
+        }
+        if let Some(((worker, addr), e)) = self
+            .bind_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .next()
+        {
+            return Some(format!("worker {worker} cannot listen on {addr}: {e}"));
         }
         let expected = self.workers.load(Ordering::Acquire);
         let done = self
@@ -245,6 +266,29 @@ impl State {
             })
             .collect();
         self.pods_generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A worker's bind of `addr` failed (`Some(error)`) or succeeded (`None`, clearing an
+    /// earlier failure).
+    pub(super) fn bind_result(&self, worker: usize, addr: String, error: Option<String>) {
+        let mut f = self.bind_failures.lock().unwrap_or_else(|p| p.into_inner());
+        match error {
+            Some(e) => {
+                f.insert((worker, addr), e);
+            }
+            None => {
+                f.remove(&(worker, addr));
+            }
+        }
+    }
+
+    /// Worker `worker` has bound pod `uid`'s listeners (or failed to).
+    pub(super) fn pod_bound(&self, uid: &str, worker: usize, result: Result<(), String>) {
+        let mut binds = self.pod_binds.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = binds.get_mut(uid).and_then(|v| v.get_mut(worker)) {
+            *slot = Some(result);
+            self.pod_binds_done.notify_all();
+        }
     }
 
     pub(super) fn worker_at(&self, worker: usize, g: u64) {

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use monoio::task::JoinHandle;
 use zring_hbone::pool::{Pool, PoolKey, PoolSettings};
 use zring_runtime::{
     drain::Drain,
@@ -20,7 +21,7 @@ use super::{inbound, outbound, pods::pod_loops, state::TICK, HandshakeGate, Stat
 use crate::{
     config::InboundProtocol,
     hbone_io::{MonoioExecutor, TlsDialer},
-    relay_cmd::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT},
+    relay_cmd::DEFAULT_CONNECT_TIMEOUT,
 };
 
 /// The worker's HBONE connection pool.
@@ -115,15 +116,17 @@ pub(super) async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Re
             .await;
         }));
     }
-    // Inbound HBONE listeners follow the config: one per local HBONE workload IP, bound when a
-    // config naming it comes into force and closed when it leaves (each has its own drain to
-    // stop its accept loop; its live connections stay tracked by the worker's drain).
-    let mut bound: HashMap<IpAddr, Drain> = HashMap::new();
-    let hbone_gate = HandshakeGate::new("hbone", limit, state.metrics.clone());
-    let mut seen = 0;
-    // In-pod mode: per pod uid, the drain that stops its listeners.
-    let mut pod_listeners: HashMap<String, Drain> = HashMap::new();
-    let mut pods_seen = 0;
+    let mut listeners = Listeners {
+        ctx_index: ctx.index,
+        state: state.clone(),
+        drain: drain.clone(),
+        hbone_gate: HandshakeGate::new("hbone", limit, state.metrics.clone()),
+        hbone: HashMap::new(),
+        hbone_failed: HashSet::new(),
+        config_seen: 0,
+        pods: HashMap::new(),
+        pods_seen: 0,
+    };
     let mut ticks = 0u64;
     loop {
         ticks += 1;
@@ -133,107 +136,23 @@ pub(super) async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Re
             pool.sweep_all();
             zring_runtime::sys::release_free_memory();
         }
-        let g = state.generation();
-        if g != seen {
-            let index = state.index();
-            let ips: HashSet<IpAddr> = index
-                .local_workloads(&state.cfg.node)
-                .filter(|w| w.protocol == InboundProtocol::Hbone)
-                .flat_map(|w| w.workload_ips.iter().copied())
-                .collect();
-            drop(index);
-            bound.retain(|ip, stop| {
-                let keep = ips.contains(ip);
-                if !keep {
-                    stop.start();
-                    if ctx.index == 0 {
-                        tracing::info!(ip = %ip, "workload left the config: its inbound HBONE listener is closed");
-                    }
-                }
-                keep
-            });
-            for ip in ips {
-                if bound.contains_key(&ip) {
-                    continue;
-                }
-                let addr = SocketAddr::new(ip, state.cfg.hbone_port);
-                match listen("inbound HBONE", addr, false) {
-                    Ok(listener) => {
-                        let stop = Drain::new();
-                        bound.insert(ip, stop.clone());
-                        let (s, d, gate) = (state.clone(), drain.clone(), hbone_gate.clone());
-                        loops.push(monoio::spawn(async move {
-                            accept::accept_loop(listener, &stop, |tcp, conn| {
-                                let Some(permit) = gate.enter() else { return };
-                                let fut = inbound::hbone(
-                                    tcp,
-                                    conn.peer,
-                                    s.clone(),
-                                    d.clone(),
-                                    None,
-                                    permit,
-                                );
-                                accept::spawn_tracked(&d, conn, fut)
-                            })
-                            .await;
-                        }));
-                    }
-                    Err(e) if ctx.index == 0 => {
-                        tracing::error!(error = %e, "cannot listen for a local workload; its inbound traffic will fail")
-                    }
-                    Err(_) => {}
-                }
-            }
-            seen = g;
-            state.worker_at(ctx.index, g);
-        }
-        let pg = state.pods_generation.load(Ordering::Acquire);
-        if pg != pods_seen {
-            pods_seen = pg;
-            let pods = state.pods_snapshot();
-            let current: HashSet<&str> = pods.iter().map(|p| p.uid.as_str()).collect();
-            pod_listeners.retain(|uid, d| {
-                let keep = current.contains(uid.as_str());
-                if !keep {
-                    // Stops the pod's accept loops; its live connections finish on their own
-                    // (bounded by the worker's drain at shutdown).
-                    d.start();
-                    if ctx.index == 0 {
-                        tracing::info!(uid = %uid, "pod removed: its listeners are closed");
-                    }
-                }
-                keep
-            });
-            for pod in pods {
-                if pod_listeners.contains_key(&pod.uid) {
-                    continue;
-                }
-                match pod_loops(&state, &pool, &rr, &pod) {
-                    Ok((pod_drain, mut l)) => {
-                        loops.append(&mut l);
-                        pod_listeners.insert(pod.uid.clone(), pod_drain);
-                        if ctx.index == 0 {
-                            tracing::info!(uid = %pod.uid, pod = %pod.info.name, namespace = %pod.info.namespace, "pod listeners bound in its network namespace (15001, 15006, 15008)");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(uid = %pod.uid, error = %e, "cannot listen inside the pod's network namespace")
-                    }
-                }
-            }
-        }
+        // A failed bind is retried every second (readiness says why meanwhile).
+        listeners.sync_hbone(ticks.is_multiple_of(10));
+        listeners.sync_pods(&pool, &rr);
         monoio::select! {
             _ = drain.signaled() => break,
             _ = monoio::time::sleep(TICK) => {}
         }
     }
-    for d in pod_listeners.values().chain(bound.values()) {
-        d.start();
-    }
+    // Shutdown: every listener stops; node and pod connections alike get the drain timeout.
+    let deadline = std::time::Instant::now() + state.cfg.drain_timeout;
     for l in loops {
         l.await;
     }
-    drain.wait_idle(DEFAULT_DRAIN_TIMEOUT).await;
+    listeners.shutdown(deadline).await;
+    drain
+        .wait_idle(deadline.saturating_duration_since(std::time::Instant::now()))
+        .await;
     // Close pooled HBONE connections and let their tasks finish (GOAWAY) before the runtime
     // goes away, bounded: the drain deadline has already cut what was still live.
     pool.close();
@@ -242,4 +161,166 @@ pub(super) async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Re
         monoio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
+}
+
+/// A worker's listeners that follow the config and the pods: the inbound HBONE listener of
+/// each local workload IP (node mode) and each pod's listeners (in-pod mode). Each has its
+/// own stop drain; node-mode connections stay tracked by the worker's drain, a pod's by the
+/// pod's drain.
+struct Listeners {
+    ctx_index: usize,
+    state: Arc<State>,
+    drain: Drain,
+    hbone_gate: HandshakeGate,
+    /// Local workload IP -> the drain that stops its 15008 listener, and the accept loop.
+    hbone: HashMap<IpAddr, (Drain, JoinHandle<()>)>,
+    /// IPs whose listener could not be bound (retried).
+    hbone_failed: HashSet<IpAddr>,
+    config_seen: u64,
+    /// Pod uid -> its namespace's inode, its drain, its accept loops.
+    pods: HashMap<String, (u64, Drain, Vec<JoinHandle<()>>)>,
+    pods_seen: u64,
+}
+
+impl Listeners {
+    /// Bind the 15008 listeners of local HBONE workloads that appeared (or whose bind failed
+    /// earlier, when `retry`), close those of workloads that left.
+    fn sync_hbone(&mut self, retry: bool) {
+        let g = self.state.generation();
+        let retry_now = retry && !self.hbone_failed.is_empty();
+        if g == self.config_seen && !retry_now {
+            return;
+        }
+        if self.state.cfg.zds_socket.is_some() {
+            // In-pod mode: each pod's 15008 lives in its own namespace (`sync_pods`); the
+            // workloads' addresses do not exist in zring's.
+            self.config_seen = g;
+            self.state.worker_at(self.ctx_index, g);
+            return;
+        }
+        let index = self.state.index();
+        let ips: HashSet<IpAddr> = index
+            .local_workloads(&self.state.cfg.node)
+            .filter(|w| w.protocol == InboundProtocol::Hbone)
+            .flat_map(|w| w.workload_ips.iter().copied())
+            .collect();
+        drop(index);
+        let first = self.ctx_index == 0;
+        self.hbone.retain(|ip, (stop, _)| {
+            let keep = ips.contains(ip);
+            if !keep {
+                stop.start();
+                if first {
+                    tracing::info!(ip = %ip, "workload left the config: its inbound HBONE listener is closed");
+                }
+            }
+            keep
+        });
+        for ip in ips {
+            if !self.hbone.contains_key(&ip) {
+                self.bind_hbone(ip);
+            }
+        }
+        self.config_seen = g;
+        self.state.worker_at(self.ctx_index, g);
+    }
+
+    fn bind_hbone(&mut self, ip: IpAddr) {
+        let addr = SocketAddr::new(ip, self.state.cfg.hbone_port);
+        let listener = match listen("inbound HBONE", addr, false) {
+            Ok(l) => l,
+            Err(e) => {
+                if self.hbone_failed.insert(ip) {
+                    tracing::error!(worker = self.ctx_index, error = %e, "cannot listen for a local workload; its inbound traffic will fail (retried every second; not ready meanwhile)");
+                }
+                self.state
+                    .bind_result(self.ctx_index, addr.to_string(), Some(e.to_string()));
+                return;
+            }
+        };
+        if self.hbone_failed.remove(&ip) {
+            tracing::info!(worker = self.ctx_index, %addr, "inbound HBONE listener bound after an earlier failure");
+        }
+        self.state
+            .bind_result(self.ctx_index, addr.to_string(), None);
+        let stop = Drain::new();
+        let (s, d, gate) = (
+            self.state.clone(),
+            self.drain.clone(),
+            self.hbone_gate.clone(),
+        );
+        let st = stop.clone();
+        let handle = monoio::spawn(async move {
+            accept::accept_loop(listener, &st, |tcp, conn| {
+                let Some(permit) = gate.enter() else { return };
+                let fut = inbound::hbone(tcp, conn.peer, s.clone(), d.clone(), None, permit);
+                accept::spawn_tracked(&d, conn, fut)
+            })
+            .await;
+        });
+        self.hbone.insert(ip, (stop, handle));
+    }
+
+    /// Follow the pods: stop the listeners of pods that left (or moved to another network
+    /// namespace), bind those of new pods, and report each bind to the pod's `AddWorkload`.
+    fn sync_pods(&mut self, pool: &Rc<HbonePool>, rr: &Rc<std::cell::Cell<usize>>) {
+        let pg = self.state.pods_generation.load(Ordering::Acquire);
+        if pg == self.pods_seen {
+            return;
+        }
+        self.pods_seen = pg;
+        let pods = self.state.pods_snapshot();
+        let current: HashMap<&str, u64> =
+            pods.iter().map(|p| (p.uid.as_str(), p.netns_id)).collect();
+        let first = self.ctx_index == 0;
+        self.pods.retain(|uid, (netns_id, d, _)| {
+            let keep = current.get(uid.as_str()) == Some(netns_id);
+            if !keep {
+                // Stops the pod's accept loops; its live connections get the drain timeout.
+                d.start();
+                if first {
+                    tracing::info!(uid = %uid, "pod removed or moved: its listeners are closed");
+                }
+            }
+            keep
+        });
+        for pod in pods {
+            if self.pods.contains_key(&pod.uid) {
+                continue;
+            }
+            let result = match pod_loops(&self.state, pool, rr, &pod) {
+                Ok((pod_drain, loops)) => {
+                    self.pods
+                        .insert(pod.uid.clone(), (pod.netns_id, pod_drain, loops));
+                    if first {
+                        tracing::info!(uid = %pod.uid, pod = %pod.info.name, namespace = %pod.info.namespace, "pod listeners bound in its network namespace (15001, 15006, 15008)");
+                    }
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!(uid = %pod.uid, worker = self.ctx_index, error = %e, "cannot listen inside the pod's network namespace");
+                    Err(e.to_string())
+                }
+            };
+            self.state.pod_bound(&pod.uid, self.ctx_index, result);
+        }
+    }
+
+    /// Stop every listener and wait (until `deadline`) for the pods' connections.
+    async fn shutdown(self, deadline: std::time::Instant) {
+        for (stop, handle) in self.hbone.into_values() {
+            stop.start();
+            handle.await;
+        }
+        for (_, d, _) in self.pods.values() {
+            d.start();
+        }
+        for (_, d, loops) in self.pods.into_values() {
+            for l in loops {
+                l.await;
+            }
+            d.wait_idle(deadline.saturating_duration_since(std::time::Instant::now()))
+                .await;
+        }
+    }
 }

@@ -308,6 +308,8 @@ fn add(
     let check = file.try_clone().map_err(|e| e.to_string())?;
     NetNs::from_fd(check.into()).map_err(|e| format!("{}: {e}", netns_path.display()))?;
     if cfg.rules {
+        // Idempotent: a pod added again (same namespace) gets its rules replaced, not doubled.
+        let _ = rules(netns_path, cfg.mark, false);
         rules(netns_path, cfg.mark, true)?;
     }
     let mut st = lock(state);

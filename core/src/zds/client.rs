@@ -16,11 +16,15 @@ pub struct Pod {
     pub info: proto::WorkloadInfo,
     /// Its network namespace (checked to be one).
     pub netns: Arc<NetNs>,
+    /// The namespace's inode: an `AddWorkload` for a known uid with the same namespace (an agent
+    /// replaying its snapshot) changes nothing; with another namespace the listeners move.
+    pub netns_id: u64,
 }
 
 /// What the proxy does with pods.
 pub trait PodHandler {
-    /// Serve `pod` (replacing a pod with the same uid). An error is sent back in the ack.
+    /// Serve `pod` (replacing a pod with the same uid); return only once its listeners are bound
+    /// (the ack tells the agent the pod is served). An error is sent back in the ack.
     fn add(&mut self, pod: Pod) -> Result<(), String>;
     /// Stop serving a pod (unknown uids are not an error: the agent may retry).
     fn del(&mut self, uid: &str) -> Result<(), String>;
@@ -145,6 +149,12 @@ fn handle(
             let fd = fds.remove(0);
             let netns = NetNs::from_fd(fd)
                 .map_err(|e| format!("AddWorkload {}: not a network namespace: {e}", add.uid))?;
+            let netns_id = netns.inode().map_err(|e| {
+                format!(
+                    "AddWorkload {}: cannot identify the namespace: {e}",
+                    add.uid
+                )
+            })?;
             let info = add.workload_info.unwrap_or_default();
             tracing::info!(uid = %add.uid, name = %info.name, namespace = %info.namespace, "pod added by the node agent");
             if let Some(s) = snapshot.as_mut() {
@@ -154,6 +164,7 @@ fn handle(
                 uid: add.uid,
                 info,
                 netns: Arc::new(netns),
+                netns_id,
             })
         }
         Payload::Keep(keep) => match snapshot.as_mut() {
