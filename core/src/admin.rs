@@ -9,7 +9,14 @@
 //! - readiness (default `0.0.0.0:15021`): `GET /healthz/ready`, 200 once the config and the
 //!   local workloads' certificates are loaded and every worker listens, else 503 with the reason.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -17,7 +24,27 @@ use tokio::{
 };
 use zring_runtime::ShutdownTrigger;
 
-use crate::{logging, proxy::State};
+use crate::logging;
+
+/// What the endpoints read from the proxy they serve (so this module does not depend on it).
+pub trait Source: Send + Sync + 'static {
+    /// The Prometheus text exposition.
+    fn metrics_text(&self) -> String;
+    /// Why the proxy is not ready, or None when it is.
+    fn not_ready(&self) -> Option<String>;
+    /// `/config_dump` as JSON.
+    fn config_dump(&self) -> String;
+    /// A connection to `listener` was closed at once: too many in progress.
+    fn rejected(&self, listener: &'static str);
+}
+
+/// Connections in progress per endpoint (each bounded by [`REQUEST_TIMEOUT`]); past it new ones
+/// are closed at once and counted, so a flood of slow clients costs at most this many sockets.
+pub const MAX_CONNECTIONS: usize = 128;
+/// A client must send its request and take the answer within this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+type State = dyn Source;
 
 /// Which endpoint set a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,7 +60,7 @@ pub enum Role {
 /// Bind every `(role, addr)` now (so errors surface at start) and serve them on a thread.
 pub fn start(
     listeners: Vec<(Role, SocketAddr)>,
-    state: Arc<State>,
+    state: Arc<dyn Source>,
     trigger: ShutdownTrigger,
 ) -> anyhow::Result<()> {
     let mut bound = Vec::new();
@@ -70,20 +97,30 @@ pub fn start(
     Ok(())
 }
 
-async fn accept(role: Role, l: TcpListener, state: Arc<State>, trigger: ShutdownTrigger) {
+async fn accept(role: Role, l: TcpListener, state: Arc<dyn Source>, trigger: ShutdownTrigger) {
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let name = match role {
+        Role::Admin => "admin",
+        Role::Stats => "stats",
+        Role::Readiness => "readiness",
+    };
     loop {
         let Ok((conn, _)) = l.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let (state, trigger) = (state.clone(), trigger.clone());
+        if in_flight.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            in_flight.fetch_sub(1, Ordering::AcqRel);
+            state.rejected(name);
+            drop(conn);
+            continue;
+        }
+        let (state, trigger, n) = (state.clone(), trigger.clone(), in_flight.clone());
         tokio::spawn(async move {
             // A client that never finishes its request is cut off.
-            let _ = tokio::time::timeout(
-                Duration::from_secs(10),
-                handle(role, conn, &state, &trigger),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(REQUEST_TIMEOUT, handle(role, conn, &*state, &trigger)).await;
+            n.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
@@ -131,7 +168,7 @@ async fn handle(role: Role, mut conn: TcpStream, state: &State, trigger: &Shutdo
         (Role::Stats, "GET", "/metrics" | "/stats/prometheus") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
-            body: state.metrics.render(),
+            body: state.metrics_text(),
         },
         (Role::Readiness, "GET", "/healthz/ready") => match state.not_ready() {
             None => text(200, "ready\n"),

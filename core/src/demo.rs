@@ -101,7 +101,7 @@ fn node(name: &str, ip: Ipv4Addr, cfg: &Path, ca: &Path, socks5: bool) -> RunCon
             ..WorkerConfig::default()
         },
         limits: proxy::Limits::default(),
-        drain_timeout: crate::relay_cmd::DEFAULT_DRAIN_TIMEOUT,
+        drain_timeout: proxy::DEFAULT_DRAIN_TIMEOUT,
     }
 }
 

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use clap::{Parser, Subcommand};
-use zring_core::{logging, relay_cmd};
+use zring_core::{cmd::relay as relay_cmd, logging};
 use zring_runtime::{
     net::ConnectOptions,
     relay::{RelayMode, RelayOptions, DEFAULT_COPY_BUFFER, DEFAULT_PIPE_SIZE},
@@ -200,7 +200,7 @@ impl LimitArgs {
 }
 
 fn node_agent(c: AgentCommand, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
-    use zring_core::zds::agent;
+    use zring_core::cmd::node_agent as agent;
     let answer = match c {
         AgentCommand::Run {
             socket,
@@ -374,8 +374,8 @@ enum TunnelCommand {
     },
 }
 
-fn tunnel_common(a: TunnelArgs) -> zring_core::tunnel_cmd::TunnelCommon {
-    zring_core::tunnel_cmd::TunnelCommon {
+fn tunnel_common(a: TunnelArgs) -> zring_core::cmd::tunnel::TunnelCommon {
+    zring_core::cmd::tunnel::TunnelCommon {
         listen: a.listen,
         ca_dir: a.ca_dir,
         identity: a.identity,
@@ -484,7 +484,7 @@ fn main() -> std::process::ExitCode {
         Some(Command::NodeAgent { command }) => node_agent(command, &trigger),
         Some(Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
-        }) => zring_core::ca_cmd::init(&dir, &trust_domain),
+        }) => zring_core::cmd::ca::init(&dir, &trust_domain),
         Some(Command::Ca {
             command:
                 CaCommand::Issue {
@@ -493,10 +493,10 @@ fn main() -> std::process::ExitCode {
                     out,
                     ttl,
                 },
-        }) => zring_core::ca_cmd::issue(&dir, &spiffe, &out, Duration::from_secs(ttl)),
+        }) => zring_core::cmd::ca::issue(&dir, &spiffe, &out, Duration::from_secs(ttl)),
         Some(Command::Tunnel {
             command: TunnelCommand::Server(a),
-        }) => zring_core::tunnel_cmd::run_server(tunnel_common(a), &trigger),
+        }) => zring_core::cmd::tunnel::run_server(tunnel_common(a), &trigger),
         Some(Command::Tunnel {
             command:
                 TunnelCommand::Client {
@@ -506,13 +506,13 @@ fn main() -> std::process::ExitCode {
                     expect,
                 },
         }) => {
-            let t = zring_core::tunnel_cmd::TunnelClient {
+            let t = zring_core::cmd::tunnel::TunnelClient {
                 server,
                 target,
                 expect,
                 pool: Default::default(),
             };
-            zring_core::tunnel_cmd::run_client(tunnel_common(common), t, &trigger)
+            zring_core::cmd::tunnel::run_client(tunnel_common(common), t, &trigger)
         }
     };
     let code = match result {

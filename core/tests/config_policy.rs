@@ -2,8 +2,9 @@
 
 use std::{net::SocketAddr, path::Path};
 
-use zring_core::config::{
-    policy::evaluate, ConfigError, ConnInfo, InboundProtocol, LocalConfig, Verdict,
+use zring_core::{
+    authz::{evaluate, ConnInfo, Verdict},
+    config::{ConfigError, InboundProtocol, LocalConfig},
 };
 use zring_hbone::SpiffeId;
 

@@ -30,7 +30,7 @@ fn use_block(k: u8) {
 }
 
 fn ip(b: u8, c: u8) -> IpAddr {
-    let x = 60 + (std::process::id() % 25) as u8 * 7 + BLOCK.with(|b| b.get());
+    let x = 20 + (std::process::id() % 20) as u8 * 10 + BLOCK.with(|b| b.get());
     IpAddr::V4(Ipv4Addr::new(127, x, b, c))
 }
 
@@ -441,7 +441,13 @@ fn a_panic_in_one_connection_task_leaves_the_worker_and_its_other_connections_al
     }
     let m = Mesh::new("panic");
     let _b = m.node_b(&[]);
-    let a = m.node_a(&["--workers", "1"]);
+    for io in ["uring", "epoll"] {
+        panic_is_contained(&m, io);
+    }
+}
+
+fn panic_is_contained(m: &Mesh, io: &str) {
+    let a = m.node_a(&["--workers", "1", "--io", io]);
     // A long-lived connection on the only worker.
     let (code, mut live) = socks(ip(1, 2), socks_addr(), SocketAddr::new(ip(2, 2), 9080));
     assert_eq!(code, 0);
@@ -452,14 +458,14 @@ fn a_panic_in_one_connection_task_leaves_the_worker_and_its_other_connections_al
     let mut doomed = socks5_raw(ip(1, 2), socks_addr(), SocketAddr::new(ip(2, 2), 1));
     assert!(
         closed_within(&mut doomed, Duration::from_secs(5)),
-        "the panicking connection was not closed"
+        "{io}: the panicking connection was not closed"
     );
-    let panics = metric(&a.metrics(), "zring_task_panics_total", &[]).or_else(|| {
-        a.metrics()
-            .lines()
-            .find_map(|l| l.strip_prefix("zring_task_panics_total ")?.parse().ok())
+    let panics = a.metrics().lines().find_map(|l| {
+        l.strip_prefix("zring_task_panics_total ")?
+            .parse::<u64>()
+            .ok()
     });
-    assert_eq!(panics, Some(1), "{}", a.metrics());
+    assert_eq!(panics, Some(1), "{io}: {}", a.metrics());
     // The live connection on the same worker keeps flowing byte-exact, and new ones work.
     round(&mut live, 1024 * 1024);
     live.shutdown(Shutdown::Write).unwrap();
@@ -468,12 +474,14 @@ fn a_panic_in_one_connection_task_leaves_the_worker_and_its_other_connections_al
     assert_eq!(
         log.matches("connection task panicked").count(),
         1,
-        "one log line per panic:\n{log}"
+        "{io}: one log line per panic:\n{log}"
     );
     assert!(
         log.contains(&ip(1, 2).to_string()),
-        "the panic line names the connection:\n{log}"
+        "{io}: the panic line names the connection:\n{log}"
     );
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
 }
 
 /// Echo `n` bytes through `live` and check them.
@@ -720,4 +728,79 @@ fn a_silent_socks5_client_is_cut_at_the_greeting_limit() {
     let mut r = [0u8; 10];
     c.read_exact(&mut r).unwrap();
     assert_eq!(r[1], 4, "host unreachable");
+}
+
+#[test]
+fn a_worker_that_dies_makes_the_process_exit_non_zero() {
+    use_block(7);
+    if !cfg!(feature = "test-hooks") {
+        eprintln!("SKIPPED a_worker_that_dies_makes_the_process_exit_non_zero: needs the test-hooks feature (./scripts/test turns it on)");
+        return;
+    }
+    let m = Mesh::new("workerdeath");
+    let host = ip(0, 3);
+    let (ready, stats) = (
+        SocketAddr::new(host, 15021).to_string(),
+        SocketAddr::new(host, 15020).to_string(),
+    );
+    let mut p = common::Proc::spawn_with(
+        &[
+            "run",
+            "--config",
+            m.cfg.to_str().unwrap(),
+            "--node-name",
+            "node-b",
+            "--ca-dir",
+            m.ca.to_str().unwrap(),
+            "--packet-mark",
+            "0",
+            "--workers",
+            "2",
+            "--admin-addr",
+            "off",
+            "--stats-addr",
+            &stats,
+            "--readiness-addr",
+            &ready,
+        ],
+        |c| {
+            c.env("ZRING_TEST_WORKER_PANIC", "1");
+        },
+    );
+    let st = p.wait_exit(Duration::from_secs(15));
+    assert!(!st.success(), "zring went on with a dead worker ({st})");
+    let log = p.log();
+    assert!(
+        log.contains("worker 1 panicked"),
+        "no line says why:\n{log}"
+    );
+}
+
+#[test]
+fn a_flood_on_the_metrics_port_is_capped_and_it_serves_again_after() {
+    use_block(8);
+    let m = Mesh::new("adminflood");
+    let b = m.node_b(&[]);
+    let _ = zring_runtime::sys::raise_nofile_limit();
+    let mut silent: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(b.stats).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let closed = silent
+        .iter_mut()
+        .filter_map(|c| closed_within(c, Duration::from_millis(50)).then_some(()))
+        .count();
+    assert!(
+        closed >= 200 - 128,
+        "only {closed} of the excess connections were closed at once"
+    );
+    drop(silent);
+    std::thread::sleep(Duration::from_millis(300));
+    let text = b.metrics();
+    let rejected = metric(
+        &text,
+        "zring_handshake_limit_rejected_total",
+        &["listener=\"stats\""],
+    );
+    assert!(rejected >= Some(72), "{text}");
 }

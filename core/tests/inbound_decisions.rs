@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use zring_core::{
+    authz::decide,
     config::{index::MeshIndex, LocalConfig},
-    inbound::decide,
 };
 use zring_hbone::{server::StatusCode, SpiffeId};
 

@@ -84,7 +84,7 @@ impl Node {
         std::fs::write(&cfg, config(net)).unwrap();
         let socket = dir.join("ztunnel.sock").to_str().unwrap().to_string();
         let agent = Proc::spawn(&["node-agent", "run", "--socket", &socket]);
-        let control = zring_core::zds::agent::control_path(std::path::Path::new(&socket));
+        let control = zring_core::cmd::node_agent::control_path(std::path::Path::new(&socket));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !control.exists() {
             assert!(

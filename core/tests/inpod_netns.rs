@@ -104,7 +104,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
     let sock_s = sock.to_str().unwrap().to_string();
     let agent = Proc::spawn(&["node-agent", "run", "--socket", &sock_s]);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !zring_core::zds::agent::control_path(&sock).exists() {
+    while !zring_core::cmd::node_agent::control_path(&sock).exists() {
         assert!(
             Instant::now() < deadline,
             "agent never listened:\n{}",

@@ -245,7 +245,7 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
         })
         .collect();
     for n in &nodes {
-        let c = zring_core::zds::agent::control_path(std::path::Path::new(&n.socket));
+        let c = zring_core::cmd::node_agent::control_path(std::path::Path::new(&n.socket));
         wait("agent listening", || c.exists(), &|| n.agent.log());
     }
     let z1 = start_zring(&nodes[0], "node-1");

@@ -175,7 +175,7 @@ fn node_agent_enrolls_and_removes_pods_and_resends_its_snapshot() {
         ])
     };
     let mut agent = spawn_agent();
-    let control = zring_core::zds::agent::control_path(&path);
+    let control = zring_core::cmd::node_agent::control_path(&path);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !control.exists() {
         assert!(

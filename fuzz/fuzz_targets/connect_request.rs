@@ -1,5 +1,6 @@
 //! Arbitrary bytes as the client side of an HTTP/2 connection (after the preface) into the
-//! HBONE CONNECT server. It must never panic and must always finish.
+//! HBONE CONNECT server, whose handler reads the headers zring uses (`Forwarded`). It must
+//! never panic and must always finish.
 #![no_main]
 
 use std::time::Duration;
@@ -28,6 +29,12 @@ fuzz_target!(|data: &[u8]| {
             &settings,
             TokioLocal,
             |i: server::Incoming| async move {
+                // The headers zring reads from a CONNECT: Forwarded's host= part.
+                for v in i.request.headers.get_all("forwarded") {
+                    if let Ok(v) = v.to_str() {
+                        let _ = zring_hbone::client::forwarded_host(v);
+                    }
+                }
                 if i.request.target.port() % 2 == 0 {
                     let _ = i.accept();
                 } else {

@@ -116,7 +116,7 @@ impl WorkloadCert {
             path: origin.to_path_buf(),
             what: "no certificate in the chain".into(),
         })?;
-        let info = crate::tls::leaf_info(leaf).map_err(|what| CaError::Invalid {
+        let info = crate::cert::leaf_info(leaf).map_err(|what| CaError::Invalid {
             path: origin.to_path_buf(),
             what,
         })?;

@@ -3,6 +3,7 @@
 //!
 //! Layers, bottom up:
 //! - [`identity`]: `SpiffeId` and `TrustDomain`, parsed at the edge.
+//! - [`cert`]: a leaf certificate's identity and validity.
 //! - [`ca`]: a local certificate authority (tests, the demo, clusters without istiod) and PEM
 //!   loading of workload certificates and trust bundles.
 //! - [`tls`]: rustls configs: TLS 1.3 only, ALPN `h2`, AES-GCM; the client checks the server's
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod cert;
 pub mod client;
 pub mod identity;
 pub mod keepalive;

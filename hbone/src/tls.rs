@@ -8,7 +8,6 @@
 use std::{
     fmt,
     sync::{Arc, RwLock},
-    time::SystemTime,
 };
 
 use rustls::{
@@ -23,6 +22,7 @@ use rustls::{
     SignatureScheme,
 };
 
+pub use crate::cert::{leaf_info, LeafInfo};
 use crate::{ca::WorkloadCert, identity::SpiffeId};
 
 /// ALPN protocol of HBONE.
@@ -208,48 +208,6 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             .signature_verification_algorithms
             .supported_schemes()
     }
-}
-
-/// What zring reads from a leaf certificate.
-#[derive(Debug, Clone)]
-pub struct LeafInfo {
-    /// The first `spiffe://` URI SAN, if any and if well formed.
-    pub identity: Option<SpiffeId>,
-    /// Start of validity.
-    pub not_before: SystemTime,
-    /// End of validity.
-    pub not_after: SystemTime,
-}
-
-/// Parse a leaf certificate's identity and validity.
-pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, String> {
-    use x509_parser::{extensions::GeneralName, prelude::FromDer};
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref())
-        .map_err(|e| format!("bad certificate: {e}"))?;
-    let mut identity = None;
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
-                if uri.starts_with("spiffe://") {
-                    identity = uri.parse().ok();
-                    break;
-                }
-            }
-        }
-    }
-    let ts = |t: x509_parser::time::ASN1Time| {
-        let secs = t.timestamp();
-        if secs >= 0 {
-            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(secs as u64)
-        } else {
-            SystemTime::UNIX_EPOCH
-        }
-    };
-    Ok(LeafInfo {
-        identity,
-        not_before: ts(cert.validity().not_before),
-        not_after: ts(cert.validity().not_after),
-    })
 }
 
 /// The SPIFFE id of the peer of an established TLS connection.

@@ -18,7 +18,7 @@ use std::{
 
 use serde::{Deserialize, Deserializer};
 
-pub use policy::{Authorization, ConnInfo, PolicyAction, PolicyScope, Verdict};
+pub use policy::{Authorization, PolicyAction, PolicyScope, RbacMatch};
 
 /// ztunnel's default HBONE port, used when a gateway address gives none.
 pub const DEFAULT_HBONE_PORT: u16 = 15008;

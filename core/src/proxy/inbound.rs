@@ -3,6 +3,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
+use tracing::Instrument;
 use zring_hbone::{
     server::{self, Incoming},
     settings::TimeoutKind,
@@ -15,11 +16,11 @@ use zring_runtime::{
 
 use super::{telemetry::SocketSide, wait_for_config, ConnLog, HandshakePermit, State};
 use crate::{
+    authz,
     config::index::MeshIndex,
     hbone_io::{MonoioExecutor, PollTcp},
-    inbound,
     metrics::{ConnLabels, Peer, Reporter},
-    relay_cmd::DEFAULT_CONNECT_TIMEOUT,
+    proxy::DEFAULT_CONNECT_TIMEOUT,
 };
 
 /// The telemetry of an inbound connection: the source is the workload at `src` when it owns
@@ -102,6 +103,26 @@ pub(super) async fn hbone(
     netns: Option<Arc<NetNs>>,
     permit: HandshakePermit,
 ) {
+    let local = tcp.local_addr().ok();
+    let span = tracing::info_span!(
+        "inbound",
+        src.addr = %peer_addr,
+        dst.hbone = ?local,
+        src.identity = tracing::field::Empty,
+    );
+    hbone_connection(tcp, peer_addr, state, drain, netns, permit)
+        .instrument(span)
+        .await
+}
+
+async fn hbone_connection(
+    tcp: monoio::net::TcpStream,
+    peer_addr: SocketAddr,
+    state: Arc<State>,
+    drain: Drain,
+    netns: Option<Arc<NetNs>>,
+    permit: HandshakePermit,
+) {
     let _ = tcp.set_nodelay(true);
     if let Some(ka) = &state.cfg.limits.tcp_keepalive {
         let _ = net::set_tcp_keepalive(&tcp, ka);
@@ -141,8 +162,15 @@ pub(super) async fn hbone(
     };
     drop(permit);
     let peer = tls::peer_identity(tls.get_ref().1);
+    if let Some(p) = &peer {
+        tracing::Span::current().record("src.identity", tracing::field::display(p));
+    }
     let s = state.clone();
-    let handler = move |i: Incoming| stream(i, peer_addr, s.clone(), netns.clone());
+    let conn_span = tracing::Span::current();
+    let handler = move |i: Incoming| {
+        let span = tracing::info_span!(parent: &conn_span, "stream", dst.addr = %i.request.target);
+        stream(i, peer_addr, s.clone(), netns.clone()).instrument(span)
+    };
     if let Err(e) = server::serve(tls, peer, &state.h2, MonoioExecutor, handler, async move {
         drain.signaled().await
     })
@@ -181,7 +209,7 @@ async fn stream(
     if let Some(service) = destination_service(&index, target, host) {
         log.labels.set_service(service);
     }
-    if let Err(r) = inbound::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()) {
+    if let Err(r) = authz::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()) {
         log.close(&state, r.response_flags, 0, 0, Some(r.reason));
         return incoming.reject(r.status);
     }
@@ -219,6 +247,19 @@ pub(super) async fn plaintext(
     state: Arc<State>,
     netns: Option<Arc<NetNs>>,
 ) {
+    let span = tracing::info_span!("inbound_plaintext", src.addr = %peer);
+    plaintext_connection(sock, peer, listen, state, netns)
+        .instrument(span)
+        .await
+}
+
+async fn plaintext_connection(
+    sock: monoio::net::TcpStream,
+    peer: SocketAddr,
+    listen: SocketAddr,
+    state: Arc<State>,
+    netns: Option<Arc<NetNs>>,
+) {
     let start = Instant::now();
     let Some(target) = super::outbound::original_destination(&sock, listen) else {
         return tracing::warn!(src.addr = %peer, "inbound plaintext connection without an original destination (not redirected?); closed");
@@ -228,7 +269,7 @@ pub(super) async fn plaintext(
         None => state.index(),
     };
     let log = inbound_log(&index, "plaintext", peer, None, target, start);
-    if let Err(r) = inbound::decide_plaintext(&index, &state.cfg.node, peer, target) {
+    if let Err(r) = authz::decide_plaintext(&index, &state.cfg.node, peer, target) {
         let _ = zring_runtime::net::set_reset_on_close(&sock);
         return log.close(&state, r.response_flags, 0, 0, Some(r.reason));
     }

@@ -16,6 +16,13 @@ use zring_runtime::net::{TcpKeepalive, DEFAULT_TCP_KEEPALIVE};
 
 use crate::metrics::Metrics;
 
+/// How long live connections may run after SIGTERM before they are closed. ztunnel's default
+/// drain period is 5 s; relays of long transfers may want more (`--drain-timeout`).
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the upstream's SYN-ACK. Short enough that a dead upstream fails the
+/// client promptly instead of after the kernel's two minutes of SYN retries.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A SOCKS5 client must finish its greeting and request within 10 s (ztunnel has no limit).
 pub const DEFAULT_SOCKS5_GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 /// Unfinished handshakes per listener and worker: 4096. High enough that a node's normal

@@ -36,7 +36,10 @@ mod worker;
 pub use control::run;
 pub use control::POD_BIND_WAIT;
 pub(crate) use limits::{HandshakeGate, HandshakePermit};
-pub use limits::{Limits, DEFAULT_MAX_HANDSHAKES, DEFAULT_SOCKS5_GREETING_TIMEOUT};
+pub use limits::{
+    Limits, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_SOCKS5_GREETING_TIMEOUT,
+};
 pub(crate) use pods::wait_for_config;
 pub use pods::POD_WAIT;
 pub use state::{CertSource, RunConfig, State, CONFIG_CHECK, DEFAULT_PACKET_MARK};

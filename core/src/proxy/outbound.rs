@@ -13,6 +13,7 @@
 use std::{cell::Cell, net::SocketAddr, rc::Rc, sync::Arc, time::Instant};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use tracing::Instrument;
 use zring_hbone::{
     client::{ConnectError, ConnectHeaders},
     pool::{PoolError, PoolKey},
@@ -26,14 +27,14 @@ use super::{
     HbonePool, State,
 };
 use crate::{
+    authz,
     config::{
         index::{MeshIndex, Resolved},
         GatewayAddress, InboundProtocol, Workload,
     },
     hbone_io::PollTcp,
-    inbound,
     metrics::{ConnLabels, Peer, Reporter},
-    relay_cmd::DEFAULT_CONNECT_TIMEOUT,
+    proxy::DEFAULT_CONNECT_TIMEOUT,
     socks5::{self, Reply, Target},
 };
 
@@ -232,6 +233,25 @@ impl Outbound {
     /// tunnel it over HBONE.
     async fn forward(
         self,
+        sock: monoio::net::TcpStream,
+        peer: SocketAddr,
+        target: SocketAddr,
+        client: Client,
+    ) {
+        let span = tracing::info_span!(
+            "outbound",
+            src.addr = %peer,
+            dst.addr = %target,
+            src.identity = tracing::field::Empty,
+            dst.identity = tracing::field::Empty,
+        );
+        self.route_and_relay(sock, peer, target, client)
+            .instrument(span)
+            .await
+    }
+
+    async fn route_and_relay(
+        self,
         mut sock: monoio::net::TcpStream,
         peer: SocketAddr,
         target: SocketAddr,
@@ -324,6 +344,7 @@ impl Outbound {
         let src_id = src
             .identity()
             .map_err(|e| Refused::new(Reply::NotAllowed, "NR", e.to_string()))?;
+        tracing::Span::current().record("src.identity", tracing::field::display(&src_id));
         log.src_identity = Some(src_id.clone());
         log.labels.source = Peer::of(src, Some(&src_id));
         let route = self
@@ -338,7 +359,7 @@ impl Outbound {
             Route::Local(dst) => {
                 log.path = "local";
                 log.dst = dst;
-                inbound::decide(index, node, peer, dst, Some(&src_id))
+                authz::decide(index, node, peer, dst, Some(&src_id))
                     .map_err(|r| Refused::new(Reply::NotAllowed, r.response_flags, r.reason))?;
                 Ok(Plan::Tcp(dst))
             }
@@ -352,6 +373,7 @@ impl Outbound {
                 log.dst = connect_to;
                 log.dst_hbone = Some(hbone);
                 log.dst_identity = Some(dst_id.clone());
+                tracing::Span::current().record("dst.identity", tracing::field::display(&dst_id));
                 log.labels.mtls = true;
                 let headers = connect_headers(
                     src,

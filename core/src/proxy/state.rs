@@ -121,6 +121,21 @@ pub(super) struct Pods {
     pub(super) netns_by_ip: HashMap<IpAddr, Arc<zring_runtime::net::NetNs>>,
 }
 
+impl crate::admin::Source for State {
+    fn metrics_text(&self) -> String {
+        self.metrics.render()
+    }
+    fn not_ready(&self) -> Option<String> {
+        State::not_ready(self)
+    }
+    fn config_dump(&self) -> String {
+        State::config_dump(self)
+    }
+    fn rejected(&self, listener: &'static str) {
+        self.metrics.handshake_rejected(listener);
+    }
+}
+
 impl State {
     /// The config in force (a snapshot: a connection uses one config from start to end).
     pub fn index(&self) -> Arc<MeshIndex> {

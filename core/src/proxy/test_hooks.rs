@@ -12,3 +12,16 @@ pub(super) fn maybe_panic(target: SocketAddr) {
         panic!("test hook: deliberate panic in the connection to {target}");
     }
 }
+
+/// With `ZRING_TEST_WORKER_PANIC=<worker index>` set, that worker panics in its own loop
+/// (outside any connection task) after `ticks` ticks, as a bug in the worker itself would.
+pub(super) fn maybe_panic_worker(index: usize, ticks: u64) {
+    if ticks == 5
+        && std::env::var("ZRING_TEST_WORKER_PANIC")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            == Some(index)
+    {
+        panic!("test hook: deliberate panic in worker {index}");
+    }
+}

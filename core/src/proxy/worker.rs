@@ -21,7 +21,7 @@ use super::{inbound, outbound, pods::pod_loops, state::TICK, HandshakeGate, Stat
 use crate::{
     config::InboundProtocol,
     hbone_io::{MonoioExecutor, TlsDialer},
-    relay_cmd::DEFAULT_CONNECT_TIMEOUT,
+    proxy::DEFAULT_CONNECT_TIMEOUT,
 };
 
 /// The worker's HBONE connection pool.
@@ -136,6 +136,8 @@ pub(super) async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Re
             pool.sweep_all();
             zring_runtime::sys::release_free_memory();
         }
+        #[cfg(feature = "test-hooks")]
+        super::test_hooks::maybe_panic_worker(ctx.index, ticks);
         // A failed bind is retried every second (readiness says why meanwhile).
         listeners.sync_hbone(ticks.is_multiple_of(10));
         listeners.sync_pods(&pool, &rr);

@@ -116,17 +116,21 @@ pub fn serve(
     Ok(())
 }
 
+/// Decode one agent message into its payload; the error text is what the ack carries.
+pub fn parse_request(bytes: &[u8]) -> Result<Payload, String> {
+    let req = proto::WorkloadRequest::decode(bytes)
+        .map_err(|e| format!("malformed WorkloadRequest: {e}"))?;
+    req.payload
+        .ok_or_else(|| "WorkloadRequest without a payload (unknown message type?)".to_string())
+}
+
 fn handle(
     bytes: &[u8],
     mut fds: Vec<std::os::fd::OwnedFd>,
     handler: &mut dyn PodHandler,
     snapshot: &mut Option<HashSet<String>>,
 ) -> Result<(), String> {
-    let req = proto::WorkloadRequest::decode(bytes)
-        .map_err(|e| format!("malformed WorkloadRequest: {e}"))?;
-    let payload = req
-        .payload
-        .ok_or("WorkloadRequest without a payload (unknown message type?)")?;
+    let payload = parse_request(bytes)?;
     let expect_fds = matches!(payload, Payload::Add(_));
     if !expect_fds && !fds.is_empty() {
         return Err(format!(

@@ -11,9 +11,8 @@
 //!   answer, in order.
 //!
 //! [`client`] is the proxy's side (reconnects with back-off; pods already set up keep
-//! working meanwhile); [`agent`] is the node agent's side.
+//! working meanwhile); the node agent's side is `crate::cmd::node_agent`.
 
-pub mod agent;
 pub mod client;
 pub mod proto;
 

@@ -25,7 +25,7 @@ use zring_runtime::{
 
 use crate::{
     hbone_io::{MonoioExecutor, PollTcp, TlsDialer},
-    relay_cmd::DEFAULT_DRAIN_TIMEOUT,
+    proxy::DEFAULT_DRAIN_TIMEOUT,
 };
 
 /// Settings shared by both ends.

@@ -7,19 +7,13 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration, time::Instant};
 
+pub use crate::proxy::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT};
 use zring_runtime::{
     drain::Drain,
     net::{self, ConnectOptions, ListenOptions},
     relay::{self, RelayMode, RelayOptions},
     server, ShutdownTrigger, WorkerConfig, WorkerContext, Workers,
 };
-
-/// How long live connections may run after SIGTERM before they are closed. ztunnel's default
-/// drain period is 5 s; relays of long transfers may want more (`--drain-timeout`).
-pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long to wait for the upstream's SYN-ACK. Short enough that a dead upstream fails the
-/// client promptly instead of after the kernel's two minutes of SYN retries.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything `zring relay` needs.
 #[derive(Debug, Clone)]

@@ -30,7 +30,7 @@ use zring_runtime::{
     ShutdownTrigger,
 };
 
-use super::proto::{self, workload_request::Payload};
+use crate::zds::proto::{self, workload_request::Payload};
 
 /// The control socket that goes with a ZDS socket.
 pub fn control_path(socket: &Path) -> PathBuf {
@@ -164,7 +164,7 @@ fn exchange(
     proxy
         .send(&req.encode_to_vec(), &fds)
         .map_err(|e| format!("sending to the proxy: {e}"))?;
-    let mut buf = vec![0u8; super::MAX_MESSAGE];
+    let mut buf = vec![0u8; crate::zds::MAX_MESSAGE];
     let (n, _) = proxy
         .recv(&mut buf)
         .map_err(|e| format!("waiting for the proxy's ack: {e}"))?;
@@ -205,7 +205,7 @@ fn accept_proxies(l: SeqPacketListener, state: Arc<Mutex<State>>, trigger: Shutd
             }
         };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-        let mut buf = vec![0u8; super::MAX_MESSAGE];
+        let mut buf = vec![0u8; crate::zds::MAX_MESSAGE];
         let hello = conn
             .recv(&mut buf)
             .map_err(|e| e.to_string())
