@@ -323,10 +323,16 @@ impl LocalConfig {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         let cfg: LocalConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let field = e.path().to_string();
+            let message = e.into_inner().to_string();
+            // The YAML parser already starts some messages with the field path.
+            let message = match message.strip_prefix(&format!("{field}: ")) {
+                Some(rest) => rest.to_string(),
+                None => message,
+            };
             ConfigError::Parse {
                 path: origin.to_path_buf(),
                 field,
-                message: e.into_inner().to_string(),
+                message,
             }
         })?;
         cfg.validate(origin)?;
