@@ -367,7 +367,13 @@ fn black_hole(addr: SocketAddr) -> std::sync::mpsc::Sender<()> {
 fn a_peer_that_never_answers_tls_fails_the_dial_and_every_queued_connection_then_recovers() {
     use_block(2);
     let m = Mesh::new("blackhole");
-    let a = m.node_a(&["--tls-handshake-timeout", "2s"]);
+    for io in ["uring", "epoll"] {
+        black_hole_round(&m, io);
+    }
+}
+
+fn black_hole_round(m: &Mesh, io: &str) {
+    let a = m.node_a(&["--tls-handshake-timeout", "2s", "--io", io]);
     let hbone = SocketAddr::new(ip(2, 2), 15008);
     let stop = black_hole(hbone);
     let start = Instant::now();
@@ -677,6 +683,24 @@ fn byte_counters_show_a_live_connections_traffic_before_it_closes() {
         assert!(Instant::now() < deadline, "{text}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Both ends log the same trace id: the CONNECT's traceparent joins their access logs.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (ta, tb) = (
+            logged_trace_id(&a.proc.log()),
+            logged_trace_id(&b.proc.log()),
+        );
+        if ta.is_some() && ta == tb {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trace ids differ: A {ta:?}, B {tb:?}\n{}\n{}",
+            a.proc.log(),
+            b.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// SOCKS5 CONNECT by domain name; asserts success.
@@ -803,4 +827,60 @@ fn a_flood_on_the_metrics_port_is_capped_and_it_serves_again_after() {
         &["listener=\"stats\""],
     );
     assert!(rejected >= Some(72), "{text}");
+}
+
+/// The `trace_id` of the first access-log line in `log`.
+fn logged_trace_id(log: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains("connection complete"))?;
+    let at = line.find("trace_id=")? + "trace_id=".len();
+    let id: String = line[at..]
+        .trim_start_matches('"')
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
+    (id.len() == 32).then_some(id)
+}
+
+#[test]
+fn a_workload_leaving_the_config_closes_its_listener_and_a_failed_bind_makes_the_node_unready() {
+    use_block(9);
+    let m = Mesh::new("listeners");
+    let b = m.node_b(&[]);
+    let hbone = SocketAddr::new(ip(2, 2), 15008);
+    assert!(TcpStream::connect(hbone).is_ok());
+    // productpage moves to an address this host does not have: its old listener closes and
+    // the new one cannot be bound (no packet is sent anywhere).
+    let good = std::fs::read_to_string(&m.cfg).unwrap();
+    let moved = good.replace(&format!("\"{}\"", ip(2, 2)), "\"10.255.0.9\"");
+    assert_ne!(moved, good);
+    std::fs::write(&m.cfg, &moved).unwrap();
+    b.proc.signal(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let why = loop {
+        let (status, body) = common::mesh::http_get(b.ready, "GET", "/healthz/ready");
+        if status == 503 && !TcpStream::connect(hbone).is_ok() {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {status} {body}; log:\n{}",
+            b.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(why.contains("cannot listen on 10.255.0.9:15008"), "{why}");
+    // Back: listener bound again, the failure forgotten, ready.
+    std::fs::write(&m.cfg, &good).unwrap();
+    b.proc.signal(1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::mesh::http_get(b.ready, "GET", "/healthz/ready").0 != 200
+        || TcpStream::connect(hbone).is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "never ready again:\n{}",
+            b.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

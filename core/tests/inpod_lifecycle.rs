@@ -299,7 +299,17 @@ fn sigterm_lets_a_long_transfer_through_a_pod_finish_within_the_drain() {
     if skip("sigterm_lets_a_long_transfer_through_a_pod_finish_within_the_drain") {
         return;
     }
-    let mut node = Node::start("t", 238, &["--drain-timeout", "10s"]);
+    for (io, net) in [("uring", 238), ("epoll", 239)] {
+        drain_round(io, net);
+    }
+}
+
+fn drain_round(io: &str, net: u8) {
+    let mut node = Node::start(
+        &format!("t{}", &io[..1]),
+        net,
+        &["--drain-timeout", "10s", "--io", io],
+    );
     agent_add(&node.socket, &node.sleep.path(), "sleep", "sleep").unwrap();
     agent_add(
         &node.socket,
@@ -348,6 +358,6 @@ fn sigterm_lets_a_long_transfer_through_a_pod_finish_within_the_drain() {
         "zring exited with {st}:\n{}",
         node.zring.log()
     );
-    eprintln!("transfer finished {:?} after SIGTERM", t.elapsed());
+    eprintln!("{io}: transfer finished {:?} after SIGTERM", t.elapsed());
     let _ = &node.agent;
 }

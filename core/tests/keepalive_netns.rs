@@ -152,12 +152,19 @@ fn a_silent_peer_is_declared_dead_by_keepalive_and_new_streams_dial_afresh() {
     ca_init(&dir);
     std::fs::write(dir.join("mesh.yaml"), CONFIG).unwrap();
     echo_in(&nb.open(), &format!("{B_IP}:9080"));
-    let keepalive = ["--ping-interval", "1s", "--ping-timeout", "2s"];
-    let _b = node(&nb, "node-b", B_IP, &dir, &keepalive);
+    for io in ["uring", "epoll"] {
+        keepalive_round(&na, &nb, &dir, io);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn keepalive_round(na: &TestNs, nb: &TestNs, dir: &std::path::Path, io: &str) {
+    let keepalive = ["--ping-interval", "1s", "--ping-timeout", "2s", "--io", io];
+    let _b = node(nb, "node-b", B_IP, dir, &keepalive);
     let socks = format!("{A_IP}:15080");
     let mut args = vec!["--socks5", &socks, "--bind-source"];
     args.extend_from_slice(&keepalive);
-    let a = node(&na, "node-a", A_IP, &dir, &args);
+    let a = node(na, "node-a", A_IP, dir, &args);
     let ns_a = na.open();
     let dst = format!("{B_IP}:9080");
     let mut live = socks_in(&ns_a, A_IP, &socks, &dst).expect("first connection");
@@ -186,7 +193,7 @@ fn a_silent_peer_is_declared_dead_by_keepalive_and_new_streams_dial_afresh() {
         metric(&text, "zring_timeouts_total", &["kind=\"keepalive\""]) >= Some(1),
         "{text}"
     );
-    eprintln!("dead peer detected {took:?} after its packets started to drop");
+    eprintln!("{io}: dead peer detected {took:?} after its packets started to drop");
     // The path is back: the next connection dials a fresh HBONE connection and works.
     nb.exec(&["iptables", "-F"]);
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -203,5 +210,4 @@ fn a_silent_peer_is_declared_dead_by_keepalive_and_new_streams_dial_afresh() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,10 @@ use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use zring_hbone::{server::Incoming, H2Settings};
+use zring_hbone::{
+    server::{self, Incoming},
+    H2Settings, TokioLocal,
+};
 
 async fn status_of(
     send: &h2::client::SendRequest<Bytes>,
@@ -282,5 +285,47 @@ fn a_peer_that_never_reads_holds_bounded_memory() {
             "server buffered {n} bytes for a peer that never reads"
         );
         still_serving_relay(&mesh).await;
+    });
+}
+
+#[test]
+fn a_client_that_never_sends_the_http2_preface_is_closed_at_the_handshake_limit() {
+    use std::sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    };
+    use zring_hbone::settings::{TimeoutHook, TimeoutKind, Timeouts};
+    run_local(async {
+        let fired = Arc::new(AtomicU32::new(0));
+        let f = fired.clone();
+        let settings = H2Settings {
+            timeouts: Timeouts {
+                h2_handshake: Duration::from_millis(300),
+                hook: Some(TimeoutHook(Arc::new(move |k| {
+                    assert_eq!(k, TimeoutKind::H2Handshake);
+                    f.fetch_add(1, Ordering::Relaxed);
+                }))),
+                ..Timeouts::default()
+            },
+            ..H2Settings::default()
+        };
+        // A connected pair where the "client" says nothing at all.
+        let (_client, server) = tokio::io::duplex(1 << 16);
+        let start = std::time::Instant::now();
+        let r = server::serve(
+            server,
+            None,
+            &settings,
+            TokioLocal,
+            |_i: server::Incoming| async {},
+            std::future::pending::<()>(),
+        )
+        .await;
+        assert!(
+            matches!(r, Err(server::ServeError::HandshakeTimeout(_))),
+            "{r:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(fired.load(Ordering::Relaxed), 1);
     });
 }

@@ -227,3 +227,76 @@ fn goaway_retires_the_connection_and_new_streams_dial_afresh() {
         assert_eq!(dials.get(), 2);
     });
 }
+
+/// A dialer whose dials never finish (a peer that accepts TCP and never answers TLS).
+struct StuckDialer {
+    dials: Rc<Cell<u32>>,
+}
+
+impl Dialer for StuckDialer {
+    type Io = tokio::net::TcpStream;
+    fn dial(&self, _key: &PoolKey) -> Pin<Box<dyn Future<Output = io::Result<Self::Io>>>> {
+        self.dials.set(self.dials.get() + 1);
+        Box::pin(std::future::pending())
+    }
+}
+
+#[test]
+fn a_cancelled_dial_releases_its_waiters_and_the_next_connection_dials_afresh() {
+    run_local(async {
+        let dials = Rc::new(Cell::new(0));
+        let pool = Pool::new(
+            StuckDialer {
+                dials: dials.clone(),
+            },
+            TokioLocal,
+            PoolSettings::default(),
+        );
+        let key = PoolKey {
+            src_id: id("default", "sleep"),
+            dst_id: id("default", "productpage"),
+            src_ip: "127.0.0.1".parse().unwrap(),
+            dst: "127.0.0.1:15008".parse().unwrap(),
+        };
+        let target: SocketAddr = "127.0.0.1:9080".parse().unwrap();
+        // The first connection dials; ten more wait behind it.
+        let (p, k) = (pool.clone(), key.clone());
+        let dialing = tokio::task::spawn_local(async move {
+            let _ = p.connect(&k, target, &Default::default()).await;
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let waiters: Vec<_> = (0..10)
+            .map(|_| {
+                let (p, k) = (pool.clone(), key.clone());
+                tokio::task::spawn_local(async move {
+                    p.connect(&k, target, &Default::default()).await.err()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            dials.get(),
+            1,
+            "waiters must not dial while one dial is in flight"
+        );
+        // The dialing task is dropped (as at a pod's drain deadline): every waiter is released
+        // with an error at once, none hangs.
+        dialing.abort();
+        for w in waiters {
+            let err = tokio::time::timeout(Duration::from_secs(1), w)
+                .await
+                .expect("a waiter hung after its dial was cancelled")
+                .unwrap()
+                .expect("a waiter got a stream from a cancelled dial");
+            assert!(err.to_string().contains("cancelled"), "{err}");
+        }
+        // The key is free: the next connection dials afresh.
+        let (p, k) = (pool.clone(), key.clone());
+        let next = tokio::task::spawn_local(async move {
+            let _ = p.connect(&k, target, &Default::default()).await;
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(dials.get(), 2);
+        next.abort();
+    });
+}

@@ -14,7 +14,10 @@ use zring_runtime::{
     net::{self, ConnectOptions, NetNs},
 };
 
-use super::{telemetry::SocketSide, wait_for_config, ConnLog, HandshakePermit, State};
+use super::{
+    telemetry::{trace_id, SocketSide},
+    wait_for_config, ConnLog, HandshakePermit, State,
+};
 use crate::{
     authz,
     config::index::MeshIndex,
@@ -209,6 +212,12 @@ async fn stream(
     if let Some(service) = destination_service(&index, target, host) {
         log.labels.set_service(service);
     }
+    log.trace_id = incoming
+        .request
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace_id);
     if let Err(r) = authz::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()) {
         log.close(&state, r.response_flags, 0, 0, Some(r.reason));
         return incoming.reject(r.status);

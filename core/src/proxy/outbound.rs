@@ -23,8 +23,9 @@ use zring_hbone::{
 use zring_runtime::net::{self, ConnectOptions};
 
 use super::{
-    headers::connect_headers, telemetry::SocketSide, wait_for_config, ConnLog, HandshakePermit,
-    HbonePool, State,
+    headers::connect_headers,
+    telemetry::{trace_id, SocketSide},
+    wait_for_config, ConnLog, HandshakePermit, HbonePool, State,
 };
 use crate::{
     authz,
@@ -380,6 +381,7 @@ impl Outbound {
                     SocketAddr::new(client_ip, peer.port()),
                     log.labels.service.as_ref().map(|s| s.0.as_str()),
                 );
+                log.trace_id = headers.traceparent.as_deref().and_then(trace_id);
                 Ok(Plan::Hbone {
                     key: PoolKey {
                         src_id,

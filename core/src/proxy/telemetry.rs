@@ -21,6 +21,13 @@ pub(crate) enum SocketSide {
     Destination,
 }
 
+/// The trace id (32 hex digits) of a `traceparent` value, if well formed.
+pub(crate) fn trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.split('-');
+    let (_version, id) = (parts.next()?, parts.next()?);
+    (id.len() == 32 && id.chars().all(|c| c.is_ascii_hexdigit())).then(|| id.to_string())
+}
+
 /// One connection's telemetry: its metric labels and access-log fields. Counted as opened
 /// when the upstream side is established ([`ConnLog::established`]); closed exactly once, which
 /// writes the access-log line and adds the bytes. A connection refused before it was
@@ -36,6 +43,8 @@ pub(crate) struct ConnLog {
     pub dst_identity: Option<zring_hbone::SpiffeId>,
     pub labels: crate::metrics::ConnLabels,
     pub start: std::time::Instant,
+    /// The W3C trace id the connection's CONNECT carried (both ends log the same one).
+    pub trace_id: Option<String>,
     opened: bool,
     /// Bytes (towards the destination, back) already added to the metrics while live.
     reported: (u64, u64),
@@ -61,6 +70,7 @@ impl ConnLog {
             dst_identity: None,
             labels,
             start,
+            trace_id: None,
             opened: false,
             reported: (0, 0),
         }
@@ -204,6 +214,7 @@ impl ConnLog {
             duration_ms = (self.start.elapsed().as_secs_f64() * 1e6).round() / 1e3,
             response_flags = flags,
             error = error.as_deref().unwrap_or(""),
+            trace_id = self.trace_id.as_deref().unwrap_or(""),
             "connection complete"
         );
     }

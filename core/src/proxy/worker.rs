@@ -218,6 +218,15 @@ impl Listeners {
             }
             keep
         });
+        // A workload that left is no longer a bind failure either.
+        let (state, worker, port) = (&self.state, self.ctx_index, self.state.cfg.hbone_port);
+        self.hbone_failed.retain(|ip| {
+            let keep = ips.contains(ip);
+            if !keep {
+                state.bind_result(worker, SocketAddr::new(*ip, port).to_string(), None);
+            }
+            keep
+        });
         for ip in ips {
             if !self.hbone.contains_key(&ip) {
                 self.bind_hbone(ip);
