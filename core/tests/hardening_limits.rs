@@ -858,7 +858,7 @@ fn a_workload_leaving_the_config_closes_its_listener_and_a_failed_bind_makes_the
     let deadline = Instant::now() + Duration::from_secs(10);
     let why = loop {
         let (status, body) = common::mesh::http_get(b.ready, "GET", "/healthz/ready");
-        if status == 503 && !TcpStream::connect(hbone).is_ok() {
+        if status == 503 && TcpStream::connect(hbone).is_err() {
             break body;
         }
         assert!(
