@@ -206,12 +206,14 @@ fn node_agent(c: AgentCommand, trigger: &ShutdownTrigger) -> anyhow::Result<()> 
             socket,
             packet_mark,
             no_rules,
+            dns_capture,
         } => {
             return agent::run(
                 agent::AgentConfig {
                     socket,
                     mark: packet_mark,
                     rules: !no_rules,
+                    dns_capture,
                 },
                 trigger,
             )
@@ -275,6 +277,10 @@ enum AgentCommand {
         /// Do not install redirection rules (protocol only).
         #[arg(long)]
         no_rules: bool,
+        /// Also capture the pods' DNS (UDP and TCP port 53 -> 15053), as istio-cni does with
+        /// ambient DNS capture on. Only for proxies that serve DNS on 15053.
+        #[arg(long, env = "AMBIENT_DNS_CAPTURE")]
+        dns_capture: bool,
     },
     /// Enroll a pod: redirection rules in its namespace, then AddWorkload to the proxy.
     Add {

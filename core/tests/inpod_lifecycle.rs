@@ -187,6 +187,44 @@ fn an_add_is_acked_only_once_the_pods_listeners_accept() {
     let node = Node::start("k", 236, &[]);
     let ns = node.productpage.open();
     let ip = node.pod_ip("productpage");
+    // The pod gets istio-cni's rules, line for line, and the local-delivery policy route.
+    agent_add(
+        &node.socket,
+        &node.productpage.path(),
+        "productpage",
+        "bookinfo-productpage",
+    )
+    .unwrap();
+    let normalize = |l: &str| {
+        l.replace("-m tcp ", "")
+            .replace("-m udp ", "")
+            .replace("169.254.7.127/32", "169.254.7.127")
+            .replace("--to-port ", "--to-ports ")
+    };
+    let istio = |text: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| l.starts_with("-A ") && l.contains("ISTIO_"))
+            .map(normalize)
+            .collect()
+    };
+    let installed = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.productpage.name, "iptables-save"])
+        .output()
+        .unwrap();
+    let installed = String::from_utf8_lossy(&installed.stdout).to_string();
+    let expected = istio(&zring_core::cmd::pod_rules::render(false, 1337, false));
+    assert_eq!(istio(&installed), expected, "{installed}");
+    let out = |args: &[&str]| {
+        let o = std::process::Command::new("ip")
+            .args(["netns", "exec", &node.productpage.name])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    assert!(out(&["ip", "rule"]).contains("fwmark 0x111/0xfff lookup 100"));
+    assert!(out(&["ip", "route", "show", "table", "100"]).contains("local default dev lo"));
+    agent_remove(&node.socket, "productpage").unwrap();
     for round in 0..5 {
         agent_add(
             &node.socket,

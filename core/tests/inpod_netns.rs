@@ -263,7 +263,7 @@ fn pods_enrolled_over_zds_talk_hbone_on_the_wire_and_removal_closes_listeners() 
     let deadline = Instant::now() + Duration::from_secs(10);
     while !zring
         .log()
-        .contains("pod removed: its listeners are closed")
+        .contains("pod removed or moved: its listeners are closed")
     {
         assert!(Instant::now() < deadline, "{}", zring.log());
         std::thread::sleep(Duration::from_millis(20));

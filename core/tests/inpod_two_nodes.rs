@@ -367,7 +367,10 @@ fn two_nodes_in_pod_capture_hbone_on_the_wire_policy_removal_and_restart() {
     remove(&nodes[0], "sleep");
     wait(
         "sleep's listeners closed",
-        || z1.log().contains("pod removed: its listeners are closed"),
+        || {
+            z1.log()
+                .contains("pod removed or moved: its listeners are closed")
+        },
         &|| z1.log(),
     );
     let out = exchange(&open(&p_sleep), None, "10.234.2.2:9080", b"bypass");

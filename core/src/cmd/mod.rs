@@ -5,5 +5,6 @@
 
 pub mod ca;
 pub mod node_agent;
+pub mod pod_rules;
 pub mod relay;
 pub mod tunnel;

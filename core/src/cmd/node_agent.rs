@@ -7,10 +7,11 @@
 //! `{"op":"add","uid":..,"name":..,"namespace":..,"service_account":..,"netns":PATH}` or
 //! `{"op":"remove","uid":..}` -> `{"ok":true}` or `{"ok":false,"error":..}`.
 //!
-//! Enrolling a pod installs the in-pod redirection rules inside its namespace (iptables, nat
-//! table: outbound TCP -> 15001, inbound TCP -> 15006 except HBONE on 15008; traffic marked by
-//! the proxy and loopback excluded) and sends `AddWorkload` with the namespace's descriptor;
-//! the answer is the proxy's ack. Removing sends `DelWorkload` and takes the rules out.
+//! Enrolling a pod installs istio-cni's in-pod redirection rules inside its namespace
+//! ([`super::pod_rules`]: outbound TCP -> 15001, inbound TCP -> 15006 except HBONE on 15008,
+//! traffic marked by the proxy, loopback and probes excluded, and the policy route for
+//! connection-marked replies) and sends `AddWorkload` with the namespace's descriptor; the
+//! answer is the proxy's ack. Removing sends `DelWorkload` and takes the rules out.
 
 use std::{
     collections::BTreeMap,
@@ -18,12 +19,13 @@ use std::{
     io::{BufRead, BufReader, Write},
     os::{fd::AsFd, unix::net::UnixListener},
     path::{Path, PathBuf},
-    process::Command,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use prost::Message;
+
+use super::pod_rules;
 use zring_runtime::{
     net::NetNs,
     uds::{SeqPacket, SeqPacketListener},
@@ -109,6 +111,9 @@ pub struct AgentConfig {
     pub mark: u32,
     /// Install the redirection rules (off: only the protocol, for tests without root).
     pub rules: bool,
+    /// Add istio-cni's DNS capture lines (UDP/TCP 53 -> 15053). Off by default: only proxies
+    /// with a DNS proxy on 15053 may be given pods with this on.
+    pub dns_capture: bool,
 }
 
 /// Run the agent until `trigger`.
@@ -309,15 +314,14 @@ fn add(
     NetNs::from_fd(check.into()).map_err(|e| format!("{}: {e}", netns_path.display()))?;
     if cfg.rules {
         // Idempotent: a pod added again (same namespace) gets its rules replaced, not doubled.
-        let _ = rules(netns_path, cfg.mark, false);
-        rules(netns_path, cfg.mark, true)?;
+        pod_rules::install(netns_path, cfg.mark, cfg.dns_capture)?;
     }
     let mut st = lock(state);
     if let Some(proxy) = &st.proxy {
         if let Err(e) = exchange(proxy, &add_request(&uid, &info), Some(&file)) {
             if e.starts_with("the proxy refused") {
                 if cfg.rules {
-                    let _ = rules(netns_path, cfg.mark, false);
+                    pod_rules::remove(netns_path);
                 }
                 return Err(e);
             }
@@ -355,98 +359,9 @@ fn remove(cfg: &AgentConfig, state: &Mutex<State>, uid: &str) -> Result<(), Stri
         }
     }
     if cfg.rules {
-        rules(&pod.path, cfg.mark, false)?;
+        pod_rules::remove(&pod.path);
     }
     drop(pod.netns);
     tracing::info!(uid = %uid, "pod removed");
-    Ok(())
-}
-
-/// Install (or remove) the in-pod redirection rules inside the namespace at `netns`.
-fn rules(netns: &Path, mark: u32, install: bool) -> Result<(), String> {
-    let mark = mark.to_string();
-    let run = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .arg("iptables")
-            .args(["-w", "-t", "nat"])
-            .args(args)
-            .output()
-            .map_err(|e| format!("running nsenter iptables: {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "iptables {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
-    if install {
-        run(&["-N", "ZRING_OUTPUT"])?;
-        run(&[
-            "-A",
-            "ZRING_OUTPUT",
-            "-m",
-            "mark",
-            "--mark",
-            &mark,
-            "-j",
-            "RETURN",
-        ])?;
-        run(&["-A", "ZRING_OUTPUT", "-o", "lo", "-j", "RETURN"])?;
-        run(&[
-            "-A",
-            "ZRING_OUTPUT",
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ])?;
-        run(&["-A", "OUTPUT", "-p", "tcp", "-j", "ZRING_OUTPUT"])?;
-        run(&["-N", "ZRING_PREROUTING"])?;
-        run(&[
-            "-A",
-            "ZRING_PREROUTING",
-            "-m",
-            "mark",
-            "--mark",
-            &mark,
-            "-j",
-            "RETURN",
-        ])?;
-        run(&["-A", "ZRING_PREROUTING", "-i", "lo", "-j", "RETURN"])?;
-        run(&[
-            "-A",
-            "ZRING_PREROUTING",
-            "-p",
-            "tcp",
-            "--dport",
-            "15008",
-            "-j",
-            "RETURN",
-        ])?;
-        run(&[
-            "-A",
-            "ZRING_PREROUTING",
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15006",
-        ])?;
-        run(&["-A", "PREROUTING", "-p", "tcp", "-j", "ZRING_PREROUTING"])?;
-    } else {
-        let _ = run(&["-D", "OUTPUT", "-p", "tcp", "-j", "ZRING_OUTPUT"]);
-        let _ = run(&["-D", "PREROUTING", "-p", "tcp", "-j", "ZRING_PREROUTING"]);
-        for chain in ["ZRING_OUTPUT", "ZRING_PREROUTING"] {
-            let _ = run(&["-F", chain]);
-            run(&["-X", chain])?;
-        }
-    }
     Ok(())
 }
