@@ -43,8 +43,9 @@ pub struct RunArgs {
     /// Report folder (default: perf-reports/<date>-<commit>, or a temp folder with --quick).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Istio's ztunnel binary: runs the `ztunnel` path (ambient topology, ztunnel in place of zring).
-    #[arg(long)]
+    /// Istio's ztunnel binary: runs the `ztunnel` path (ambient topology, ztunnel in place of
+    /// zring, same agents, istio-cni's rules and YAML).
+    #[arg(long, env = "ZTUNNEL_BIN")]
     ztunnel: Option<PathBuf>,
     /// Sidecar proxy: `haproxy` (default, from Debian) or `envoy:PATH`.
     #[arg(long)]

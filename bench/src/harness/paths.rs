@@ -72,7 +72,7 @@ impl PathSpec {
     /// Why the path cannot run here, if it cannot.
     pub fn not_run_reason(&self) -> Option<String> {
         match self {
-            PathSpec::Ztunnel(None) => Some("no ztunnel binary on this machine (and no network to fetch one); `--ztunnel PATH` runs it: the ambient topology with ztunnel started as `FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<yaml> NODE_NAME=<node> INPOD_UDS=<agent socket> PATH` (FAKE_CA needs a ztunnel built with `--features testing`)".into()),
+            PathSpec::Ztunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs it: the ambient topology with ztunnel started as `FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<yaml> NODE_NAME=<node> INPOD_UDS=<agent socket> PATH` (FAKE_CA needs a ztunnel built with `--features testing`)".into()),
             PathSpec::Waypoint(None) => Some("zring has no waypoint (L7) mode yet; `--waypoint envoy:PATH` is the plug-in point for a user's Envoy waypoint".into()),
             PathSpec::Waypoint(Some(_)) => Some("waypoint topology is not wired yet: zring would need to route to the waypoint and accept its HBONE; listed so that reports keep the column".into()),
             _ => None,
@@ -210,22 +210,30 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
     Ok(d)
 }
 
+/// The lab's mesh in ztunnel's local YAML, in the strict form ztunnel's own parser requires
+/// (every workload with `trustDomain` and `services`, top-level `services`), so the same file
+/// drives zring and ztunnel.
 const MESH_YAML: &str = r#"workloads:
 - uid: harness//v1/Pod/default/client
   name: client
   namespace: default
   serviceAccount: client
+  trustDomain: cluster.local
   workloadIps: ["10.241.1.2"]
   protocol: HBONE
   node: node-1
+  services: {}
 - uid: harness//v1/Pod/default/server
   name: server
   namespace: default
   serviceAccount: server
+  trustDomain: cluster.local
   workloadIps: ["10.241.2.2"]
   protocol: HBONE
   node: node-2
+  services: {}
   authorizationPolicies: ["default/server-viewer"]
+services: []
 policies:
 - name: server-viewer
   namespace: default
