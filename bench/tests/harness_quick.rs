@@ -144,7 +144,8 @@ fn quick_run_measures_every_path_and_writes_the_report() {
     };
     let mut measured = vec!["no-mesh", "ambient", "sidecar"];
     if ztunnel.is_some() {
-        measured.push("ztunnel");
+        // ztunnel on both nodes, and zring (node-1) against ztunnel (node-2): interop under load.
+        measured.extend(["ztunnel", "mixed"]);
     }
     for name in measured.iter().copied() {
         let p = path(name);
@@ -194,7 +195,7 @@ fn quick_run_measures_every_path_and_writes_the_report() {
     let not_run: &[&str] = if ztunnel.is_some() {
         &["waypoint"]
     } else {
-        &["ztunnel", "waypoint"]
+        &["ztunnel", "mixed", "waypoint"]
     };
     for name in not_run.iter().copied() {
         assert!(

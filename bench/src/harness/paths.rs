@@ -36,6 +36,8 @@ pub enum PathSpec {
     NoMesh,
     Ambient,
     Ztunnel(Option<PathBuf>),
+    /// zring on the client's node, Istio's ztunnel on the server's (interop under load).
+    Mixed(Option<PathBuf>),
     Sidecar(SidecarProxy),
     Waypoint(Option<PathBuf>),
 }
@@ -52,6 +54,7 @@ impl PathSpec {
             PathSpec::NoMesh => "no-mesh",
             PathSpec::Ambient => "ambient",
             PathSpec::Ztunnel(_) => "ztunnel",
+            PathSpec::Mixed(_) => "mixed",
             PathSpec::Sidecar(_) => "sidecar",
             PathSpec::Waypoint(_) => "waypoint",
         }
@@ -63,6 +66,7 @@ impl PathSpec {
             PathSpec::NoMesh => "client pod -> server pod, no proxy".into(),
             PathSpec::Ambient => "client pod -(in-pod capture)-> zring node-1 -HBONE/mTLS-> zring node-2 -> server pod (L4 policy: client principal allowed)".into(),
             PathSpec::Ztunnel(_) => "the ambient path with Istio's ztunnel in place of zring (same YAML, same agents, ZDS)".into(),
+            PathSpec::Mixed(_) => "client pod -> zring node-1 -HBONE/mTLS-> Istio's ztunnel node-2 -> server pod (zring's CA is ztunnel's fake CA root)".into(),
             PathSpec::Sidecar(SidecarProxy::Haproxy) => "client -(iptables)-> HAProxy sidecar (HTTP mode; TCP mode for echo/iperf3) -mTLS-> HAProxy sidecar -(iptables)-> server".into(),
             PathSpec::Sidecar(SidecarProxy::Envoy(p)) => format!("client -(iptables)-> Envoy sidecar ({}) -mTLS-> Envoy sidecar -> server", p.display()),
             PathSpec::Waypoint(_) => "client -> zring -HBONE-> waypoint (L7) -HBONE-> zring -> server".into(),
@@ -73,6 +77,7 @@ impl PathSpec {
     pub fn not_run_reason(&self) -> Option<String> {
         match self {
             PathSpec::Ztunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs it: the ambient topology with ztunnel started as `FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<yaml> NODE_NAME=<node> INPOD_UDS=<agent socket> PATH` (FAKE_CA needs a ztunnel built with `--features testing`)".into()),
+            PathSpec::Mixed(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring on node-1 against ztunnel on node-2".into()),
             PathSpec::Waypoint(None) => Some("zring has no waypoint (L7) mode yet; `--waypoint envoy:PATH` is the plug-in point for a user's Envoy waypoint".into()),
             PathSpec::Waypoint(Some(_)) => Some("waypoint topology is not wired yet: zring would need to route to the waypoint and accept its HBONE; listed so that reports keep the column".into()),
             _ => None,
@@ -107,10 +112,11 @@ pub fn parse_paths(
             "no-mesh" => PathSpec::NoMesh,
             "ambient" => PathSpec::Ambient,
             "ztunnel" => PathSpec::Ztunnel(ztunnel.clone()),
+            "mixed" => PathSpec::Mixed(ztunnel.clone()),
             "sidecar" => PathSpec::Sidecar(sidecar.clone()),
             "waypoint" => PathSpec::Waypoint(waypoint.clone()),
             other => bail!(
-                "unknown path {other:?}: expected no-mesh, ambient, ztunnel, sidecar, waypoint"
+                "unknown path {other:?}: expected no-mesh, ambient, ztunnel, mixed, sidecar, waypoint"
             ),
         });
     }
@@ -192,10 +198,11 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
     };
     match spec {
         PathSpec::NoMesh => {}
-        PathSpec::Ambient => ambient(lab, bins, dir, None, &mut d)?,
-        PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, Some(p), &mut d)?,
+        PathSpec::Ambient => ambient(lab, bins, dir, [None, None], &mut d)?,
+        PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, [Some(p), Some(p)], &mut d)?,
+        PathSpec::Mixed(Some(p)) => ambient(lab, bins, dir, [None, Some(p)], &mut d)?,
         PathSpec::Sidecar(proxy) => sidecar(lab, bins, dir, proxy, &mut d)?,
-        PathSpec::Ztunnel(None) | PathSpec::Waypoint(_) => {
+        PathSpec::Ztunnel(None) | PathSpec::Mixed(None) | PathSpec::Waypoint(_) => {
             bail!("{} cannot run here", spec.name())
         }
     }
@@ -265,17 +272,41 @@ fn ca_init(bins: &Bins, dir: &Scratch) -> anyhow::Result<PathBuf> {
     Ok(ca)
 }
 
-/// Node agents, the node proxies (zring, or ztunnel when `ztunnel` is given), pods enrolled.
+/// A CA directory holding ztunnel's fake CA root (next to its binary), so that a zring node and
+/// a ztunnel node with `FAKE_CA=true` trust each other.
+fn ztunnel_fake_ca(dir: &Scratch, ztunnel: &Path) -> anyhow::Result<PathBuf> {
+    let from = ztunnel.parent().unwrap_or(Path::new("."));
+    let ca = dir.0.join("fake-ca");
+    std::fs::create_dir_all(&ca)?;
+    for (src, dst) in [
+        ("fake-ca-root-cert.pem", "root-cert.pem"),
+        ("fake-ca-root-key.pem", "root-key.pem"),
+    ] {
+        std::fs::copy(from.join(src), ca.join(dst)).with_context(|| {
+            format!(
+                "{} (ztunnel's fake CA root is expected next to its binary)",
+                from.join(src).display()
+            )
+        })?;
+    }
+    Ok(ca)
+}
+
+/// Node agents, the node proxies (`proxies[i]`: zring when None, else that ztunnel binary, for
+/// node-1 and node-2), pods enrolled.
 fn ambient(
     lab: &Lab,
     bins: &Bins,
     dir: &Scratch,
-    ztunnel: Option<&Path>,
+    proxies: [Option<&Path>; 2],
     d: &mut Deployed,
 ) -> anyhow::Result<()> {
     let cfg = dir.0.join("mesh.yaml");
     std::fs::write(&cfg, MESH_YAML)?;
-    let ca = ca_init(bins, dir)?;
+    let ca = match proxies.iter().flatten().next() {
+        Some(zt) if proxies.iter().any(Option::is_none) => ztunnel_fake_ca(dir, zt)?,
+        _ => ca_init(bins, dir)?,
+    };
     let nodes = [
         (&lab.node1, "node-1", &lab.client, "client"),
         (&lab.node2, "node-2", &lab.server, "server"),
@@ -294,7 +325,7 @@ fn ambient(
         sockets.push(socket);
     }
     let first_proxy = d.procs.len();
-    for ((ns, node, _, _), socket) in nodes.iter().zip(&sockets) {
+    for (((ns, node, _, _), socket), ztunnel) in nodes.iter().zip(&sockets).zip(proxies) {
         let log = dir.0.join(format!("proxy-{node}.log"));
         let proxy = match ztunnel {
             None => {
@@ -339,7 +370,7 @@ fn ambient(
             bail!("{e}:\n{}", tail(&d.procs[first_proxy + i].log_text(), 30));
         }
     }
-    if ztunnel.is_none() {
+    if proxies[0].is_none() {
         d.io_backend = d.procs[first_proxy]
             .log_text()
             .lines()

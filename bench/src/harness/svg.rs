@@ -20,6 +20,7 @@ pub fn color(path: &str) -> &'static str {
         "ambient" => "#1f77b4",
         "sidecar" => "#ff7f0e",
         "ztunnel" => "#2ca02c",
+        "mixed" => "#17becf",
         "waypoint" => "#9467bd",
         _ => "#8c564b",
     }
