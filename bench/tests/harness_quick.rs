@@ -144,8 +144,8 @@ fn quick_run_measures_every_path_and_writes_the_report() {
     };
     let mut measured = vec!["no-mesh", "ambient", "sidecar"];
     if ztunnel.is_some() {
-        // ztunnel on both nodes, and zring (node-1) against ztunnel (node-2): interop under load.
-        measured.extend(["ztunnel", "mixed"]);
+        // ztunnel on both nodes, and zring against ztunnel both ways: interop under load.
+        measured.extend(["ztunnel", "mixed", "mixed-reverse"]);
     }
     for name in measured.iter().copied() {
         let p = path(name);
@@ -195,7 +195,7 @@ fn quick_run_measures_every_path_and_writes_the_report() {
     let not_run: &[&str] = if ztunnel.is_some() {
         &["waypoint"]
     } else {
-        &["ztunnel", "mixed", "waypoint"]
+        &["ztunnel", "mixed", "mixed-reverse", "waypoint"]
     };
     for name in not_run.iter().copied() {
         assert!(

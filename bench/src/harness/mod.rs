@@ -38,7 +38,10 @@ pub struct RunArgs {
     #[arg(long)]
     quick: bool,
     /// Paths to compare (no-mesh is required: deltas are against it).
-    #[arg(long, default_value = "no-mesh,ambient,sidecar,ztunnel,mixed,waypoint")]
+    #[arg(
+        long,
+        default_value = "no-mesh,ambient,sidecar,ztunnel,mixed,mixed-reverse,waypoint"
+    )]
     paths: String,
     /// Report folder (default: perf-reports/<date>-<commit>, or a temp folder with --quick).
     #[arg(long)]

@@ -38,6 +38,8 @@ pub enum PathSpec {
     Ztunnel(Option<PathBuf>),
     /// zring on the client's node, Istio's ztunnel on the server's (interop under load).
     Mixed(Option<PathBuf>),
+    /// Istio's ztunnel on the client's node, zring on the server's.
+    MixedReverse(Option<PathBuf>),
     Sidecar(SidecarProxy),
     Waypoint(Option<PathBuf>),
 }
@@ -55,6 +57,7 @@ impl PathSpec {
             PathSpec::Ambient => "ambient",
             PathSpec::Ztunnel(_) => "ztunnel",
             PathSpec::Mixed(_) => "mixed",
+            PathSpec::MixedReverse(_) => "mixed-reverse",
             PathSpec::Sidecar(_) => "sidecar",
             PathSpec::Waypoint(_) => "waypoint",
         }
@@ -67,6 +70,7 @@ impl PathSpec {
             PathSpec::Ambient => "client pod -(in-pod capture)-> zring node-1 -HBONE/mTLS-> zring node-2 -> server pod (L4 policy: client principal allowed)".into(),
             PathSpec::Ztunnel(_) => "the ambient path with Istio's ztunnel in place of zring (same YAML, same agents, ZDS)".into(),
             PathSpec::Mixed(_) => "client pod -> zring node-1 -HBONE/mTLS-> Istio's ztunnel node-2 -> server pod (zring's CA is ztunnel's fake CA root)".into(),
+            PathSpec::MixedReverse(_) => "client pod -> Istio's ztunnel node-1 -HBONE/mTLS-> zring node-2 -> server pod (zring's CA is ztunnel's fake CA root)".into(),
             PathSpec::Sidecar(SidecarProxy::Haproxy) => "client -(iptables)-> HAProxy sidecar (HTTP mode; TCP mode for echo/iperf3) -mTLS-> HAProxy sidecar -(iptables)-> server".into(),
             PathSpec::Sidecar(SidecarProxy::Envoy(p)) => format!("client -(iptables)-> Envoy sidecar ({}) -mTLS-> Envoy sidecar -> server", p.display()),
             PathSpec::Waypoint(_) => "client -> zring -HBONE-> waypoint (L7) -HBONE-> zring -> server".into(),
@@ -77,7 +81,7 @@ impl PathSpec {
     pub fn not_run_reason(&self) -> Option<String> {
         match self {
             PathSpec::Ztunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs it: the ambient topology with ztunnel started as `FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<yaml> NODE_NAME=<node> INPOD_UDS=<agent socket> PATH` (FAKE_CA needs a ztunnel built with `--features testing`)".into()),
-            PathSpec::Mixed(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring on node-1 against ztunnel on node-2".into()),
+            PathSpec::Mixed(None) | PathSpec::MixedReverse(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring and ztunnel against each other".into()),
             PathSpec::Waypoint(None) => Some("zring has no waypoint (L7) mode yet; `--waypoint envoy:PATH` is the plug-in point for a user's Envoy waypoint".into()),
             PathSpec::Waypoint(Some(_)) => Some("waypoint topology is not wired yet: zring would need to route to the waypoint and accept its HBONE; listed so that reports keep the column".into()),
             _ => None,
@@ -113,10 +117,11 @@ pub fn parse_paths(
             "ambient" => PathSpec::Ambient,
             "ztunnel" => PathSpec::Ztunnel(ztunnel.clone()),
             "mixed" => PathSpec::Mixed(ztunnel.clone()),
+            "mixed-reverse" => PathSpec::MixedReverse(ztunnel.clone()),
             "sidecar" => PathSpec::Sidecar(sidecar.clone()),
             "waypoint" => PathSpec::Waypoint(waypoint.clone()),
             other => bail!(
-                "unknown path {other:?}: expected no-mesh, ambient, ztunnel, mixed, sidecar, waypoint"
+                "unknown path {other:?}: expected no-mesh, ambient, ztunnel, mixed, mixed-reverse, sidecar, waypoint"
             ),
         });
     }
@@ -201,8 +206,12 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
         PathSpec::Ambient => ambient(lab, bins, dir, [None, None], &mut d)?,
         PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, [Some(p), Some(p)], &mut d)?,
         PathSpec::Mixed(Some(p)) => ambient(lab, bins, dir, [None, Some(p)], &mut d)?,
+        PathSpec::MixedReverse(Some(p)) => ambient(lab, bins, dir, [Some(p), None], &mut d)?,
         PathSpec::Sidecar(proxy) => sidecar(lab, bins, dir, proxy, &mut d)?,
-        PathSpec::Ztunnel(None) | PathSpec::Mixed(None) | PathSpec::Waypoint(_) => {
+        PathSpec::Ztunnel(None)
+        | PathSpec::Mixed(None)
+        | PathSpec::MixedReverse(None)
+        | PathSpec::Waypoint(_) => {
             bail!("{} cannot run here", spec.name())
         }
     }

@@ -21,6 +21,7 @@ pub fn color(path: &str) -> &'static str {
         "sidecar" => "#ff7f0e",
         "ztunnel" => "#2ca02c",
         "mixed" => "#17becf",
+        "mixed-reverse" => "#bcbd22",
         "waypoint" => "#9467bd",
         _ => "#8c564b",
     }
