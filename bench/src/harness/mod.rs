@@ -600,7 +600,20 @@ impl Measure<'_> {
     /// Open `n` connections from the client pod to the echo app through the path, each proven
     /// end to end by a one-byte echo, hold them idle, and read the proxies' RSS.
     fn idle(&self, d: &Deployed, n: usize) -> anyhow::Result<RunResult> {
-        let before: Vec<f64> = d.proxies.iter().map(|(_, pid)| rss_mib(*pid)).collect();
+        // The previous scenario's memory may still be on its way back to the OS (ztunnel's
+        // allocator gives it back over seconds): wait until every proxy's RSS holds still, or
+        // the per-connection figure would mix the two.
+        let rss = || -> Vec<f64> { d.proxies.iter().map(|(_, pid)| rss_mib(*pid)).collect() };
+        let mut before = rss();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = rss();
+            let still = now.iter().zip(&before).all(|(a, b)| (a - b).abs() < 0.25);
+            before = now;
+            if still {
+                break;
+            }
+        }
         let ns = zring_runtime::net::NetNs::open(self.lab.client.path())?;
         let addr: SocketAddr = format!("{SERVER_IP}:{ECHO_PORT}").parse()?;
         let conns = std::thread::scope(|s| {

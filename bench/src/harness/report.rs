@@ -131,17 +131,24 @@ fn headline_table(r: &Results) -> String {
     };
     let mut s = String::new();
     let names: Vec<&str> = paths.iter().map(|p| p.name.as_str()).collect();
+    // zring's ambient path against each baseline that ran: Istio's ztunnel and the sidecars.
     let amb = names.iter().position(|n| *n == "ambient");
-    let side = names.iter().position(|n| *n == "sidecar");
+    let baselines: Vec<(usize, &str)> = ["ztunnel", "sidecar"]
+        .into_iter()
+        .filter_map(|b| names.iter().position(|n| *n == b).map(|i| (i, b)))
+        .filter(|_| amb.is_some())
+        .collect();
     let _ = write!(s, "| metric | {} |", names.join(" | "));
-    if amb.is_some() && side.is_some() {
-        s.push_str(" ambient / sidecar |");
+    for (_, b) in &baselines {
+        let _ = write!(s, " ambient / {b} |");
     }
     s.push('\n');
-    let _ = write!(s, "|---|{}", "---|".repeat(names.len()));
-    if amb.is_some() && side.is_some() {
-        s.push_str("---|");
-    }
+    let _ = write!(
+        s,
+        "|---|{}{}",
+        "---|".repeat(names.len()),
+        "---|".repeat(baselines.len())
+    );
     s.push('\n');
     for (metric, vals, _) in headline(r, conns) {
         let digits = if metric.contains(" ms,") {
@@ -159,13 +166,23 @@ fn headline_table(r: &Results) -> String {
                 .collect::<Vec<_>>()
                 .join(" | ")
         );
-        if let (Some(a), Some(b)) = (amb, side) {
-            let _ = write!(s, " {} |", ratio(vals[a], vals[b]));
+        if let Some(a) = amb {
+            for (b, _) in &baselines {
+                let _ = write!(s, " {} |", ratio(vals[a], vals[*b]));
+            }
         }
         s.push('\n');
     }
-    if amb.is_some() && side.is_some() {
-        s.push_str("\nambient / sidecar: below 1 is better for latency, CPU and memory; above 1 is better for rates and throughput.\n");
+    if !baselines.is_empty() {
+        let names: Vec<String> = baselines
+            .iter()
+            .map(|(_, b)| format!("ambient / {b}"))
+            .collect();
+        let _ = writeln!(
+            s,
+            "\n{}: below 1 is better for latency, CPU and memory; above 1 is better for rates and throughput.",
+            names.join(", ")
+        );
     }
     s
 }
