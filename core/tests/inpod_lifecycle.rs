@@ -85,15 +85,11 @@ impl Node {
         let socket = dir.join("ztunnel.sock").to_str().unwrap().to_string();
         let agent = Proc::spawn(&["node-agent", "run", "--socket", &socket]);
         let control = zring_core::cmd::node_agent::control_path(std::path::Path::new(&socket));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !control.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "agent never listened:\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_until(
+            Duration::from_secs(10),
+            || control.exists(),
+            || format!("agent never listened:\n{}", agent.log()),
+        );
         let host = format!("127.{}.{net}.1", 10 + id % 200);
         let (admin, stats, ready) = (
             format!("{host}:15000"),
@@ -137,15 +133,16 @@ impl Node {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while common::mesh::http_get(self.ready, "GET", "/healthz/ready").0 != 200 {
-            assert!(
-                Instant::now() < deadline,
-                "never ready:\n{}",
-                self.zring.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_until(
+            Duration::from_secs(15),
+            || common::mesh::http_get(self.ready, "GET", "/healthz/ready").0 == 200,
+            || format!("never ready:\n{}", self.zring.log()),
+        );
+    }
+
+    /// Enroll the pod in namespace `ns` through the agent.
+    fn add(&self, ns: &TestNs, name: &str, sa: &str) -> Result<(), String> {
+        agent_add(&self.socket, &ns.path(), name, sa)
     }
 
     fn pod_ip(&self, pod: &str) -> String {
@@ -188,13 +185,8 @@ fn an_add_is_acked_only_once_the_pods_listeners_accept() {
     let ns = node.productpage.open();
     let ip = node.pod_ip("productpage");
     // The pod gets istio-cni's rules, line for line, and the local-delivery policy route.
-    agent_add(
-        &node.socket,
-        &node.productpage.path(),
-        "productpage",
-        "bookinfo-productpage",
-    )
-    .unwrap();
+    node.add(&node.productpage, "productpage", "bookinfo-productpage")
+        .unwrap();
     let normalize = |l: &str| {
         l.replace("-m tcp ", "")
             .replace("-m udp ", "")
@@ -226,13 +218,8 @@ fn an_add_is_acked_only_once_the_pods_listeners_accept() {
     assert!(out(&["ip", "route", "show", "table", "100"]).contains("local default dev lo"));
     agent_remove(&node.socket, "productpage").unwrap();
     for round in 0..5 {
-        agent_add(
-            &node.socket,
-            &node.productpage.path(),
-            "productpage",
-            "bookinfo-productpage",
-        )
-        .unwrap_or_else(|e| panic!("add refused: {e}\n{}", node.zring.log()));
+        node.add(&node.productpage, "productpage", "bookinfo-productpage")
+            .unwrap_or_else(|e| panic!("add refused: {e}\n{}", node.zring.log()));
         // The moment the agent has the ack, every listener accepts (both workers bound).
         for addr in [
             format!("{ip}:15008"),
@@ -246,14 +233,11 @@ fn an_add_is_acked_only_once_the_pods_listeners_accept() {
             );
         }
         agent_remove(&node.socket, "productpage").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while accepts(&ns, &format!("{ip}:15008")) {
-            assert!(
-                Instant::now() < deadline,
-                "listeners still open after removal"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        common::wait_until(
+            Duration::from_secs(5),
+            || !accepts(&ns, &format!("{ip}:15008")),
+            || "listeners still open after removal".to_string(),
+        );
     }
 }
 
@@ -267,44 +251,26 @@ fn a_re_add_with_another_namespace_moves_the_listeners_and_a_bind_conflict_is_an
     let node = Node::start("m", 237, &[]);
     let ip = node.pod_ip("productpage");
     let old = node.productpage.open();
-    agent_add(
-        &node.socket,
-        &node.productpage.path(),
-        "productpage",
-        "bookinfo-productpage",
-    )
-    .unwrap();
+    node.add(&node.productpage, "productpage", "bookinfo-productpage")
+        .unwrap();
     assert!(accepts(&old, "127.0.0.1:15006"));
     // The same uid again with the same namespace (an agent replaying): nothing moves.
-    agent_add(
-        &node.socket,
-        &node.productpage.path(),
-        "productpage",
-        "bookinfo-productpage",
-    )
-    .unwrap();
+    node.add(&node.productpage, "productpage", "bookinfo-productpage")
+        .unwrap();
     assert!(accepts(&old, "127.0.0.1:15006"));
     // The same uid with a new namespace: the listeners move there.
     let moved = TestNs::new("mv");
     moved.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
     let new = moved.open();
-    agent_add(
-        &node.socket,
-        &moved.path(),
-        "productpage",
-        "bookinfo-productpage",
-    )
-    .unwrap();
+    node.add(&moved, "productpage", "bookinfo-productpage")
+        .unwrap();
     assert!(accepts(&new, "127.0.0.1:15006"), "{}", node.zring.log());
     assert!(accepts(&new, &format!("{ip}:15008")));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while accepts(&old, "127.0.0.1:15006") {
-        assert!(
-            Instant::now() < deadline,
-            "the old namespace still has the listeners"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_until(
+        Duration::from_secs(5),
+        || !accepts(&old, "127.0.0.1:15006"),
+        || "the old namespace still has the listeners".to_string(),
+    );
     // A pod whose 15006 is taken: an error ack naming the port, and nothing left bound.
     let taken = TestNs::new("tk");
     let tk = taken.open();
@@ -312,7 +278,8 @@ fn a_re_add_with_another_namespace_moves_the_listeners_and_a_bind_conflict_is_an
         .run(|| std::net::TcpListener::bind("0.0.0.0:15006"))
         .unwrap()
         .unwrap();
-    let err = agent_add(&node.socket, &taken.path(), "sleep", "sleep")
+    let err = node
+        .add(&taken, "sleep", "sleep")
         .expect_err("an add whose port is taken must be refused");
     assert!(
         err.contains("15006") && err.contains("in use"),
@@ -348,14 +315,9 @@ fn drain_round(io: &str, net: u8) {
         net,
         &["--drain-timeout", "10s", "--io", io],
     );
-    agent_add(&node.socket, &node.sleep.path(), "sleep", "sleep").unwrap();
-    agent_add(
-        &node.socket,
-        &node.productpage.path(),
-        "productpage",
-        "bookinfo-productpage",
-    )
-    .unwrap();
+    node.add(&node.sleep, "sleep", "sleep").unwrap();
+    node.add(&node.productpage, "productpage", "bookinfo-productpage")
+        .unwrap();
     let sleep = node.sleep.open();
     let dst: SocketAddr = format!("{}:9080", node.pod_ip("productpage"))
         .parse()

@@ -75,19 +75,16 @@ fn node(ns: &TestNs, name: &str, ip: &str, dir: &std::path::Path, extra: &[&str]
     let p = Proc::spawn_in_netns(&ns.name, &args);
     let ready: SocketAddr = ready.parse().unwrap();
     let handle = ns.open();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while handle
-        .run(|| http_get(ready, "GET", "/healthz/ready").0)
-        .unwrap()
-        != 200
-    {
-        assert!(
-            Instant::now() < deadline,
-            "{name} never ready:\n{}",
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::wait_until(
+        Duration::from_secs(15),
+        || {
+            handle
+                .run(|| http_get(ready, "GET", "/healthz/ready").0)
+                .unwrap()
+                == 200
+        },
+        || format!("{name} never ready:\n{}", p.log()),
+    );
     p
 }
 

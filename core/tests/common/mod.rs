@@ -109,6 +109,15 @@ impl Drop for Proc {
     }
 }
 
+/// Wait (polling every 25 ms) until `ok` holds; fail the test with `why()` after `limit`.
+pub fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
 /// A unique path in the temp directory.
 pub fn tmp(tag: &str) -> PathBuf {
     let n = std::time::SystemTime::now()
