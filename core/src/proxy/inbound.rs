@@ -107,7 +107,7 @@ pub(super) async fn hbone(
     permit: HandshakePermit,
 ) {
     let local = tcp.local_addr().ok();
-    let span = tracing::info_span!(
+    let span = tracing::debug_span!(
         "inbound",
         src.addr = %peer_addr,
         dst.hbone = ?local,
@@ -171,7 +171,7 @@ async fn hbone_connection(
     let s = state.clone();
     let conn_span = tracing::Span::current();
     let handler = move |i: Incoming| {
-        let span = tracing::info_span!(parent: &conn_span, "stream", dst.addr = %i.request.target);
+        let span = tracing::debug_span!(parent: &conn_span, "stream", dst.addr = %i.request.target);
         stream(i, peer_addr, s.clone(), netns.clone()).instrument(span)
     };
     if let Err(e) = server::serve(tls, peer, &state.h2, MonoioExecutor, handler, async move {
@@ -256,7 +256,7 @@ pub(super) async fn plaintext(
     state: Arc<State>,
     netns: Option<Arc<NetNs>>,
 ) {
-    let span = tracing::info_span!("inbound_plaintext", src.addr = %peer);
+    let span = tracing::debug_span!("inbound_plaintext", src.addr = %peer);
     plaintext_connection(sock, peer, listen, state, netns)
         .instrument(span)
         .await

@@ -239,7 +239,7 @@ impl Outbound {
         target: SocketAddr,
         client: Client,
     ) {
-        let span = tracing::info_span!(
+        let span = tracing::debug_span!(
             "outbound",
             src.addr = %peer,
             dst.addr = %target,
