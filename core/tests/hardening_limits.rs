@@ -15,7 +15,7 @@ mod common;
 
 use common::{
     ca_init, echo_at,
-    mesh::{echo_through, metric, socks, Node},
+    mesh::{echo_through, metric, socks, socks_ipv4, socks_name, socks_send, Node},
     tmp,
 };
 
@@ -465,7 +465,11 @@ fn panic_is_contained(m: &Mesh, io: &str) {
         .unwrap();
     round(&mut live, 64 * 1024);
     // The test hook panics in the task of a connection to port 1.
-    let mut doomed = socks5_raw(ip(1, 2), socks_addr(), SocketAddr::new(ip(2, 2), 1));
+    let mut doomed = socks_send(
+        ip(1, 2),
+        socks_addr(),
+        &socks_ipv4(SocketAddr::new(ip(2, 2), 1)),
+    );
     assert!(
         closed_within(&mut doomed, Duration::from_secs(5)),
         "{io}: the panicking connection was not closed"
@@ -506,25 +510,6 @@ fn round(live: &mut TcpStream, n: usize) {
     live.read_exact(&mut got).unwrap();
     w.join().unwrap();
     assert!(got == data, "the live connection's bytes changed");
-}
-
-/// SOCKS5 greeting and request, not waiting for the reply.
-fn socks5_raw(src: IpAddr, proxy: SocketAddr, dst: SocketAddr) -> TcpStream {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::new(src, 0).into()).unwrap();
-    s.connect(&proxy.into()).unwrap();
-    let mut c: TcpStream = s.into();
-    c.write_all(&[5, 1, 0]).unwrap();
-    let mut g = [0u8; 2];
-    c.read_exact(&mut g).unwrap();
-    let IpAddr::V4(v4) = dst.ip() else {
-        unreachable!()
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&v4.octets());
-    req.extend_from_slice(&dst.port().to_be_bytes());
-    c.write_all(&req).unwrap();
-    c
 }
 
 #[test]
@@ -709,18 +694,7 @@ fn byte_counters_show_a_live_connections_traffic_before_it_closes() {
 
 /// SOCKS5 CONNECT by domain name; asserts success.
 fn socks_named(src: IpAddr, proxy: SocketAddr, name: &str, port: u16) -> TcpStream {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::new(src, 0).into()).unwrap();
-    s.connect(&proxy.into()).unwrap();
-    let mut c: TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(&[5, 1, 0]).unwrap();
-    let mut g = [0u8; 2];
-    c.read_exact(&mut g).unwrap();
-    let mut req = vec![5, 1, 0, 3, name.len() as u8];
-    req.extend_from_slice(name.as_bytes());
-    req.extend_from_slice(&port.to_be_bytes());
-    c.write_all(&req).unwrap();
+    let mut c = socks_send(src, proxy, &socks_name(name, port));
     let mut r = [0u8; 10];
     c.read_exact(&mut r).unwrap();
     assert_eq!(r[1], 0, "SOCKS5 by name refused");
@@ -741,18 +715,7 @@ fn a_silent_socks5_client_is_cut_at_the_greeting_limit() {
     );
     assert_eq!(timeouts(&a, "socks5_greeting"), 1);
     // An unknown name is refused with "host unreachable", not a crash.
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::new(ip(1, 2), 0).into()).unwrap();
-    s.connect(&socks_addr().into()).unwrap();
-    let mut c: TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    c.write_all(&[5, 1, 0]).unwrap();
-    let mut g = [0u8; 2];
-    c.read_exact(&mut g).unwrap();
-    c.write_all(&[
-        5, 1, 0, 3, 7, b'n', b'o', b'w', b'h', b'e', b'r', b'e', 0, 80,
-    ])
-    .unwrap();
+    let mut c = socks_send(ip(1, 2), socks_addr(), &socks_name("nowhere", 80));
     let mut r = [0u8; 10];
     c.read_exact(&mut r).unwrap();
     assert_eq!(r[1], 4, "host unreachable");

@@ -151,40 +151,41 @@ pub fn install(netns: &Path, mark: u32, dns: bool) -> Result<(), String> {
             &[restore, "-w", "--noflush"],
             Some(&render(v6, mark, dns)),
         )?;
-        run_in(
-            netns,
-            &[
-                "ip",
-                ip,
-                "rule",
-                "add",
-                "fwmark",
-                CONN_MARK,
-                "pref",
-                RULE_PREF,
-                "lookup",
-                ROUTE_TABLE,
-            ],
-            None,
-        )?;
-        run_in(
-            netns,
-            &[
-                "ip",
-                ip,
-                "route",
-                "add",
-                "local",
-                any,
-                "dev",
-                "lo",
-                "table",
-                ROUTE_TABLE,
-            ],
-            None,
-        )?;
+        policy_route(netns, ip, any, "add")?;
     }
     Ok(())
+}
+
+/// `ip rule {op} fwmark 0x111/0xfff pref 32764 lookup 100` and `ip route {op} local <any> dev
+/// lo table 100` for one family (`ip` is `-4` or `-6`).
+fn policy_route(netns: &Path, ip: &str, any: &str, op: &str) -> Result<(), String> {
+    let rule = [
+        "ip",
+        ip,
+        "rule",
+        op,
+        "fwmark",
+        CONN_MARK,
+        "pref",
+        RULE_PREF,
+        "lookup",
+        ROUTE_TABLE,
+    ];
+    let rule = run_in(netns, &rule, None);
+    let route = [
+        "ip",
+        ip,
+        "route",
+        op,
+        "local",
+        any,
+        "dev",
+        "lo",
+        "table",
+        ROUTE_TABLE,
+    ];
+    // Both are tried (a removal cleans up whichever is there); the first error is reported.
+    rule.and(run_in(netns, &route, None))
 }
 
 /// Take the rules and the route out again (whatever of them is there).
@@ -215,38 +216,7 @@ pub fn remove(netns: &Path) {
                 let _ = run_in(netns, &[ipt, "-w", "-t", table, "-X", chain], None);
             }
         }
-        let _ = run_in(
-            netns,
-            &[
-                "ip",
-                ip,
-                "rule",
-                "del",
-                "fwmark",
-                CONN_MARK,
-                "pref",
-                RULE_PREF,
-                "lookup",
-                ROUTE_TABLE,
-            ],
-            None,
-        );
-        let _ = run_in(
-            netns,
-            &[
-                "ip",
-                ip,
-                "route",
-                "del",
-                "local",
-                any,
-                "dev",
-                "lo",
-                "table",
-                ROUTE_TABLE,
-            ],
-            None,
-        );
+        let _ = policy_route(netns, ip, any, "del");
     }
 }
 

@@ -139,6 +139,34 @@ impl Node {
 
 /// SOCKS5 CONNECT from `src` through `proxy` to `dst`; returns the reply code and the stream.
 pub fn socks(src: IpAddr, proxy: SocketAddr, dst: SocketAddr) -> (u8, TcpStream) {
+    let mut c = socks_send(src, proxy, &socks_ipv4(dst));
+    let mut r = [0u8; 10];
+    c.read_exact(&mut r).unwrap();
+    (r[1], c)
+}
+
+/// A SOCKS5 CONNECT request's address part for an IPv4 `dst` (ATYP 1).
+pub fn socks_ipv4(dst: SocketAddr) -> Vec<u8> {
+    let IpAddr::V4(v4) = dst.ip() else {
+        unreachable!()
+    };
+    let mut req = vec![1];
+    req.extend_from_slice(&v4.octets());
+    req.extend_from_slice(&dst.port().to_be_bytes());
+    req
+}
+
+/// A SOCKS5 CONNECT request's address part for a domain name (ATYP 3).
+pub fn socks_name(name: &str, port: u16) -> Vec<u8> {
+    let mut req = vec![3, name.len() as u8];
+    req.extend_from_slice(name.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    req
+}
+
+/// Connect from `src` to the SOCKS5 `proxy`, greet it (no authentication) and send a CONNECT
+/// with `address` (`socks_ipv4` or `socks_name`); the reply is left unread.
+pub fn socks_send(src: IpAddr, proxy: SocketAddr, address: &[u8]) -> TcpStream {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     s.bind(&SocketAddr::new(src, 0).into()).unwrap();
     s.connect(&proxy.into()).unwrap();
@@ -148,16 +176,10 @@ pub fn socks(src: IpAddr, proxy: SocketAddr, dst: SocketAddr) -> (u8, TcpStream)
     let mut g = [0u8; 2];
     c.read_exact(&mut g).unwrap();
     assert_eq!(g, [5, 0]);
-    let IpAddr::V4(v4) = dst.ip() else {
-        unreachable!()
-    };
-    let mut req = vec![5, 1, 0, 1];
-    req.extend_from_slice(&v4.octets());
-    req.extend_from_slice(&dst.port().to_be_bytes());
+    let mut req = vec![5, 1, 0];
+    req.extend_from_slice(address);
     c.write_all(&req).unwrap();
-    let mut r = [0u8; 10];
-    c.read_exact(&mut r).unwrap();
-    (r[1], c)
+    c
 }
 
 pub fn echo_through(mut c: TcpStream, data: &[u8]) -> Vec<u8> {
