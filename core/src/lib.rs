@@ -15,6 +15,7 @@ pub mod authz;
 pub mod cmd;
 pub mod config;
 pub mod demo;
+pub mod dns;
 pub mod hbone_io;
 pub mod identity;
 pub mod logging;

@@ -36,6 +36,15 @@ enum Command {
     /// The node proxy: ztunnel's job (outbound capture/SOCKS5, inbound HBONE and plaintext, L4
     /// policy, metrics, admin, readiness, config reload).
     Run(Box<RunArgs>),
+    /// The node proxy configured as Istio's ztunnel chart configures ztunnel: container args
+    /// `proxy ztunnel`, everything else from ztunnel's environment variables (NODE_NAME,
+    /// LOCAL_XDS_PATH, FAKE_CA, INPOD_UDS, ZTUNNEL_CPU_LIMIT, TERMINATION_GRACE_PERIOD_SECONDS,
+    /// ISTIO_META_*, ...; see the README). In-pod mode on /var/run/ztunnel/ztunnel.sock.
+    Proxy {
+        /// `ztunnel` (the only mode; the chart passes it).
+        #[arg(default_value = "ztunnel")]
+        mode: String,
+    },
     /// A local certificate authority: `init` a root, `issue` workload certificates.
     Ca {
         #[command(subcommand)]
@@ -115,24 +124,70 @@ struct RunArgs {
     workers: WorkerArgs,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    dns: DnsArgs,
     /// On SIGTERM (and when a pod leaves), how long live connections may finish before they
     /// are closed. Default as ztunnel: TERMINATION_GRACE_PERIOD_SECONDS minus 5 s (minus 1 s
     /// when it is 10 or less), else 5 s.
     #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = humantime::parse_duration)]
     drain_timeout: Option<Duration>,
+    /// Lifetime of the certificates --ca-dir issues (renewed at half-life).
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
 }
 
-/// ztunnel's drain deadline: a little less than the pod's grace period, so the last seconds
-/// are ours to close what is left before the kubelet's SIGKILL.
-fn default_drain_timeout() -> Duration {
-    match std::env::var("TERMINATION_GRACE_PERIOD_SECONDS")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-    {
-        Some(secs) if secs > 10 => Duration::from_secs(secs - 5),
-        Some(secs) => Duration::from_secs(secs.saturating_sub(1).max(1)),
-        None => relay_cmd::DEFAULT_DRAIN_TIMEOUT,
+/// The DNS proxy (ztunnel's: on unless `ISTIO_META_DNS_CAPTURE` is false).
+#[derive(Debug, clap::Args)]
+struct DnsArgs {
+    /// Serve DNS on --dns-addr: inside every pod's namespace in in-pod mode (istio-cni's DNS
+    /// capture sends port 53 there), else in zring's own namespace.
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", default_value = "true", value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    dns_proxy: bool,
+    /// Where the DNS proxy listens (ztunnel's DNS_PROXY_ADDR metadata; `localhost:PORT`
+    /// means 127.0.0.1 and ::1).
+    #[arg(long, env = "ISTIO_META_DNS_PROXY_ADDR", default_value = "127.0.0.1:15053", value_parser = dns_addr)]
+    dns_addr: SocketAddr,
+    /// Upstream resolvers for names outside the mesh (repeat or comma-separate); default: the
+    /// nameservers of /etc/resolv.conf.
+    #[arg(long, value_delimiter = ',')]
+    dns_upstream: Vec<SocketAddr>,
+    /// Time limit per upstream for a forwarded question.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    dns_timeout: Duration,
+    /// Questions in flight before new ones get SERVFAIL at once.
+    #[arg(long, default_value_t = zring_core::dns::DEFAULT_MAX_IN_FLIGHT)]
+    dns_max_in_flight: usize,
+}
+
+impl DnsArgs {
+    fn settings(&self, mark: Option<u32>) -> Option<zring_core::dns::DnsSettings> {
+        if !self.dns_proxy {
+            return None;
+        }
+        let mut s = zring_core::dns::DnsSettings::from_resolv_conf(
+            self.dns_addr,
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        );
+        if !self.dns_upstream.is_empty() {
+            s.upstreams = self.dns_upstream.clone();
+        }
+        s.timeout = self.dns_timeout;
+        s.max_in_flight = self.dns_max_in_flight.max(1);
+        s.mark = mark;
+        Some(s)
     }
+}
+
+fn dns_addr(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Some(port) = s.strip_prefix("localhost:") {
+        return port
+            .parse::<u16>()
+            .map(|p| SocketAddr::from(([127, 0, 0, 1], p)))
+            .map_err(|e| format!("{s:?}: bad port: {e}"));
+    }
+    s.parse()
+        .map_err(|e| format!("{s:?} is not an address like 127.0.0.1:15053: {e}"))
 }
 
 /// Handshake, response and keepalive limits (durations like `10s`, `500ms`, `2m`).
@@ -483,10 +538,21 @@ fn main() -> std::process::ExitCode {
                 bind_source: a.bind_source,
                 workers: a.workers.config(),
                 limits: a.limits.limits(),
-                drain_timeout: a.drain_timeout.unwrap_or_else(default_drain_timeout),
+                drain_timeout: a.drain_timeout.unwrap_or_else(|| {
+                    zring_core::cmd::ztunnel_env::drain_from_grace(
+                        std::env::var("TERMINATION_GRACE_PERIOD_SECONDS")
+                            .ok()
+                            .as_deref(),
+                    )
+                }),
+                cert_ttl: a.cert_ttl,
+                dns: a
+                    .dns
+                    .settings((a.packet_mark != 0).then_some(a.packet_mark)),
             },
             &trigger,
         ),
+        Some(Command::Proxy { mode }) => proxy_ztunnel(&mode, &trigger),
         Some(Command::NodeAgent { command }) => node_agent(command, &trigger),
         Some(Command::Ca {
             command: CaCommand::Init { dir, trust_domain },
@@ -531,6 +597,20 @@ fn main() -> std::process::ExitCode {
     };
     logging::flush();
     code
+}
+
+/// `zring proxy ztunnel`: the node proxy from ztunnel's environment.
+fn proxy_ztunnel(mode: &str, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
+    if mode != "ztunnel" {
+        anyhow::bail!("zring proxy {mode}: the only mode is `ztunnel` (Istio's ztunnel chart passes `proxy ztunnel`)");
+    }
+    let env: std::collections::BTreeMap<String, String> = std::env::vars().collect();
+    let setup = zring_core::cmd::ztunnel_env::setup(&env)?;
+    for note in &setup.notes {
+        tracing::warn!("{note}");
+    }
+    tracing::info!(proxy = ?setup.proxy, config = %setup.run.config.display(), zds = ?setup.run.zds_socket, workers = ?setup.run.workers.workers, "zring proxy ztunnel: configured from the ztunnel environment");
+    zring_core::proxy::run(setup.run, trigger)
 }
 
 fn relay_config(a: RelayArgs) -> relay_cmd::RelayConfig {

@@ -39,6 +39,8 @@ pub struct MeshIndex {
     by_ip: HashMap<IpAddr, usize>,
     by_vip: HashMap<IpAddr, usize>,
     endpoints: HashMap<String, Vec<usize>>,
+    by_hostname: HashMap<String, usize>,
+    cluster_domain: String,
 }
 
 impl MeshIndex {
@@ -55,16 +57,27 @@ impl MeshIndex {
             }
         }
         let mut by_vip = HashMap::new();
+        let mut by_hostname = HashMap::new();
         for (i, s) in config.services.iter().enumerate() {
             for v in &s.vips {
                 by_vip.insert(v.address, i);
             }
+            by_hostname
+                .entry(s.hostname.to_ascii_lowercase())
+                .or_insert(i);
         }
+        let cluster_domain = config
+            .services
+            .iter()
+            .find_map(|s| s.hostname.split_once(".svc.").map(|(_, d)| d.to_string()))
+            .unwrap_or_else(|| crate::config::DEFAULT_TRUST_DOMAIN.to_string());
         Self {
             config,
             by_ip,
             by_vip,
             endpoints,
+            by_hostname,
+            cluster_domain,
         }
     }
 
@@ -112,10 +125,29 @@ impl MeshIndex {
     /// The service with this exact hostname (`name.namespace.svc.cluster.local`).
     pub fn service_by_hostname(&self, hostname: &str) -> Option<&Service> {
         let hostname = hostname.strip_suffix('.').unwrap_or(hostname);
-        self.config
-            .services
-            .iter()
-            .find(|s| s.hostname.eq_ignore_ascii_case(hostname))
+        self.by_hostname
+            .get(&hostname.to_ascii_lowercase())
+            .map(|&i| &self.config.services[i])
+    }
+
+    /// The cluster's DNS domain (`cluster.local`), from the services' hostnames.
+    pub fn cluster_domain(&self) -> &str {
+        &self.cluster_domain
+    }
+
+    /// The addresses a name of `service` resolves to: its VIPs, or for a service without
+    /// one (headless), its endpoints' addresses.
+    pub fn service_addresses(&self, service: &Service) -> Vec<IpAddr> {
+        if !service.vips.is_empty() {
+            return service.vips.iter().map(|v| v.address).collect();
+        }
+        let key = format!("{}/{}", service.namespace, service.hostname);
+        self.endpoints
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .flat_map(|&wi| self.config.workloads[wi].workload_ips.iter().copied())
+            .collect()
     }
 
     /// A mesh service named as a pod in `client_namespace` would name it: the full hostname, or
@@ -126,12 +158,7 @@ impl MeshIndex {
         if name.is_empty() {
             return None;
         }
-        let domain = self
-            .config
-            .services
-            .first()
-            .and_then(|s| s.hostname.split_once(".svc.").map(|(_, d)| d.to_string()))
-            .unwrap_or_else(|| crate::config::DEFAULT_TRUST_DOMAIN.to_string());
+        let domain = &self.cluster_domain;
         [
             name.to_string(),
             format!("{name}.{client_namespace}.svc.{domain}"),

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::Context;
 use zring_hbone::{
-    ca::{LocalCa, DEFAULT_WORKLOAD_TTL},
+    ca::LocalCa,
     settings::{TimeoutHook, Timeouts},
     H2Settings,
 };
@@ -39,7 +39,7 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         CertSource::Ca(dir) => CertManager::new(
             LocalCa::load_dir(dir)
                 .with_context(|| format!("loading the CA from {}", dir.display()))?,
-            DEFAULT_WORKLOAD_TTL,
+            cfg.cert_ttl,
         ),
         CertSource::Files(dir) => CertManager::from_dir(dir)
             .with_context(|| format!("loading the trust bundle from {}", dir.display()))?,
@@ -66,7 +66,33 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         pod_binds: Mutex::new(HashMap::new()),
         pod_binds_done: Condvar::new(),
         bind_failures: Mutex::new(Default::default()),
+        dns: Default::default(),
     });
+    if let Some(settings) = cfg.dns.clone() {
+        let s = Arc::downgrade(&state);
+        let dns = crate::dns::Dns::start(
+            settings,
+            Arc::new(move || {
+                s.upgrade().map_or_else(
+                    || Arc::new(MeshIndex::new(LocalConfig::default())),
+                    |s| s.index(),
+                )
+            }),
+        )
+        .context("starting the DNS proxy thread")?;
+        if cfg.zds_socket.is_none() {
+            // Not in-pod: one server in zring's own namespace. A port in use is logged and
+            // counted, not fatal: DNS is an add-on to the traffic zring carries.
+            match crate::dns::bind(dns.settings.addr) {
+                Ok(b) => dns.serve("", crate::dns::Client { namespace: None }, b),
+                Err(e) => {
+                    dns.metrics.bind_failed();
+                    tracing::error!(addr = %dns.settings.addr, error = %e, "DNS proxy not started: cannot bind");
+                }
+            }
+        }
+        let _ = state.dns.set(dns);
+    }
     // A file that exists must be valid at start: a typo fails fast. A missing file is waited
     // for (not ready meanwhile): the config may be mounted after the proxy starts.
     let first = match std::fs::read(&cfg.config) {
@@ -197,6 +223,29 @@ impl crate::zds::client::PodHandler for ProxyPods {
             tracing::warn!(pod = %pod.info.name, namespace = %pod.info.namespace, "no workload in the config for this pod yet; its outbound connections leave from zring's namespace until one appears");
         }
         drop(index);
+        if let Some(dns) = state.dns.get() {
+            // Bound first: a pod whose DNS cannot be served is refused whole (the agent retries).
+            let bound = pod
+                .netns
+                .run(|| crate::dns::bind(dns.settings.addr))
+                .and_then(|r| r);
+            match bound {
+                Ok(b) => dns.serve(
+                    &pod.uid,
+                    crate::dns::Client {
+                        namespace: Some(pod.info.namespace.clone()),
+                    },
+                    b,
+                ),
+                Err(e) => {
+                    dns.metrics.bind_failed();
+                    return Err(format!(
+                        "cannot serve pod {}: binding the DNS proxy at {} in its network namespace: {e}",
+                        pod.uid, dns.settings.addr
+                    ));
+                }
+            }
+        }
         let uid = pod.uid.clone();
         let workers = state.workers.load(Ordering::Acquire);
         state
@@ -241,17 +290,26 @@ impl crate::zds::client::PodHandler for ProxyPods {
         state.pods_changed(|p| {
             p.by_uid.remove(&uid);
         });
+        if let Some(dns) = state.dns.get() {
+            dns.stop(&uid);
+        }
         Err(format!("cannot serve pod {uid}: {}", errors.join("; ")))
     }
     fn del(&mut self, uid: &str) -> Result<(), String> {
         self.0.pods_changed(|p| {
             p.by_uid.remove(uid);
         });
+        if let Some(dns) = self.0.dns.get() {
+            dns.stop(uid);
+        }
         Ok(())
     }
     fn retain(&mut self, keep: &HashSet<String>) {
         self.0
             .pods_changed(|p| p.by_uid.retain(|uid, _| keep.contains(uid)));
+        if let Some(dns) = self.0.dns.get() {
+            dns.retain(keep);
+        }
     }
 }
 

@@ -65,6 +65,11 @@ pub struct RunConfig {
     /// On SIGTERM, and when a pod leaves: how long live connections may go on before they are
     /// closed.
     pub drain_timeout: Duration,
+    /// The DNS proxy (15053): in each pod's namespace in in-pod mode, else in zring's own.
+    /// None: off (ztunnel's `ISTIO_META_DNS_CAPTURE=false`).
+    pub dns: Option<crate::dns::DnsSettings>,
+    /// Lifetime of the workload certificates a local CA issues (`SECRET_TTL`, default 24 h).
+    pub cert_ttl: Duration,
 }
 
 /// Where the local workloads' certificates come from.
@@ -109,6 +114,8 @@ pub struct State {
     pub(super) pod_binds_done: Condvar,
     /// Listeners a worker failed to bind, `(worker, address)` -> error; not ready while any.
     pub(super) bind_failures: Mutex<BTreeMap<(usize, String), String>>,
+    /// The DNS proxy's thread, when on.
+    pub(super) dns: std::sync::OnceLock<crate::dns::Dns>,
 }
 
 /// One worker's answer to a pod's bind: None until it has tried.
@@ -123,7 +130,11 @@ pub(super) struct Pods {
 
 impl crate::admin::Source for State {
     fn metrics_text(&self) -> String {
-        self.metrics.render()
+        let mut text = self.metrics.render();
+        if let Some(d) = self.dns.get() {
+            d.metrics.render(&mut text);
+        }
+        text
     }
     fn not_ready(&self) -> Option<String> {
         State::not_ready(self)
