@@ -37,7 +37,7 @@ pub fn http_get(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
 /// The value of the metric line that has `name` and every one of `labels`.
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<u64> {
     text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .filter(|l| labels.iter().all(|x| l.contains(x)))
         .map(|l| {
             l.rsplit(' ')
@@ -102,6 +102,10 @@ impl Node {
         }
         if !extra.contains(&"--workers") {
             args.extend(["--workers", "1"]);
+        }
+        // Nodes share the loopback namespace: DNS only where a test asks for it.
+        if !extra.iter().any(|a| a.starts_with("--dns")) {
+            args.extend(["--dns-proxy", "false"]);
         }
         args.extend_from_slice(extra);
         Node {

@@ -2,6 +2,7 @@
 //! waiting for listeners, echo servers.
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod mesh;
 pub mod netns;
 
@@ -35,6 +36,11 @@ impl Proc {
             child: cmd.spawn().expect("spawn zring"),
             log,
         }
+    }
+
+    /// A process started elsewhere whose stderr goes to `log`.
+    pub fn from_child(child: Child, log: PathBuf) -> Self {
+        Proc { child, log }
     }
 
     pub fn spawn(args: &[&str]) -> Self {

@@ -1,0 +1,265 @@
+//! `zring proxy ztunnel` under the environment Istio's ztunnel chart gives the container (the
+//! chart's `args` and `env`, with only what the missing control plane forces added:
+//! `LOCAL_XDS_PATH` and `FAKE_CA`, and `INPOD_UDS` so parallel runs do not share a socket). It
+//! runs in a namespace of its own (the node), comes up ready in in-pod mode on 15021, logs
+//! JSON, names the variables it does not use, serves two pods enrolled with istio-cni's rules
+//! (DNS capture on): a pod resolves a mesh service's short and full names to its VIP and an
+//! outside name through the upstream of the node's /etc/resolv.conf, over UDP and TCP through
+//! the port-53 capture, and its TCP goes to the other pod over HBONE.
+//!
+//! Needs root (CI runs as root). Elsewhere it prints a loud SKIPPED line and returns.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use hickory_proto::{op::ResponseCode, rr::RecordType};
+
+mod common;
+
+use common::{
+    dns::{self, answers, Upstream},
+    mesh::{http_get, metric},
+    netns::{agent_add, echo_in, exchange, is_root, sh, TestNs},
+    tmp, Proc,
+};
+
+const CONFIG: &str = r#"workloads:
+- uid: c//v1/Pod/default/sleep
+  name: sleep
+  namespace: default
+  serviceAccount: sleep
+  workloadIps: ["10.222.1.2"]
+  protocol: HBONE
+  node: node-1
+- uid: c//v1/Pod/default/reviews
+  name: reviews
+  namespace: default
+  serviceAccount: reviews
+  workloadIps: ["10.222.2.2"]
+  protocol: HBONE
+  node: node-1
+  services:
+    "default/reviews.default.svc.cluster.local":
+      9080: 9080
+services:
+- name: reviews
+  namespace: default
+  hostname: reviews.default.svc.cluster.local
+  vips: ["/10.222.96.20"]
+  ports:
+    9080: 9080
+policies: []
+"#;
+
+/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` mounts over /etc/resolv.conf;
+/// removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &str, text: &str) -> Self {
+        let dir = std::path::PathBuf::from(format!("/etc/netns/{ns}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
+    if !is_root() {
+        eprintln!("SKIPPED chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone: needs root (network namespaces, iptables); CI runs it as root");
+        return;
+    }
+    let node = TestNs::new("chn");
+    let (sleep, reviews) = (TestNs::new("chs"), TestNs::new("chr"));
+    let id = std::process::id() % 100_000;
+    let (va, vb) = (format!("zcha{id}"), format!("zchb{id}"));
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        &va,
+        "netns",
+        &sleep.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &vb,
+        "netns",
+        &reviews.name,
+    ]);
+    for (ns, dev, me, peer) in [
+        (&sleep, &va, "10.222.1.2", "10.222.2.2"),
+        (&reviews, &vb, "10.222.2.2", "10.222.1.2"),
+    ] {
+        ns.exec(&["ip", "addr", "add", &format!("{me}/32"), "dev", dev]);
+        ns.exec(&["ip", "link", "set", dev, "up"]);
+        ns.exec(&["ip", "route", "add", peer, "dev", dev, "src", me]);
+    }
+    // The pod's resolver (any address off-pod: the capture takes port 53 before routing ends).
+    sleep.exec(&[
+        "ip",
+        "route",
+        "add",
+        "default",
+        "dev",
+        &va,
+        "src",
+        "10.222.1.2",
+    ]);
+    echo_in(&reviews.open(), "10.222.2.2:9080");
+
+    // The node's resolver, as /etc/resolv.conf inside the node's namespace shows it.
+    let upstream = node
+        .open()
+        .run(|| Upstream::start(IpAddr::from([127, 0, 0, 1]), 53))
+        .unwrap();
+    let _resolv = NetnsResolvConf::new(&node.name, "nameserver 127.0.0.1\noptions ndots:5\n");
+
+    let dir = tmp("chart-env");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("mesh.yaml");
+    std::fs::write(&cfg, CONFIG).unwrap();
+    let socket = dir.join("ztunnel.sock").to_str().unwrap().to_string();
+    let agent = Proc::spawn(&["node-agent", "run", "--socket", &socket, "--dns-capture"]);
+    let control = zring_core::cmd::node_agent::control_path(std::path::Path::new(&socket));
+    common::wait_until(
+        Duration::from_secs(10),
+        || control.exists(),
+        || format!("agent never listened:\n{}", agent.log()),
+    );
+
+    let log = dir.join("zring.log");
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &node.name,
+        common::ZRING,
+        "proxy",
+        "ztunnel",
+    ])
+    .env_clear()
+    // The chart's environment (manifests/charts/ztunnel/templates/daemonset.yaml).
+    .envs([
+        ("CA_ADDRESS", "istiod.istio-system.svc:15012"),
+        ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+        ("RUST_BACKTRACE", "1"),
+        ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+        ("INPOD_ENABLED", "true"),
+        ("TERMINATION_GRACE_PERIOD_SECONDS", "30"),
+        ("POD_NAME", "ztunnel-x7k2p"),
+        ("POD_NAMESPACE", "istio-system"),
+        ("NODE_NAME", "node-1"),
+        ("INSTANCE_IP", "10.222.0.1"),
+        ("SERVICE_ACCOUNT", "ztunnel"),
+        ("ZTUNNEL_CPU_LIMIT", "1"),
+        ("ISTIO_META_ENABLE_HBONE", "true"),
+        // No control plane here: the local file and a CA made at start.
+        ("LOCAL_XDS_PATH", cfg.to_str().unwrap()),
+        ("FAKE_CA", "true"),
+        ("INPOD_UDS", socket.as_str()),
+    ])
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap());
+    let zring = Proc::from_child(cmd.spawn().expect("spawn zring proxy ztunnel"), log);
+
+    let ready: SocketAddr = "127.0.0.1:15021".parse().unwrap();
+    let get = |path: &str| node.open().run(|| http_get(ready, "GET", path)).unwrap();
+    common::wait_until(
+        Duration::from_secs(20),
+        || get("/healthz/ready").0 == 200,
+        || format!("never ready:\n{}", zring.log()),
+    );
+    let text = zring.log();
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first).is_ok(),
+        "LOG_FORMAT=json, got: {first}"
+    );
+    assert!(
+        text.contains("control-plane settings not used")
+            && text.contains("CA_ADDRESS, XDS_ADDRESS"),
+        "{text}"
+    );
+    let configured = text
+        .lines()
+        .find(|l| l.contains("configured from the ztunnel environment"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        configured.contains("\"workers\":\"Some(1)\""),
+        "ZTUNNEL_CPU_LIMIT=1: {configured}"
+    );
+
+    agent_add(&socket, &sleep.path(), "sleep", "sleep").unwrap();
+    agent_add(&socket, &reviews.path(), "reviews", "reviews").unwrap();
+
+    // DNS through istio-cni's capture (port 53 -> 15053), UDP and TCP.
+    let resolver: SocketAddr = "10.222.0.53:53".parse().unwrap();
+    let in_pod = |f: &dyn Fn() -> hickory_proto::op::Message| sleep.open().run(f).unwrap();
+    let m = in_pod(&|| dns::udp(resolver, None, "reviews.", RecordType::A));
+    assert_eq!(answers(&m), ["reviews. 10.222.96.20"]);
+    let m = in_pod(&|| {
+        dns::udp(
+            resolver,
+            None,
+            "reviews.default.svc.cluster.local.",
+            RecordType::A,
+        )
+    });
+    assert_eq!(
+        answers(&m),
+        ["reviews.default.svc.cluster.local. 10.222.96.20"]
+    );
+    let m = in_pod(&|| dns::tcp(resolver, "reviews.default.", RecordType::A));
+    assert_eq!(answers(&m), ["reviews.default. 10.222.96.20"]);
+    let m = in_pod(&|| dns::udp(resolver, None, dns::OUTSIDE, RecordType::A));
+    assert_eq!(answers(&m), [format!("{} 10.250.0.9", dns::OUTSIDE)]);
+    let m = in_pod(&|| dns::tcp(resolver, dns::OUTSIDE, RecordType::A));
+    assert_eq!(answers(&m), [format!("{} 10.250.0.9", dns::OUTSIDE)]);
+    let m = in_pod(&|| dns::udp(resolver, None, "nowhere.example.", RecordType::A));
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+    assert!(
+        upstream
+            .questions
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 3
+    );
+
+    // Captured TCP from sleep to reviews goes over HBONE.
+    let got = exchange(&sleep.open(), None, "10.222.2.2:9080", b"through the mesh").unwrap();
+    assert_eq!(got, b"through the mesh");
+    let stats: SocketAddr = "127.0.0.1:15020".parse().unwrap();
+    let metrics = node
+        .open()
+        .run(|| http_get(stats, "GET", "/metrics").1)
+        .unwrap();
+    assert!(
+        metric(
+            &metrics,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\""
+            ]
+        )
+        .unwrap_or(0)
+            >= 1,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "zring_dns_requests_total", &["result=\"local\""]).unwrap() >= 3);
+    drop(zring);
+    drop(agent);
+}
