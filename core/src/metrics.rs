@@ -144,6 +144,7 @@ pub struct Metrics {
     generation: AtomicU64,
     timeouts: [AtomicU64; TimeoutKind::ALL.len()],
     handshake_rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
+    io: std::sync::OnceLock<(String, usize)>,
 }
 
 impl Metrics {
@@ -204,6 +205,11 @@ impl Metrics {
             Some(c) => f(c),
             None => f(m.entry(l.clone()).or_default()),
         }
+    }
+
+    /// The I/O backend the workers run on (`io_uring` or `epoll`) and how many workers.
+    pub fn set_io(&self, backend: String, workers: usize) {
+        let _ = self.io.set((backend, workers));
     }
 
     /// A config reload ended; `generation` is the config in force afterwards.
@@ -293,6 +299,12 @@ impl Metrics {
             "# HELP zring_log_lines_dropped_total Log lines dropped because the log sink did not keep up.\n# TYPE zring_log_lines_dropped_total counter\nzring_log_lines_dropped_total {}",
             crate::logging::dropped_lines()
         );
+        if let Some((backend, workers)) = self.io.get() {
+            let _ = writeln!(
+                out,
+                "# HELP zring_io_backend The I/O backend the workers run on (1 for the one in use).\n# TYPE zring_io_backend gauge\nzring_io_backend{{backend=\"{backend}\"}} 1\n# HELP zring_workers Worker threads (one per core).\n# TYPE zring_workers gauge\nzring_workers {workers}"
+            );
+        }
         out
     }
 }

@@ -260,6 +260,12 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
         "{metrics}"
     );
     assert!(metric(&metrics, "zring_dns_requests_total", &["result=\"local\""]).unwrap() >= 3);
+    assert_eq!(metric(&metrics, "zring_workers", &[]), Some(1), "{metrics}");
+    assert!(
+        metrics.contains("zring_io_backend{backend=\"io_uring\"} 1")
+            || metrics.contains("zring_io_backend{backend=\"epoll\"} 1"),
+        "{metrics}"
+    );
     drop(zring);
     drop(agent);
 }

@@ -174,7 +174,8 @@ fn dns_answers_mesh_names_forwards_the_rest_and_survives_bad_input() {
     // Two questions in one query: FORMERR.
     let mut two = zring_core::dns::query(9, "reviews.", RecordType::A);
     two[5] = 2;
-    two.extend_from_slice(&two[12..].to_vec());
+    let question = two[12..].to_vec();
+    two.extend_from_slice(&question);
     let m = dns::udp_raw(&s, server, &two, Duration::from_secs(5)).expect("FORMERR");
     assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
     // A flood of garbage, then a good question: answered.

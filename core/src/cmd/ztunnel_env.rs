@@ -38,8 +38,18 @@ use zring_runtime::WorkerConfig;
 
 use crate::proxy::{CertSource, Limits, RunConfig, DEFAULT_DRAIN_TIMEOUT, DEFAULT_PACKET_MARK};
 
-/// ztunnel's variables zring reads (beyond `ISTIO_META_*`).
+/// Where `zring proxy ztunnel` serves Prometheus metrics (0.0.0.0), as ztunnel.
+pub const STATS_PORT: u16 = 15020;
+/// Where it serves `/healthz/ready` (0.0.0.0).
+pub const READINESS_PORT: u16 = 15021;
+/// Its admin endpoint (127.0.0.1).
+pub const ADMIN_PORT: u16 = 15000;
+
+/// The variables zring reads (beyond `ISTIO_META_*`): ztunnel's, and zring's own certificate
+/// sources.
 const USED: &[&str] = &[
+    "ZRING_CA_DIR",
+    "ZRING_CERT_DIR",
     "NODE_NAME",
     "LOCAL_XDS_PATH",
     "LOCAL_XDS",
@@ -225,9 +235,9 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         hbone_port: 15008,
         mark: Some(mark),
         bind_source: false,
-        admin: Some(SocketAddr::from(([127, 0, 0, 1], 15000))),
-        stats: Some(SocketAddr::from(([0, 0, 0, 0], 15020))),
-        readiness: Some(SocketAddr::from(([0, 0, 0, 0], 15021))),
+        admin: Some(SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT))),
+        stats: Some(SocketAddr::from(([0, 0, 0, 0], STATS_PORT))),
+        readiness: Some(SocketAddr::from(([0, 0, 0, 0], READINESS_PORT))),
         zds_socket: Some(
             get("INPOD_UDS")
                 .unwrap_or(crate::zds::DEFAULT_SOCKET)

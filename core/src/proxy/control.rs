@@ -124,6 +124,9 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
     let s = state.clone();
     let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
     state.workers.store(workers.len(), Ordering::Release);
+    state
+        .metrics
+        .set_io(workers.backend().to_string(), workers.len());
     // Pods are taken only once the workers exist: an AddWorkload is acked after every worker
     // has bound the pod's listeners.
     if let Some(path) = cfg.zds_socket.clone() {
