@@ -212,6 +212,12 @@ pub type IndexFn = Arc<dyn Fn() -> Arc<MeshIndex> + Send + Sync>;
 pub struct Client {
     /// The pod's namespace, in-pod mode.
     pub namespace: Option<String>,
+    /// The pod's network namespace, in-pod mode: forwarded questions leave from there, as
+    /// ztunnel's do (the upstream sees the pod's address, and the pod's routes apply), marked
+    /// so the pod's DNS capture lets them out (istio-cni's CT zone rules keep their replies
+    /// apart from the captured flows). Without a mark they leave from zring's own namespace
+    /// instead: unmarked, the capture would send them back to the proxy.
+    pub netns: Option<Arc<zring_runtime::net::NetNs>>,
 }
 
 /// Sockets of one server, bound by the caller (inside a pod's namespace if need be).
@@ -553,7 +559,7 @@ async fn handle(
         return Some(bytes);
     }
     drop(index);
-    match forward(shared, query, msg.metadata.id, transport).await {
+    match forward(shared, client, query, msg.metadata.id, transport).await {
         Ok(reply) => {
             shared.metrics.count(Outcome::Forwarded);
             Some(reply)
@@ -657,11 +663,14 @@ fn lookup(
 /// Forward `query` to the upstreams in turn; the first answer with the query's id wins.
 async fn forward(
     shared: &Shared,
+    client: &Client,
     query: &[u8],
     id: u16,
     transport: Transport,
 ) -> std::io::Result<Vec<u8>> {
     let mut last = std::io::Error::other("no upstream resolver configured");
+    let mark = shared.settings.mark;
+    let netns = client.netns.as_deref().filter(|_| mark.is_some());
     for &up in &shared.settings.upstreams {
         shared
             .metrics
@@ -669,8 +678,23 @@ async fn forward(
             .fetch_add(1, Ordering::Relaxed);
         let attempt = async {
             match transport {
-                Transport::Udp => forward_udp(up, query, id, shared.settings.mark).await,
-                Transport::Tcp => forward_tcp(up, query, shared.settings.mark).await,
+                Transport::Udp => {
+                    forward_udp(
+                        upstream_socket(netns, up, socket2::Type::DGRAM, mark)?,
+                        up,
+                        query,
+                        id,
+                    )
+                    .await
+                }
+                Transport::Tcp => {
+                    forward_tcp(
+                        upstream_socket(netns, up, socket2::Type::STREAM, mark)?,
+                        up,
+                        query,
+                    )
+                    .await
+                }
             }
         };
         match tokio::time::timeout(shared.settings.timeout, attempt).await {
@@ -691,28 +715,39 @@ async fn forward(
     Err(last)
 }
 
+/// A socket towards `up`, created in `netns` when given (it stays there).
 fn upstream_socket(
+    netns: Option<&zring_runtime::net::NetNs>,
     up: SocketAddr,
     ty: socket2::Type,
     mark: Option<u32>,
 ) -> std::io::Result<socket2::Socket> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(up), ty, None)?;
-    if let Some(m) = mark {
-        // Best effort: without CAP_NET_ADMIN the mark is not set (and not needed: zring's own
-        // namespace has no capture rules then).
-        let _ = s.set_mark(m);
+    let make = || -> std::io::Result<socket2::Socket> {
+        let s = socket2::Socket::new(socket2::Domain::for_address(up), ty, None)?;
+        if let Some(m) = mark {
+            match s.set_mark(m) {
+                Ok(()) => {}
+                // Inside a pod the mark is what keeps the question out of the capture.
+                Err(e) if netns.is_some() => return Err(e),
+                // In zring's own namespace it is a courtesy to node-level rules.
+                Err(_) => {}
+            }
+        }
+        s.set_nonblocking(true)?;
+        Ok(s)
+    };
+    match netns {
+        Some(ns) => ns.run(make)?,
+        None => make(),
     }
-    s.set_nonblocking(true)?;
-    Ok(s)
 }
 
 async fn forward_udp(
+    s: socket2::Socket,
     up: SocketAddr,
     query: &[u8],
     id: u16,
-    mark: Option<u32>,
 ) -> std::io::Result<Vec<u8>> {
-    let s = upstream_socket(up, socket2::Type::DGRAM, mark)?;
     let any: SocketAddr = if up.is_ipv6() {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     } else {
@@ -733,8 +768,7 @@ async fn forward_udp(
     }
 }
 
-async fn forward_tcp(up: SocketAddr, query: &[u8], mark: Option<u32>) -> std::io::Result<Vec<u8>> {
-    let s = upstream_socket(up, socket2::Type::STREAM, mark)?;
+async fn forward_tcp(s: socket2::Socket, up: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
     let s = tokio::net::TcpSocket::from_std_stream(s.into());
     let mut s = s.connect(up).await?;
     write_frame(&mut s, query).await?;

@@ -5,7 +5,7 @@
 //! JSON, names the variables it does not use, serves two pods enrolled with istio-cni's rules
 //! (DNS capture on): a pod resolves a mesh service's short and full names to its VIP and an
 //! outside name through the upstream of the node's /etc/resolv.conf, over UDP and TCP through
-//! the port-53 capture, and its TCP goes to the other pod over HBONE.
+//! the port-53 capture (forwarded from inside the pod), and its TCP goes to the other pod over HBONE.
 //!
 //! Needs root (CI runs as root). Elsewhere it prints a loud SKIPPED line and returns.
 
@@ -119,12 +119,44 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
     ]);
     echo_in(&reviews.open(), "10.222.2.2:9080");
 
-    // The node's resolver, as /etc/resolv.conf inside the node's namespace shows it.
-    let upstream = node
+    // The cluster's DNS server (named in the node's /etc/resolv.conf), on a network the pod
+    // reaches: zring forwards from inside the pod, as ztunnel does.
+    let infra = TestNs::new("chd");
+    let (vc, vd) = (format!("zchc{id}"), format!("zchd{id}"));
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        &vc,
+        "netns",
+        &sleep.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &vd,
+        "netns",
+        &infra.name,
+    ]);
+    sleep.exec(&["ip", "link", "set", &vc, "up"]);
+    sleep.exec(&[
+        "ip",
+        "route",
+        "add",
+        "10.222.53.1",
+        "dev",
+        &vc,
+        "src",
+        "10.222.1.2",
+    ]);
+    infra.exec(&["ip", "addr", "add", "10.222.53.1/32", "dev", &vd]);
+    infra.exec(&["ip", "link", "set", &vd, "up"]);
+    infra.exec(&["ip", "route", "add", "10.222.1.2", "dev", &vd]);
+    let upstream = infra
         .open()
-        .run(|| Upstream::start(IpAddr::from([127, 0, 0, 1]), 53))
+        .run(|| Upstream::start(IpAddr::from([10, 222, 53, 1]), 53))
         .unwrap();
-    let _resolv = NetnsResolvConf::new(&node.name, "nameserver 127.0.0.1\noptions ndots:5\n");
+    let _resolv = NetnsResolvConf::new(&node.name, "nameserver 10.222.53.1\noptions ndots:5\n");
 
     let dir = tmp("chart-env");
     std::fs::create_dir_all(&dir).unwrap();

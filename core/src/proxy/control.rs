@@ -84,7 +84,14 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
             // Not in-pod: one server in zring's own namespace. A port in use is logged and
             // counted, not fatal: DNS is an add-on to the traffic zring carries.
             match crate::dns::bind(dns.settings.addr) {
-                Ok(b) => dns.serve("", crate::dns::Client { namespace: None }, b),
+                Ok(b) => dns.serve(
+                    "",
+                    crate::dns::Client {
+                        namespace: None,
+                        netns: None,
+                    },
+                    b,
+                ),
                 Err(e) => {
                     dns.metrics.bind_failed();
                     tracing::error!(addr = %dns.settings.addr, error = %e, "DNS proxy not started: cannot bind");
@@ -237,6 +244,7 @@ impl crate::zds::client::PodHandler for ProxyPods {
                     &pod.uid,
                     crate::dns::Client {
                         namespace: Some(pod.info.namespace.clone()),
+                        netns: Some(pod.netns.clone()),
                     },
                     b,
                 ),

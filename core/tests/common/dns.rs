@@ -121,13 +121,23 @@ pub fn udp_raw(
 
 /// One question over UDP (a fresh socket from `src`, or any address).
 pub fn udp(server: SocketAddr, src: Option<IpAddr>, name: &str, ty: RecordType) -> Message {
+    udp_try(server, src, name, ty)
+        .unwrap_or_else(|| panic!("no UDP answer from {server} for {name}"))
+}
+
+/// One question over UDP; None when no answer comes within 10 s.
+pub fn udp_try(
+    server: SocketAddr,
+    src: Option<IpAddr>,
+    name: &str,
+    ty: RecordType,
+) -> Option<Message> {
     let bind = src.unwrap_or(IpAddr::from([0, 0, 0, 0]));
     let sock = UdpSocket::bind((bind, 0)).unwrap();
     let q = zring_core::dns::query(0x4242, name, ty);
-    let m = udp_raw(&sock, server, &q, Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("no UDP answer from {server} for {name}"));
+    let m = udp_raw(&sock, server, &q, Duration::from_secs(10))?;
     assert_eq!(m.metadata.id, 0x4242);
-    m
+    Some(m)
 }
 
 /// One question over TCP.
