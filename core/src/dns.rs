@@ -11,7 +11,8 @@
 //!   addresses. A mesh name with no address of the asked family gets an empty NOERROR.
 //! - Every other question is forwarded, as received, to the upstream resolvers (zring's own
 //!   `/etc/resolv.conf` unless `--dns-upstream`), over the transport it came on, each upstream
-//!   tried in turn with a time limit; the answer is relayed as is.
+//!   tried in turn with a time limit; the answer is relayed as is. In in-pod mode the question
+//!   leaves from inside the pod's namespace (as ztunnel's do), marked past the capture.
 //! - Bounded: a cap on questions in flight (past it, SERVFAIL at once), on TCP connections per
 //!   server, and an idle limit on TCP connections. A packet that is not a DNS query gets
 //!   FORMERR when its header can be read and is dropped otherwise; each outcome is counted
