@@ -22,4 +22,5 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod socks5;
+pub mod xds;
 pub mod zds;

@@ -45,6 +45,10 @@ enum Command {
         #[arg(default_value = "ztunnel")]
         mode: String,
     },
+    /// An istiod stand-in for clusters without istiod, demos and tests: delta ADS (workloads,
+    /// services and policies from ztunnel's local config file, watched; changes pushed) and
+    /// Istio's CreateCertificate (CSRs signed by a CA directory's root), over TLS.
+    ControlPlane(ControlPlaneArgs),
     /// A local certificate authority: `init` a root, `issue` workload certificates.
     Ca {
         #[command(subcommand)]
@@ -369,6 +373,45 @@ enum AgentCommand {
     },
 }
 
+#[derive(Debug, clap::Args)]
+struct ControlPlaneArgs {
+    /// ztunnel's local config file (the mesh), watched for changes.
+    #[arg(long)]
+    config: std::path::PathBuf,
+    /// CA directory (root-cert.pem, root-key.pem; `zring ca init`): signs the workloads' CSRs
+    /// and the serving certificate (for istiod.istio-system.svc, istiod and the listen IP).
+    #[arg(long)]
+    ca_dir: std::path::PathBuf,
+    /// Listen address (istiod's port is 15012).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    listen: SocketAddr,
+    /// Require `authorization: Bearer <the file's content>` on every call (off by default).
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+}
+
+fn control_plane(a: ControlPlaneArgs, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let t = trigger.clone();
+    rt.block_on(zring_core::xds::server::serve(
+        zring_core::xds::server::ControlPlaneConfig {
+            config: a.config,
+            ca_dir: a.ca_dir,
+            listen: a.listen,
+            token_file: a.token_file,
+            poll: Duration::from_secs(1),
+        },
+        async move {
+            while !t.is_triggered() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        },
+    ))
+}
+
 #[derive(Debug, Subcommand)]
 enum CaCommand {
     /// Create root-cert.pem and root-key.pem (ECDSA P-256) in DIR; refuses to overwrite.
@@ -553,6 +596,7 @@ fn main() -> std::process::ExitCode {
             &trigger,
         ),
         Some(Command::Proxy { mode }) => proxy_ztunnel(&mode, &trigger),
+        Some(Command::ControlPlane(a)) => control_plane(a, &trigger),
         Some(Command::NodeAgent { command }) => node_agent(command, &trigger),
         Some(Command::Ca {
             command: CaCommand::Init { dir, trust_domain },

@@ -32,7 +32,11 @@ use common::{
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
     Zring,
+    /// ztunnel with `FAKE_CA` and the local config file.
     Ztunnel,
+    /// ztunnel with neither: its config and certificates come from `zring control-plane` (run
+    /// in the node's namespace at 127.0.0.1:15012, as istiod would be reached).
+    ZtunnelFromControlPlane,
 }
 
 fn mesh_yaml(net: u8) -> String {
@@ -92,6 +96,7 @@ impl Drop for ResolvConf {
 struct NodeUnderTest {
     ns: TestNs,
     proxy: Proc,
+    _control_plane: Option<Proc>,
     _agent: Proc,
     _resolv: ResolvConf,
     socket: String,
@@ -134,19 +139,71 @@ fn start_node(
     let log = dir.join(format!("{name}.log"));
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name]);
+    let ca = dir.join("fake-ca");
+    let mut control_plane = None;
     match kind {
         Kind::Zring => {
-            let ca = dir.join("fake-ca");
             cmd.args([common::ZRING, "proxy", "ztunnel"])
                 .env("ZRING_CA_DIR", &ca)
+                .env("LOCAL_XDS_PATH", cfg);
         }
-        Kind::Ztunnel => cmd
-            .arg(ztunnel)
-            .env("FAKE_CA", "true")
-            .env("XDS_ADDRESS", ""),
+        Kind::Ztunnel => {
+            cmd.arg(ztunnel)
+                .env("FAKE_CA", "true")
+                .env("XDS_ADDRESS", "")
+                .env("LOCAL_XDS_PATH", cfg);
+        }
+        Kind::ZtunnelFromControlPlane => {
+            let token = dir.join("istio-token");
+            std::fs::write(&token, "a-projected-service-account-token").unwrap();
+            let cp_log = dir.join(format!("{name}-control-plane.log"));
+            let mut cp = Command::new("ip");
+            cp.args([
+                "netns",
+                "exec",
+                &ns.name,
+                common::ZRING,
+                "control-plane",
+                "--config",
+            ])
+            .arg(cfg)
+            .arg("--ca-dir")
+            .arg(&ca)
+            .args(["--listen", "127.0.0.1:15012", "--token-file"])
+            .arg(&token)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&cp_log).unwrap());
+            let cp = Proc::from_child(cp.spawn().expect("spawn zring control-plane"), cp_log);
+            let at: SocketAddr = "127.0.0.1:15012".parse().unwrap();
+            common::wait_until(
+                Duration::from_secs(10),
+                || {
+                    ns.open()
+                        .run(|| {
+                            std::net::TcpStream::connect_timeout(&at, Duration::from_millis(200))
+                                .is_ok()
+                        })
+                        .unwrap()
+                },
+                || format!("zring control-plane never listened:\n{}", cp.log()),
+            );
+            control_plane = Some(cp);
+            let root = ca.join("root-cert.pem");
+            cmd.arg(ztunnel)
+                .env("XDS_ADDRESS", "https://127.0.0.1:15012")
+                .env("CA_ADDRESS", "https://127.0.0.1:15012")
+                .env("XDS_ROOT_CA", &root)
+                .env("CA_ROOT_CA", &root)
+                .env("ALT_XDS_HOSTNAME", "istiod.istio-system.svc")
+                .env("ALT_CA_HOSTNAME", "istiod.istio-system.svc")
+                .env("AUTH_TOKEN", &token)
+                .env("POD_NAME", format!("ztunnel-{name}"))
+                .env("POD_NAMESPACE", "istio-system")
+                .env("INSTANCE_IP", "10.0.0.1");
+        }
     };
-    cmd.env("LOCAL_XDS_PATH", cfg)
-        .env("NODE_NAME", name)
+    cmd.env("NODE_NAME", name)
         .env("INPOD_UDS", &socket)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -155,6 +212,7 @@ fn start_node(
     let node = NodeUnderTest {
         ns,
         proxy,
+        _control_plane: control_plane,
         _agent: agent,
         _resolv: ResolvConf(etc),
         socket,
@@ -384,6 +442,21 @@ fn pair(kinds: [Kind; 2], net: u8) {
             logs()
         );
     }
+    // Configured by zring control-plane: it saw the client and signed its certificate.
+    for (node, kind) in [(&node1, kinds[0]), (&node2, kinds[1])] {
+        if let (Kind::ZtunnelFromControlPlane, Some(cp)) = (kind, &node._control_plane) {
+            let text = cp.log();
+            assert!(text.contains("xDS client connected"), "{text}");
+            assert!(
+                text.contains("certificate signed identity=spiffe://cluster.local/ns/default/sa/"),
+                "{text}"
+            );
+            eprintln!(
+                "control plane log:\n{text}\nztunnel log:\n{}",
+                node.proxy.log()
+            );
+        }
+    }
     // Only the upstream knows outside.example (ztunnel caches its answers, so it may ask once).
     assert!(
         upstream
@@ -406,4 +479,9 @@ fn zring_client_node_ztunnel_server_node() {
 #[test]
 fn ztunnel_client_node_zring_server_node() {
     pair([Kind::Ztunnel, Kind::Zring], 227);
+}
+
+#[test]
+fn ztunnel_configured_by_zring_control_plane_with_a_zring_node() {
+    pair([Kind::ZtunnelFromControlPlane, Kind::Zring], 228);
 }

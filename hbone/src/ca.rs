@@ -56,6 +56,9 @@ pub enum CaError {
     /// `ca init` would overwrite an existing root.
     #[error("{0} already exists; refusing to overwrite a root CA")]
     Exists(PathBuf),
+    /// A certificate signing request that cannot be signed.
+    #[error("certificate signing request refused: {0}")]
+    Csr(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -335,6 +338,99 @@ impl LocalCa {
             not_before: system_time(not_before),
             renew_after,
         })
+    }
+
+    /// A TLS server certificate for `dns` names and `ips` (the control plane's serving
+    /// certificate): (chain PEM, key PEM).
+    pub fn issue_server(
+        &self,
+        dns: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        if let Some(first) = dns.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        let mut sans = Vec::new();
+        for d in dns {
+            sans.push(SanType::DnsName(d.clone().try_into()?));
+        }
+        for ip in ips.iter().filter(|ip| !ip.is_unspecified()) {
+            sans.push(SanType::IpAddress(*ip));
+        }
+        params.subject_alt_names = sans;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Sign a workload's certificate signing request (PEM): the CSR must name exactly one
+    /// SPIFFE identity (a URI SAN), equal to `expected` when given. The certificate carries
+    /// that identity only, is valid from now (backdated by [`BACKDATE`]) for `ttl`, and is for
+    /// both TLS client and server use. Returns the identity and the certificate PEM.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        expected: Option<&SpiffeId>,
+        ttl: Duration,
+    ) -> Result<(SpiffeId, String), CaError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(format!("not a valid PEM CSR: {e}")))?;
+        let uris: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|s| match s {
+                SanType::URI(u) => Some(u.as_str().to_string()),
+                _ => None,
+            })
+            .collect();
+        let [uri] = uris.as_slice() else {
+            return Err(CaError::Csr(format!(
+                "a CSR must name exactly one SPIFFE identity (URI SAN); this one names {}",
+                uris.len()
+            )));
+        };
+        let id: SpiffeId = uri
+            .parse()
+            .map_err(|e| CaError::Csr(format!("{uri:?} is not a SPIFFE identity: {e}")))?;
+        if let Some(want) = expected {
+            if *want != id {
+                return Err(CaError::Csr(format!(
+                    "the CSR names {id}, the caller asked for {want}"
+                )));
+            }
+        }
+        let now = OffsetDateTime::now_utc();
+        let p = &mut csr.params;
+        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+        p.distinguished_name = DistinguishedName::new();
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = now - BACKDATE;
+        p.not_after = now + ttl;
+        p.use_authority_key_identifier_extension = true;
+        let cert = csr.signed_by(&self.issuer)?;
+        Ok((id, cert.pem()))
     }
 
     /// `zring ca issue`: write `<prefix>cert-chain.pem`, `<prefix>key.pem` and
