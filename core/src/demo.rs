@@ -104,6 +104,7 @@ fn node(name: &str, ip: Ipv4Addr, cfg: &Path, ca: &Path, socks5: bool) -> RunCon
         drain_timeout: proxy::DEFAULT_DRAIN_TIMEOUT,
         // Each node's DNS proxy on its own address: `dig @127.0.0.2 -p 15053 productpage`.
         cert_ttl: zring_hbone::ca::DEFAULT_WORKLOAD_TTL,
+        xds: None,
         dns: at(crate::dns::DEFAULT_PORT).map(|a| {
             crate::dns::DnsSettings::from_resolv_conf(
                 a,

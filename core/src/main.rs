@@ -69,9 +69,12 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// ztunnel's local YAML config (workloads, services, policies).
-    #[arg(long, env = "LOCAL_XDS_PATH")]
-    config: std::path::PathBuf,
+    /// ztunnel's local YAML config (workloads, services, policies). Without it, the config
+    /// comes over xDS from --xds-address.
+    #[arg(long, env = "LOCAL_XDS_PATH", required_unless_present = "xds_address")]
+    config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    xds: XdsArgs,
     /// This node's name: workloads whose `node` matches are local.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -138,6 +141,32 @@ struct RunArgs {
     /// Lifetime of the certificates --ca-dir issues (renewed at half-life).
     #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
+}
+
+/// The config from a control plane over delta xDS (istiod, or `zring control-plane`).
+#[derive(Debug, clap::Args)]
+struct XdsArgs {
+    /// The control plane, e.g. https://istiod.istio-system.svc:15012 (used when --config is not
+    /// given).
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// The root the control plane's certificate must chain to.
+    #[arg(
+        long,
+        env = "XDS_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    xds_root_ca: std::path::PathBuf,
+    /// The name the control plane's certificate must carry (default: the address's host).
+    #[arg(long, env = "ALT_XDS_HOSTNAME")]
+    alt_xds_hostname: Option<String>,
+    /// Bearer token file sent to the control plane (re-read for every new stream).
+    #[arg(
+        long,
+        env = "AUTH_TOKEN",
+        default_value = "./var/run/secrets/tokens/istio-token"
+    )]
+    auth_token: std::path::PathBuf,
 }
 
 /// The DNS proxy (ztunnel's: on unless `ISTIO_META_DNS_CAPTURE` is false).
@@ -561,7 +590,22 @@ fn main() -> std::process::ExitCode {
         Some(Command::Relay(args)) => relay_cmd::run(relay_config(args), &trigger),
         Some(Command::Run(a)) => zring_core::proxy::run(
             zring_core::proxy::RunConfig {
-                config: a.config,
+                xds: match (
+                    &a.config,
+                    a.xds.xds_address.as_deref().filter(|s| !s.is_empty()),
+                ) {
+                    (None, Some(address)) => Some(zring_core::cmd::ztunnel_env::xds_settings(
+                        address,
+                        a.xds.xds_root_ca.clone(),
+                        a.xds.alt_xds_hostname.clone(),
+                        Some(a.xds.auth_token.clone()),
+                        &std::env::vars().collect(),
+                    )),
+                    _ => None,
+                },
+                config: a.config.clone().unwrap_or_else(|| {
+                    format!("xds:{}", a.xds.xds_address.clone().unwrap_or_default()).into()
+                }),
                 node: a.node_name,
                 certs: match (a.ca_dir, a.cert_dir) {
                     (Some(ca), _) => zring_core::proxy::CertSource::Ca(ca),

@@ -145,6 +145,17 @@ pub struct Metrics {
     timeouts: [AtomicU64; TimeoutKind::ALL.len()],
     handshake_rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
     io: std::sync::OnceLock<(String, usize)>,
+    xds: Mutex<Option<XdsStats>>,
+}
+
+/// The xDS client's state, for `zring_xds_*`.
+#[derive(Debug, Default)]
+struct XdsStats {
+    connected: bool,
+    connects: u64,
+    pushes: std::collections::BTreeMap<String, u64>,
+    held: std::collections::BTreeMap<String, usize>,
+    nacks: u64,
 }
 
 impl Metrics {
@@ -210,6 +221,32 @@ impl Metrics {
     /// The I/O backend the workers run on (`io_uring` or `epoll`) and how many workers.
     pub fn set_io(&self, backend: String, workers: usize) {
         let _ = self.io.set((backend, workers));
+    }
+
+    /// Something the xDS client did.
+    pub fn xds_event(&self, e: &crate::xds::client::Event<'_>) {
+        use crate::xds::client::Event;
+        let mut x = self.xds.lock().unwrap_or_else(|p| p.into_inner());
+        let x = x.get_or_insert_with(XdsStats::default);
+        match e {
+            Event::Connected(c) => {
+                x.connected = *c;
+                if *c {
+                    x.connects += 1;
+                }
+            }
+            Event::Push {
+                type_url,
+                held,
+                nacked,
+            } => {
+                *x.pushes.entry(type_url.to_string()).or_default() += 1;
+                x.held.insert(type_url.to_string(), *held);
+                if *nacked {
+                    x.nacks += 1;
+                }
+            }
+        }
     }
 
     /// A config reload ended; `generation` is the config in force afterwards.
@@ -299,6 +336,23 @@ impl Metrics {
             "# HELP zring_log_lines_dropped_total Log lines dropped because the log sink did not keep up.\n# TYPE zring_log_lines_dropped_total counter\nzring_log_lines_dropped_total {}",
             crate::logging::dropped_lines()
         );
+        if let Some(x) = &*self.xds.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = writeln!(
+                out,
+                "# HELP zring_xds_connected Whether the xDS stream to the control plane is up.\n# TYPE zring_xds_connected gauge\nzring_xds_connected {}\n# HELP zring_xds_connections_total xDS streams opened.\n# TYPE zring_xds_connections_total counter\nzring_xds_connections_total {}\n# HELP zring_xds_nacks_total xDS pushes refused in part or whole.\n# TYPE zring_xds_nacks_total counter\nzring_xds_nacks_total {}",
+                u8::from(x.connected),
+                x.connects,
+                x.nacks
+            );
+            let _ = writeln!(out, "# HELP zring_xds_pushes_total xDS pushes received, by type.\n# TYPE zring_xds_pushes_total counter");
+            for (t, n) in &x.pushes {
+                let _ = writeln!(out, "zring_xds_pushes_total{{type_url=\"{t}\"}} {n}");
+            }
+            let _ = writeln!(out, "# HELP zring_xds_resources Resources held, by type.\n# TYPE zring_xds_resources gauge");
+            for (t, n) in &x.held {
+                let _ = writeln!(out, "zring_xds_resources{{type_url=\"{t}\"}} {n}");
+            }
+        }
         if let Some((backend, workers)) = self.io.get() {
             let _ = writeln!(
                 out,

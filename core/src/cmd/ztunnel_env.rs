@@ -143,18 +143,41 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
             );
         }
     }
+    let mut xds = None;
     let config = match (get("LOCAL_XDS_PATH"), get("LOCAL_XDS")) {
         (Some(_), Some(_)) => bail!("only one of LOCAL_XDS_PATH or LOCAL_XDS may be set"),
         (Some(p), None) => PathBuf::from(p),
         (None, Some(yaml)) => {
-            let p = std::env::temp_dir().join(format!("zring-local-xds-{}.yaml", std::process::id()));
-            std::fs::write(&p, yaml).with_context(|| format!("writing LOCAL_XDS to {}", p.display()))?;
+            let p =
+                std::env::temp_dir().join(format!("zring-local-xds-{}.yaml", std::process::id()));
+            std::fs::write(&p, yaml)
+                .with_context(|| format!("writing LOCAL_XDS to {}", p.display()))?;
             p
         }
-        (None, None) => bail!(
-            "no config source: zring reads ztunnel's local config (LOCAL_XDS_PATH or LOCAL_XDS); its xDS client (XDS_ADDRESS={}) is not built yet",
-            get("XDS_ADDRESS").unwrap_or("unset")
-        ),
+        (None, None) => {
+            // ztunnel's default: istiod in the cluster, else on this host.
+            let address = get("XDS_ADDRESS").map(str::to_string).unwrap_or_else(|| {
+                if get("KUBERNETES_SERVICE_HOST").is_some() {
+                    "https://istiod.istio-system.svc:15012".into()
+                } else {
+                    "https://localhost:15012".into()
+                }
+            });
+            xds = Some(xds_settings(
+                &address,
+                get("XDS_ROOT_CA")
+                    .unwrap_or("./var/run/secrets/istio/root-cert.pem")
+                    .into(),
+                get("ALT_XDS_HOSTNAME").map(str::to_string),
+                Some(
+                    get("AUTH_TOKEN")
+                        .unwrap_or("./var/run/secrets/tokens/istio-token")
+                        .into(),
+                ),
+                env,
+            ));
+            PathBuf::from(format!("xds:{address}"))
+        }
     };
     let ttl = match get("SECRET_TTL") {
         Some(v) => parse_duration(v).with_context(|| format!("SECRET_TTL={v}"))?,
@@ -251,21 +274,27 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         drain_timeout,
         dns,
         cert_ttl: ttl,
+        xds,
     };
 
     let mut notes = Vec::new();
-    let control: Vec<&str> = env
+    let unused: Vec<&str> = env
         .keys()
         .map(String::as_str)
         .filter(|k| {
-            CONTROL_PLANE.contains(k) || k.starts_with("XDS_HEADER_") || k.starts_with("CA_HEADER_")
+            let xds = k.starts_with("XDS_") || *k == "ALT_XDS_HOSTNAME" || *k == "AUTH_TOKEN";
+            let ca = k.starts_with("CA_") || *k == "ALT_CA_HOSTNAME";
+            (CONTROL_PLANE.contains(k)
+                || k.starts_with("XDS_HEADER_")
+                || k.starts_with("CA_HEADER_"))
+                && (ca || (xds && run.xds.is_none()))
         })
         .collect();
-    if !control.is_empty() {
+    if !unused.is_empty() {
         notes.push(format!(
-            "control-plane settings not used (zring's xDS and CA clients are not built yet; config from {}): {}",
+            "control-plane settings not used (config from {}; zring's Istio CA client is not built yet): {}",
             run.config.display(),
-            control.join(", ")
+            unused.join(", ")
         ));
     }
     let ignored: Vec<&str> = env
@@ -306,6 +335,68 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         }
     }
     Ok(ZtunnelSetup { run, notes, proxy })
+}
+
+/// xDS settings as ztunnel derives them from its environment: node id from `INSTANCE_IP`,
+/// `POD_NAME`, `POD_NAMESPACE`; metadata NAME, NAMESPACE, INSTANCE_IPS, NODE_NAME, CLUSTER_ID
+/// and every `ISTIO_META_*` (prefix stripped); headers from `XDS_HEADER_*`.
+pub fn xds_settings(
+    address: &str,
+    root_ca: PathBuf,
+    server_name: Option<String>,
+    token_file: Option<PathBuf>,
+    env: &BTreeMap<String, String>,
+) -> crate::xds::client::XdsSettings {
+    let get = |k: &str| {
+        env.get(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let address = if address.contains("://") {
+        address.to_string()
+    } else {
+        format!("https://{address}")
+    };
+    let cluster_id = get("ISTIO_META_CLUSTER_ID")
+        .or_else(|| get("CLUSTER_ID"))
+        .unwrap_or_else(|| "Kubernetes".into());
+    let (ip, pod, ns) = (
+        get("INSTANCE_IP").unwrap_or_default(),
+        get("POD_NAME").unwrap_or_default(),
+        get("POD_NAMESPACE").unwrap_or_default(),
+    );
+    let mut metadata = BTreeMap::new();
+    for (k, v) in [
+        ("NAME", pod.clone()),
+        ("NAMESPACE", ns.clone()),
+        ("INSTANCE_IPS", ip.clone()),
+        ("NODE_NAME", get("NODE_NAME").unwrap_or_default()),
+        ("CLUSTER_ID", cluster_id.clone()),
+    ] {
+        metadata.insert(k.to_string(), v);
+    }
+    for (k, v) in env {
+        if let Some(m) = k.strip_prefix("ISTIO_META_") {
+            metadata.insert(m.to_string(), v.clone());
+        }
+    }
+    let headers = env
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("XDS_HEADER_")
+                .map(|h| (h.to_ascii_lowercase().replace('_', "-"), v.clone()))
+        })
+        .collect();
+    crate::xds::client::XdsSettings {
+        address,
+        root_ca,
+        server_name,
+        token_file,
+        cluster_id,
+        headers,
+        node_id: crate::xds::client::XdsSettings::node_id(&ip, &pod, &ns),
+        metadata,
+    }
 }
 
 /// Whether `name` is one of ztunnel's variables zring knows about (used, control plane, or
@@ -478,9 +569,29 @@ mod tests {
         );
         assert!(notes.contains("NOT refused"), "{notes}");
 
-        let no_config = env(&[("NODE_NAME", "n"), ("FAKE_CA", "true")]);
-        let err = setup(&no_config).unwrap_err().to_string();
-        assert!(err.contains("LOCAL_XDS_PATH"), "{err}");
+        let from_istiod = env(&[
+            ("NODE_NAME", "n"),
+            ("FAKE_CA", "true"),
+            ("XDS_ADDRESS", "istiod.istio-system.svc:15012"),
+            ("INSTANCE_IP", "10.0.0.9"),
+            ("POD_NAME", "ztunnel-a"),
+            ("POD_NAMESPACE", "istio-system"),
+            ("ISTIO_META_FOO", "bar"),
+            ("XDS_HEADER_X_TEAM", "platform"),
+        ]);
+        let x = setup(&from_istiod).unwrap().run.xds.unwrap();
+        assert_eq!(x.address, "https://istiod.istio-system.svc:15012");
+        assert_eq!(
+            x.node_id,
+            "ztunnel~10.0.0.9~ztunnel-a.istio-system~istio-system.svc.cluster.local"
+        );
+        assert_eq!(x.metadata["FOO"], "bar");
+        assert_eq!(x.metadata["NAME"], "ztunnel-a");
+        assert_eq!(
+            x.headers,
+            vec![("x-team".to_string(), "platform".to_string())]
+        );
+        assert_eq!(x.cluster_id, "Kubernetes");
         let no_ca = env(&[("NODE_NAME", "n"), ("LOCAL_XDS_PATH", "/x")]);
         let err = setup(&no_ca).unwrap_err().to_string();
         assert!(err.contains("FAKE_CA=true"), "{err}");

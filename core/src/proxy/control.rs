@@ -101,19 +101,23 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         let _ = state.dns.set(dns);
     }
     // A file that exists must be valid at start: a typo fails fast. A missing file is waited
-    // for (not ready meanwhile): the config may be mounted after the proxy starts.
-    let first = match std::fs::read(&cfg.config) {
-        Ok(bytes) => {
-            let config = LocalConfig::from_yaml(&String::from_utf8_lossy(&bytes), &cfg.config)?;
-            let g = state.install(config)?;
-            state.metrics.reload(true, g);
-            Some(bytes)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            tracing::warn!(file = %cfg.config.display(), "config file does not exist yet; waiting for it (not ready meanwhile)");
-            None
-        }
-        Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", cfg.config.display())),
+    // for (not ready meanwhile): the config may be mounted after the proxy starts. With xDS,
+    // the config comes from the control plane instead.
+    let first = match &cfg.xds {
+        Some(_) => None,
+        None => match std::fs::read(&cfg.config) {
+            Ok(bytes) => {
+                let config = LocalConfig::from_yaml(&String::from_utf8_lossy(&bytes), &cfg.config)?;
+                let g = state.install(config)?;
+                state.metrics.reload(true, g);
+                Some(bytes)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(file = %cfg.config.display(), "config file does not exist yet; waiting for it (not ready meanwhile)");
+                None
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", cfg.config.display())),
+        },
     };
     let mut listeners = Vec::new();
     for (role, addr) in [
@@ -126,7 +130,20 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         }
     }
     admin::start(listeners, state.clone(), trigger.clone())?;
-    spawn_config_watch(state.clone(), first, trigger.clone())?;
+    match cfg.xds.clone() {
+        None => spawn_config_watch(state.clone(), first, trigger.clone())?,
+        Some(x) => {
+            let (s, t) = (state.clone(), trigger.clone());
+            std::thread::Builder::new()
+                .name("zring-xds".into())
+                .spawn(move || {
+                    if let Err(e) = crate::xds::client::run(x, XdsSink(s), move || t.is_triggered())
+                    {
+                        tracing::error!(error = %format!("{e:#}"), "the xDS client stopped");
+                    }
+                })?;
+        }
+    }
     spawn_renewal(state.certs.clone(), trigger.clone())?;
     let s = state.clone();
     let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
@@ -200,6 +217,30 @@ fn spawn_config_watch(
             }
         })?;
     Ok(())
+}
+
+/// Where the xDS client's configs and events go: the same install as a file reload.
+struct XdsSink(Arc<State>);
+
+impl crate::xds::client::Sink for XdsSink {
+    fn apply(&self, config: LocalConfig) -> Result<(), String> {
+        match self.0.install(config) {
+            Ok(g) => {
+                self.0.metrics.reload(true, g);
+                *self.0.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                Ok(())
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                *self.0.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+                self.0.metrics.reload(false, self.0.generation());
+                Err(e)
+            }
+        }
+    }
+    fn event(&self, e: crate::xds::client::Event<'_>) {
+        self.0.metrics.xds_event(&e);
+    }
 }
 
 /// How long an `AddWorkload` waits for the workers to bind the pod's listeners.

@@ -70,6 +70,8 @@ pub struct RunConfig {
     pub dns: Option<crate::dns::DnsSettings>,
     /// Lifetime of the workload certificates a local CA issues (`SECRET_TTL`, default 24 h).
     pub cert_ttl: Duration,
+    /// The config from a control plane over xDS instead of the file (`config` is then unused).
+    pub xds: Option<crate::xds::client::XdsSettings>,
 }
 
 /// Where the local workloads' certificates come from.
@@ -165,7 +167,10 @@ impl State {
             let last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
             return Some(match &*last {
                 Some(e) => format!("no config in force yet: {e}"),
-                None => format!("waiting for the config file {}", self.cfg.config.display()),
+                None => match &self.cfg.xds {
+                    Some(x) => format!("waiting for the first xDS push from {}", x.address),
+                    None => format!("waiting for the config file {}", self.cfg.config.display()),
+                },
             });
         }
         if let Some(((worker, addr), e)) = self
@@ -216,7 +221,7 @@ impl State {
             .collect();
         let dump = serde_json::json!({
             "node": self.cfg.node,
-            "configFile": self.cfg.config.display().to_string(),
+            "configSource": self.config_source(),
             "generation": self.generation(),
             "workloads": index.config.workloads,
             "services": index.config.services,
@@ -226,9 +231,17 @@ impl State {
         serde_json::to_string_pretty(&dump).unwrap_or_default()
     }
 
+    /// Where the config comes from: `file:<path>` or `xds:<address>`.
+    pub fn config_source(&self) -> String {
+        match &self.cfg.xds {
+            Some(x) => format!("xds:{}", x.address),
+            None => format!("file:{}", self.cfg.config.display()),
+        }
+    }
+
     /// Put `config` in force: issue the certificates of its local identities first, so that no
     /// connection ever finds its workload without one.
-    pub(super) fn install(&self, config: LocalConfig) -> anyhow::Result<u64> {
+    pub(crate) fn install(&self, config: LocalConfig) -> anyhow::Result<u64> {
         let index = MeshIndex::new(config);
         let mut ids = HashSet::new();
         for w in index.local_workloads(&self.cfg.node) {
@@ -250,7 +263,7 @@ impl State {
         // Pods' addresses come from the config: a pod handed over before its workload was
         // known gets its address (and so its namespace for upstream sockets) now.
         self.pods_changed(|_| {});
-        tracing::info!(file = %self.cfg.config.display(), generation = g, workloads = w, services = s, policies = p, local_workloads = l, identities = ids.len(), "config in force");
+        tracing::info!(source = %self.config_source(), generation = g, workloads = w, services = s, policies = p, local_workloads = l, identities = ids.len(), "config in force");
         Ok(g)
     }
 

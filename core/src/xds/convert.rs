@@ -245,3 +245,320 @@ pub fn resources(config: &LocalConfig) -> (Vec<Named>, Vec<Named>) {
         .collect();
     (addresses, policies)
 }
+
+// ---- istiod's resources back into the local config's model (the xDS client) ----
+
+fn ip_from(bytes: &[u8]) -> Result<IpAddr, String> {
+    match bytes.len() {
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(bytes).map_err(|e| e.to_string())?,
+        )),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(bytes).map_err(|e| e.to_string())?,
+        )),
+        n => Err(format!("an address of {n} bytes (4 or 16 expected)")),
+    }
+}
+
+fn network_address_from(a: &wl::NetworkAddress) -> Result<NetworkAddress, String> {
+    Ok(NetworkAddress {
+        network: a.network.clone(),
+        address: ip_from(&a.address)?,
+    })
+}
+
+fn gateway_from(g: &wl::GatewayAddress) -> Result<GatewayAddress, String> {
+    let port = u16::try_from(g.hbone_mtls_port).map_err(|_| "hbone_mtls_port out of range")?;
+    match &g.destination {
+        Some(wl::gateway_address::Destination::Address(a)) => Ok(GatewayAddress {
+            destination: network_address_from(a)?,
+            hbone_mtls_port: if port == 0 {
+                crate::config::DEFAULT_HBONE_PORT
+            } else {
+                port
+            },
+        }),
+        Some(wl::gateway_address::Destination::Hostname(h)) => Err(format!(
+            "a waypoint by hostname ({}/{}) is not supported yet",
+            h.namespace, h.hostname
+        )),
+        None => Err("a waypoint without a destination".into()),
+    }
+}
+
+fn port_map(ports: &[wl::Port]) -> Result<std::collections::HashMap<u16, u16>, String> {
+    ports
+        .iter()
+        .map(|p| {
+            let s =
+                u16::try_from(p.service_port).map_err(|_| format!("port {}", p.service_port))?;
+            let t = u16::try_from(p.target_port).map_err(|_| format!("port {}", p.target_port))?;
+            Ok((s, if t == 0 { s } else { t }))
+        })
+        .collect()
+}
+
+/// A workload istiod sent, in the local config's model.
+pub fn workload_from(w: &wl::Workload) -> Result<Workload, String> {
+    let identity = Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        service_account: if w.service_account.is_empty() {
+            "default".into()
+        } else {
+            w.service_account.clone()
+        },
+        trust_domain: if w.trust_domain.is_empty() {
+            crate::config::DEFAULT_TRUST_DOMAIN.into()
+        } else {
+            w.trust_domain.clone()
+        },
+        workload_ips: w
+            .addresses
+            .iter()
+            .map(|a| ip_from(a))
+            .collect::<Result<_, _>>()?,
+        protocol: if w.tunnel_protocol == wl::TunnelProtocol::Hbone as i32 {
+            InboundProtocol::Hbone
+        } else {
+            InboundProtocol::Tcp
+        },
+        node: w.node.clone(),
+        network: w.network.clone(),
+        waypoint: w.waypoint.as_ref().map(gateway_from).transpose()?,
+        services: w
+            .services
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), port_map(&v.ports)?)))
+            .collect::<Result<_, String>>()?,
+        authorization_policies: w.authorization_policies.clone(),
+        canonical_name: w.canonical_name.clone(),
+        canonical_revision: w.canonical_revision.clone(),
+        workload_name: w.workload_name.clone(),
+        cluster_id: w.cluster_id.clone(),
+        workload_type: match wl::WorkloadType::try_from(w.workload_type) {
+            Ok(wl::WorkloadType::Cronjob) => "cronjob",
+            Ok(wl::WorkloadType::Job) => "job",
+            Ok(wl::WorkloadType::Pod) => "pod",
+            _ => "deployment",
+        }
+        .into(),
+    };
+    if identity.uid.is_empty() {
+        return Err("a workload without a uid".into());
+    }
+    identity
+        .identity()
+        .map_err(|e| format!("no valid identity: {e}"))?;
+    Ok(identity)
+}
+
+/// A service istiod sent, in the local config's model.
+pub fn service_from(s: &wl::Service) -> Result<Service, String> {
+    if s.hostname.is_empty() {
+        return Err("a service without a hostname".into());
+    }
+    Ok(Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        vips: s
+            .addresses
+            .iter()
+            .map(network_address_from)
+            .collect::<Result<_, _>>()?,
+        ports: port_map(&s.ports)?,
+        subject_alt_names: s.subject_alt_names.clone(),
+        waypoint: s.waypoint.as_ref().map(gateway_from).transpose()?,
+        load_balancer: s
+            .load_balancing
+            .as_ref()
+            .map(|lb| crate::config::LoadBalancer {
+                routing_preferences: lb
+                    .routing_preference
+                    .iter()
+                    .filter_map(|p| match wl::load_balancing::Scope::try_from(*p) {
+                        Ok(wl::load_balancing::Scope::Region) => Some(Scope::Region),
+                        Ok(wl::load_balancing::Scope::Zone) => Some(Scope::Zone),
+                        Ok(wl::load_balancing::Scope::Subzone) => Some(Scope::Subzone),
+                        Ok(wl::load_balancing::Scope::Node) => Some(Scope::Node),
+                        Ok(wl::load_balancing::Scope::Cluster) => Some(Scope::Cluster),
+                        Ok(wl::load_balancing::Scope::Network) => Some(Scope::Network),
+                        _ => None,
+                    })
+                    .collect(),
+                mode: if lb.mode == wl::load_balancing::Mode::Strict as i32 {
+                    LoadBalancerMode::Strict
+                } else {
+                    LoadBalancerMode::Failover
+                },
+            }),
+    })
+}
+
+fn string_match_from(m: &sec::StringMatch) -> Result<StringMatch, String> {
+    use sec::string_match::MatchType;
+    match &m.match_type {
+        Some(MatchType::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
+        Some(MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
+        Some(MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
+        Some(MatchType::Presence(())) => Ok(StringMatch::Presence(Default::default())),
+        None => Err("a string match without a match type".into()),
+    }
+}
+
+fn block_from(a: &sec::Address) -> Result<IpBlock, String> {
+    let ip = ip_from(&a.address)?;
+    let len = u8::try_from(a.length).map_err(|_| format!("prefix length {}", a.length))?;
+    let net = ipnet::IpNet::new(ip, len).map_err(|e| format!("{ip}/{len}: {e}"))?;
+    Ok(IpBlock(net))
+}
+
+fn rbac_from(m: &sec::Match) -> Result<RbacMatch, String> {
+    let sm = |v: &[sec::StringMatch]| {
+        v.iter()
+            .map(string_match_from)
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let sa = |v: &[sec::ServiceAccountMatch]| {
+        v.iter()
+            .map(|s| crate::config::policy::ServiceAccountMatch {
+                namespace: s.namespace.clone(),
+                service_account: s.service_account.clone(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let ips = |v: &[sec::Address]| v.iter().map(block_from).collect::<Result<Vec<_>, _>>();
+    let ports = |v: &[u32]| {
+        v.iter()
+            .map(|p| u16::try_from(*p).map_err(|_| format!("port {p}")))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(RbacMatch {
+        namespaces: sm(&m.namespaces)?,
+        not_namespaces: sm(&m.not_namespaces)?,
+        service_accounts: sa(&m.service_accounts),
+        not_service_accounts: sa(&m.not_service_accounts),
+        principals: sm(&m.principals)?,
+        not_principals: sm(&m.not_principals)?,
+        source_ips: ips(&m.source_ips)?,
+        not_source_ips: ips(&m.not_source_ips)?,
+        destination_ips: ips(&m.destination_ips)?,
+        not_destination_ips: ips(&m.not_destination_ips)?,
+        destination_ports: ports(&m.destination_ports)?,
+        not_destination_ports: ports(&m.not_destination_ports)?,
+    })
+}
+
+/// A policy istiod sent, in the local config's model.
+pub fn authorization_from(p: &sec::Authorization) -> Result<Authorization, String> {
+    if p.name.is_empty() {
+        return Err("a policy without a name".into());
+    }
+    Ok(Authorization {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        scope: match sec::Scope::try_from(p.scope) {
+            Ok(sec::Scope::Global) => PolicyScope::Global,
+            Ok(sec::Scope::Namespace) => PolicyScope::Namespace,
+            Ok(sec::Scope::WorkloadSelector) => PolicyScope::WorkloadSelector,
+            Err(_) => return Err(format!("unknown scope {}", p.scope)),
+        },
+        action: match sec::Action::try_from(p.action) {
+            Ok(sec::Action::Allow) => PolicyAction::Allow,
+            Ok(sec::Action::Deny) => PolicyAction::Deny,
+            Err(_) => return Err(format!("unknown action {}", p.action)),
+        },
+        rules: p
+            .rules
+            .iter()
+            .map(|r| {
+                r.clauses
+                    .iter()
+                    .map(|c| {
+                        c.matches
+                            .iter()
+                            .map(rbac_from)
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        dry_run: p.dry_run,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_mesh_survives_the_round_trip() {
+        let path = std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/bookinfo-mesh.yaml"
+        ));
+        let Ok(cfg) = LocalConfig::load(path) else {
+            panic!("{} does not load", path.display());
+        };
+        for w in &cfg.workloads {
+            let back = workload_from(&workload(w)).unwrap();
+            let mut want = w.clone();
+            if want.workload_type.is_empty() {
+                // istiod's default, DEPLOYMENT (0), is what an unset type means.
+                want.workload_type = "deployment".into();
+            }
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(&want).unwrap(),
+                "{}",
+                w.uid
+            );
+        }
+        for s in &cfg.services {
+            let back = service_from(&service(s)).unwrap();
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(s).unwrap()
+            );
+        }
+        for p in &cfg.policies {
+            let back = authorization_from(&authorization(p)).unwrap();
+            assert_eq!(
+                serde_json::to_value(&back).unwrap(),
+                serde_json::to_value(p).unwrap()
+            );
+        }
+        assert!(!cfg.policies.is_empty() && !cfg.services.is_empty());
+    }
+
+    #[test]
+    fn bad_resources_are_named_with_a_reason() {
+        let mut w = wl::Workload {
+            uid: "c//Pod/default/x".into(),
+            name: "x".into(),
+            namespace: "default".into(),
+            ..Default::default()
+        };
+        w.addresses = vec![vec![10, 0, 0]];
+        assert!(workload_from(&w).unwrap_err().contains("3 bytes"));
+        w.addresses = vec![vec![10, 0, 0, 1]];
+        w.waypoint = Some(wl::GatewayAddress {
+            destination: Some(wl::gateway_address::Destination::Hostname(
+                wl::NamespacedHostname {
+                    namespace: "default".into(),
+                    hostname: "wp.default.svc.cluster.local".into(),
+                },
+            )),
+            hbone_mtls_port: 15008,
+        });
+        assert!(workload_from(&w).unwrap_err().contains("by hostname"));
+        let p = sec::Authorization {
+            name: "p".into(),
+            scope: 9,
+            ..Default::default()
+        };
+        assert!(authorization_from(&p).unwrap_err().contains("scope"));
+    }
+}

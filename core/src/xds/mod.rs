@@ -1,7 +1,9 @@
 //! Istio's control-plane protocols: the protobuf messages (in-repo `.proto` files under
 //! `core/proto/`, compiled by `build.rs` with protox and tonic-prost-build), the local config
-//! as istiod's resources (`convert`), and `zring control-plane` (`server`).
+//! as istiod's resources and back (`convert`), the xDS client (`client`), and
+//! `zring control-plane` (`server`).
 
+pub mod client;
 pub mod convert;
 pub mod server;
 

@@ -1,0 +1,339 @@
+//! The xDS client: workloads, services and policies from istiod (or `zring control-plane`)
+//! over delta ADS, as ztunnel takes them.
+//!
+//! - TLS to `XDS_ADDRESS` with the root of `XDS_ROOT_CA`, the server name from
+//!   `ALT_XDS_HOSTNAME` (else the address's host); headers `authorization: Bearer <token>` (the
+//!   token file is re-read for every new stream), `clusterid`, and `XDS_HEADER_*` extras.
+//! - Node id `ztunnel~<INSTANCE_IP>~<POD_NAME>.<POD_NAMESPACE>~<POD_NAMESPACE>.svc.cluster.local`
+//!   with the proxy's metadata.
+//! - Subscribes (wildcard) to `istio.workload.Address` and `istio.security.Authorization`;
+//!   applies adds and removals incrementally; ACKs with the nonce, or NACKs with
+//!   `error_detail` naming each bad resource and why, the good resources of that response
+//!   still applying; on reconnect `initial_resource_versions` carries what it holds.
+//!   Reconnects with back-off from 10 ms doubling to 15 s.
+//! - The first config is put in force once both types have arrived; until then zring is not
+//!   ready. A lost control plane never stops traffic: the last good config stays in force.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::Context;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use super::{
+    convert::{self, ADDRESS_TYPE, AUTHORIZATION_TYPE},
+    proto::{
+        envoy::service::discovery::v3::{
+            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status,
+        },
+        istio::{security, workload},
+    },
+};
+use crate::config::{Authorization, LocalConfig, Service, Workload};
+
+/// Where and how to reach the control plane.
+#[derive(Debug, Clone)]
+pub struct XdsSettings {
+    /// `https://host:port` (`XDS_ADDRESS`).
+    pub address: String,
+    /// The root the server's certificate must chain to (`XDS_ROOT_CA`).
+    pub root_ca: PathBuf,
+    /// The name the server's certificate must carry (`ALT_XDS_HOSTNAME`; else the host).
+    pub server_name: Option<String>,
+    /// Bearer token file (`AUTH_TOKEN`), re-read per stream; a missing file sends none.
+    pub token_file: Option<PathBuf>,
+    /// `clusterid` header value.
+    pub cluster_id: String,
+    /// Extra headers (`XDS_HEADER_*`).
+    pub headers: Vec<(String, String)>,
+    /// Node id.
+    pub node_id: String,
+    /// Node metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl XdsSettings {
+    /// ztunnel's node id for this proxy.
+    pub fn node_id(instance_ip: &str, pod_name: &str, pod_namespace: &str) -> String {
+        format!(
+            "ztunnel~{instance_ip}~{pod_name}.{pod_namespace}~{pod_namespace}.svc.cluster.local"
+        )
+    }
+}
+
+/// What the client reports to the proxy.
+pub trait Sink: Send + 'static {
+    /// Put this config in force; an error is NACKed.
+    fn apply(&self, config: LocalConfig) -> Result<(), String>;
+    /// The connection state changed, or a push arrived (for metrics and logs).
+    fn event(&self, e: Event<'_>);
+}
+
+/// Something the client did.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// Connected (true) or lost (false).
+    Connected(bool),
+    /// A push of `type_url` was applied (`nacked`: some of it was refused).
+    Push {
+        /// Resource type.
+        type_url: &'a str,
+        /// Resources of that type now held.
+        held: usize,
+        /// Whether it was NACKed.
+        nacked: bool,
+    },
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+
+/// The resources held, by type, and their versions.
+#[derive(Debug, Default)]
+struct Held {
+    workloads: BTreeMap<String, Workload>,
+    services: BTreeMap<String, Service>,
+    policies: BTreeMap<String, Authorization>,
+    versions: HashMap<String, HashMap<String, String>>,
+    synced: HashMap<String, bool>,
+}
+
+impl Held {
+    fn config(&self) -> LocalConfig {
+        LocalConfig {
+            workloads: self.workloads.values().cloned().collect(),
+            services: self.services.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
+        }
+    }
+
+    fn count(&self, type_url: &str) -> usize {
+        if type_url == ADDRESS_TYPE {
+            self.workloads.len() + self.services.len()
+        } else {
+            self.policies.len()
+        }
+    }
+
+    /// Apply one response; the errors name each refused resource.
+    fn apply(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
+        let mut errors = Vec::new();
+        let versions = self.versions.entry(r.type_url.clone()).or_default();
+        for name in &r.removed_resources {
+            versions.remove(name);
+            if r.type_url == ADDRESS_TYPE {
+                self.workloads.remove(name);
+                self.services.remove(name);
+            } else {
+                self.policies.remove(name);
+            }
+        }
+        for res in &r.resources {
+            let Some(any) = &res.resource else {
+                errors.push(format!("{}: no resource", res.name));
+                continue;
+            };
+            let outcome = if r.type_url == ADDRESS_TYPE {
+                match workload::Address::decode(any.value.as_slice()) {
+                    Err(e) => Err(format!("not an istio.workload.Address: {e}")),
+                    Ok(workload::Address {
+                        r#type: Some(workload::address::Type::Workload(w)),
+                    }) => convert::workload_from(&w).map(|w| {
+                        self.services.remove(&res.name);
+                        self.workloads.insert(res.name.clone(), w);
+                    }),
+                    Ok(workload::Address {
+                        r#type: Some(workload::address::Type::Service(s)),
+                    }) => convert::service_from(&s).map(|s| {
+                        self.workloads.remove(&res.name);
+                        self.services.insert(res.name.clone(), s);
+                    }),
+                    Ok(_) => Err("an Address that is neither a workload nor a service".into()),
+                }
+            } else {
+                match security::Authorization::decode(any.value.as_slice()) {
+                    Err(e) => Err(format!("not an istio.security.Authorization: {e}")),
+                    Ok(p) => convert::authorization_from(&p).map(|p| {
+                        self.policies.insert(res.name.clone(), p);
+                    }),
+                }
+            };
+            match outcome {
+                Ok(()) => {
+                    versions.insert(res.name.clone(), res.version.clone());
+                }
+                // The previous state of a refused resource stays.
+                Err(e) => errors.push(format!("{}: {e}", res.name)),
+            }
+        }
+        self.synced.insert(r.type_url.clone(), true);
+        errors
+    }
+}
+
+/// Run the client on the current thread until `stop` says so (its own tokio runtime).
+pub fn run(
+    settings: XdsSettings,
+    sink: impl Sink,
+    stop: impl Fn() -> bool + Send + 'static,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut held = Held::default();
+        let mut backoff = FIRST_BACKOFF;
+        while !stop() {
+            let started = std::time::Instant::now();
+            match stream(&settings, &sink, &mut held, &stop).await {
+                Ok(()) => return,
+                Err(e) => {
+                    sink.event(Event::Connected(false));
+                    tracing::warn!(address = %settings.address, error = %format!("{e:#}"), retry_in = ?backoff, "xDS stream failed; the config in force stays");
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = FIRST_BACKOFF;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    });
+    Ok(())
+}
+
+async fn stream(
+    s: &XdsSettings,
+    sink: &impl Sink,
+    held: &mut Held,
+    stop: &impl Fn() -> bool,
+) -> anyhow::Result<()> {
+    let root = std::fs::read(&s.root_ca)
+        .with_context(|| format!("reading XDS_ROOT_CA {}", s.root_ca.display()))?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root));
+    if let Some(name) = &s.server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    let channel = Endpoint::from_shared(s.address.clone())
+        .with_context(|| format!("XDS_ADDRESS {}", s.address))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", s.address))?;
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(path) = &s.token_file {
+        match std::fs::read_to_string(path) {
+            Ok(t) => {
+                let v = format!("Bearer {}", t.trim())
+                    .parse()
+                    .context("the token is not a valid header value")?;
+                req.metadata_mut().insert("authorization", v);
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "no xDS token (AUTH_TOKEN unreadable); connecting without one")
+            }
+        }
+    }
+    req.metadata_mut()
+        .insert("clusterid", s.cluster_id.parse().context("CLUSTER_ID")?);
+    for (k, v) in &s.headers {
+        let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
+            k.parse().with_context(|| format!("header name {k:?}"))?;
+        req.metadata_mut()
+            .insert(key, v.parse().with_context(|| format!("header {k}"))?);
+    }
+    let node = Node {
+        id: s.node_id.clone(),
+        cluster: String::new(),
+        metadata: Some(prost_types::Struct {
+            fields: s
+                .metadata
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        prost_types::Value {
+                            kind: Some(prost_types::value::Kind::StringValue(v.clone())),
+                        },
+                    )
+                })
+                .collect(),
+        }),
+        build_version: String::new(),
+    };
+    for (i, t) in [ADDRESS_TYPE, AUTHORIZATION_TYPE].into_iter().enumerate() {
+        tx.send(DeltaDiscoveryRequest {
+            node: (i == 0).then(|| node.clone()),
+            type_url: t.to_string(),
+            initial_resource_versions: held.versions.get(t).cloned().unwrap_or_default(),
+            ..Default::default()
+        })
+        .await
+        .context("request stream closed")?;
+    }
+    let mut responses = client
+        .delta_aggregated_resources(req)
+        .await
+        .context("opening the delta ADS stream")?
+        .into_inner();
+    sink.event(Event::Connected(true));
+    tracing::info!(address = %s.address, node = %s.node_id, "xDS stream open");
+    loop {
+        let msg = tokio::select! {
+            m = responses.message() => m.context("receiving")?,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if stop() { return Ok(()); }
+                continue;
+            }
+        };
+        let Some(r) = msg else {
+            anyhow::bail!("the control plane closed the stream");
+        };
+        if r.type_url != ADDRESS_TYPE && r.type_url != AUTHORIZATION_TYPE {
+            tracing::warn!(type_url = %r.type_url, "xDS push of a type not asked for; ignored");
+            continue;
+        }
+        let mut errors = held.apply(&r);
+        let both = [ADDRESS_TYPE, AUTHORIZATION_TYPE]
+            .iter()
+            .all(|t| held.synced.get(*t).copied().unwrap_or(false));
+        if both {
+            if let Err(e) = sink.apply(held.config()) {
+                errors.push(format!("the config as a whole: {e}"));
+            }
+        }
+        let nacked = !errors.is_empty();
+        if nacked {
+            tracing::warn!(type_url = %r.type_url, nonce = %r.nonce, errors = %errors.join("; "), "xDS push partly refused (NACK); the rest applies");
+        }
+        sink.event(Event::Push {
+            type_url: &r.type_url,
+            held: held.count(&r.type_url),
+            nacked,
+        });
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            error_detail: nacked.then(|| Status {
+                code: 3, // INVALID_ARGUMENT
+                message: errors.join("; "),
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .context("request stream closed")?;
+    }
+}

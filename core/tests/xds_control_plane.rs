@@ -1,0 +1,345 @@
+//! Two zring nodes configured only through `zring control-plane` (delta xDS over TLS with a
+//! bearer token; certificates still from a CA directory until the Istio CA client lands):
+//! the first push makes them ready and they carry HBONE with policy; a policy change in the
+//! control plane's file applies to new connections while an open one keeps running; a workload
+//! added and a service removed arrive incrementally; the control plane restarted mid-run:
+//! traffic flows throughout, the nodes reconnect and later changes still arrive; a node whose
+//! control plane never answers is not ready and says why.
+
+use std::{
+    io::Write,
+    net::{IpAddr, Shutdown, SocketAddr},
+    path::Path,
+    time::Duration,
+};
+
+mod common;
+
+use common::{
+    mesh::{echo_through, http_get, metric, socks, Node},
+    tmp, Proc,
+};
+
+const CP: &str = "127.0.61.1:15012";
+
+fn mesh(allow: &[&str], with_newpod: bool, with_service: bool) -> String {
+    let principals: String = allow
+        .iter()
+        .map(|sa| format!("        - !Exact cluster.local/ns/default/sa/{sa}\n"))
+        .collect();
+    let newpod = if with_newpod {
+        r#"- uid: c//v1/Pod/default/newpod
+  name: newpod
+  namespace: default
+  serviceAccount: newpod
+  workloadIps: ["127.0.61.5"]
+  protocol: HBONE
+  node: node-a
+"#
+    } else {
+        ""
+    };
+    let service = if with_service {
+        r#"- name: productpage
+  namespace: default
+  hostname: productpage.default.svc.cluster.local
+  vips: ["/127.0.61.20"]
+  ports:
+    9080: 9080
+"#
+    } else {
+        ""
+    };
+    format!(
+        r#"workloads:
+- uid: c//v1/Pod/default/sleep
+  name: sleep
+  namespace: default
+  serviceAccount: sleep
+  workloadIps: ["127.0.61.2"]
+  protocol: HBONE
+  node: node-a
+- uid: c//v1/Pod/default/notsleep
+  name: notsleep
+  namespace: default
+  serviceAccount: notsleep
+  workloadIps: ["127.0.61.4"]
+  protocol: HBONE
+  node: node-a
+{newpod}- uid: c//v1/Pod/default/productpage
+  name: productpage
+  namespace: default
+  serviceAccount: productpage
+  workloadIps: ["127.0.61.3"]
+  protocol: HBONE
+  node: node-b
+  services:
+    "default/productpage.default.svc.cluster.local":
+      9080: 9080
+  authorizationPolicies: ["default/productpage-viewer"]
+services:
+{service}policies:
+- name: productpage-viewer
+  namespace: default
+  scope: WorkloadSelector
+  action: Allow
+  dryRun: false
+  rules:
+  - - - principals:
+{principals}"#
+    )
+}
+
+fn start_cp(dir: &Path, cfg: &Path, ca: &Path, token: &Path) -> Proc {
+    let p = Proc::spawn(&[
+        "control-plane",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--listen",
+        CP,
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    let _ = dir;
+    common::wait_until(
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(CP).is_ok(),
+        || format!("zring control-plane never listened:\n{}", p.log()),
+    );
+    p
+}
+
+fn node(name: &str, host: [u8; 4], ca: &Path, token: &Path, xds: &str, socks5: bool) -> Node {
+    let host = IpAddr::from(host);
+    let (admin, stats, ready) = (
+        SocketAddr::new(host, 15000),
+        SocketAddr::new(host, 15020),
+        SocketAddr::new(host, 15021),
+    );
+    let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
+    let socks_at = SocketAddr::new(host, 15080).to_string();
+    let root = ca.join("root-cert.pem");
+    let mut args = vec![
+        "run",
+        "--node-name",
+        name,
+        "--xds-address",
+        xds,
+        "--xds-root-ca",
+        root.to_str().unwrap(),
+        "--alt-xds-hostname",
+        "istiod.istio-system.svc",
+        "--auth-token",
+        token.to_str().unwrap(),
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--packet-mark",
+        "0",
+        "--bind-source",
+        "--workers",
+        "1",
+        "--dns-proxy",
+        "false",
+        "--admin-addr",
+        &a,
+        "--stats-addr",
+        &s,
+        "--readiness-addr",
+        &r,
+    ];
+    if socks5 {
+        args.extend(["--socks5", &socks_at]);
+    }
+    Node {
+        proc: Proc::spawn(&args),
+        stats,
+        ready,
+        admin,
+    }
+}
+
+/// From workload address `src` through node-a's SOCKS5 to productpage's echo: the bytes that
+/// came back, or the SOCKS5 reply code when the proxy refused.
+fn call(src: [u8; 4], data: &[u8]) -> Result<Vec<u8>, u8> {
+    let (code, c) = socks(
+        IpAddr::from(src),
+        "127.0.61.6:15080".parse().unwrap(),
+        "127.0.61.3:9080".parse().unwrap(),
+    );
+    if code != 0 {
+        return Err(code);
+    }
+    Ok(echo_through(c, data))
+}
+
+fn allowed(src: [u8; 4]) -> bool {
+    matches!(call(src, b"hello"), Ok(b) if b == b"hello")
+}
+
+#[test]
+fn nodes_run_from_the_control_plane_alone() {
+    let dir = tmp("xds-cp");
+    let ca = common::ca_init(&dir);
+    let cfg = dir.join("mesh.yaml");
+    let token = dir.join("istio-token");
+    std::fs::write(&token, "token-for-the-test\n").unwrap();
+    std::fs::write(&cfg, mesh(&["sleep", "newpod"], false, true)).unwrap();
+    common::echo_at("127.0.61.3:9080".parse().unwrap());
+    let mut cp = start_cp(&dir, &cfg, &ca, &token);
+
+    let xds = format!("https://{CP}");
+    let mut a = node("node-a", [127, 0, 61, 6], &ca, &token, &xds, true);
+    let mut b = node("node-b", [127, 0, 61, 7], &ca, &token, &xds, false);
+    a.wait_ready();
+    b.wait_ready();
+    let (_, dump) = http_get(b.admin, "GET", "/config_dump");
+    assert!(
+        dump.contains(&format!("\"configSource\": \"xds:https://{CP}\"")),
+        "{dump}"
+    );
+    assert!(
+        dump.contains("productpage.default.svc.cluster.local"),
+        "{dump}"
+    );
+
+    // The first push: HBONE with policy.
+    assert!(
+        allowed([127, 0, 61, 2]),
+        "sleep was refused:\n{}",
+        a.proc.log()
+    );
+    assert!(!allowed([127, 0, 61, 4]), "notsleep got through");
+    let text = b.metrics();
+    assert!(
+        metric(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\""
+            ]
+        )
+        .unwrap_or(0)
+            >= 1,
+        "{text}"
+    );
+    assert_eq!(metric(&text, "zring_xds_connected", &[]), Some(1), "{text}");
+
+    // A policy change applies to new connections; an open one keeps going.
+    let (code, mut open) = socks(
+        IpAddr::from([127, 0, 61, 2]),
+        "127.0.61.6:15080".parse().unwrap(),
+        "127.0.61.3:9080".parse().unwrap(),
+    );
+    assert_eq!(code, 0);
+    open.write_all(b"before ").unwrap();
+    std::fs::write(&cfg, mesh(&["notsleep", "newpod"], false, true)).unwrap();
+    common::wait_until(
+        Duration::from_secs(10),
+        || allowed([127, 0, 61, 4]),
+        || {
+            format!(
+                "the new policy never applied:\n{}\n{}",
+                b.proc.log(),
+                cp.log()
+            )
+        },
+    );
+    assert!(!allowed([127, 0, 61, 2]), "the old policy still applied");
+    open.write_all(b"after").unwrap();
+    open.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    std::io::Read::read_to_end(&mut open, &mut got).unwrap();
+    assert_eq!(got, b"before after", "the open connection was disturbed");
+
+    // Incremental: a workload added, a service removed.
+    std::fs::write(&cfg, mesh(&["notsleep", "newpod"], true, false)).unwrap();
+    common::wait_until(
+        Duration::from_secs(10),
+        || {
+            let (_, d) = http_get(a.admin, "GET", "/config_dump");
+            let v: serde_json::Value = serde_json::from_str(&d).unwrap_or_default();
+            d.contains("c//v1/Pod/default/newpod")
+                && v["services"].as_array().is_some_and(|s| s.is_empty())
+        },
+        || format!("the add and the removal never arrived:\n{}", a.proc.log()),
+    );
+    assert!(
+        allowed([127, 0, 61, 5]),
+        "newpod was refused:\n{}",
+        a.proc.log()
+    );
+    let text = b.metrics();
+    assert!(
+        metric(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/newpod\""
+            ]
+        )
+        .unwrap_or(0)
+            >= 1,
+        "newpod's connection did not go through the tunnel:\n{text}"
+    );
+
+    // The control plane goes away: traffic flows, readiness holds, the nodes keep retrying.
+    drop(cp);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        allowed([127, 0, 61, 4]),
+        "traffic stopped with the control plane"
+    );
+    assert_eq!(http_get(a.ready, "GET", "/healthz/ready").0, 200);
+    common::wait_until(
+        Duration::from_secs(10),
+        || metric(&a.metrics(), "zring_xds_connected", &[]) == Some(0),
+        || "node-a never noticed the control plane left".into(),
+    );
+    // Back, with a change made meanwhile: the nodes reconnect and get it.
+    std::fs::write(&cfg, mesh(&["sleep", "notsleep", "newpod"], true, false)).unwrap();
+    cp = start_cp(&dir, &cfg, &ca, &token);
+    common::wait_until(
+        Duration::from_secs(20),
+        || allowed([127, 0, 61, 2]),
+        || {
+            format!(
+                "the change made while the control plane was away never arrived:\n{}\n{}",
+                b.proc.log(),
+                cp.log()
+            )
+        },
+    );
+    assert!(allowed([127, 0, 61, 4]));
+    for n in [&a, &b] {
+        let text = n.metrics();
+        assert!(
+            metric(&text, "zring_xds_connections_total", &[]).unwrap_or(0) >= 2,
+            "{text}"
+        );
+    }
+    assert!(b
+        .proc
+        .log()
+        .contains("xDS stream failed; the config in force stays"));
+
+    // A node whose control plane never answers is not ready, and says why.
+    let mut c = node(
+        "node-c",
+        [127, 0, 61, 8],
+        &ca,
+        &token,
+        "https://127.0.61.9:15012",
+        false,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (st, why) = http_get(c.ready, "GET", "/healthz/ready");
+    assert_eq!(st, 503, "{why}");
+    assert!(why.contains("waiting for the first xDS push"), "{why}");
+    let _ = c.proc.child.kill();
+    let _ = a.proc.child.kill();
+    drop(cp);
+}
