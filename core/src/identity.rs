@@ -64,6 +64,14 @@ impl Issued {
     fn due(&self, source: &Source, id: &SpiffeId, now: SystemTime) -> bool {
         match source {
             Source::Ca { .. } => self.cert.needs_renewal(now),
+            Source::Remote { backoff, .. } => {
+                self.cert.needs_renewal(now)
+                    && backoff
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(id)
+                        .is_none_or(|(next, _)| *next <= now)
+            }
             Source::Files { dir } => {
                 let prefix = CertManager::prefix(dir, id);
                 let current =
@@ -92,7 +100,17 @@ enum Source {
     Ca { ca: Box<LocalCa>, ttl: Duration },
     /// Read from a certificate directory.
     Files { dir: PathBuf },
+    /// From Istio's CA (istiod or `zring control-plane`), `ttl` long.
+    Remote {
+        ca: Box<crate::xds::ca_client::IstioCa>,
+        ttl: Duration,
+        /// Per identity: when the next attempt may run, and the back-off after a failure.
+        backoff: Mutex<HashMap<SpiffeId, (SystemTime, Duration)>>,
+    },
 }
+
+/// The longest wait between attempts for one identity after failures.
+const MAX_CA_BACKOFF: Duration = Duration::from_secs(150);
 
 /// Issues (or loads) and renews workload certificates.
 #[derive(Debug)]
@@ -100,6 +118,7 @@ pub struct CertManager {
     source: Source,
     roots: Vec<CertificateDer<'static>>,
     issued: Mutex<HashMap<SpiffeId, Arc<Issued>>>,
+    ca_errors: std::sync::atomic::AtomicU64,
 }
 
 /// Modification time of a file (None when unreadable).
@@ -118,16 +137,39 @@ impl CertManager {
             },
             roots,
             issued: Mutex::new(HashMap::new()),
+            ca_errors: Default::default(),
         }
     }
 
+    /// A manager getting `ttl`-long certificates from Istio's CA; the trust bundle is the
+    /// CA's root file (`CA_ROOT_CA`).
+    pub fn remote(ca: crate::xds::ca_client::IstioCa, ttl: Duration) -> Result<Self, CaError> {
+        let roots = ca.roots()?;
+        Ok(Self {
+            source: Source::Remote {
+                ca: Box::new(ca),
+                ttl,
+                backoff: Mutex::new(HashMap::new()),
+            },
+            roots,
+            issued: Mutex::new(HashMap::new()),
+            ca_errors: Default::default(),
+        })
+    }
+
     /// How often [`CertManager::renew_due`] should run: a CA's certificates need it at
-    /// half-life (checked every 30 s); files are checked for changes every second.
+    /// half-life (checked every 30 s; a remote CA's every second, for its back-off); files are
+    /// checked for changes every second.
     pub fn check_interval(&self) -> Duration {
         match self.source {
             Source::Ca { .. } => Duration::from_secs(30),
-            Source::Files { .. } => Duration::from_secs(1),
+            Source::Files { .. } | Source::Remote { .. } => Duration::from_secs(1),
         }
+    }
+
+    /// Failed CA calls since start (`zring_ca_errors_total`).
+    pub fn ca_errors(&self) -> u64 {
+        self.ca_errors.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A manager reading certificates from `dir` (layout in the module docs).
@@ -139,6 +181,7 @@ impl CertManager {
             },
             roots,
             issued: Mutex::new(HashMap::new()),
+            ca_errors: Default::default(),
         })
     }
 
@@ -153,6 +196,24 @@ impl CertManager {
         };
         let (cert, loaded) = match &self.source {
             Source::Ca { ca, ttl } => (ca.issue(id, *ttl).map_err(err)?, None),
+            Source::Remote { ca, ttl, backoff } => match ca.issue(id, *ttl) {
+                Ok(c) => {
+                    backoff.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+                    (c, None)
+                }
+                Err(e) => {
+                    self.ca_errors
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let mut b = backoff.lock().unwrap_or_else(|p| p.into_inner());
+                    let wait = b.get(id).map_or(Duration::from_secs(1), |(_, w)| {
+                        (*w * 2).min(MAX_CA_BACKOFF)
+                    });
+                    b.insert(id.clone(), (SystemTime::now() + wait, wait));
+                    return Err(err(CaError::Remote(format!(
+                        "{e:#} (next try in {wait:?})"
+                    ))));
+                }
+            },
             Source::Files { dir } => {
                 let prefix = Self::prefix(dir, id);
                 let chain_path = prefix.join("cert-chain.pem");
@@ -173,10 +234,10 @@ impl CertManager {
                 id: id.clone(),
                 source: Box::new(source),
             })?;
-        let source = if loaded.is_some() {
-            "files"
-        } else {
-            "local CA"
+        let source = match (&self.source, loaded.is_some()) {
+            (_, true) => "files",
+            (Source::Remote { .. }, _) => "Istio CA",
+            _ => "local CA",
         };
         tracing::info!(identity = %id, expires = %humantime::format_rfc3339_seconds(cert.not_after), source, "workload certificate in use");
         Ok(Arc::new(Issued {

@@ -81,10 +81,24 @@ struct RunArgs {
     /// CA directory issuing the local workloads' certificates (zring ca init).
     #[arg(
         long,
-        required_unless_present = "cert_dir",
+        required_unless_present_any = ["cert_dir", "ca_address"],
         conflicts_with = "cert_dir"
     )]
     ca_dir: Option<std::path::PathBuf>,
+    /// Istio's CA (istiod or `zring control-plane`), e.g. https://istiod.istio-system.svc:15012:
+    /// certificates through CreateCertificate (when neither --ca-dir nor --cert-dir is given).
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// The root the CA's certificate must chain to; also the mesh's trust bundle.
+    #[arg(
+        long,
+        env = "CA_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    ca_root_ca: std::path::PathBuf,
+    /// The name the CA's certificate must carry (default: the address's host).
+    #[arg(long, env = "ALT_CA_HOSTNAME")]
+    alt_ca_hostname: Option<String>,
     /// Certificate directory instead of a CA: root-cert.pem and, per identity,
     /// <namespace>/<service account>/cert-chain.pem and key.pem; re-read when they change.
     #[arg(long)]
@@ -607,10 +621,23 @@ fn main() -> std::process::ExitCode {
                     format!("xds:{}", a.xds.xds_address.clone().unwrap_or_default()).into()
                 }),
                 node: a.node_name,
-                certs: match (a.ca_dir, a.cert_dir) {
-                    (Some(ca), _) => zring_core::proxy::CertSource::Ca(ca),
-                    (None, Some(dir)) => zring_core::proxy::CertSource::Files(dir),
-                    (None, None) => unreachable!("clap requires --ca-dir or --cert-dir"),
+                certs: match (a.ca_dir, a.cert_dir, a.ca_address.filter(|s| !s.is_empty())) {
+                    (Some(ca), _, _) => zring_core::proxy::CertSource::Ca(ca),
+                    (None, Some(dir), _) => zring_core::proxy::CertSource::Files(dir),
+                    (None, None, Some(address)) => zring_core::proxy::CertSource::IstioCa(
+                        zring_core::cmd::ztunnel_env::ca_settings(
+                            &address,
+                            a.ca_root_ca.clone(),
+                            a.alt_ca_hostname.clone(),
+                            Some(a.xds.auth_token.clone()),
+                            &std::env::vars().collect(),
+                        ),
+                    ),
+                    (None, None, None) => {
+                        return finish(Err(anyhow::anyhow!(
+                            "no certificate source: --ca-dir, --cert-dir or --ca-address"
+                        )))
+                    }
                 },
                 socks5: a.socks5,
                 outbound: a.outbound_addr,
@@ -675,6 +702,10 @@ fn main() -> std::process::ExitCode {
             zring_core::cmd::tunnel::run_client(tunnel_common(common), t, &trigger)
         }
     };
+    finish(result)
+}
+
+fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {
     let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

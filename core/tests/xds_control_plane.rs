@@ -1,5 +1,5 @@
-//! Two zring nodes configured only through `zring control-plane` (delta xDS over TLS with a
-//! bearer token; certificates still from a CA directory until the Istio CA client lands):
+//! Two zring nodes configured only through `zring control-plane` (delta xDS and the Istio CA
+//! over TLS with a bearer token; 10 s certificates, so they renew during the test):
 //! the first push makes them ready and they carry HBONE with policy; a policy change in the
 //! control plane's file applies to new connections while an open one keeps running; a workload
 //! added and a service removed arrive incrementally; the control plane restarted mid-run:
@@ -133,8 +133,14 @@ fn node(name: &str, host: [u8; 4], ca: &Path, token: &Path, xds: &str, socks5: b
         "istiod.istio-system.svc",
         "--auth-token",
         token.to_str().unwrap(),
-        "--ca-dir",
-        ca.to_str().unwrap(),
+        "--ca-address",
+        xds,
+        "--ca-root-ca",
+        root.to_str().unwrap(),
+        "--alt-ca-hostname",
+        "istiod.istio-system.svc",
+        "--cert-ttl",
+        "10s",
         "--packet-mark",
         "0",
         "--bind-source",
@@ -298,6 +304,17 @@ fn nodes_run_from_the_control_plane_alone() {
         Duration::from_secs(10),
         || metric(&a.metrics(), "zring_xds_connected", &[]) == Some(0),
         || "node-a never noticed the control plane left".into(),
+    );
+    // A renewal falls due while the CA is away: it fails, is counted, the old certificate
+    // (still valid) stays in use.
+    common::wait_until(
+        Duration::from_secs(9),
+        || metric(&a.metrics(), "zring_ca_errors_total", &[]).unwrap_or(0) >= 1,
+        || format!("no failed renewal while the CA was away:\n{}", a.proc.log()),
+    );
+    assert!(
+        allowed([127, 0, 61, 4]),
+        "traffic stopped while the CA was away"
     );
     // Back, with a change made meanwhile: the nodes reconnect and get it.
     std::fs::write(&cfg, mesh(&["sleep", "notsleep", "newpod"], true, false)).unwrap();

@@ -59,6 +59,9 @@ pub enum CaError {
     /// A certificate signing request that cannot be signed.
     #[error("certificate signing request refused: {0}")]
     Csr(String),
+    /// A remote CA failed or refused.
+    #[error("{0}")]
+    Remote(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -127,18 +130,17 @@ impl WorkloadCert {
             path: origin.to_path_buf(),
             what: "the leaf has no spiffe:// URI SAN".into(),
         })?;
-        let half = info
-            .not_after
-            .duration_since(info.not_before)
-            .unwrap_or_default()
-            / 2;
+        // Half of the life left from now (or from not_before, if later): a CA's backdating of
+        // not_before must not make a fresh certificate look due for renewal.
+        let start = info.not_before.max(std::time::SystemTime::now());
+        let half = info.not_after.duration_since(start).unwrap_or_default() / 2;
         Ok(Self {
             chain,
             key,
             identity,
             not_after: info.not_after,
             not_before: info.not_before,
-            renew_after: info.not_before + half,
+            renew_after: start + half,
         })
     }
 
@@ -195,6 +197,17 @@ pub fn load_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, CaError>
 
 fn pem_encode(label: &str, der: &[u8]) -> String {
     pem::encode(&pem::Pem::new(label, der))
+}
+
+/// A fresh ECDSA P-256 key and a certificate signing request naming `id` (its only SAN, a
+/// URI): (CSR PEM, key PEM), for a remote CA.
+pub fn csr_for(id: &SpiffeId) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    let csr = params.serialize_request(&key)?.pem()?;
+    Ok((csr, key.serialize_pem()))
 }
 
 /// A certificate authority that can sign workload certificates.

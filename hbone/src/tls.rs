@@ -95,6 +95,27 @@ pub fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore
     Ok(Arc::new(store))
 }
 
+/// Check that `chain` (leaf first) chains to one of `roots` and is valid now (a certificate
+/// fresh from a CA, before it is used).
+pub fn verify_chain(
+    chain: &[CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+) -> Result<(), TlsError> {
+    let store = root_store(roots)?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| TlsError::Bundle("an empty certificate chain".into()))?;
+    let parsed = ParsedCertificate::try_from(leaf)?;
+    verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &store,
+        &chain[1..],
+        UnixTime::now(),
+        provider().signature_verification_algorithms.all,
+    )?;
+    Ok(())
+}
+
 /// The server side: present `cert`, require a client certificate chaining to `roots`.
 pub fn server_config(
     cert: &WorkloadCert,

@@ -195,10 +195,26 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         }
         CertSource::Ca(dir)
     } else {
-        bail!(
-            "no certificate source: the Istio CA client (CA_ADDRESS={}) is not built yet; set FAKE_CA=true, ZRING_CA_DIR (a CA directory) or ZRING_CERT_DIR (mounted certificates)",
-            get("CA_ADDRESS").unwrap_or("unset")
-        )
+        let address = get("CA_ADDRESS").map(str::to_string).unwrap_or_else(|| {
+            if get("KUBERNETES_SERVICE_HOST").is_some() {
+                "https://istiod.istio-system.svc:15012".into()
+            } else {
+                "https://localhost:15012".into()
+            }
+        });
+        CertSource::IstioCa(ca_settings(
+            &address,
+            get("CA_ROOT_CA")
+                .unwrap_or("./var/run/secrets/istio/root-cert.pem")
+                .into(),
+            get("ALT_CA_HOSTNAME").map(str::to_string),
+            Some(
+                get("AUTH_TOKEN")
+                    .unwrap_or("./var/run/secrets/tokens/istio-token")
+                    .into(),
+            ),
+            env,
+        ))
     };
     let mut limits = Limits::default();
     if flag("KEEPALIVE_ENABLED") == Some(false) {
@@ -292,8 +308,13 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         .collect();
     if !unused.is_empty() {
         notes.push(format!(
-            "control-plane settings not used (config from {}; zring's Istio CA client is not built yet): {}",
+            "control-plane settings not used (config from {}, certificates from {}): {}",
             run.config.display(),
+            match &run.certs {
+                CertSource::Ca(d) => format!("the CA in {}", d.display()),
+                CertSource::Files(d) => format!("the files in {}", d.display()),
+                CertSource::IstioCa(c) => c.address.clone(),
+            },
             unused.join(", ")
         ));
     }
@@ -396,6 +417,31 @@ pub fn xds_settings(
         headers,
         node_id: crate::xds::client::XdsSettings::node_id(&ip, &pod, &ns),
         metadata,
+    }
+}
+
+/// Istio CA client settings as ztunnel derives them (headers from `CA_HEADER_*`).
+pub fn ca_settings(
+    address: &str,
+    root_ca: PathBuf,
+    server_name: Option<String>,
+    token_file: Option<PathBuf>,
+    env: &BTreeMap<String, String>,
+) -> crate::xds::ca_client::CaClientSettings {
+    let x = xds_settings(address, root_ca, server_name, token_file, env);
+    crate::xds::ca_client::CaClientSettings {
+        address: x.address,
+        root_ca: x.root_ca,
+        server_name: x.server_name,
+        token_file: x.token_file,
+        cluster_id: x.cluster_id,
+        headers: env
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("CA_HEADER_")
+                    .map(|h| (h.to_ascii_lowercase().replace('_', "-"), v.clone()))
+            })
+            .collect(),
     }
 }
 
@@ -592,9 +638,19 @@ mod tests {
             vec![("x-team".to_string(), "platform".to_string())]
         );
         assert_eq!(x.cluster_id, "Kubernetes");
-        let no_ca = env(&[("NODE_NAME", "n"), ("LOCAL_XDS_PATH", "/x")]);
-        let err = setup(&no_ca).unwrap_err().to_string();
-        assert!(err.contains("FAKE_CA=true"), "{err}");
+        let istio_ca = env(&[
+            ("NODE_NAME", "n"),
+            ("LOCAL_XDS_PATH", "/x"),
+            ("CA_ADDRESS", "istiod.istio-system.svc:15012"),
+            ("CA_HEADER_X_A", "b"),
+        ]);
+        match setup(&istio_ca).unwrap().run.certs {
+            CertSource::IstioCa(c) => {
+                assert_eq!(c.address, "https://istiod.istio-system.svc:15012");
+                assert_eq!(c.headers, vec![("x-a".to_string(), "b".to_string())]);
+            }
+            other => panic!("{other:?}"),
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -43,6 +43,11 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         ),
         CertSource::Files(dir) => CertManager::from_dir(dir)
             .with_context(|| format!("loading the trust bundle from {}", dir.display()))?,
+        CertSource::IstioCa(s) => CertManager::remote(
+            crate::xds::ca_client::IstioCa::new(s.clone())?,
+            cfg.cert_ttl,
+        )
+        .with_context(|| format!("loading the trust bundle from {}", s.root_ca.display()))?,
     };
     let metrics = Arc::new(Metrics::default());
     let state = Arc::new(State {

@@ -82,6 +82,8 @@ pub enum CertSource {
     /// Read from a certificate directory (`root-cert.pem`, `<ns>/<sa>/cert-chain.pem` and
     /// `key.pem`), re-read when the files change.
     Files(PathBuf),
+    /// From Istio's CA over gRPC (`CA_ADDRESS`): istiod or `zring control-plane`.
+    IstioCa(crate::xds::ca_client::CaClientSettings),
 }
 
 /// How often the config file is checked for changes (SIGHUP is seen within `TICK`).
@@ -133,6 +135,22 @@ pub(super) struct Pods {
 impl crate::admin::Source for State {
     fn metrics_text(&self) -> String {
         let mut text = self.metrics.render();
+        let now = SystemTime::now();
+        let _ = std::fmt::Write::write_str(&mut text, "# HELP zring_certificate_expiry_seconds Seconds until each local identity's certificate expires.\n# TYPE zring_certificate_expiry_seconds gauge\n");
+        for (id, exp) in self.certs.expiries() {
+            let left = exp.duration_since(now).map_or(0, |d| d.as_secs());
+            let _ = std::fmt::Write::write_fmt(
+                &mut text,
+                format_args!("zring_certificate_expiry_seconds{{identity=\"{id}\"}} {left}\n"),
+            );
+        }
+        let _ = std::fmt::Write::write_fmt(
+            &mut text,
+            format_args!(
+                "# HELP zring_ca_errors_total Failed calls to the certificate authority.\n# TYPE zring_ca_errors_total counter\nzring_ca_errors_total {}\n",
+                self.certs.ca_errors()
+            ),
+        );
         if let Some(d) = self.dns.get() {
             d.metrics.render(&mut text);
         }

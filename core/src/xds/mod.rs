@@ -1,8 +1,9 @@
 //! Istio's control-plane protocols: the protobuf messages (in-repo `.proto` files under
 //! `core/proto/`, compiled by `build.rs` with protox and tonic-prost-build), the local config
-//! as istiod's resources and back (`convert`), the xDS client (`client`), and
+//! as istiod's resources and back (`convert`), the xDS client (`client`), the Istio CA client (`ca_client`), and
 //! `zring control-plane` (`server`).
 
+pub mod ca_client;
 pub mod client;
 pub mod convert;
 pub mod server;
