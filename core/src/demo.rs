@@ -1,6 +1,8 @@
 //! `zring` with no arguments: a self-contained demo mesh on loopback.
 //!
-//! Two node proxies (node-a on 127.0.0.2, node-b on 127.0.0.3) with a freshly generated CA, the
+//! `zring control-plane` on 127.0.0.4:15012 (the istiod stand-in, with a freshly generated CA)
+//! configures two node proxies (node-a on 127.0.0.2, node-b on 127.0.0.3) over xDS and issues
+//! their workload certificates through CreateCertificate, as istiod does in a cluster. The
 //! workloads `sleep` and `notsleep` on node-a and `productpage` on node-b (a small HTTP server
 //! at 127.0.2.2:9080, service VIP 127.0.20.20:9080), and the seeds' policy: only
 //! `cluster.local/ns/default/sa/sleep` may reach productpage. The demo sends real traffic
@@ -78,12 +80,33 @@ policies:
     )
 }
 
-fn node(name: &str, ip: Ipv4Addr, cfg: &Path, ca: &Path, socks5: bool) -> RunConfig {
+/// The demo's control plane: `zring control-plane` on 127.0.0.4:15012.
+const CONTROL_PLANE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+
+fn node(name: &str, ip: Ipv4Addr, ca: &Path, socks5: bool) -> RunConfig {
     let at = |port| Some(SocketAddr::new(IpAddr::V4(ip), port));
+    let address = format!("https://{CONTROL_PLANE}:15012");
+    let root = ca.join(zring_hbone::ca::ROOT_CERT);
+    let env = std::collections::BTreeMap::from([
+        ("NODE_NAME".to_string(), name.to_string()),
+        ("POD_NAME".to_string(), format!("zring-{name}")),
+        ("POD_NAMESPACE".to_string(), "istio-system".to_string()),
+        ("INSTANCE_IP".to_string(), ip.to_string()),
+    ]);
+    let istiod = Some("istiod.istio-system.svc".to_string());
     RunConfig {
-        config: cfg.to_path_buf(),
+        config: format!("xds:{address}").into(),
+        xds: Some(crate::cmd::ztunnel_env::xds_settings(
+            &address,
+            root.clone(),
+            istiod.clone(),
+            None,
+            &env,
+        )),
         node: name.into(),
-        certs: proxy::CertSource::Ca(ca.to_path_buf()),
+        certs: proxy::CertSource::IstioCa(crate::cmd::ztunnel_env::ca_settings(
+            &address, root, istiod, None, &env,
+        )),
         socks5: if socks5 { at(15080) } else { None },
         outbound: None,
         inbound_plaintext: None,
@@ -104,7 +127,6 @@ fn node(name: &str, ip: Ipv4Addr, cfg: &Path, ca: &Path, socks5: bool) -> RunCon
         drain_timeout: proxy::DEFAULT_DRAIN_TIMEOUT,
         // Each node's DNS proxy on its own address: `dig @127.0.0.2 -p 15053 productpage`.
         cert_ttl: zring_hbone::ca::DEFAULT_WORKLOAD_TTL,
-        xds: None,
         dns: at(crate::dns::DEFAULT_PORT).map(|a| {
             crate::dns::DnsSettings::from_resolv_conf(
                 a,
@@ -131,9 +153,34 @@ pub fn run(trigger: &ShutdownTrigger) -> anyhow::Result<()> {
     std::thread::Builder::new()
         .name("productpage".into())
         .spawn(move || productpage(server))?;
+    // The control plane: what istiod would be in a cluster. The nodes get the mesh over xDS
+    // and their certificates through CreateCertificate from it.
+    let cp = crate::xds::server::ControlPlaneConfig {
+        config: cfg.clone(),
+        ca_dir: ca.clone(),
+        listen: SocketAddr::new(IpAddr::V4(CONTROL_PLANE), 15012),
+        token_file: None,
+        poll: Duration::from_secs(1),
+    };
+    let cp_trigger = trigger.clone();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("zring-control-plane")
+        .enable_all()
+        .build()?;
+    rt.spawn(async move {
+        let stop = async move {
+            while !cp_trigger.is_triggered() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        if let Err(e) = crate::xds::server::serve(cp, stop).await {
+            eprintln!("zring demo: the control plane failed: {e:#}");
+        }
+    });
     let mut threads = Vec::new();
     for (name, ip, socks) in [("node-b", NODE_B, false), ("node-a", NODE_A, true)] {
-        let rc = node(name, ip, &cfg, &ca, socks);
+        let rc = node(name, ip, &ca, socks);
         let t = trigger.clone();
         threads.push(
             std::thread::Builder::new()
@@ -145,7 +192,7 @@ pub fn run(trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         wait_ready(SocketAddr::new(IpAddr::V4(ip), 15021), &threads)?;
     }
     println!(
-        "zring demo mesh: two node proxies on loopback, a fresh CA in {}",
+        "zring demo mesh: two node proxies on loopback, configured by zring control-plane on {CONTROL_PLANE}:15012\n  (xDS for the mesh, CreateCertificate for the workload certificates; its CA is in {})",
         ca.display()
     );
     println!(
@@ -192,7 +239,10 @@ pub fn run(trigger: &ShutdownTrigger) -> anyhow::Result<()> {
     println!("  curl -x socks5://127.0.0.2:15080 --interface 127.0.1.3 http://127.0.20.20:9080/   # as notsleep: denied");
     println!("  curl -s 127.0.0.3:15020/metrics | grep istio_tcp      # node-b's metrics (node-a: 127.0.0.2)");
     println!("  curl -s 127.0.0.3:15000/config_dump                   # config and certificates");
-    println!("  edit {} and watch it reload", cfg.display());
+    println!(
+        "  edit {} and watch the control plane push the change",
+        cfg.display()
+    );
     println!("Ctrl-C stops the demo.");
     let mut result = Ok(());
     for t in threads {

@@ -62,6 +62,14 @@ fn the_demo_mesh_allows_sleep_denies_notsleep_and_serves_socks5_clients() {
         text.contains("connection_security_policy=mutual_tls"),
         "{text}"
     );
+    // The mesh and the certificates came from the demo's control plane, not a file.
+    assert!(text.contains("configured by zring control-plane"), "{text}");
+    let (_, dump) =
+        common::mesh::http_get("127.0.0.3:15000".parse().unwrap(), "GET", "/config_dump");
+    assert!(
+        dump.contains("\"configSource\": \"xds:https://127.0.0.4:15012\""),
+        "{dump}"
+    );
 
     // The user's own traffic, as the demo suggests: SOCKS5 from sleep's address.
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
