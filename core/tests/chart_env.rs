@@ -1,8 +1,10 @@
-//! `zring proxy ztunnel` under the environment Istio's ztunnel chart gives the container (the
-//! chart's `args` and `env`, with only what the missing control plane forces added:
-//! `LOCAL_XDS_PATH` and `FAKE_CA`, and `INPOD_UDS` so parallel runs do not share a socket). It
-//! runs in a namespace of its own (the node), comes up ready in in-pod mode on 15021, logs
-//! JSON, names the variables it does not use, serves two pods enrolled with istio-cni's rules
+//! `zring proxy ztunnel` under exactly the environment Istio's ztunnel chart gives the container
+//! (the chart's `args` and `env`; only `INPOD_UDS` added so parallel runs do not share a
+//! socket), with the chart's mounts as files under the process's working directory
+//! (`var/run/secrets/istio/root-cert.pem`, `var/run/secrets/tokens/istio-token`), in a
+//! namespace of its own (the node) whose /etc/hosts sends `istiod.istio-system.svc` to a
+//! `zring control-plane` there. It takes its config over xDS and its certificates from the CA,
+//! comes up ready in in-pod mode on 15021, logs JSON, serves two pods enrolled with istio-cni's rules
 //! (DNS capture on): a pod resolves a mesh service's short and full names to its VIP and an
 //! outside name through the upstream of the node's /etc/resolv.conf, over UDP and TCP through
 //! the port-53 capture (forwarded from inside the pod), and its TCP goes to the other pod over HBONE.
@@ -59,10 +61,11 @@ policies: []
 struct NetnsResolvConf(std::path::PathBuf);
 
 impl NetnsResolvConf {
-    fn new(ns: &str, text: &str) -> Self {
+    fn new(ns: &str, text: &str, hosts: &str) -> Self {
         let dir = std::path::PathBuf::from(format!("/etc/netns/{ns}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        std::fs::write(dir.join("hosts"), hosts).unwrap();
         NetnsResolvConf(dir)
     }
 }
@@ -156,13 +159,49 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
         .open()
         .run(|| Upstream::start(IpAddr::from([10, 222, 53, 1]), 53))
         .unwrap();
-    let _resolv = NetnsResolvConf::new(&node.name, "nameserver 10.222.53.1\noptions ndots:5\n");
+    let _resolv = NetnsResolvConf::new(
+        &node.name,
+        "nameserver 10.222.53.1\noptions ndots:5\n",
+        "127.0.0.1 localhost\n127.0.0.1 istiod.istio-system.svc\n",
+    );
 
     let dir = tmp("chart-env");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("mesh.yaml");
     std::fs::write(&cfg, CONFIG).unwrap();
     let socket = dir.join("ztunnel.sock").to_str().unwrap().to_string();
+    // istiod: zring control-plane in the node's namespace, the chart's mounts beside it.
+    let ca = common::ca_init(&dir);
+    let root = std::fs::read(ca.join("root-cert.pem")).unwrap();
+    let cwd = dir.join("root");
+    std::fs::create_dir_all(cwd.join("var/run/secrets/istio")).unwrap();
+    std::fs::create_dir_all(cwd.join("var/run/secrets/tokens")).unwrap();
+    std::fs::write(cwd.join("var/run/secrets/istio/root-cert.pem"), root).unwrap();
+    let token = cwd.join("var/run/secrets/tokens/istio-token");
+    std::fs::write(&token, "projected-token").unwrap();
+    let cp_log = dir.join("control-plane.log");
+    let cp = Proc::from_child(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node.name,
+                common::ZRING,
+                "control-plane",
+                "--config",
+            ])
+            .arg(&cfg)
+            .arg("--ca-dir")
+            .arg(&ca)
+            .args(["--listen", "127.0.0.1:15012", "--token-file"])
+            .arg(&token)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&cp_log).unwrap())
+            .spawn()
+            .unwrap(),
+        cp_log,
+    );
     let agent = Proc::spawn(&["node-agent", "run", "--socket", &socket, "--dns-capture"]);
     let control = zring_core::cmd::node_agent::control_path(std::path::Path::new(&socket));
     common::wait_until(
@@ -181,6 +220,7 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
         "proxy",
         "ztunnel",
     ])
+    .current_dir(&cwd)
     .env_clear()
     // The chart's environment (manifests/charts/ztunnel/templates/daemonset.yaml).
     .envs([
@@ -199,9 +239,6 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
         ("SERVICE_ACCOUNT", "ztunnel"),
         ("ZTUNNEL_CPU_LIMIT", "1"),
         ("ISTIO_META_ENABLE_HBONE", "true"),
-        // No control plane here: the local file and a CA made at start.
-        ("LOCAL_XDS_PATH", cfg.to_str().unwrap()),
-        ("FAKE_CA", "true"),
         ("INPOD_UDS", socket.as_str()),
     ])
     .stdout(Stdio::null())
@@ -213,7 +250,13 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
     common::wait_until(
         Duration::from_secs(20),
         || get("/healthz/ready").0 == 200,
-        || format!("never ready:\n{}", zring.log()),
+        || {
+            format!(
+                "never ready:\n{}\ncontrol plane:\n{}",
+                zring.log(),
+                cp.log()
+            )
+        },
     );
     let text = zring.log();
     let first = text.lines().next().unwrap_or_default();
@@ -221,10 +264,13 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
         serde_json::from_str::<serde_json::Value>(first).is_ok(),
         "LOG_FORMAT=json, got: {first}"
     );
+    assert!(!text.contains("control-plane settings not used"), "{text}");
+    let cp_text = cp.log();
     assert!(
-        text.contains("control-plane settings not used")
-            && text.contains("CA_ADDRESS, XDS_ADDRESS"),
-        "{text}"
+        cp_text.contains(
+            "xDS client connected node=ztunnel~10.222.0.1~ztunnel-x7k2p.istio-system~istio-system.svc.cluster.local"
+        ),
+        "{cp_text}"
     );
     let configured = text
         .lines()
@@ -298,6 +344,14 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
             || metrics.contains("zring_io_backend{backend=\"epoll\"} 1"),
         "{metrics}"
     );
+    assert!(
+        cp.log()
+            .contains("certificate signed identity=spiffe://cluster.local/ns/default/sa/sleep"),
+        "{}",
+        cp.log()
+    );
+    assert!(zring.log().contains("Istio CA"), "{}", zring.log());
     drop(zring);
+    drop(cp);
     drop(agent);
 }

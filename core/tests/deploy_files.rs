@@ -4,8 +4,8 @@
 //! `proxy ztunnel` as the chart does; every environment variable is one zring reads (or one of
 //! ztunnel's it names as ignored); the ports are the ones `zring proxy ztunnel` serves; the
 //! environment, with the downward-API values filled in, is accepted by zring's own parser
-//! (the base, which expects istiod's CA, is refused for the reason that the Istio CA client is
-//! not built yet);
+//! (the base takes its config and certificates from istiod, the local-config overlay from
+//! its files);
 //! a seccomp profile it names exists under deploy/seccomp.
 
 use std::{collections::BTreeMap, path::Path, process::Command};
@@ -110,22 +110,27 @@ fn every_rendered_daemonset_uses_only_what_zring_reads() {
             "{}: the drain must follow the pod's grace period",
             dir.display()
         );
-        match ztunnel_env::setup(&env) {
-            Ok(s) => {
-                assert!(env.contains_key("LOCAL_XDS_PATH"), "{}", dir.display());
-                assert_eq!(
-                    s.run.zds_socket.as_deref(),
-                    Some(Path::new("/var/run/ztunnel/ztunnel.sock"))
-                );
-            }
-            Err(e) => {
-                let e = e.to_string();
-                assert!(
-                    !env.contains_key("ZRING_CERT_DIR") && e.contains("no certificate source"),
-                    "{}: {e}",
-                    dir.display()
-                );
-            }
+        let setup = ztunnel_env::setup(&env)
+            .unwrap_or_else(|e| panic!("{}: zring refuses this environment: {e:#}", dir.display()));
+        assert_eq!(
+            setup.run.zds_socket.as_deref(),
+            Some(Path::new("/var/run/ztunnel/ztunnel.sock"))
+        );
+        if env.contains_key("LOCAL_XDS_PATH") {
+            assert!(setup.run.xds.is_none());
+        } else {
+            // As the chart means it: config from istiod over xDS, certificates from its CA.
+            let x = setup.run.xds.as_ref().expect("xDS from istiod");
+            assert_eq!(x.address, "https://istiod.istio-system.svc:15012");
+            assert!(
+                x.node_id.starts_with("ztunnel~10.244.1.2~"),
+                "{}",
+                x.node_id
+            );
+            assert!(matches!(
+                setup.run.certs,
+                zring_core::proxy::CertSource::IstioCa(_)
+            ));
         }
         if let Some(p) = c["securityContext"]["seccompProfile"]["localhostProfile"].as_str() {
             let file = p.rsplit('/').next().unwrap();

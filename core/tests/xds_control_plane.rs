@@ -342,6 +342,25 @@ fn nodes_run_from_the_control_plane_alone() {
         .proc
         .log()
         .contains("xDS stream failed; the config in force stays"));
+    // Certificates: from the CA, renewed at half-life (10 s certificates).
+    let log = a.proc.log();
+    assert!(log.contains("source=\"Istio CA\""), "{log}");
+    common::wait_until(
+        Duration::from_secs(15),
+        || a.proc.log().matches("certificate renewed").count() >= 2,
+        || format!("no renewals:\n{}", a.proc.log()),
+    );
+    let text = a.metrics();
+    let left = metric(
+        &text,
+        "zring_certificate_expiry_seconds",
+        &["identity=\"spiffe://cluster.local/ns/default/sa/sleep\""],
+    )
+    .unwrap();
+    assert!((1..=10).contains(&left), "{text}");
+    assert!(cp
+        .log()
+        .contains("certificate signed identity=spiffe://cluster.local/ns/default/sa/sleep"));
 
     // A node whose control plane never answers is not ready, and says why.
     let mut c = node(

@@ -4,14 +4,14 @@
 //! Read, with ztunnel's meaning:
 //! - `NODE_NAME` (required): workloads on this node are local.
 //! - Config: `LOCAL_XDS_PATH` (a file, watched) or `LOCAL_XDS` (the YAML itself), ztunnel's
-//!   local config format. The xDS client is not built yet: `XDS_ADDRESS` and its companions
-//!   (`XDS_ROOT_CA`, `ALT_XDS_HOSTNAME`, `AUTH_TOKEN`, `XDS_HEADER_*`) are accepted and named in
-//!   one log line as not used; without a local config zring stops with that reason.
-//! - Certificates: `FAKE_CA=true` (a CA made at start in the temp dir, as ztunnel's fake CA),
-//!   or zring's `ZRING_CA_DIR` (a CA directory, e.g. a plug-in root) or `ZRING_CERT_DIR`
-//!   (mounted certificates). `SECRET_TTL` is the workload certificates' lifetime (default
-//!   24h). The Istio CA client (`CA_ADDRESS`, `CA_ROOT_CA`, `ALT_CA_HOSTNAME`, `CA_HEADER_*`)
-//!   is not built yet; without one of the above zring stops with that reason.
+//!   local config format; else xDS from `XDS_ADDRESS` (default istiod's in-cluster address
+//!   when `KUBERNETES_SERVICE_HOST` is set, else https://localhost:15012) with `XDS_ROOT_CA`,
+//!   `ALT_XDS_HOSTNAME`, `AUTH_TOKEN`, `XDS_HEADER_*`, `CLUSTER_ID` (`crate::xds::client`).
+//! - Certificates: zring's `ZRING_CERT_DIR` (mounted certificates) or `ZRING_CA_DIR` (a CA
+//!   directory, e.g. a plug-in root), else `FAKE_CA=true` (a CA made at start in the temp dir,
+//!   as ztunnel's fake CA), else Istio's CA at `CA_ADDRESS` (same default as the xDS address)
+//!   with `CA_ROOT_CA`, `ALT_CA_HOSTNAME`, `AUTH_TOKEN`, `CA_HEADER_*`
+//!   (`crate::xds::ca_client`). `SECRET_TTL` is the certificates' lifetime (default 24h).
 //! - In-pod mode always (ztunnel's shared mode): pods come over ZDS at `INPOD_UDS` (default
 //!   `/var/run/ztunnel/ztunnel.sock`); `INPOD_ENABLED` is accepted. `PROXY_MODE=dedicated` is
 //!   refused (not supported).
@@ -23,9 +23,9 @@
 //!   `PACKET_MARK`, `UNSTABLE_ENABLE_SOCKS5` (SOCKS5 on 127.0.0.1:15080).
 //! - DNS proxy on `ISTIO_META_DNS_PROXY_ADDR` (default localhost:15053) unless
 //!   `ISTIO_META_DNS_CAPTURE` is false; upstreams from /etc/resolv.conf.
-//! - Logged at start (and, with the xDS client, sent as its node): `POD_NAME`, `POD_NAMESPACE`,
-//!   `INSTANCE_IP`, `SERVICE_ACCOUNT`, `NETWORK`, `CLUSTER_ID`/`ISTIO_META_CLUSTER_ID`, every
-//!   `ISTIO_META_*`.
+//! - The xDS node (and logged at start): id from `INSTANCE_IP`, `POD_NAME`, `POD_NAMESPACE`;
+//!   metadata NAME, NAMESPACE, INSTANCE_IPS, NODE_NAME, `CLUSTER_ID`/`ISTIO_META_CLUSTER_ID` and
+//!   every `ISTIO_META_*`; `SERVICE_ACCOUNT` and `NETWORK` are logged.
 //! - `LOG_FORMAT`, `RUST_LOG` and `RUST_BACKTRACE` are read where zring starts.
 //!
 //! Every other ztunnel variable that is set is listed in one log line as ignored.
@@ -298,12 +298,16 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         .keys()
         .map(String::as_str)
         .filter(|k| {
-            let xds = k.starts_with("XDS_") || *k == "ALT_XDS_HOSTNAME" || *k == "AUTH_TOKEN";
+            let xds = k.starts_with("XDS_") || *k == "ALT_XDS_HOSTNAME";
             let ca = k.starts_with("CA_") || *k == "ALT_CA_HOSTNAME";
+            let remote_ca = matches!(run.certs, CertSource::IstioCa(_));
+            let no_xds = run.xds.is_none();
             (CONTROL_PLANE.contains(k)
                 || k.starts_with("XDS_HEADER_")
                 || k.starts_with("CA_HEADER_"))
-                && (ca || (xds && run.xds.is_none()))
+                && ((ca && !remote_ca)
+                    || (xds && no_xds)
+                    || (*k == "AUTH_TOKEN" && no_xds && !remote_ca))
         })
         .collect();
     if !unused.is_empty() {

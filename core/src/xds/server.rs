@@ -217,7 +217,8 @@ async fn delta_stream(
                 // A (re)subscription: the client holds what initial_resource_versions says.
                 has.insert(req.type_url.clone(), req.initial_resource_versions.clone());
                 let current = snapshot.borrow().clone();
-                if let Some(resp) = diff(&req.type_url, &current, has.get_mut(&req.type_url), &mut nonce) {
+                // Always answered, empty or not: a client is not synced until it hears back.
+                if let Some(resp) = diff(&req.type_url, &current, has.get_mut(&req.type_url), &mut nonce, true) {
                     ads.counters.pushes.fetch_add(1, Ordering::Relaxed);
                     tx.send(Ok(resp)).await.context("client gone")?;
                 }
@@ -229,7 +230,7 @@ async fn delta_stream(
                 let current = snapshot.borrow_and_update().clone();
                 let types: Vec<String> = has.keys().cloned().collect();
                 for t in types {
-                    if let Some(resp) = diff(&t, &current, has.get_mut(&t), &mut nonce) {
+                    if let Some(resp) = diff(&t, &current, has.get_mut(&t), &mut nonce, false) {
                         ads.counters.pushes.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(node = %node_id, type_url = %t, resources = resp.resources.len(), removed = resp.removed_resources.len(), "xDS push");
                         tx.send(Ok(resp)).await.context("client gone")?;
@@ -241,12 +242,13 @@ async fn delta_stream(
 }
 
 /// What the client lacks of `type_url` in `snapshot` (and updates what it has); None when it
-/// is up to date.
+/// is up to date, unless `always` (the answer to a subscription).
 fn diff(
     type_url: &str,
     snapshot: &Snapshot,
     has: Option<&mut HashMap<String, String>>,
     nonce: &mut u64,
+    always: bool,
 ) -> Option<DeltaDiscoveryResponse> {
     let has = has?;
     let empty = BTreeMap::new();
@@ -274,7 +276,7 @@ fn diff(
     for n in &removed {
         has.remove(n);
     }
-    if resources.is_empty() && removed.is_empty() && *nonce > 0 {
+    if resources.is_empty() && removed.is_empty() && !always {
         return None;
     }
     *nonce += 1;
