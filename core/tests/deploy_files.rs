@@ -121,7 +121,7 @@ fn every_rendered_daemonset_uses_only_what_zring_reads() {
         } else {
             // As the chart means it: config from istiod over xDS, certificates from its CA.
             let x = setup.run.xds.as_ref().expect("xDS from istiod");
-            assert_eq!(x.address, "https://istiod.istio-system.svc:15012");
+            assert_eq!(x.upstream.address, "https://istiod.istio-system.svc:15012");
             assert!(
                 x.node_id.starts_with("ztunnel~10.244.1.2~"),
                 "{}",

@@ -413,12 +413,14 @@ pub fn xds_settings(
         })
         .collect();
     crate::xds::client::XdsSettings {
-        address,
-        root_ca,
-        server_name,
-        token_file,
-        cluster_id,
-        headers,
+        upstream: crate::xds::conn::Upstream {
+            address,
+            root_ca,
+            server_name,
+            token_file,
+            cluster_id,
+            headers,
+        },
         node_id: crate::xds::client::XdsSettings::node_id(&ip, &pod, &ns),
         metadata,
     }
@@ -432,13 +434,7 @@ pub fn ca_settings(
     token_file: Option<PathBuf>,
     env: &BTreeMap<String, String>,
 ) -> crate::xds::ca_client::CaClientSettings {
-    let x = xds_settings(address, root_ca, server_name, token_file, env);
-    crate::xds::ca_client::CaClientSettings {
-        address: x.address,
-        root_ca: x.root_ca,
-        server_name: x.server_name,
-        token_file: x.token_file,
-        cluster_id: x.cluster_id,
+    crate::xds::conn::Upstream {
         headers: env
             .iter()
             .filter_map(|(k, v)| {
@@ -446,6 +442,7 @@ pub fn ca_settings(
                     .map(|h| (h.to_ascii_lowercase().replace('_', "-"), v.clone()))
             })
             .collect(),
+        ..xds_settings(address, root_ca, server_name, token_file, env).upstream
     }
 }
 
@@ -630,7 +627,7 @@ mod tests {
             ("XDS_HEADER_X_TEAM", "platform"),
         ]);
         let x = setup(&from_istiod).unwrap().run.xds.unwrap();
-        assert_eq!(x.address, "https://istiod.istio-system.svc:15012");
+        assert_eq!(x.upstream.address, "https://istiod.istio-system.svc:15012");
         assert_eq!(
             x.node_id,
             "ztunnel~10.0.0.9~ztunnel-a.istio-system~istio-system.svc.cluster.local"
@@ -638,10 +635,10 @@ mod tests {
         assert_eq!(x.metadata["FOO"], "bar");
         assert_eq!(x.metadata["NAME"], "ztunnel-a");
         assert_eq!(
-            x.headers,
+            x.upstream.headers,
             vec![("x-team".to_string(), "platform".to_string())]
         );
-        assert_eq!(x.cluster_id, "Kubernetes");
+        assert_eq!(x.upstream.cluster_id, "Kubernetes");
         let istio_ca = env(&[
             ("NODE_NAME", "n"),
             ("LOCAL_XDS_PATH", "/x"),

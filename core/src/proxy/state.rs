@@ -186,7 +186,9 @@ impl State {
             return Some(match &*last {
                 Some(e) => format!("no config in force yet: {e}"),
                 None => match &self.cfg.xds {
-                    Some(x) => format!("waiting for the first xDS push from {}", x.address),
+                    Some(x) => {
+                        format!("waiting for the first xDS push from {}", x.upstream.address)
+                    }
                     None => format!("waiting for the config file {}", self.cfg.config.display()),
                 },
             });
@@ -252,7 +254,7 @@ impl State {
     /// Where the config comes from: `file:<path>` or `xds:<address>`.
     pub fn config_source(&self) -> String {
         match &self.cfg.xds {
-            Some(x) => format!("xds:{}", x.address),
+            Some(x) => format!("xds:{}", x.upstream.address),
             None => format!("file:{}", self.cfg.config.display()),
         }
     }

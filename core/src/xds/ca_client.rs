@@ -6,33 +6,18 @@
 //! `clusterid`, `CA_HEADER_*`. The answer is checked: the leaf names the identity asked for
 //! and chains to the trust bundle.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use zring_hbone::{ca::WorkloadCert, SpiffeId};
 
 use super::proto::istio::v1::auth::{
     istio_certificate_service_client::IstioCertificateServiceClient, IstioCertificateRequest,
 };
 
-/// Where and how to reach the CA.
-#[derive(Debug, Clone)]
-pub struct CaClientSettings {
-    /// `https://host:port` (`CA_ADDRESS`).
-    pub address: String,
-    /// The root the CA's serving certificate must chain to, and the mesh's trust bundle
-    /// (`CA_ROOT_CA`).
-    pub root_ca: PathBuf,
-    /// The name the CA's certificate must carry (`ALT_CA_HOSTNAME`).
-    pub server_name: Option<String>,
-    /// Bearer token file (`AUTH_TOKEN`).
-    pub token_file: Option<PathBuf>,
-    /// `clusterid` header.
-    pub cluster_id: String,
-    /// Extra headers (`CA_HEADER_*`).
-    pub headers: Vec<(String, String)>,
-}
+/// Where and how to reach the CA (`CA_ADDRESS`, `CA_ROOT_CA`, `ALT_CA_HOSTNAME`, `AUTH_TOKEN`,
+/// `CA_HEADER_*`, `CLUSTER_ID`); its root is also the mesh's trust bundle.
+pub type CaClientSettings = super::conn::Upstream;
 
 /// A blocking handle on the CA (its own runtime thread; callable from any thread, tokio's
 /// included).
@@ -97,20 +82,7 @@ async fn create(
     id: &str,
     ttl: Duration,
 ) -> anyhow::Result<Vec<String>> {
-    let root = std::fs::read(&s.root_ca)
-        .with_context(|| format!("reading CA_ROOT_CA {}", s.root_ca.display()))?;
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root));
-    if let Some(n) = &s.server_name {
-        tls = tls.domain_name(n.clone());
-    }
-    let channel = Endpoint::from_shared(s.address.clone())
-        .with_context(|| format!("CA_ADDRESS {}", s.address))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(20))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", s.address))?;
+    let channel = s.channel().await?;
     let mut client = IstioCertificateServiceClient::new(channel);
     let mut req = tonic::Request::new(IstioCertificateRequest {
         csr,
@@ -126,23 +98,7 @@ async fn create(
             .collect(),
         }),
     });
-    if let Some(path) = &s.token_file {
-        if let Ok(t) = std::fs::read_to_string(path) {
-            req.metadata_mut().insert(
-                "authorization",
-                format!("Bearer {}", t.trim())
-                    .parse()
-                    .context("token header")?,
-            );
-        }
-    }
-    req.metadata_mut()
-        .insert("clusterid", s.cluster_id.parse().context("CLUSTER_ID")?);
-    for (k, v) in &s.headers {
-        let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
-            k.parse().with_context(|| format!("header name {k:?}"))?;
-        req.metadata_mut().insert(key, v.parse().context("header")?);
-    }
+    s.decorate(&mut req)?;
     let resp = client
         .create_certificate(req)
         .await

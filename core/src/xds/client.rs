@@ -16,7 +16,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    path::PathBuf,
     time::Duration,
 };
 
@@ -24,7 +23,6 @@ use anyhow::Context;
 use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use super::{
     convert::{self, ADDRESS_TYPE, AUTHORIZATION_TYPE},
@@ -38,21 +36,12 @@ use super::{
 };
 use crate::config::{Authorization, LocalConfig, Service, Workload};
 
-/// Where and how to reach the control plane.
+/// Where and how to reach the control plane, and who this proxy is.
 #[derive(Debug, Clone)]
 pub struct XdsSettings {
-    /// `https://host:port` (`XDS_ADDRESS`).
-    pub address: String,
-    /// The root the server's certificate must chain to (`XDS_ROOT_CA`).
-    pub root_ca: PathBuf,
-    /// The name the server's certificate must carry (`ALT_XDS_HOSTNAME`; else the host).
-    pub server_name: Option<String>,
-    /// Bearer token file (`AUTH_TOKEN`), re-read per stream; a missing file sends none.
-    pub token_file: Option<PathBuf>,
-    /// `clusterid` header value.
-    pub cluster_id: String,
-    /// Extra headers (`XDS_HEADER_*`).
-    pub headers: Vec<(String, String)>,
+    /// The control plane (`XDS_ADDRESS`, `XDS_ROOT_CA`, `ALT_XDS_HOSTNAME`, `AUTH_TOKEN`,
+    /// `XDS_HEADER_*`, `CLUSTER_ID`).
+    pub upstream: super::conn::Upstream,
     /// Node id.
     pub node_id: String,
     /// Node metadata.
@@ -196,7 +185,7 @@ pub fn run(
                 Ok(()) => return,
                 Err(e) => {
                     sink.event(Event::Connected(false));
-                    tracing::warn!(address = %settings.address, error = %format!("{e:#}"), retry_in = ?backoff, "xDS stream failed; the config in force stays");
+                    tracing::warn!(address = %settings.upstream.address, error = %format!("{e:#}"), retry_in = ?backoff, "xDS stream failed; the config in force stays");
                 }
             }
             if started.elapsed() > Duration::from_secs(30) {
@@ -215,45 +204,12 @@ async fn stream(
     held: &mut Held,
     stop: &impl Fn() -> bool,
 ) -> anyhow::Result<()> {
-    let root = std::fs::read(&s.root_ca)
-        .with_context(|| format!("reading XDS_ROOT_CA {}", s.root_ca.display()))?;
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root));
-    if let Some(name) = &s.server_name {
-        tls = tls.domain_name(name.clone());
-    }
-    let channel = Endpoint::from_shared(s.address.clone())
-        .with_context(|| format!("XDS_ADDRESS {}", s.address))?
-        .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", s.address))?;
+    let channel = s.upstream.channel().await?;
     let mut client =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    if let Some(path) = &s.token_file {
-        match std::fs::read_to_string(path) {
-            Ok(t) => {
-                let v = format!("Bearer {}", t.trim())
-                    .parse()
-                    .context("the token is not a valid header value")?;
-                req.metadata_mut().insert("authorization", v);
-            }
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "no xDS token (AUTH_TOKEN unreadable); connecting without one")
-            }
-        }
-    }
-    req.metadata_mut()
-        .insert("clusterid", s.cluster_id.parse().context("CLUSTER_ID")?);
-    for (k, v) in &s.headers {
-        let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
-            k.parse().with_context(|| format!("header name {k:?}"))?;
-        req.metadata_mut()
-            .insert(key, v.parse().with_context(|| format!("header {k}"))?);
-    }
+    s.upstream.decorate(&mut req)?;
     let node = Node {
         id: s.node_id.clone(),
         cluster: String::new(),
@@ -289,7 +245,7 @@ async fn stream(
         .context("opening the delta ADS stream")?
         .into_inner();
     sink.event(Event::Connected(true));
-    tracing::info!(address = %s.address, node = %s.node_id, "xDS stream open");
+    tracing::info!(address = %s.upstream.address, node = %s.node_id, "xDS stream open");
     loop {
         let msg = tokio::select! {
             m = responses.message() => m.context("receiving")?,

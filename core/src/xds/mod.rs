@@ -5,6 +5,7 @@
 
 pub mod ca_client;
 pub mod client;
+pub mod conn;
 pub mod convert;
 pub mod server;
 
