@@ -209,6 +209,14 @@ fn nodes_run_from_the_control_plane_alone() {
         dump.contains("productpage.default.svc.cluster.local"),
         "{dump}"
     );
+    let v: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    let versions = &v["resourceVersions"]["type.googleapis.com/istio.workload.Address"];
+    assert!(
+        versions["c//v1/Pod/default/sleep"]
+            .as_str()
+            .is_some_and(|s| s.len() == 16),
+        "{dump}"
+    );
 
     // The first push: HBONE with policy.
     assert!(

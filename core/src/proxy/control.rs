@@ -72,6 +72,7 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         pod_binds_done: Condvar::new(),
         bind_failures: Mutex::new(Default::default()),
         dns: Default::default(),
+        resource_versions: Default::default(),
     });
     if let Some(settings) = cfg.dns.clone() {
         let s = Arc::downgrade(&state);
@@ -228,7 +229,24 @@ fn spawn_config_watch(
 struct XdsSink(Arc<State>);
 
 impl crate::xds::client::Sink for XdsSink {
-    fn apply(&self, config: LocalConfig) -> Result<(), String> {
+    fn apply(
+        &self,
+        config: LocalConfig,
+        versions: &HashMap<String, HashMap<String, String>>,
+    ) -> Result<(), String> {
+        *self
+            .0
+            .resource_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = versions
+            .iter()
+            .map(|(t, m)| {
+                (
+                    t.clone(),
+                    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                )
+            })
+            .collect();
         match self.0.install(config) {
             Ok(g) => {
                 self.0.metrics.reload(true, g);

@@ -120,6 +120,8 @@ pub struct State {
     pub(super) bind_failures: Mutex<BTreeMap<(usize, String), String>>,
     /// The DNS proxy's thread, when on.
     pub(super) dns: std::sync::OnceLock<crate::dns::Dns>,
+    /// With xDS: type url -> resource name -> version, as last received.
+    pub(super) resource_versions: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
 }
 
 /// One worker's answer to a pod's bind: None until it has tried.
@@ -247,6 +249,7 @@ impl State {
             "services": index.config.services,
             "policies": index.config.policies,
             "certificates": certs,
+            "resourceVersions": *self.resource_versions.lock().unwrap_or_else(|p| p.into_inner()),
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default()
     }

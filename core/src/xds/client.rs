@@ -59,8 +59,13 @@ impl XdsSettings {
 
 /// What the client reports to the proxy.
 pub trait Sink: Send + 'static {
-    /// Put this config in force; an error is NACKed.
-    fn apply(&self, config: LocalConfig) -> Result<(), String>;
+    /// Put this config in force; an error is NACKed. `versions`: type url -> resource name ->
+    /// the version the control plane gave it (for `/config_dump`).
+    fn apply(
+        &self,
+        config: LocalConfig,
+        versions: &HashMap<String, HashMap<String, String>>,
+    ) -> Result<(), String>;
     /// The connection state changed, or a push arrived (for metrics and logs).
     fn event(&self, e: Event<'_>);
 }
@@ -266,7 +271,7 @@ async fn stream(
             .iter()
             .all(|t| held.synced.get(*t).copied().unwrap_or(false));
         if both {
-            if let Err(e) = sink.apply(held.config()) {
+            if let Err(e) = sink.apply(held.config(), &held.versions) {
                 errors.push(format!("the config as a whole: {e}"));
             }
         }
