@@ -305,7 +305,7 @@ struct Shared {
     index: IndexFn,
     settings: Arc<DnsSettings>,
     metrics: Arc<DnsMetrics>,
-    in_flight: Semaphore,
+    in_flight: Arc<Semaphore>,
 }
 
 impl Dns {
@@ -318,7 +318,7 @@ impl Dns {
             index,
             settings: settings.clone(),
             metrics: metrics.clone(),
-            in_flight: Semaphore::new(settings.max_in_flight.max(1)),
+            in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -408,22 +408,18 @@ async fn serve_udp(shared: Arc<Shared>, client: Client, sock: Arc<UdpSocket>) {
             }
         };
         let query = buf[..n].to_vec();
-        // Taken here, not in the task: a flood waits at the socket, not in memory.
-        let permit = shared.in_flight.try_acquire();
-        if permit.is_err() {
+        // Taken here and held by the task: past the cap a flood gets SERVFAIL at once and
+        // never becomes tasks in memory.
+        let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
             shared.metrics.count(Outcome::Overloaded);
             if let Some(r) = error_reply(&query, ResponseCode::ServFail) {
                 let _ = sock.send_to(&r, peer).await;
             }
             continue;
-        }
-        drop(permit);
+        };
         let (shared, client, sock) = (shared.clone(), client.clone(), sock.clone());
         tokio::spawn(async move {
-            let Ok(_permit) = shared.in_flight.try_acquire() else {
-                shared.metrics.count(Outcome::Overloaded);
-                return;
-            };
+            let _permit = permit;
             if let Some(reply) = handle(&shared, &client, peer.ip(), &query, Transport::Udp).await {
                 let _ = sock.send_to(&reply, peer).await;
             }

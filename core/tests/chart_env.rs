@@ -24,7 +24,7 @@ mod common;
 use common::{
     dns::{self, answers, Upstream},
     mesh::{http_get, metric},
-    netns::{agent_add, echo_in, exchange, is_root, sh, TestNs},
+    netns::{agent_add, echo_in, exchange, is_root, sh, EtcNetns, TestNs},
     tmp, Proc,
 };
 
@@ -55,26 +55,6 @@ services:
     9080: 9080
 policies: []
 "#;
-
-/// `/etc/netns/NAME/resolv.conf`, which `ip netns exec NAME` mounts over /etc/resolv.conf;
-/// removed on drop.
-struct NetnsResolvConf(std::path::PathBuf);
-
-impl NetnsResolvConf {
-    fn new(ns: &str, text: &str, hosts: &str) -> Self {
-        let dir = std::path::PathBuf::from(format!("/etc/netns/{ns}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("resolv.conf"), text).unwrap();
-        std::fs::write(dir.join("hosts"), hosts).unwrap();
-        NetnsResolvConf(dir)
-    }
-}
-
-impl Drop for NetnsResolvConf {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
@@ -159,10 +139,15 @@ fn chart_environment_comes_up_ready_in_pod_mode_with_dns_and_hbone() {
         .open()
         .run(|| Upstream::start(IpAddr::from([10, 222, 53, 1]), 53))
         .unwrap();
-    let _resolv = NetnsResolvConf::new(
+    let _etc = EtcNetns::new(
         &node.name,
-        "nameserver 10.222.53.1\noptions ndots:5\n",
-        "127.0.0.1 localhost\n127.0.0.1 istiod.istio-system.svc\n",
+        &[
+            ("resolv.conf", "nameserver 10.222.53.1\noptions ndots:5\n"),
+            (
+                "hosts",
+                "127.0.0.1 localhost\n127.0.0.1 istiod.istio-system.svc\n",
+            ),
+        ],
     );
 
     let dir = tmp("chart-env");

@@ -180,6 +180,17 @@ fn call(src: [u8; 4], data: &[u8]) -> Result<Vec<u8>, u8> {
     Ok(echo_through(c, data))
 }
 
+/// Connections the destination's proxy took over HBONE from service account `sa`.
+fn tunnelled_from(metrics: &str, sa: &str) -> u64 {
+    let principal = format!("source_principal=\"spiffe://cluster.local/ns/default/sa/{sa}\"");
+    metric(
+        metrics,
+        "istio_tcp_connections_opened_total",
+        &["reporter=\"destination\"", &principal],
+    )
+    .unwrap_or(0)
+}
+
 fn allowed(src: [u8; 4]) -> bool {
     matches!(call(src, b"hello"), Ok(b) if b == b"hello")
 }
@@ -226,19 +237,7 @@ fn nodes_run_from_the_control_plane_alone() {
     );
     assert!(!allowed([127, 0, 61, 4]), "notsleep got through");
     let text = b.metrics();
-    assert!(
-        metric(
-            &text,
-            "istio_tcp_connections_opened_total",
-            &[
-                "reporter=\"destination\"",
-                "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\""
-            ]
-        )
-        .unwrap_or(0)
-            >= 1,
-        "{text}"
-    );
+    assert!(tunnelled_from(&text, "sleep") >= 1, "{text}");
     assert_eq!(metric(&text, "zring_xds_connected", &[]), Some(1), "{text}");
 
     // A policy change applies to new connections; an open one keeps going.
@@ -287,16 +286,7 @@ fn nodes_run_from_the_control_plane_alone() {
     );
     let text = b.metrics();
     assert!(
-        metric(
-            &text,
-            "istio_tcp_connections_opened_total",
-            &[
-                "reporter=\"destination\"",
-                "source_principal=\"spiffe://cluster.local/ns/default/sa/newpod\""
-            ]
-        )
-        .unwrap_or(0)
-            >= 1,
+        tunnelled_from(&text, "newpod") >= 1,
         "newpod's connection did not go through the tunnel:\n{text}"
     );
 

@@ -25,7 +25,7 @@ mod common;
 use common::{
     dns::{self, answers, Upstream},
     mesh::{http_get, metric},
-    netns::{agent_add, echo_in, exchange, is_root, sh, TestNs},
+    netns::{agent_add, echo_in, exchange, is_root, sh, EtcNetns, TestNs},
     tmp, Proc,
 };
 
@@ -84,21 +84,12 @@ policies:
     )
 }
 
-/// `/etc/netns/NAME/resolv.conf` (mounted over /etc/resolv.conf by `ip netns exec NAME`).
-struct ResolvConf(PathBuf);
-
-impl Drop for ResolvConf {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 struct NodeUnderTest {
     ns: TestNs,
     proxy: Proc,
     _control_plane: Option<Proc>,
     _agent: Proc,
-    _resolv: ResolvConf,
+    _etc: EtcNetns,
     socket: String,
 }
 
@@ -121,9 +112,10 @@ fn start_node(
     resolver: IpAddr,
 ) -> NodeUnderTest {
     let ns = TestNs::new(tag);
-    let etc = PathBuf::from(format!("/etc/netns/{}", ns.name));
-    std::fs::create_dir_all(&etc).unwrap();
-    std::fs::write(etc.join("resolv.conf"), format!("nameserver {resolver}\n")).unwrap();
+    let etc = EtcNetns::new(
+        &ns.name,
+        &[("resolv.conf", &format!("nameserver {resolver}\n"))],
+    );
     let socket = dir
         .join(format!("{name}.sock"))
         .to_str()
@@ -214,7 +206,7 @@ fn start_node(
         proxy,
         _control_plane: control_plane,
         _agent: agent,
-        _resolv: ResolvConf(etc),
+        _etc: etc,
         socket,
     };
     common::wait_until(

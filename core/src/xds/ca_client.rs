@@ -6,7 +6,7 @@
 //! `clusterid`, `CA_HEADER_*`. The answer is checked: the leaf names the identity asked for
 //! and chains to the trust bundle.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use anyhow::Context;
 use zring_hbone::{ca::WorkloadCert, SpiffeId};
@@ -109,6 +109,3 @@ async fn create(
     }
     Ok(resp.cert_chain)
 }
-
-/// Shared handle.
-pub type SharedCa = Arc<IstioCa>;

@@ -151,3 +151,24 @@ fn agent(args: &[&str]) -> Result<(), String> {
         Err(String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
+
+/// Files under `/etc/netns/NAME/` (`resolv.conf`, `hosts`), which `ip netns exec NAME` mounts
+/// over their `/etc` namesakes for the command it runs; removed on drop.
+pub struct EtcNetns(std::path::PathBuf);
+
+impl EtcNetns {
+    pub fn new(ns: &str, files: &[(&str, &str)]) -> EtcNetns {
+        let dir = std::path::PathBuf::from(format!("/etc/netns/{ns}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        EtcNetns(dir)
+    }
+}
+
+impl Drop for EtcNetns {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
