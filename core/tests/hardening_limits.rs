@@ -192,11 +192,14 @@ fn closed_within(c: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
-/// 6000 connections to `hbone`: every other one silent, the rest half a TLS handshake (a
+/// Connections in one flood.
+const FLOOD: usize = 6000;
+
+/// `FLOOD` connections to `hbone`: every other one silent, the rest half a TLS handshake (a
 /// record header promising 512 bytes, and 16 of them). A legitimate request every 1000.
 fn flood(hbone: SocketAddr) -> Vec<TcpStream> {
-    let mut flood = Vec::with_capacity(6000);
-    for i in 0..6000 {
+    let mut flood = Vec::with_capacity(FLOOD);
+    for i in 0..FLOOD {
         let mut c = TcpStream::connect(hbone).expect("connect to 15008");
         if i % 2 == 1 {
             let _ = c.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03]);
@@ -256,7 +259,11 @@ fn a_flood_of_silent_and_half_handshaken_connections_is_closed_while_legit_traff
         let (fds_fresh, rss_fresh) = (proc_fds(pid), proc_rss_kib(pid));
         // Three floods. The first sets the workers' high-water marks (monoio's op slab, drain
         // slots, allocator pages); after each, descriptors come back exactly and memory must
-        // not creep: the last settles within 10% of the highest earlier level.
+        // not creep. The settled RSS wanders by several MiB from flood to flood with no leak
+        // (seven epoll floods in a row settled at 35.6, 41.0, 39.2, 40.0, 43.1, 37.1, 36.6 MiB;
+        // a 10% bound failed CI once at 41.6 -> 46.4), so the bound is in what a leak would
+        // cost: the last level may top the highest earlier one by less than 1 KiB per flood
+        // connection (5.9 MiB), which a leak of that size or more reaches in one flood.
         let mut levels = Vec::new();
         let mut report = Vec::new();
         for round in 0..3 {
@@ -288,14 +295,18 @@ fn a_flood_of_silent_and_half_handshaken_connections_is_closed_while_legit_traff
             ));
             levels.push(rss);
         }
-        assert!(timeouts(&b, "tls_handshake") >= 18000, "{}", b.metrics());
+        assert!(
+            timeouts(&b, "tls_handshake") >= 3 * FLOOD as u64,
+            "{}",
+            b.metrics()
+        );
         eprintln!(
             "flood ({io}): fresh {fds_fresh} fds / {rss_fresh} KiB; {}",
             report.join("; ")
         );
         let earlier = levels[..2].iter().copied().max().unwrap_or(0);
         assert!(
-            levels[2] <= earlier + earlier / 10,
+            levels[2] < earlier + FLOOD as u64,
             "{io}: memory creeps flood after flood: {levels:?} KiB"
         );
         assert!(legit_echo() < Duration::from_secs(1));
