@@ -112,7 +112,7 @@ fn decide_for(
         dst: target,
         src_identity: peer,
     };
-    match evaluate(&index.config.policies, workload, &conn) {
+    match evaluate(index.policies_for(workload), workload, &conn) {
         Verdict::Allow => Ok(()),
         Verdict::Deny(why) => Err(Refusal {
             status: StatusCode::UNAUTHORIZED,

@@ -431,6 +431,9 @@ struct ControlPlaneArgs {
     /// Require `authorization: Bearer <the file's content>` on every call (off by default).
     #[arg(long)]
     token_file: Option<std::path::PathBuf>,
+    /// How often the config file is checked for changes.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    poll: Duration,
 }
 
 fn control_plane(a: ControlPlaneArgs, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
@@ -445,7 +448,7 @@ fn control_plane(a: ControlPlaneArgs, trigger: &ShutdownTrigger) -> anyhow::Resu
             ca_dir: a.ca_dir,
             listen: a.listen,
             token_file: a.token_file,
-            poll: Duration::from_secs(1),
+            poll: a.poll,
         },
         async move {
             while !t.is_triggered() {

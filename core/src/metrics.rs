@@ -9,6 +9,7 @@
 //!
 //! zring's own: `zring_config_reloads_total{result="success"|"failure"}` and
 //! `zring_config_generation` (the config in force; a rejected file leaves it unchanged);
+//! `zring_config_apply_seconds` (summary: time to put each config version in force);
 //! `zring_timeouts_total{kind}` (handshake, response and keepalive limits that fired),
 //! `zring_handshake_limit_rejected_total{listener}` (connections closed at once because their
 //! listener had too many unfinished handshakes on that worker), `zring_task_panics_total`
@@ -141,6 +142,8 @@ pub struct Metrics {
     conns: Mutex<HashMap<ConnLabels, Counters>>,
     reload_ok: AtomicU64,
     reload_failed: AtomicU64,
+    apply_nanos: AtomicU64,
+    applies: AtomicU64,
     generation: AtomicU64,
     timeouts: [AtomicU64; TimeoutKind::ALL.len()],
     handshake_rejected: Mutex<std::collections::BTreeMap<&'static str, u64>>,
@@ -259,6 +262,16 @@ impl Metrics {
         self.generation.store(generation, Ordering::Relaxed);
     }
 
+    /// A new config version took `d` to put in force (index built or changed, certificates of
+    /// new local identities fetched).
+    pub fn config_applied(&self, d: std::time::Duration) {
+        self.apply_nanos.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.applies.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -304,6 +317,12 @@ impl Metrics {
             out,
             "# HELP zring_config_generation The config in force (1 = the file read at start).\n# TYPE zring_config_generation gauge\nzring_config_generation {}",
             self.generation.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP zring_config_apply_seconds Time to put a config version in force (a file's whole config, or one xDS push's changes).\n# TYPE zring_config_apply_seconds summary\nzring_config_apply_seconds_sum {:.9}\nzring_config_apply_seconds_count {}",
+            self.apply_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            self.applies.load(Ordering::Relaxed)
         );
         let _ = writeln!(out, "# HELP zring_timeouts_total Time limits that fired, by kind.\n# TYPE zring_timeouts_total counter");
         for (i, k) in TimeoutKind::ALL.iter().enumerate() {

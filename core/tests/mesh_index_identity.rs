@@ -63,7 +63,8 @@ fn vips_workload_ips_and_outsiders_resolve_as_ztunnel_would() {
         .local_workloads("node-b")
         .map(|w| w.name.as_str())
         .collect();
-    assert_eq!(local, vec!["productpage-v1", "reviews-v1", "legacy-db"]);
+    // In name (uid) order.
+    assert_eq!(local, vec!["legacy-db", "productpage-v1", "reviews-v1"]);
 }
 
 #[test]

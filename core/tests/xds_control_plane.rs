@@ -3,7 +3,8 @@
 //! the first push makes them ready and they carry HBONE with policy; a policy change in the
 //! control plane's file applies to new connections while an open one keeps running; a workload
 //! added and a service removed arrive incrementally; the control plane restarted mid-run:
-//! traffic flows throughout, the nodes reconnect and later changes still arrive; a node whose
+//! traffic flows throughout, the nodes reconnect and later changes still arrive; a policy added
+//! and removed, a workload removed and a service added back, each incrementally; a node whose
 //! control plane never answers is not ready and says why.
 
 use std::{
@@ -23,6 +24,11 @@ use common::{
 const CP: &str = "127.0.61.1:15012";
 
 fn mesh(allow: &[&str], with_newpod: bool, with_service: bool) -> String {
+    mesh_with(allow, with_newpod, with_service, false)
+}
+
+/// `deny_notsleep`: a second, namespace-wide policy denying notsleep.
+fn mesh_with(allow: &[&str], with_newpod: bool, with_service: bool, deny_notsleep: bool) -> String {
     let principals: String = allow
         .iter()
         .map(|sa| format!("        - !Exact cluster.local/ns/default/sa/{sa}\n"))
@@ -46,6 +52,18 @@ fn mesh(allow: &[&str], with_newpod: bool, with_service: bool) -> String {
   vips: ["/127.0.61.20"]
   ports:
     9080: 9080
+"#
+    } else {
+        ""
+    };
+    let deny = if deny_notsleep {
+        r#"- name: deny-notsleep
+  namespace: default
+  scope: Namespace
+  action: Deny
+  dryRun: false
+  rules:
+  - - - principals: [!Exact cluster.local/ns/default/sa/notsleep]
 "#
     } else {
         ""
@@ -79,7 +97,7 @@ fn mesh(allow: &[&str], with_newpod: bool, with_service: bool) -> String {
   authorizationPolicies: ["default/productpage-viewer"]
 services:
 {service}policies:
-- name: productpage-viewer
+{deny}- name: productpage-viewer
   namespace: default
   scope: WorkloadSelector
   action: Allow
@@ -359,6 +377,54 @@ fn nodes_run_from_the_control_plane_alone() {
     assert!(cp
         .log()
         .contains("certificate signed identity=spiffe://cluster.local/ns/default/sa/sleep"));
+
+    // Incremental the other way: a policy added, then removed; a workload removed, a service
+    // added back.
+    std::fs::write(
+        &cfg,
+        mesh_with(&["sleep", "notsleep", "newpod"], false, true, true),
+    )
+    .unwrap();
+    common::wait_until(
+        Duration::from_secs(10),
+        || !allowed([127, 0, 61, 4]),
+        || {
+            format!(
+                "the added DENY policy never applied:\n{}\n{}",
+                b.proc.log(),
+                cp.log()
+            )
+        },
+    );
+    assert!(allowed([127, 0, 61, 2]), "the DENY policy hit sleep too");
+    let (_, d) = http_get(a.admin, "GET", "/config_dump");
+    let v: serde_json::Value = serde_json::from_str(&d).unwrap();
+    assert!(
+        !d.contains("c//v1/Pod/default/newpod"),
+        "newpod not removed: {d}"
+    );
+    assert_eq!(v["services"].as_array().map(|s| s.len()), Some(1), "{d}");
+    assert!(
+        !allowed([127, 0, 61, 5]),
+        "a removed workload still got through"
+    );
+    std::fs::write(
+        &cfg,
+        mesh_with(&["sleep", "notsleep", "newpod"], false, true, false),
+    )
+    .unwrap();
+    common::wait_until(
+        Duration::from_secs(10),
+        || allowed([127, 0, 61, 4]),
+        || format!("the removed DENY policy still applied:\n{}", b.proc.log()),
+    );
+    let (_, d) = http_get(b.admin, "GET", "/config_dump");
+    assert!(!d.contains("deny-notsleep"), "{d}");
+    let text = b.metrics();
+    assert!(
+        metric(&text, "zring_config_apply_seconds_count", &[]).unwrap_or(0) >= 6,
+        "{text}"
+    );
 
     // A node whose control plane never answers is not ready, and says why.
     let mut c = node(

@@ -231,34 +231,30 @@ struct XdsSink(Arc<State>);
 impl crate::xds::client::Sink for XdsSink {
     fn apply(
         &self,
-        config: LocalConfig,
-        versions: &HashMap<String, HashMap<String, String>>,
-    ) -> Result<(), String> {
-        *self
-            .0
-            .resource_versions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = versions
-            .iter()
-            .map(|(t, m)| {
-                (
-                    t.clone(),
-                    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                )
-            })
-            .collect();
-        match self.0.install(config) {
-            Ok(g) => {
-                self.0.metrics.reload(true, g);
-                *self.0.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                Ok(())
+        delta: crate::config::index::Delta,
+        versions: Vec<crate::xds::client::VersionChange>,
+    ) -> Result<(), Vec<String>> {
+        {
+            let mut held = self
+                .0
+                .resource_versions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (type_url, name, version) in versions {
+                let of_type = held.entry(type_url).or_default();
+                match version {
+                    Some(v) => of_type.insert(name, v),
+                    None => of_type.remove(&name),
+                };
             }
-            Err(e) => {
-                let e = format!("{e:#}");
-                *self.0.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
-                self.0.metrics.reload(false, self.0.generation());
-                Err(e)
-            }
+        }
+        let (g, errors) = self.0.apply_delta(delta);
+        self.0.metrics.reload(errors.is_empty(), g);
+        *self.0.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+            (!errors.is_empty()).then(|| errors.join("; "));
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(errors),
         }
     }
     fn event(&self, e: crate::xds::client::Event<'_>) {
@@ -288,11 +284,10 @@ impl crate::zds::client::PodHandler for ProxyPods {
             return Ok(());
         }
         let index = state.index();
-        if !index
-            .config
-            .workloads
-            .iter()
-            .any(|w| w.name == pod.info.name && w.namespace == pod.info.namespace)
+        if index
+            .workloads_of_pod(&pod.info.namespace, &pod.info.name)
+            .next()
+            .is_none()
         {
             tracing::warn!(pod = %pod.info.name, namespace = %pod.info.namespace, "no workload in the config for this pod yet; its outbound connections leave from zring's namespace until one appears");
         }

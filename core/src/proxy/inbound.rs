@@ -81,7 +81,12 @@ fn destination_service<'a>(
             return Some(s);
         }
     }
-    index.config.services.iter().find(|s| serves(s))
+    // In name order, so the guess is the same on every connection.
+    let mut keys: Vec<&String> = w.services.keys().collect();
+    keys.sort();
+    keys.into_iter()
+        .filter_map(|k| index.service_by_key(k))
+        .find(|s| serves(s))
 }
 
 /// How to reach the destination workload: marked, bounded, and from inside its pod's

@@ -306,9 +306,9 @@ impl Outbound {
             idx.workload_by_ip(peer.ip())
                 .is_some_and(|w| &w.node == node)
                 || (peer.ip().is_loopback()
-                    && idx.config.workloads.iter().any(|w| {
-                        w.name == pod.name && w.namespace == pod.namespace && &w.node == node
-                    }))
+                    && idx
+                        .workloads_of_pod(&pod.namespace, &pod.name)
+                        .any(|w| &w.node == node))
         })
         .await
     }
@@ -324,13 +324,12 @@ impl Outbound {
         let node = &self.state.cfg.node;
         // The source workload: the owner of the client's address; for a pod's own loopback
         // (SOCKS5 inside the pod) the pod's workload, whose address the connection then uses.
-        let src =
-            match (&self.pod, peer.ip().is_loopback()) {
-                (Some(pod), true) => index.config.workloads.iter().find(|w| {
-                    w.name == pod.name && w.namespace == pod.namespace && &w.node == node
-                }),
-                _ => index.workload_by_ip(peer.ip()).filter(|w| &w.node == node),
-            };
+        let src = match (&self.pod, peer.ip().is_loopback()) {
+            (Some(pod), true) => index
+                .workloads_of_pod(&pod.namespace, &pod.name)
+                .find(|w| &w.node == node),
+            _ => index.workload_by_ip(peer.ip()).filter(|w| &w.node == node),
+        };
         let Some(src) = src else {
             return Err(Refused::new(
                 Reply::NotAllowed,

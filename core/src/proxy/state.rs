@@ -17,7 +17,10 @@ use zring_hbone::H2Settings;
 use zring_runtime::WorkerConfig;
 
 use crate::{
-    config::{index::MeshIndex, LocalConfig},
+    config::{
+        index::{Change, Delta, MeshIndex},
+        LocalConfig,
+    },
     identity::CertManager,
     metrics::Metrics,
 };
@@ -245,9 +248,9 @@ impl State {
             "node": self.cfg.node,
             "configSource": self.config_source(),
             "generation": self.generation(),
-            "workloads": index.config.workloads,
-            "services": index.config.services,
-            "policies": index.config.policies,
+            "workloads": index.workloads().collect::<Vec<_>>(),
+            "services": index.services().collect::<Vec<_>>(),
+            "policies": index.policies().collect::<Vec<_>>(),
             "certificates": certs,
             "resourceVersions": *self.resource_versions.lock().unwrap_or_else(|p| p.into_inner()),
         });
@@ -265,6 +268,7 @@ impl State {
     /// Put `config` in force: issue the certificates of its local identities first, so that no
     /// connection ever finds its workload without one.
     pub(crate) fn install(&self, config: LocalConfig) -> anyhow::Result<u64> {
+        let started = std::time::Instant::now();
         let index = MeshIndex::new(config);
         let mut ids = HashSet::new();
         for w in index.local_workloads(&self.cfg.node) {
@@ -275,19 +279,57 @@ impl State {
                 self.certs.get(&id)?;
             }
         }
-        let (w, s, p, l) = (
-            index.config.workloads.len(),
-            index.config.services.len(),
-            index.config.policies.len(),
-            index.local_workloads(&self.cfg.node).count(),
-        );
         *self.index.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(index);
+        self.metrics.config_applied(started.elapsed());
+        Ok(self.in_force(ids.len()))
+    }
+
+    /// Apply `delta` to the config in force (the xDS path): O(what changed), whatever the
+    /// total. Local workloads' certificates are fetched first; one that cannot be had is
+    /// reported (naming the workload) and fetched again when a connection needs it, and the
+    /// change applies regardless: the control plane does not send it twice.
+    pub(crate) fn apply_delta(&self, delta: Delta) -> (u64, Vec<String>) {
+        let started = std::time::Instant::now();
+        let mut errors = Vec::new();
+        let mut ids = HashSet::new();
+        for (name, change) in &delta {
+            let Change::Workload(w) = change else {
+                continue;
+            };
+            if w.node != self.cfg.node {
+                continue;
+            }
+            match w.identity() {
+                Ok(id) if ids.insert(id.clone()) => {
+                    if let Err(e) = self.certs.get(&id) {
+                        errors.push(format!("{name}: certificate: {e}"));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(format!("{name}: identity: {e}")),
+            }
+        }
+        {
+            let mut current = self.index.write().unwrap_or_else(|p| p.into_inner());
+            let next = current.apply(delta);
+            *current = Arc::new(next);
+        }
+        self.metrics.config_applied(started.elapsed());
+        (self.in_force(ids.len()), errors)
+    }
+
+    /// A new config version is in force: count it, tell the pods, log it.
+    fn in_force(&self, identities: usize) -> u64 {
+        let index = self.index();
+        let (w, s, p) = index.counts();
+        let l = index.local_workloads(&self.cfg.node).count();
+        drop(index);
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         // Pods' addresses come from the config: a pod handed over before its workload was
         // known gets its address (and so its namespace for upstream sockets) now.
         self.pods_changed(|_| {});
-        tracing::info!(source = %self.config_source(), generation = g, workloads = w, services = s, policies = p, local_workloads = l, identities = ids.len(), "config in force");
-        Ok(g)
+        tracing::info!(source = %self.config_source(), generation = g, workloads = w, services = s, policies = p, local_workloads = l, identities, "config in force");
+        g
     }
 
     /// The network namespace connections from pod IP `ip` leave from (in-pod mode).
@@ -319,10 +361,7 @@ impl State {
             .values()
             .flat_map(|p| {
                 index
-                    .config
-                    .workloads
-                    .iter()
-                    .filter(|w| w.name == p.info.name && w.namespace == p.info.namespace)
+                    .workloads_of_pod(&p.info.namespace, &p.info.name)
                     .flat_map(|w| w.workload_ips.iter().map(|ip| (*ip, p.netns.clone())))
                     .collect::<Vec<_>>()
             })

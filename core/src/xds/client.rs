@@ -13,6 +13,8 @@
 //!   Reconnects with back-off from 10 ms doubling to 15 s.
 //! - The first config is put in force once both types have arrived; until then zring is not
 //!   ready. A lost control plane never stops traffic: the last good config stays in force.
+//! - What reaches the proxy is the change, resource by resource ([`Delta`]), never the whole
+//!   state: applying one changed workload costs the same with ten or ten thousand present.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -34,7 +36,7 @@ use super::{
         istio::{security, workload},
     },
 };
-use crate::config::{Authorization, LocalConfig, Service, Workload};
+use crate::config::index::{Change, Delta};
 
 /// Where and how to reach the control plane, and who this proxy is.
 #[derive(Debug, Clone)]
@@ -57,15 +59,15 @@ impl XdsSettings {
     }
 }
 
+/// A resource's version changed: type url, resource name, its version (None: removed).
+pub type VersionChange = (String, String, Option<String>);
+
 /// What the client reports to the proxy.
 pub trait Sink: Send + 'static {
-    /// Put this config in force; an error is NACKed. `versions`: type url -> resource name ->
-    /// the version the control plane gave it (for `/config_dump`).
-    fn apply(
-        &self,
-        config: LocalConfig,
-        versions: &HashMap<String, HashMap<String, String>>,
-    ) -> Result<(), String>;
+    /// Apply these changes to the config in force; errors (each naming a resource) are NACKed,
+    /// the changes still apply. `versions`: the versions the changes bring (for
+    /// `/config_dump`).
+    fn apply(&self, delta: Delta, versions: Vec<VersionChange>) -> Result<(), Vec<String>>;
     /// The connection state changed, or a push arrived (for metrics and logs).
     fn event(&self, e: Event<'_>);
 }
@@ -89,45 +91,37 @@ pub enum Event<'a> {
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 
-/// The resources held, by type, and their versions.
+/// The versions of the resources held, by type, and the changes not yet handed over (until
+/// both types have arrived once).
 #[derive(Debug, Default)]
 struct Held {
-    workloads: BTreeMap<String, Workload>,
-    services: BTreeMap<String, Service>,
-    policies: BTreeMap<String, Authorization>,
     versions: HashMap<String, HashMap<String, String>>,
     synced: HashMap<String, bool>,
+    pending: Delta,
+    pending_versions: Vec<VersionChange>,
 }
 
 impl Held {
-    fn config(&self) -> LocalConfig {
-        LocalConfig {
-            workloads: self.workloads.values().cloned().collect(),
-            services: self.services.values().cloned().collect(),
-            policies: self.policies.values().cloned().collect(),
-        }
-    }
-
     fn count(&self, type_url: &str) -> usize {
-        if type_url == ADDRESS_TYPE {
-            self.workloads.len() + self.services.len()
-        } else {
-            self.policies.len()
-        }
+        self.versions.get(type_url).map_or(0, |v| v.len())
     }
 
-    /// Apply one response; the errors name each refused resource.
+    /// Take one response into `pending`; the errors name each refused resource (its previous
+    /// state stays).
     fn apply(&mut self, r: &DeltaDiscoveryResponse) -> Vec<String> {
         let mut errors = Vec::new();
         let versions = self.versions.entry(r.type_url.clone()).or_default();
         for name in &r.removed_resources {
-            versions.remove(name);
-            if r.type_url == ADDRESS_TYPE {
-                self.workloads.remove(name);
-                self.services.remove(name);
-            } else {
-                self.policies.remove(name);
+            if versions.remove(name).is_none() {
+                continue;
             }
+            let change = match r.type_url == ADDRESS_TYPE {
+                true => Change::RemoveAddress,
+                false => Change::RemovePolicy,
+            };
+            self.pending.push((name.clone(), change));
+            self.pending_versions
+                .push((r.type_url.clone(), name.clone(), None));
         }
         for res in &r.resources {
             let Some(any) = &res.resource else {
@@ -139,29 +133,27 @@ impl Held {
                     Err(e) => Err(format!("not an istio.workload.Address: {e}")),
                     Ok(workload::Address {
                         r#type: Some(workload::address::Type::Workload(w)),
-                    }) => convert::workload_from(&w).map(|w| {
-                        self.services.remove(&res.name);
-                        self.workloads.insert(res.name.clone(), w);
-                    }),
+                    }) => convert::workload_from(&w).map(Change::Workload),
                     Ok(workload::Address {
                         r#type: Some(workload::address::Type::Service(s)),
-                    }) => convert::service_from(&s).map(|s| {
-                        self.workloads.remove(&res.name);
-                        self.services.insert(res.name.clone(), s);
-                    }),
+                    }) => convert::service_from(&s).map(Change::Service),
                     Ok(_) => Err("an Address that is neither a workload nor a service".into()),
                 }
             } else {
                 match security::Authorization::decode(any.value.as_slice()) {
                     Err(e) => Err(format!("not an istio.security.Authorization: {e}")),
-                    Ok(p) => convert::authorization_from(&p).map(|p| {
-                        self.policies.insert(res.name.clone(), p);
-                    }),
+                    Ok(p) => convert::authorization_from(&p).map(Change::Policy),
                 }
             };
             match outcome {
-                Ok(()) => {
+                Ok(change) => {
                     versions.insert(res.name.clone(), res.version.clone());
+                    self.pending.push((res.name.clone(), change));
+                    self.pending_versions.push((
+                        r.type_url.clone(),
+                        res.name.clone(),
+                        Some(res.version.clone()),
+                    ));
                 }
                 // The previous state of a refused resource stays.
                 Err(e) => errors.push(format!("{}: {e}", res.name)),
@@ -271,8 +263,10 @@ async fn stream(
             .iter()
             .all(|t| held.synced.get(*t).copied().unwrap_or(false));
         if both {
-            if let Err(e) = sink.apply(held.config(), &held.versions) {
-                errors.push(format!("the config as a whole: {e}"));
+            let delta = std::mem::take(&mut held.pending);
+            let versions = std::mem::take(&mut held.pending_versions);
+            if let Err(e) = sink.apply(delta, versions) {
+                errors.extend(e);
             }
         }
         let nacked = !errors.is_empty();
