@@ -3,15 +3,21 @@
 //! change. A new certificate swaps in new TLS configs for *new* connections; live connections
 //! keep the config (and certificate) they were made with.
 //!
+//! With Istio's CA (a remote call per certificate), fetches run on one thread of their own,
+//! never on a worker or the xDS thread: a connection waiting for its workload's certificate
+//! ([`CertManager::get_urgent`]) is served before the background fetches a config change
+//! queued ([`CertManager::prefetch`]), and a queued identity a connection then needs moves to
+//! the front.
+//!
 //! A certificate directory holds `root-cert.pem` (the trust bundle) and, per identity,
 //! `<namespace>/<service account>/cert-chain.pem` and `key.pem` (what
 //! `zring ca issue --out DIR/<namespace>/<service account>/` writes). A file's leaf must carry
 //! exactly the identity it is filed under.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex, OnceLock, Weak},
     time::{Duration, SystemTime},
 };
 
@@ -109,6 +115,9 @@ enum Source {
     },
 }
 
+/// How long a connection waits for its certificate from Istio's CA.
+const URGENT_WAIT: Duration = Duration::from_secs(15);
+
 /// The longest wait between attempts for one identity after failures.
 const MAX_CA_BACKOFF: Duration = Duration::from_secs(150);
 
@@ -119,6 +128,34 @@ pub struct CertManager {
     roots: Vec<CertificateDer<'static>>,
     issued: Mutex<HashMap<SpiffeId, Arc<Issued>>>,
     ca_errors: std::sync::atomic::AtomicU64,
+    fetches: Fetches,
+}
+
+/// What a waiting connection is told once its identity's fetch ends (it polls the receiver).
+type Waiter = tokio::sync::oneshot::Sender<Result<Arc<Issued>, String>>;
+
+/// The remote CA's fetch queue: urgent (a connection waits) before background.
+#[derive(Debug, Default)]
+struct Fetches {
+    queue: Mutex<FetchQueue>,
+    wake: Condvar,
+    thread: OnceLock<()>,
+}
+
+#[derive(Debug, Default)]
+struct FetchQueue {
+    urgent: VecDeque<SpiffeId>,
+    background: VecDeque<SpiffeId>,
+    /// Identities queued or being fetched, with the connections waiting for each.
+    pending: HashMap<SpiffeId, Vec<Waiter>>,
+}
+
+impl FetchQueue {
+    fn next(&mut self) -> Option<SpiffeId> {
+        self.urgent
+            .pop_front()
+            .or_else(|| self.background.pop_front())
+    }
 }
 
 /// Modification time of a file (None when unreadable).
@@ -138,6 +175,7 @@ impl CertManager {
             roots,
             issued: Mutex::new(HashMap::new()),
             ca_errors: Default::default(),
+            fetches: Fetches::default(),
         }
     }
 
@@ -154,6 +192,7 @@ impl CertManager {
             roots,
             issued: Mutex::new(HashMap::new()),
             ca_errors: Default::default(),
+            fetches: Fetches::default(),
         })
     }
 
@@ -182,6 +221,7 @@ impl CertManager {
             roots,
             issued: Mutex::new(HashMap::new()),
             ca_errors: Default::default(),
+            fetches: Fetches::default(),
         })
     }
 
@@ -256,6 +296,102 @@ impl CertManager {
         Ok(self.lock().entry(id.clone()).or_insert(issued).clone())
     }
 
+    /// The certificate of `id` for a connection waiting on it. From Istio's CA the fetch runs on
+    /// the fetch thread, ahead of background ones, and this waits without blocking the caller's
+    /// thread; a local CA or files answer at once. For a worker's (monoio) connection tasks.
+    pub async fn get_urgent(self: &Arc<Self>, id: &SpiffeId) -> Result<Arc<Issued>, IdentityError> {
+        if let Some(i) = self.lock().get(id) {
+            return Ok(i.clone());
+        }
+        if !matches!(self.source, Source::Remote { .. }) {
+            return self.get(id);
+        }
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        {
+            let mut q = self.queue();
+            match q.pending.get_mut(id) {
+                Some(waiters) => {
+                    waiters.push(tx);
+                    if let Some(at) = q.background.iter().position(|b| b == id) {
+                        q.background.remove(at);
+                        q.urgent.push_back(id.clone());
+                    }
+                }
+                None => {
+                    q.pending.insert(id.clone(), vec![tx]);
+                    q.urgent.push_back(id.clone());
+                }
+            }
+        }
+        self.start_fetches();
+        let failed = |e: String| IdentityError::Issue {
+            id: id.clone(),
+            source: Box::new(CaError::Remote(e)),
+        };
+        // Polled, not awaited: a worker's waker (monoio) must not be woken from the fetch
+        // thread. A few milliseconds of latency, on a connection that waits for a CA anyway.
+        let deadline = std::time::Instant::now() + URGENT_WAIT;
+        loop {
+            match rx.try_recv() {
+                Ok(r) => return r.map_err(failed),
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    return Err(failed("the certificate fetch thread stopped".into()))
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(failed(format!(
+                    "no answer from the CA within {URGENT_WAIT:?}"
+                )));
+            }
+            monoio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Make sure `id` has a certificate soon: from Istio's CA, queued behind any waiting
+    /// connection's (this returns at once); from a local CA or files, now.
+    pub fn prefetch(self: &Arc<Self>, id: &SpiffeId) -> Result<(), IdentityError> {
+        if !matches!(self.source, Source::Remote { .. }) {
+            return self.get(id).map(|_| ());
+        }
+        if self.lock().contains_key(id) {
+            return Ok(());
+        }
+        {
+            let mut q = self.queue();
+            if q.pending.contains_key(id) {
+                return Ok(());
+            }
+            q.pending.insert(id.clone(), Vec::new());
+            q.background.push_back(id.clone());
+        }
+        self.start_fetches();
+        Ok(())
+    }
+
+    /// Identities whose fetch is queued or running.
+    pub fn fetches_pending(&self) -> usize {
+        self.queue().pending.len()
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, FetchQueue> {
+        self.fetches.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wake the fetch thread, starting it the first time; it ends with the manager.
+    fn start_fetches(self: &Arc<Self>) {
+        self.fetches.thread.get_or_init(|| {
+            let weak = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name("zring-certs".into())
+                .spawn(move || fetch_loop(weak));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the certificate fetch thread");
+            }
+        });
+        self.fetches.wake.notify_one();
+    }
+
     /// A client config presenting `src`'s certificate and expecting one of `expected`.
     pub fn client_config(
         &self,
@@ -302,5 +438,48 @@ impl CertManager {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SpiffeId, Arc<Issued>>> {
         self.issued.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The fetch thread: one identity at a time, urgent first, until the manager is dropped.
+fn fetch_loop(manager: Weak<CertManager>) {
+    loop {
+        let Some(m) = manager.upgrade() else { return };
+        let next = {
+            let mut q = m.queue();
+            match q.next() {
+                Some(id) => Some(id),
+                None => {
+                    // Woken by new work, or after a second to let go of the manager (the
+                    // thread ends once the manager's last other owner has).
+                    let (mut q, _) = m
+                        .fetches
+                        .wake
+                        .wait_timeout(q, Duration::from_secs(1))
+                        .unwrap_or_else(|p| p.into_inner());
+                    q.next()
+                }
+            }
+        };
+        let Some(id) = next else { continue };
+        let cached = m.lock().get(&id).cloned();
+        let result = match cached {
+            Some(i) => Ok(i),
+            None => m
+                .issue(&id)
+                .map(|i| m.lock().entry(id.clone()).or_insert(i).clone())
+                .map_err(|e| match e {
+                    // The waiter names the identity itself.
+                    IdentityError::Issue { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                }),
+        };
+        if let Err(e) = &result {
+            tracing::warn!(identity = %id, error = %e, "certificate fetch failed; retried when a connection needs it");
+        }
+        let waiters = m.queue().pending.remove(&id).unwrap_or_default();
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::{
     io::Write,
-    net::{IpAddr, Shutdown, SocketAddr},
+    net::{IpAddr, Shutdown},
     path::Path,
     time::Duration,
 };
@@ -109,79 +109,11 @@ services:
 }
 
 fn start_cp(dir: &Path, cfg: &Path, ca: &Path, token: &Path) -> Proc {
-    let p = Proc::spawn(&[
-        "control-plane",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--listen",
-        CP,
-        "--token-file",
-        token.to_str().unwrap(),
-    ]);
-    let _ = dir;
-    common::wait_until(
-        Duration::from_secs(10),
-        || std::net::TcpStream::connect(CP).is_ok(),
-        || format!("zring control-plane never listened:\n{}", p.log()),
-    );
-    p
+    common::xds::control_plane(CP, dir, cfg, ca, token)
 }
 
 fn node(name: &str, host: [u8; 4], ca: &Path, token: &Path, xds: &str, socks5: bool) -> Node {
-    let host = IpAddr::from(host);
-    let (admin, stats, ready) = (
-        SocketAddr::new(host, 15000),
-        SocketAddr::new(host, 15020),
-        SocketAddr::new(host, 15021),
-    );
-    let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
-    let socks_at = SocketAddr::new(host, 15080).to_string();
-    let root = ca.join("root-cert.pem");
-    let mut args = vec![
-        "run",
-        "--node-name",
-        name,
-        "--xds-address",
-        xds,
-        "--xds-root-ca",
-        root.to_str().unwrap(),
-        "--alt-xds-hostname",
-        "istiod.istio-system.svc",
-        "--auth-token",
-        token.to_str().unwrap(),
-        "--ca-address",
-        xds,
-        "--ca-root-ca",
-        root.to_str().unwrap(),
-        "--alt-ca-hostname",
-        "istiod.istio-system.svc",
-        "--cert-ttl",
-        "10s",
-        "--packet-mark",
-        "0",
-        "--bind-source",
-        "--workers",
-        "1",
-        "--dns-proxy",
-        "false",
-        "--admin-addr",
-        &a,
-        "--stats-addr",
-        &s,
-        "--readiness-addr",
-        &r,
-    ];
-    if socks5 {
-        args.extend(["--socks5", &socks_at]);
-    }
-    Node {
-        proc: Proc::spawn(&args),
-        stats,
-        ready,
-        admin,
-    }
+    common::xds::node(name, host, ca, token, xds, socks5, "10s")
 }
 
 /// From workload address `src` through node-a's SOCKS5 to productpage's echo: the bytes that

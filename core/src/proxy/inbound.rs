@@ -151,7 +151,7 @@ async fn hbone_connection(
         return tracing::warn!(dst.addr = %local, "inbound HBONE connection to an address with no workload");
     };
     drop(index);
-    let issued = match state.certs.get(&id) {
+    let issued = match state.certs.get_urgent(&id).await {
         Ok(i) => i,
         Err(e) => return tracing::warn!(error = %e, "no certificate for the destination workload"),
     };

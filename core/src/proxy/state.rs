@@ -285,9 +285,11 @@ impl State {
     }
 
     /// Apply `delta` to the config in force (the xDS path): O(what changed), whatever the
-    /// total. Local workloads' certificates are fetched first; one that cannot be had is
-    /// reported (naming the workload) and fetched again when a connection needs it, and the
-    /// change applies regardless: the control plane does not send it twice.
+    /// total. New local identities' certificates are fetched: from Istio's CA in the
+    /// background (a connection that needs one first moves it to the front), from a local CA
+    /// at once; a failure is reported (naming the workload), the certificate is fetched again
+    /// when a connection needs it, and the change applies regardless: the control plane does
+    /// not send it twice.
     pub(crate) fn apply_delta(&self, delta: Delta) -> (u64, Vec<String>) {
         let started = std::time::Instant::now();
         let mut errors = Vec::new();
@@ -301,7 +303,7 @@ impl State {
             }
             match w.identity() {
                 Ok(id) if ids.insert(id.clone()) => {
-                    if let Err(e) = self.certs.get(&id) {
+                    if let Err(e) = self.certs.prefetch(&id) {
                         errors.push(format!("{name}: certificate: {e}"));
                     }
                 }

@@ -5,6 +5,7 @@
 pub mod dns;
 pub mod mesh;
 pub mod netns;
+pub mod xds;
 
 use std::{
     io::{Read, Write},
