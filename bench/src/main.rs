@@ -3,6 +3,9 @@
 //! `zring-bench run` is the latency harness (see `harness`): no-mesh vs ambient vs sidecar paths
 //! on network namespaces, Istio's scenarios, reports with charts and flamegraphs.
 //!
+//! `zring-bench xds-scale` measures a node fed over xDS with up to 10,000 workloads: time to
+//! ready, RSS per resource, and the time to apply one change (see `xds_scale`).
+//!
 //! `zring-bench relay` measures bulk TCP throughput on loopback with iperf3 through nothing
 //! (direct), through `zring relay` in copy mode (64 KiB and 256 KiB buffers) and in splice mode,
 //! on io_uring and epoll, plus io_uring's own splice opcode for the io-wq thread count. It
@@ -19,6 +22,7 @@ mod relay;
 mod sample;
 mod tunnel;
 mod util;
+mod xds_scale;
 
 use clap::{Parser, Subcommand};
 
@@ -45,6 +49,9 @@ enum Command {
     /// The node-proxy path (captured client -> zring -> HBONE -> zring -> server) vs direct:
     /// latency at fixed rates, max rps, connection rate, iperf3, CPU and RSS. Needs root.
     Mesh(mesh::Args),
+    /// One node fed by `zring control-plane` with 0 / 1,000 / 10,000 workloads: time to ready,
+    /// RSS per resource, time to apply one changed workload.
+    XdsScale(xds_scale::Args),
     /// The latency harness: no-mesh vs ambient (zring) vs sidecar (HAProxy) [vs ztunnel, waypoint]
     /// on network namespaces; writes perf-reports/<date>-<commit>/report.md. Needs root.
     Run(harness::RunArgs),
@@ -61,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Command::Loadgen(args) => capacity::run(args),
         Command::Tunnel(args) => tunnel::run(args),
         Command::Mesh(args) => mesh::run(args),
+        Command::XdsScale(args) => xds_scale::run(args),
         Command::Run(args) => harness::run(args),
         Command::Profile(args) => harness::profile(args),
         Command::Report(args) => harness::report_cmd(args),

@@ -383,7 +383,7 @@ impl CertManager {
         self.fetches.thread.get_or_init(|| {
             let weak = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()
-                .name("zring-certs".into())
+                .name("zring-ca-fetch".into())
                 .spawn(move || fetch_loop(weak));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start the certificate fetch thread");
