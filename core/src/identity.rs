@@ -369,6 +369,11 @@ impl CertManager {
         Ok(())
     }
 
+    /// Whether certificates come from Istio's CA (a fetch may have to wait for the network).
+    pub fn is_remote(&self) -> bool {
+        matches!(self.source, Source::Remote { .. })
+    }
+
     /// Identities whose fetch is queued or running.
     pub fn fetches_pending(&self) -> usize {
         self.queue().pending.len()
@@ -405,6 +410,16 @@ impl CertManager {
                 source: Box::new(source),
             }
         })
+    }
+
+    /// Drop the certificates of identities not in `keep` (no workload of this node has them any
+    /// more), so they are not renewed for nothing; connections using one keep it. Returns how
+    /// many went.
+    pub fn retain(&self, keep: &std::collections::HashSet<SpiffeId>) -> usize {
+        let mut issued = self.lock();
+        let before = issued.len();
+        issued.retain(|id, _| keep.contains(id));
+        before - issued.len()
     }
 
     /// Re-issue every certificate past half its lifetime. Returns the identities renewed. A

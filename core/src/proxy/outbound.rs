@@ -434,11 +434,14 @@ impl Outbound {
         headers: ConnectHeaders,
     ) {
         let state = &*self.state;
-        // The source's certificate, before the pool dials with it: fetched now if a config
-        // change queued it behind others (Istio's CA), without blocking this worker.
-        if let Err(e) = state.certs.get_urgent(&key.src_id).await {
-            refuse(&mut sock, client, Reply::Failure).await;
-            return log.close(state, "UF", 0, 0, Some(e.to_string()));
+        // From Istio's CA, the source's certificate before the pool dials with it: fetched now
+        // if a config change queued it behind others, without blocking this worker. (A local
+        // CA or files issue at once: nothing to wait for.)
+        if state.certs.is_remote() {
+            if let Err(e) = state.certs.get_urgent(&key.src_id).await {
+                refuse(&mut sock, client, Reply::Failure).await;
+                return log.close(state, "UF", 0, 0, Some(e.to_string()));
+            }
         }
         let stream = match self.pool.connect(&key, target, &headers).await {
             Ok(s) => s,

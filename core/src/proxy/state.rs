@@ -324,8 +324,19 @@ impl State {
     fn in_force(&self, identities: usize) -> u64 {
         let index = self.index();
         let (w, s, p) = index.counts();
+        let local: HashSet<_> = index
+            .local_workloads(&self.cfg.node)
+            .filter_map(|w| w.identity().ok())
+            .collect();
         let l = index.local_workloads(&self.cfg.node).count();
         drop(index);
+        let forgotten = self.certs.retain(&local);
+        if forgotten > 0 {
+            tracing::info!(
+                identities = forgotten,
+                "certificates of identities no longer on this node dropped (not renewed)"
+            );
+        }
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         // Pods' addresses come from the config: a pod handed over before its workload was
         // known gets its address (and so its namespace for upstream sockets) now.
