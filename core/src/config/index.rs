@@ -73,7 +73,8 @@ pub struct MeshIndex {
     services: Set<Service>,
     policies: Set<Authorization>,
     by_ip: PMap<IpAddr, (Name, Arc<Workload>)>,
-    by_vip: PMap<IpAddr, (Name, Arc<Service>)>,
+    /// VIP -> (resource name, service, its `namespace/hostname`: the endpoints' key).
+    by_vip: PMap<IpAddr, (Name, Arc<Service>, Name)>,
     /// Lower-case hostname -> its services (one, unless namespaces share a hostname).
     by_hostname: PMap<String, Set<Service>>,
     /// `namespace/hostname` -> the workloads that name the service.
@@ -213,8 +214,10 @@ impl MeshIndex {
 
     fn put_service(&mut self, name: Name, s: Arc<Service>) {
         self.remove_service(&name);
+        let key: Name = service_key(&s).into();
         for v in &s.vips {
-            self.by_vip.insert(v.address, (name.clone(), s.clone()));
+            self.by_vip
+                .insert(v.address, (name.clone(), s.clone(), key.clone()));
         }
         update_set(
             &mut self.by_hostname,
@@ -234,7 +237,11 @@ impl MeshIndex {
             return;
         };
         for v in &s.vips {
-            if self.by_vip.get(&v.address).is_some_and(|(n, _)| n == name) {
+            if self
+                .by_vip
+                .get(&v.address)
+                .is_some_and(|(n, _, _)| n == name)
+            {
                 self.by_vip.remove(&v.address);
             }
         }
@@ -345,17 +352,17 @@ impl MeshIndex {
 
     /// Resolve an original destination.
     pub fn resolve(&self, dst: SocketAddr) -> Resolved<'_> {
-        if let Some((_, service)) = self.by_vip.get(&dst.ip()) {
-            let key = service_key(service);
+        if let Some((_, service, key)) = self.by_vip.get(&dst.ip()) {
+            let key: &str = key;
             let endpoints = self
                 .endpoints
-                .get(&key)
+                .get(key)
                 .into_iter()
                 .flat_map(|s| s.values())
                 .filter_map(|w| {
                     let target = w
                         .services
-                        .get(&key)
+                        .get(key)
                         .and_then(|ports| ports.get(&dst.port()))
                         .copied()
                         .or_else(|| service.ports.get(&dst.port()).copied())?;
