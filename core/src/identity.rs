@@ -374,11 +374,6 @@ impl CertManager {
         matches!(self.source, Source::Remote { .. })
     }
 
-    /// Identities whose fetch is queued or running.
-    pub fn fetches_pending(&self) -> usize {
-        self.queue().pending.len()
-    }
-
     fn queue(&self) -> std::sync::MutexGuard<'_, FetchQueue> {
         self.fetches.queue.lock().unwrap_or_else(|p| p.into_inner())
     }

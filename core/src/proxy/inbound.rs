@@ -69,24 +69,24 @@ fn destination_service<'a>(
     host: Option<&str>,
 ) -> Option<&'a crate::config::Service> {
     let w = index.workload_by_ip(target.ip())?;
-    let key = |s: &crate::config::Service| format!("{}/{}", s.namespace, s.hostname);
-    let serves = |s: &crate::config::Service| {
-        w.services.get(&key(s)).is_some_and(|ports| {
-            ports.values().any(|&p| p == target.port())
-                || s.ports.values().any(|&p| p == target.port())
-        })
-    };
     if let Some(s) = host.and_then(|h| index.service_by_hostname(h)) {
-        if w.services.contains_key(&key(s)) {
+        if w.services
+            .contains_key(&format!("{}/{}", s.namespace, s.hostname))
+        {
             return Some(s);
         }
     }
-    // In name order, so the guess is the same on every connection.
-    let mut keys: Vec<&String> = w.services.keys().collect();
-    keys.sort();
-    keys.into_iter()
-        .filter_map(|k| index.service_by_key(k))
-        .find(|s| serves(s))
+    // Of the workload's own services (no allocation, no scan of the mesh's), the first by
+    // name whose target port is the connection's, so every connection guesses alike.
+    let port = target.port();
+    w.services
+        .iter()
+        .filter_map(|(k, ports)| Some((k, ports, index.service_by_key(k)?)))
+        .filter(|(_, ports, s)| {
+            ports.values().any(|&p| p == port) || s.ports.values().any(|&p| p == port)
+        })
+        .min_by(|a, b| a.0.cmp(b.0))
+        .map(|(_, _, s)| s)
 }
 
 /// How to reach the destination workload: marked, bounded, and from inside its pod's

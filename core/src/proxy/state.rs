@@ -324,11 +324,12 @@ impl State {
     fn in_force(&self, identities: usize) -> u64 {
         let index = self.index();
         let (w, s, p) = index.counts();
+        let mut l = 0;
         let local: HashSet<_> = index
             .local_workloads(&self.cfg.node)
+            .inspect(|_| l += 1)
             .filter_map(|w| w.identity().ok())
             .collect();
-        let l = index.local_workloads(&self.cfg.node).count();
         drop(index);
         let forgotten = self.certs.retain(&local);
         if forgotten > 0 {
