@@ -93,7 +93,7 @@ fn index_costs(yaml: &str, workloads: usize) -> anyhow::Result<(f64, f64)> {
         .map(|k| {
             let mut w = config.workloads[k * 37 % workloads].clone();
             w.workload_ips = vec![std::net::IpAddr::from([10, 251, (k / 256) as u8, k as u8])];
-            let delta = vec![(w.uid.clone(), Change::Workload(w))];
+            let delta = vec![(w.uid.clone(), Change::Workload(Box::new(w)))];
             let t = Instant::now();
             let next = index.apply(delta);
             let us = t.elapsed().as_secs_f64() * 1e6;

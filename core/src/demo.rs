@@ -133,6 +133,7 @@ fn node(name: &str, ip: Ipv4Addr, ca: &Path, socks5: bool) -> RunConfig {
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             )
         }),
+        waypoint: None,
     }
 }
 

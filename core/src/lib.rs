@@ -22,5 +22,6 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy;
 pub mod socks5;
+pub mod waypoint;
 pub mod xds;
 pub mod zds;

@@ -36,6 +36,11 @@ enum Command {
     /// The node proxy: ztunnel's job (outbound capture/SOCKS5, inbound HBONE and plaintext, L4
     /// policy, metrics, admin, readiness, config reload).
     Run(Box<RunArgs>),
+    /// The mesh's waypoint (L7): a workload of the mesh config on a node of its own; HBONE in,
+    /// HTTP routing and policy (VirtualService/DestinationRule, HTTPRoute, AuthorizationPolicy
+    /// from --resources), HBONE out to each endpoint with the waypoint's own identity. Takes
+    /// `zring run`'s options (config, node name, certificates, admin, metrics...).
+    Waypoint(Box<WaypointArgs>),
     /// The node proxy configured as Istio's ztunnel chart configures ztunnel: container args
     /// `proxy ztunnel`, everything else from ztunnel's environment variables (NODE_NAME,
     /// LOCAL_XDS_PATH, FAKE_CA, INPOD_UDS, ZTUNNEL_CPU_LIMIT, TERMINATION_GRACE_PERIOD_SECONDS,
@@ -155,6 +160,47 @@ struct RunArgs {
     /// Lifetime of the certificates --ca-dir issues (renewed at half-life).
     #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct WaypointArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// A file or folder of Kubernetes resources as users `kubectl apply` them: VirtualService,
+    /// DestinationRule, HTTPRoute, AuthorizationPolicy (other kinds are skipped). Re-read when
+    /// it changes; a bad file is refused and the rules in force kept.
+    #[arg(long)]
+    resources: Option<std::path::PathBuf>,
+    /// The waypoint's Gateway name (`istio.io/gateway-name`): policies select or target it.
+    #[arg(long, env = "GATEWAY_NAME", default_value = "waypoint")]
+    gateway_name: String,
+    /// The Gateway's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    gateway_namespace: String,
+    /// Istio's root namespace (policies there targeting the istio-waypoint GatewayClass apply
+    /// to every waypoint).
+    #[arg(long, default_value = "istio-system")]
+    root_namespace: String,
+    /// Default limit of one request (routes' own timeouts take precedence).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// How long an endpoint that failed (connect error, reset) is skipped.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ejection_time: Duration,
+}
+
+fn waypoint(a: WaypointArgs, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
+    let mut cfg = run_config(a.run)?;
+    cfg.waypoint = Some(zring_core::waypoint::WaypointSettings {
+        resources: a.resources,
+        gateway_name: a.gateway_name,
+        namespace: a.gateway_namespace,
+        root_namespace: a.root_namespace,
+        request_timeout: a.request_timeout,
+        ejection: a.ejection_time,
+        ..Default::default()
+    });
+    zring_core::proxy::run(cfg, trigger)
 }
 
 /// The config from a control plane over delta xDS (istiod, or `zring control-plane`).
@@ -605,70 +651,11 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         None => zring_core::demo::run(&trigger),
         Some(Command::Relay(args)) => relay_cmd::run(relay_config(args), &trigger),
-        Some(Command::Run(a)) => zring_core::proxy::run(
-            zring_core::proxy::RunConfig {
-                xds: match (
-                    &a.config,
-                    a.xds.xds_address.as_deref().filter(|s| !s.is_empty()),
-                ) {
-                    (None, Some(address)) => Some(zring_core::cmd::ztunnel_env::xds_settings(
-                        address,
-                        a.xds.xds_root_ca.clone(),
-                        a.xds.alt_xds_hostname.clone(),
-                        Some(a.xds.auth_token.clone()),
-                        &std::env::vars().collect(),
-                    )),
-                    _ => None,
-                },
-                config: a.config.clone().unwrap_or_else(|| {
-                    format!("xds:{}", a.xds.xds_address.clone().unwrap_or_default()).into()
-                }),
-                node: a.node_name,
-                certs: match (a.ca_dir, a.cert_dir, a.ca_address.filter(|s| !s.is_empty())) {
-                    (Some(ca), _, _) => zring_core::proxy::CertSource::Ca(ca),
-                    (None, Some(dir), _) => zring_core::proxy::CertSource::Files(dir),
-                    (None, None, Some(address)) => zring_core::proxy::CertSource::IstioCa(
-                        zring_core::cmd::ztunnel_env::ca_settings(
-                            &address,
-                            a.ca_root_ca.clone(),
-                            a.alt_ca_hostname.clone(),
-                            Some(a.xds.auth_token.clone()),
-                            &std::env::vars().collect(),
-                        ),
-                    ),
-                    (None, None, None) => {
-                        return finish(Err(anyhow::anyhow!(
-                            "no certificate source: --ca-dir, --cert-dir or --ca-address"
-                        )))
-                    }
-                },
-                socks5: a.socks5,
-                outbound: a.outbound_addr,
-                inbound_plaintext: a.inbound_plaintext_addr,
-                transparent: a.transparent,
-                admin: a.admin_addr.0,
-                stats: a.stats_addr.0,
-                readiness: a.readiness_addr.0,
-                zds_socket: a.zds_socket,
-                hbone_port: a.hbone_port,
-                mark: (a.packet_mark != 0).then_some(a.packet_mark),
-                bind_source: a.bind_source,
-                workers: a.workers.config(),
-                limits: a.limits.limits(),
-                drain_timeout: a.drain_timeout.unwrap_or_else(|| {
-                    zring_core::cmd::ztunnel_env::drain_from_grace(
-                        std::env::var("TERMINATION_GRACE_PERIOD_SECONDS")
-                            .ok()
-                            .as_deref(),
-                    )
-                }),
-                cert_ttl: a.cert_ttl,
-                dns: a
-                    .dns
-                    .settings((a.packet_mark != 0).then_some(a.packet_mark)),
-            },
-            &trigger,
-        ),
+        Some(Command::Run(a)) => match run_config(*a) {
+            Ok(cfg) => zring_core::proxy::run(cfg, &trigger),
+            Err(e) => Err(e),
+        },
+        Some(Command::Waypoint(w)) => waypoint(*w, &trigger),
         Some(Command::Proxy { mode }) => proxy_ztunnel(&mode, &trigger),
         Some(Command::ControlPlane(a)) => control_plane(a, &trigger),
         Some(Command::NodeAgent { command }) => node_agent(command, &trigger),
@@ -752,4 +739,70 @@ fn relay_config(a: RelayArgs) -> relay_cmd::RelayConfig {
         workers: a.workers.config(),
         drain_timeout: Duration::from_secs_f64(a.drain_timeout.max(0.0)),
     }
+}
+
+/// The node proxy's settings from `zring run`'s arguments (also the base of `zring waypoint`).
+fn run_config(a: RunArgs) -> anyhow::Result<zring_core::proxy::RunConfig> {
+    Ok(zring_core::proxy::RunConfig {
+        xds: match (
+            &a.config,
+            a.xds.xds_address.as_deref().filter(|s| !s.is_empty()),
+        ) {
+            (None, Some(address)) => Some(zring_core::cmd::ztunnel_env::xds_settings(
+                address,
+                a.xds.xds_root_ca.clone(),
+                a.xds.alt_xds_hostname.clone(),
+                Some(a.xds.auth_token.clone()),
+                &std::env::vars().collect(),
+            )),
+            _ => None,
+        },
+        config: a.config.clone().unwrap_or_else(|| {
+            format!("xds:{}", a.xds.xds_address.clone().unwrap_or_default()).into()
+        }),
+        node: a.node_name,
+        certs: match (a.ca_dir, a.cert_dir, a.ca_address.filter(|s| !s.is_empty())) {
+            (Some(ca), _, _) => zring_core::proxy::CertSource::Ca(ca),
+            (None, Some(dir), _) => zring_core::proxy::CertSource::Files(dir),
+            (None, None, Some(address)) => {
+                zring_core::proxy::CertSource::IstioCa(zring_core::cmd::ztunnel_env::ca_settings(
+                    &address,
+                    a.ca_root_ca.clone(),
+                    a.alt_ca_hostname.clone(),
+                    Some(a.xds.auth_token.clone()),
+                    &std::env::vars().collect(),
+                ))
+            }
+            (None, None, None) => {
+                return Err(anyhow::anyhow!(
+                    "no certificate source: --ca-dir, --cert-dir or --ca-address"
+                ))
+            }
+        },
+        socks5: a.socks5,
+        outbound: a.outbound_addr,
+        inbound_plaintext: a.inbound_plaintext_addr,
+        transparent: a.transparent,
+        admin: a.admin_addr.0,
+        stats: a.stats_addr.0,
+        readiness: a.readiness_addr.0,
+        zds_socket: a.zds_socket,
+        hbone_port: a.hbone_port,
+        mark: (a.packet_mark != 0).then_some(a.packet_mark),
+        bind_source: a.bind_source,
+        workers: a.workers.config(),
+        limits: a.limits.limits(),
+        drain_timeout: a.drain_timeout.unwrap_or_else(|| {
+            zring_core::cmd::ztunnel_env::drain_from_grace(
+                std::env::var("TERMINATION_GRACE_PERIOD_SECONDS")
+                    .ok()
+                    .as_deref(),
+            )
+        }),
+        cert_ttl: a.cert_ttl,
+        dns: a
+            .dns
+            .settings((a.packet_mark != 0).then_some(a.packet_mark)),
+        waypoint: None,
+    })
 }

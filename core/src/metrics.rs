@@ -99,6 +99,8 @@ pub enum Reporter {
     Source,
     /// The destination side's proxy (inbound).
     Destination,
+    /// A waypoint (L7, per request).
+    Waypoint,
 }
 
 /// The full label set of a connection.
@@ -398,6 +400,11 @@ fn escape(s: &str) -> String {
 }
 
 fn labels(l: &ConnLabels) -> String {
+    render_labels(l, "tcp")
+}
+
+/// Istio's standard labels of `l`, with `request_protocol` = `protocol`.
+pub fn render_labels(l: &ConnLabels, protocol: &str) -> String {
     let mut out = String::with_capacity(512);
     let mut put = |k: &str, v: &str| {
         if !out.is_empty() {
@@ -410,6 +417,7 @@ fn labels(l: &ConnLabels) -> String {
         match l.reporter {
             Reporter::Source => "source",
             Reporter::Destination => "destination",
+            Reporter::Waypoint => "waypoint",
         },
     );
     for (side, p) in [("source", &l.source), ("destination", &l.destination)] {
@@ -426,7 +434,7 @@ fn labels(l: &ConnLabels) -> String {
     put("destination_service", &host);
     put("destination_service_name", &name);
     put("destination_service_namespace", &ns);
-    put("request_protocol", "tcp");
+    put("request_protocol", protocol);
     put("response_flags", l.response_flags);
     put(
         "connection_security_policy",

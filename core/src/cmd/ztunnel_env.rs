@@ -291,6 +291,7 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         dns,
         cert_ttl: ttl,
         xds,
+        waypoint: None,
     };
 
     let mut notes = Vec::new();

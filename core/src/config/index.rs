@@ -48,7 +48,7 @@ pub enum Resolved<'a> {
 #[derive(Debug, Clone)]
 pub enum Change {
     /// A workload (`istio.workload.Address` holding a workload).
-    Workload(Workload),
+    Workload(Box<Workload>),
     /// A service (`istio.workload.Address` holding a service).
     Service(Service),
     /// An authorization policy.
@@ -121,7 +121,7 @@ impl MeshIndex {
         let delta: Delta = config
             .workloads
             .into_iter()
-            .map(|w| (w.uid.clone(), Change::Workload(w)))
+            .map(|w| (w.uid.clone(), Change::Workload(Box::new(w))))
             .chain(
                 config
                     .services
@@ -152,7 +152,7 @@ impl MeshIndex {
             match change {
                 Change::Workload(w) => {
                     self.remove_service(&name);
-                    self.put_workload(name, Arc::new(w));
+                    self.put_workload(name, Arc::new(*w));
                 }
                 Change::Service(s) => {
                     self.remove_workload(&name);
@@ -353,26 +353,10 @@ impl MeshIndex {
     /// Resolve an original destination.
     pub fn resolve(&self, dst: SocketAddr) -> Resolved<'_> {
         if let Some((_, service, key)) = self.by_vip.get(&dst.ip()) {
-            let key: &str = key;
-            let endpoints = self
-                .endpoints
-                .get(key)
-                .into_iter()
-                .flat_map(|s| s.values())
-                .filter_map(|w| {
-                    let target = w
-                        .services
-                        .get(key)
-                        .and_then(|ports| ports.get(&dst.port()))
-                        .copied()
-                        .or_else(|| service.ports.get(&dst.port()).copied())?;
-                    Some((&**w, target))
-                })
-                .collect();
             return Resolved::Service {
                 service,
                 port: dst.port(),
-                endpoints,
+                endpoints: self.endpoints_of(service, key, dst.port()),
             };
         }
         match self.workload_by_ip(dst.ip()) {
@@ -382,6 +366,37 @@ impl MeshIndex {
             },
             None => Resolved::Unknown,
         }
+    }
+
+    /// The endpoints of the service `key` (`namespace/hostname`) for its port `port`, with
+    /// each one's target port (empty when the service is unknown).
+    pub fn service_endpoints(&self, key: &str, port: u16) -> Vec<(&Workload, u16)> {
+        match self.service_by_key(key) {
+            Some(service) => self.endpoints_of(service, key, port),
+            None => Vec::new(),
+        }
+    }
+
+    fn endpoints_of<'a>(
+        &'a self,
+        service: &'a Service,
+        key: &str,
+        port: u16,
+    ) -> Vec<(&'a Workload, u16)> {
+        self.endpoints
+            .get(key)
+            .into_iter()
+            .flat_map(|s| s.values())
+            .filter_map(|w| {
+                let target = w
+                    .services
+                    .get(key)
+                    .and_then(|ports| ports.get(&port))
+                    .copied()
+                    .or_else(|| service.ports.get(&port).copied())?;
+                Some((&**w, target))
+            })
+            .collect()
     }
 
     /// The service with this exact hostname (`name.namespace.svc.cluster.local`).
@@ -581,8 +596,8 @@ mod tests {
         let steps: Vec<(Delta, LocalConfig)> = vec![
             (
                 vec![
-                    ("c//v1/Pod/default/a".into(), Change::Workload(a.clone())),
-                    ("c//v1/Pod/default/b".into(), Change::Workload(b.clone())),
+                    ("c//v1/Pod/default/a".into(), Change::Workload(Box::new(a.clone()))),
+                    ("c//v1/Pod/default/b".into(), Change::Workload(Box::new(b.clone()))),
                     (
                         "default/web.default.svc.cluster.local".into(),
                         Change::Service(service("web", "10.200.9.1")),
@@ -601,11 +616,11 @@ mod tests {
             (
                 // a moves node, drops its service, takes c's address... after c came and went.
                 vec![
-                    ("c//v1/Pod/default/c".into(), Change::Workload(c)),
+                    ("c//v1/Pod/default/c".into(), Change::Workload(Box::new(c))),
                     ("c//v1/Pod/default/c".into(), Change::RemoveAddress),
                     (
                         "c//v1/Pod/default/a".into(),
-                        Change::Workload(a_moved.clone()),
+                        Change::Workload(Box::new(a_moved.clone())),
                     ),
                     (
                         "default/selected".into(),

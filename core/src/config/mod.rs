@@ -185,6 +185,24 @@ pub struct Workload {
     /// `k8s.<kind>.name` baggage entry. Empty means `deployment`, as in ztunnel.
     #[serde(default)]
     pub workload_type: String,
+    /// Pod labels (a zring extension of the local format, read by the waypoint's
+    /// DestinationRule subsets; ztunnel ignores it). Without it, `app` and `version` are the
+    /// canonical name and revision, as Istio derives those from the labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Whether workload `w` carries every label in `want` (`app` and `version` fall back to its
+/// canonical name and revision).
+pub fn labels_match(w: &Workload, want: &std::collections::BTreeMap<String, String>) -> bool {
+    want.iter().all(|(k, v)| match w.labels.get(k) {
+        Some(have) => have == v,
+        None => match k.as_str() {
+            "version" | "service.istio.io/canonical-revision" => &w.canonical_revision == v,
+            "app" | "service.istio.io/canonical-name" => &w.canonical_name == v,
+            _ => false,
+        },
+    })
 }
 
 impl Workload {

@@ -73,6 +73,10 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         bind_failures: Mutex::new(Default::default()),
         dns: Default::default(),
         resource_versions: Default::default(),
+        waypoint: cfg
+            .waypoint
+            .clone()
+            .map(|w| Arc::new(crate::waypoint::Waypoint::new(w))),
     });
     if let Some(settings) = cfg.dns.clone() {
         let s = Arc::downgrade(&state);
@@ -151,6 +155,21 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         }
     }
     spawn_renewal(state.certs.clone(), trigger.clone())?;
+    if let Some(wp) = &state.waypoint {
+        // A resource file that exists must be valid at start, as the mesh config.
+        let domain = state.index().cluster_domain().to_string();
+        wp.reload(&domain)
+            .map_err(|e| anyhow::anyhow!("waypoint resources: {e}"))?;
+        let (s, t) = (Arc::downgrade(&state), trigger.clone());
+        wp.spawn_watch(
+            move || {
+                s.upgrade()
+                    .map(|s| s.index().cluster_domain().to_string())
+                    .unwrap_or_default()
+            },
+            move || t.is_triggered(),
+        )?;
+    }
     let s = state.clone();
     let workers = Workers::start(&cfg.workers, trigger, move |ctx| worker(ctx, s.clone()))?;
     state.workers.store(workers.len(), Ordering::Release);

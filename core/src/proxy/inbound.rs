@@ -1,7 +1,7 @@
 //! Inbound: HBONE on 15008 (mTLS, CONNECT, policy with the peer's identity) and plaintext on
 //! 15006 (policy with no identity, then the splice relay).
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{net::SocketAddr, rc::Rc, sync::Arc, time::Instant};
 
 use tracing::Instrument;
 use zring_hbone::{
@@ -16,7 +16,7 @@ use zring_runtime::{
 
 use super::{
     telemetry::{trace_id, SocketSide},
-    wait_for_config, ConnLog, HandshakePermit, State,
+    wait_for_config, ConnLog, HandshakePermit, HbonePool, State,
 };
 use crate::{
     authz,
@@ -110,6 +110,7 @@ pub(super) async fn hbone(
     drain: Drain,
     netns: Option<Arc<NetNs>>,
     permit: HandshakePermit,
+    pool: Rc<HbonePool>,
 ) {
     let local = tcp.local_addr().ok();
     let span = tracing::debug_span!(
@@ -118,7 +119,7 @@ pub(super) async fn hbone(
         dst.hbone = ?local,
         src.identity = tracing::field::Empty,
     );
-    hbone_connection(tcp, peer_addr, state, drain, netns, permit)
+    hbone_connection(tcp, peer_addr, state, drain, netns, permit, pool)
         .instrument(span)
         .await
 }
@@ -130,6 +131,7 @@ async fn hbone_connection(
     drain: Drain,
     netns: Option<Arc<NetNs>>,
     permit: HandshakePermit,
+    pool: Rc<HbonePool>,
 ) {
     let _ = tcp.set_nodelay(true);
     if let Some(ka) = &state.cfg.limits.tcp_keepalive {
@@ -177,7 +179,16 @@ async fn hbone_connection(
     let conn_span = tracing::Span::current();
     let handler = move |i: Incoming| {
         let span = tracing::debug_span!(parent: &conn_span, "stream", dst.addr = %i.request.target);
-        stream(i, peer_addr, s.clone(), netns.clone()).instrument(span)
+        let s = s.clone();
+        let (netns, pool) = (netns.clone(), pool.clone());
+        async move {
+            match s.waypoint.clone() {
+                // A waypoint serves the stream at L7 instead of delivering it.
+                Some(wp) => crate::waypoint::http::stream(i, peer_addr, local, s, wp, pool).await,
+                None => stream(i, peer_addr, s, netns).await,
+            }
+        }
+        .instrument(span)
     };
     if let Err(e) = server::serve(tls, peer, &state.h2, MonoioExecutor, handler, async move {
         drain.signaled().await

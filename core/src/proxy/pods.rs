@@ -126,6 +126,7 @@ pub(super) fn pod_loops(
         .await;
     }));
     let (s, d, n) = (state.clone(), pod_drain.clone(), ns);
+    let pool = pool.clone();
     let gate = HandshakeGate::new("hbone", limit, state.metrics.clone());
     loops.push(monoio::spawn(async move {
         accept::accept_loop(hbone, &d, |tcp, conn| {
@@ -135,7 +136,15 @@ pub(super) fn pod_loops(
                 &d,
                 deadline,
                 conn,
-                inbound::hbone(tcp, conn.peer, s.clone(), d.clone(), netns, permit),
+                inbound::hbone(
+                    tcp,
+                    conn.peer,
+                    s.clone(),
+                    d.clone(),
+                    netns,
+                    permit,
+                    pool.clone(),
+                ),
             );
         })
         .await;

@@ -75,6 +75,9 @@ pub struct RunConfig {
     pub cert_ttl: Duration,
     /// The config from a control plane over xDS instead of the file (`config` is then unused).
     pub xds: Option<crate::xds::client::XdsSettings>,
+    /// Waypoint mode (`zring waypoint`): CONNECT streams to local workloads are served at L7
+    /// instead of being delivered.
+    pub waypoint: Option<crate::waypoint::WaypointSettings>,
 }
 
 /// Where the local workloads' certificates come from.
@@ -125,6 +128,8 @@ pub struct State {
     pub(super) dns: std::sync::OnceLock<crate::dns::Dns>,
     /// With xDS: type url -> resource name -> version, as last received.
     pub(super) resource_versions: Mutex<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Waypoint mode: the L7 rules and request metrics.
+    pub waypoint: Option<Arc<crate::waypoint::Waypoint>>,
 }
 
 /// One worker's answer to a pod's bind: None until it has tried.
@@ -158,6 +163,9 @@ impl crate::admin::Source for State {
         );
         if let Some(d) = self.dns.get() {
             d.metrics.render(&mut text);
+        }
+        if let Some(w) = &self.waypoint {
+            w.metrics.render(&mut text);
         }
         text
     }
@@ -253,6 +261,7 @@ impl State {
             "policies": index.policies().collect::<Vec<_>>(),
             "certificates": certs,
             "resourceVersions": *self.resource_versions.lock().unwrap_or_else(|p| p.into_inner()),
+            "waypoint": self.waypoint.as_ref().map(|w| w.dump()),
         });
         serde_json::to_string_pretty(&dump).unwrap_or_default()
     }

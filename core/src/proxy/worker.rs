@@ -121,6 +121,7 @@ pub(super) async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Re
         state: state.clone(),
         drain: drain.clone(),
         hbone_gate: HandshakeGate::new("hbone", limit, state.metrics.clone()),
+        pool: pool.clone(),
         hbone: HashMap::new(),
         hbone_failed: HashSet::new(),
         config_seen: 0,
@@ -174,6 +175,8 @@ struct Listeners {
     state: Arc<State>,
     drain: Drain,
     hbone_gate: HandshakeGate,
+    /// The worker's HBONE pool (a waypoint's upstream connections).
+    pool: Rc<HbonePool>,
     /// Local workload IP -> the drain that stops its 15008 listener, and the accept loop.
     hbone: HashMap<IpAddr, (Drain, JoinHandle<()>)>,
     /// IPs whose listener could not be bound (retried).
@@ -255,16 +258,25 @@ impl Listeners {
         self.state
             .bind_result(self.ctx_index, addr.to_string(), None);
         let stop = Drain::new();
-        let (s, d, gate) = (
+        let (s, d, gate, pool) = (
             self.state.clone(),
             self.drain.clone(),
             self.hbone_gate.clone(),
+            self.pool.clone(),
         );
         let st = stop.clone();
         let handle = monoio::spawn(async move {
             accept::accept_loop(listener, &st, |tcp, conn| {
                 let Some(permit) = gate.enter() else { return };
-                let fut = inbound::hbone(tcp, conn.peer, s.clone(), d.clone(), None, permit);
+                let fut = inbound::hbone(
+                    tcp,
+                    conn.peer,
+                    s.clone(),
+                    d.clone(),
+                    None,
+                    permit,
+                    pool.clone(),
+                );
                 accept::spawn_tracked(&d, conn, fut)
             })
             .await;

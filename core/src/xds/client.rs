@@ -133,7 +133,7 @@ impl Held {
                     Err(e) => Err(format!("not an istio.workload.Address: {e}")),
                     Ok(workload::Address {
                         r#type: Some(workload::address::Type::Workload(w)),
-                    }) => convert::workload_from(&w).map(Change::Workload),
+                    }) => convert::workload_from(&w).map(|w| Change::Workload(Box::new(w))),
                     Ok(workload::Address {
                         r#type: Some(workload::address::Type::Service(s)),
                     }) => convert::service_from(&s).map(Change::Service),

@@ -344,6 +344,7 @@ pub fn workload_from(w: &wl::Workload) -> Result<Workload, String> {
             _ => "deployment",
         }
         .into(),
+        labels: Default::default(),
     };
     if identity.uid.is_empty() {
         return Err("a workload without a uid".into());

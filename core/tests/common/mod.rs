@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod http;
 pub mod mesh;
 pub mod netns;
 pub mod xds;

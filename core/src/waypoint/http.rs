@@ -1,0 +1,1352 @@
+//! One CONNECT stream at the waypoint: protocol detection, then HTTP (hyper, HTTP/1.1 or h2c)
+//! request by request, or a TCP relay.
+
+use std::{
+    cell::{Cell, RefCell},
+    collections::HashMap,
+    convert::Infallible,
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    rc::Rc,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use zring_hbone::{
+    client::ConnectHeaders,
+    pool::{PoolKey, StreamSlot},
+    server::Incoming as ConnectStream,
+    stream::H2Stream,
+    Executor as _, SpiffeId,
+};
+use zring_runtime::net::{self, ConnectOptions};
+
+use super::{
+    policy::{self, Decision, RequestContext},
+    resources::{Backend, L7Config, RequestView, RetryPolicy},
+    Waypoint,
+};
+use crate::{
+    config::{index::MeshIndex, index::Resolved, InboundProtocol, Service, Workload},
+    hbone_io::{MonoioExecutor, PollTcp},
+    metrics::{ConnLabels, Peer},
+    proxy::{ConnLog, HbonePool, State, DEFAULT_CONNECT_TIMEOUT},
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides (not `Send`: bodies hold this worker's counters).
+type Body = Pin<Box<dyn hyper::body::Body<Data = Bytes, Error = BoxError>>>;
+
+/// Runs hyper's background futures on the current worker.
+#[derive(Debug, Clone, Copy)]
+struct LocalExec;
+
+impl<F: Future<Output = ()> + 'static> hyper::rt::Executor<F> for LocalExec {
+    fn execute(&self, fut: F) {
+        MonoioExecutor.spawn(Box::pin(fut));
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What the first bytes of a stream say it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detected {
+    /// HTTP/1.x.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c, gRPC).
+    Http2,
+    /// Anything else.
+    Tcp,
+}
+
+/// Classify the first bytes; None: not enough yet.
+pub fn detect(buf: &[u8]) -> Option<Detected> {
+    if buf.len() >= H2_PREFACE.len() && buf.starts_with(H2_PREFACE) {
+        return Some(Detected::Http2);
+    }
+    if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) && buf.len() < 4 {
+        // "PRI " is also an HTTP/1 method token shape; wait for the whole preface.
+        return None;
+    }
+    if buf.len() < H2_PREFACE.len() && buf.starts_with(b"PRI ") && H2_PREFACE.starts_with(buf) {
+        return None;
+    }
+    let n = buf.iter().take_while(|c| c.is_ascii_uppercase()).count();
+    if n < buf.len() {
+        return Some(match (n, buf[n]) {
+            (1..=16, b' ') => Detected::Http1,
+            _ => Detected::Tcp,
+        });
+    }
+    (n > 16).then_some(Detected::Tcp)
+}
+
+/// A stream whose first bytes were read to detect the protocol, played back first.
+struct Rewind {
+    prefix: Bytes,
+    inner: H2Stream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An upstream byte stream: a CONNECT stream over pooled HBONE (holding its pool slot) or
+/// plain TCP to a workload that does not speak HBONE.
+enum UpIo {
+    Hbone(H2Stream, #[allow(dead_code)] StreamSlot),
+    Tcp(PollTcp),
+}
+
+impl AsyncRead for UpIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Hbone(s, _) => Pin::new(s).poll_read(cx, buf),
+            UpIo::Tcp(t) => Pin::new(t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpIo::Hbone(s, _) => Pin::new(s).poll_write(cx, b),
+            UpIo::Tcp(t) => Pin::new(t).poll_write(cx, b),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Hbone(s, _) => Pin::new(s).poll_flush(cx),
+            UpIo::Tcp(t) => Pin::new(t).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpIo::Hbone(s, _) => Pin::new(s).poll_shutdown(cx),
+            UpIo::Tcp(t) => Pin::new(t).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A request sender on a pooled upstream connection.
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Body>),
+    H2(hyper::client::conn::http2::SendRequest<Body>),
+}
+
+impl Sender {
+    fn usable(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(s) => !s.is_closed(),
+        }
+    }
+    fn closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+    async fn send(&mut self, req: Request<Body>) -> hyper::Result<Response<Incoming>> {
+        match self {
+            Sender::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await
+            }
+        }
+    }
+}
+
+/// Most idle HTTP/1.1 connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 64;
+
+thread_local! {
+    /// This worker's upstream HTTP connections: (endpoint, h2) -> senders.
+    static SENDERS: RefCell<HashMap<(SocketAddr, bool), Vec<Sender>>> = RefCell::new(HashMap::new());
+    /// Endpoints that failed recently, and until when they are skipped.
+    static EJECTED: RefCell<HashMap<SocketAddr, Instant>> = RefCell::new(HashMap::new());
+    /// Per-worker random state (weights) and round robin (endpoints).
+    static RNG: Cell<u64> = Cell::new(seed());
+    static RR: Cell<usize> = const { Cell::new(0) };
+}
+
+fn seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ (std::process::id() as u64).rotate_left(32) | 1
+}
+
+/// xorshift64*: good enough to split traffic by weight.
+fn random() -> u64 {
+    RNG.with(|r| {
+        let mut x = r.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        r.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
+}
+
+fn take_sender(addr: SocketAddr, h2: bool) -> Option<Sender> {
+    SENDERS.with(|m| {
+        let mut m = m.borrow_mut();
+        let v = m.get_mut(&(addr, h2))?;
+        v.retain(|s| !s.closed());
+        match h2 {
+            true => v.iter().find_map(|s| match s {
+                Sender::H2(s) if s.is_ready() || !s.is_closed() => Some(Sender::H2(s.clone())),
+                _ => None,
+            }),
+            false => {
+                let i = v.iter().position(Sender::usable)?;
+                Some(v.swap_remove(i))
+            }
+        }
+    })
+}
+
+fn put_sender(addr: SocketAddr, s: Sender) {
+    SENDERS.with(|m| {
+        let mut m = m.borrow_mut();
+        let v = m.entry((addr, matches!(s, Sender::H2(_)))).or_default();
+        v.retain(|s| !s.closed());
+        if v.len() < MAX_IDLE_PER_ENDPOINT {
+            v.push(s);
+        }
+    })
+}
+
+fn ejected(addr: SocketAddr) -> bool {
+    EJECTED.with(|e| {
+        let mut e = e.borrow_mut();
+        match e.get(&addr) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                e.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    })
+}
+
+fn eject(wp: &Waypoint, addr: SocketAddr) {
+    let until = Instant::now() + wp.settings.ejection;
+    EJECTED.with(|e| e.borrow_mut().insert(addr, until));
+    wp.metrics.ejected();
+    tracing::info!(endpoint = %addr, secs = wp.settings.ejection.as_secs(), "waypoint: endpoint failed; skipped for a while");
+}
+
+/// What one client connection (CONNECT stream) shares across its requests.
+struct ConnCtx {
+    state: Arc<State>,
+    wp: Arc<Waypoint>,
+    pool: Rc<HbonePool>,
+    /// The CONNECT's authority: the original destination.
+    target: SocketAddr,
+    peer: Option<SpiffeId>,
+    /// The original client (`Forwarded: for=`), else the TCP peer.
+    client: SocketAddr,
+    local_ip: IpAddr,
+    my_id: SpiffeId,
+    source: Peer,
+    h2: bool,
+}
+
+/// `for="ip:port"` from a `Forwarded` header.
+fn forwarded_for(v: &str) -> Option<SocketAddr> {
+    v.split(';')
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("for="))
+        .map(|s| s.trim_matches('"'))
+        .and_then(|s| s.parse().ok())
+}
+
+/// Serve one CONNECT stream that reached the waypoint.
+pub(crate) async fn stream(
+    incoming: ConnectStream,
+    peer_addr: SocketAddr,
+    local: SocketAddr,
+    state: Arc<State>,
+    wp: Arc<Waypoint>,
+    pool: Rc<HbonePool>,
+) {
+    let target = incoming.request.target;
+    let peer = incoming.request.peer.clone();
+    let client = incoming
+        .request
+        .headers
+        .get("forwarded")
+        .and_then(|v| v.to_str().ok())
+        .and_then(forwarded_for)
+        .unwrap_or(peer_addr);
+    let index = state.index();
+    let Some(my_id) = index
+        .workload_by_ip(local.ip())
+        .and_then(|w| w.identity().ok())
+    else {
+        tracing::warn!(%local, "waypoint: no workload owns the address this stream came to");
+        return incoming.reject(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    if matches!(index.resolve(target), Resolved::Unknown) {
+        tracing::info!(%target, peer = ?peer.as_ref().map(ToString::to_string), "waypoint: CONNECT to an address that is neither a service nor a workload");
+        return incoming.reject(StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let source = match index.workload_by_ip(client.ip()) {
+        Some(w) if peer.is_none() || w.identity().ok() == peer => Peer::of(w, peer.as_ref()),
+        _ => Peer::unknown(peer.as_ref()),
+    };
+    drop(index);
+    let Ok(mut s) = incoming.accept() else {
+        return tracing::debug!(%target, "waypoint: the stream ended before 200");
+    };
+    // Detect the protocol from the first bytes (a server-first protocol sends none: TCP).
+    let mut buf = BytesMut::new();
+    let deadline = Instant::now() + wp.settings.sniff_timeout;
+    let detected = loop {
+        if let Some(d) = detect(&buf) {
+            break d;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match monoio::time::timeout(left, s.reader.recv_bytes()).await {
+            Ok(Ok(Some(b))) => buf.extend_from_slice(&b),
+            Ok(Ok(None)) if buf.is_empty() => return,
+            Ok(Ok(None)) | Err(_) => break Detected::Tcp,
+            Ok(Err(e)) => {
+                return tracing::debug!(error = %e, "waypoint: stream failed before any data")
+            }
+        }
+    };
+    let io = Rewind {
+        prefix: buf.freeze(),
+        inner: s,
+    };
+    let ctx = Rc::new(ConnCtx {
+        state,
+        wp,
+        pool,
+        target,
+        peer,
+        client,
+        local_ip: local.ip(),
+        my_id,
+        source,
+        h2: detected == Detected::Http2,
+    });
+    match detected {
+        Detected::Tcp => tcp(ctx, io).await,
+        Detected::Http1 => {
+            let c = ctx.clone();
+            let svc = hyper::service::service_fn(move |req| handle(c.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .max_buf_size(ctx.wp.settings.max_header_bytes.max(8192))
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(io), svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "waypoint: HTTP/1 client connection ended with an error");
+            }
+        }
+        Detected::Http2 => {
+            let c = ctx.clone();
+            let svc = hyper::service::service_fn(move |req| handle(c.clone(), req));
+            let conn = hyper::server::conn::http2::Builder::new(LocalExec)
+                .max_concurrent_streams(ctx.wp.settings.max_concurrent_streams)
+                .max_header_list_size(ctx.wp.settings.max_header_bytes as u32)
+                .serve_connection(TokioIo::new(io), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "waypoint: HTTP/2 client connection ended with an error");
+            }
+        }
+    }
+}
+
+/// The endpoints of `b` (a service, maybe a subset) for `port` (the backend's, else the
+/// dialed one, else the service's only port).
+/// A service and its endpoints with their target ports.
+type Endpoints<'a> = (&'a Service, Vec<(&'a Workload, u16)>);
+
+fn endpoints<'a>(
+    index: &'a MeshIndex,
+    rules: &L7Config,
+    b: &Backend,
+    dialed: u16,
+) -> Result<Endpoints<'a>, String> {
+    let svc = index
+        .service_by_key(&b.service)
+        .ok_or_else(|| format!("service {} is not in the mesh config", b.service))?;
+    let port = match b.port {
+        Some(p) => p,
+        None if svc.ports.contains_key(&dialed) => dialed,
+        None if svc.ports.len() == 1 => svc.ports.keys().copied().next().unwrap_or(dialed),
+        None => dialed,
+    };
+    let mut eps = index.service_endpoints(&b.service, port);
+    if let Some(subset) = &b.subset {
+        let labels = rules
+            .subsets
+            .get(&(b.service.clone(), subset.clone()))
+            .ok_or_else(|| {
+                format!(
+                    "subset {subset} of {} is not defined by any DestinationRule",
+                    b.service
+                )
+            })?;
+        eps.retain(|(w, _)| crate::config::labels_match(w, labels));
+    }
+    Ok((svc, eps))
+}
+
+/// A backend by weight.
+fn pick_backend(backends: &[Backend]) -> Option<&Backend> {
+    let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = random() % total;
+    for b in backends {
+        if r < b.weight as u64 {
+            return Some(b);
+        }
+        r -= b.weight as u64;
+    }
+    backends.last()
+}
+
+/// An endpoint not tried yet, preferring those not ejected; round robin per worker.
+fn pick_endpoint<'a>(
+    eps: &[(&'a Workload, u16)],
+    tried: &[SocketAddr],
+) -> Option<(&'a Workload, SocketAddr)> {
+    let addr = |(w, p): &(&Workload, u16)| Some(SocketAddr::new(*w.workload_ips.first()?, *p));
+    let fresh: Vec<(&Workload, SocketAddr)> = eps
+        .iter()
+        .filter_map(|e| Some((e.0, addr(e)?)))
+        .filter(|(_, a)| !tried.contains(a))
+        .collect();
+    let healthy: Vec<&(&Workload, SocketAddr)> =
+        fresh.iter().filter(|(_, a)| !ejected(*a)).collect();
+    let n = RR.with(|r| {
+        let v = r.get();
+        r.set(v.wrapping_add(1));
+        v
+    });
+    match healthy.is_empty() {
+        // All ejected: try one anyway (as Envoy's panic threshold does) rather than fail.
+        true => fresh.get(n % fresh.len().max(1)).copied(),
+        false => Some(*healthy[n % healthy.len()]),
+    }
+}
+
+/// Open a byte stream to `addr` on workload `w`: HBONE with the waypoint's identity when it
+/// speaks HBONE, else TCP.
+async fn dial(
+    ctx: &ConnCtx,
+    w: &Workload,
+    addr: SocketAddr,
+    host: Option<&str>,
+) -> Result<UpIo, String> {
+    if w.protocol == InboundProtocol::Hbone {
+        let dst_id = w.identity().map_err(|e| e.to_string())?;
+        if ctx.state.certs.is_remote() {
+            ctx.state
+                .certs
+                .get_urgent(&ctx.my_id)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let key = PoolKey {
+            src_id: ctx.my_id.clone(),
+            dst_id,
+            src_ip: ctx.local_ip,
+            dst: SocketAddr::new(addr.ip(), ctx.state.cfg.hbone_port),
+        };
+        let headers = ConnectHeaders {
+            forwarded_for: Some(ctx.client),
+            forwarded_host: host.map(str::to_string),
+            baggage: None,
+            traceparent: None,
+        };
+        let s = ctx
+            .pool
+            .connect(&key, addr, &headers)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (stream, slot) = s.into_parts();
+        return Ok(UpIo::Hbone(stream, slot));
+    }
+    let opts = ConnectOptions {
+        mark: ctx.state.cfg.mark,
+        timeout: Some(DEFAULT_CONNECT_TIMEOUT),
+        ..Default::default()
+    };
+    let tcp = net::connect(addr, &opts)
+        .await
+        .and_then(PollTcp::new)
+        .map_err(|e| e.to_string())?;
+    Ok(UpIo::Tcp(tcp))
+}
+
+/// A sender to `addr`: a pooled one if free, else a new connection.
+async fn sender(
+    ctx: &ConnCtx,
+    w: &Workload,
+    addr: SocketAddr,
+    host: Option<&str>,
+) -> Result<Sender, String> {
+    if let Some(s) = take_sender(addr, ctx.h2) {
+        return Ok(s);
+    }
+    let io = TokioIo::new(dial(ctx, w, addr, host).await?);
+    if ctx.h2 {
+        let (send, conn) = hyper::client::conn::http2::handshake(LocalExec, io)
+            .await
+            .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
+        MonoioExecutor.spawn(Box::pin(async move {
+            let _ = conn.await;
+        }));
+        put_sender(addr, Sender::H2(send.clone()));
+        Ok(Sender::H2(send))
+    } else {
+        let (send, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| format!("HTTP/1.1 handshake with {addr}: {e}"))?;
+        MonoioExecutor.spawn(Box::pin(async move {
+            let _ = conn.await;
+        }));
+        Ok(Sender::H1(send))
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+];
+
+/// Drop hop-by-hop headers (and those `Connection` names); keep `Upgrade` when upgrading, and
+/// `te: trailers` (gRPC needs it).
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrading: bool) {
+    let named: Vec<String> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let te_trailers = h
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    let upgrade = h.get(header::UPGRADE).cloned();
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    for n in named {
+        if n != "upgrade" {
+            h.remove(n.as_str());
+        }
+    }
+    if te_trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    if upgrading {
+        if let Some(u) = upgrade {
+            h.insert(header::UPGRADE, u);
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+    }
+}
+
+fn local_response(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(boxed(Full::new(Bytes::from_static(text.as_bytes()))));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// The request's telemetry, written when its response body ends.
+struct ReqLog {
+    ctx: Rc<ConnCtx>,
+    start: Instant,
+    method: http::Method,
+    authority: String,
+    path: String,
+    protocol: &'static str,
+    service: Option<(String, String, String)>,
+    destination: Peer,
+    upstream: Option<SocketAddr>,
+    route: String,
+    audit: bool,
+    upstream_ms: Option<f64>,
+    req_bytes: Rc<Cell<u64>>,
+    error: Option<String>,
+}
+
+impl ReqLog {
+    fn finish(self, status: u16, flags: &'static str, resp_bytes: u64) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        let labels = super::metrics::RequestLabels {
+            conn: ConnLabels {
+                reporter: super::metrics::REPORTER,
+                source: self.ctx.source.clone(),
+                destination: self.destination.clone(),
+                service: self.service.clone(),
+                mtls: true,
+                response_flags: flags,
+            },
+            code: status,
+            protocol: self.protocol,
+        };
+        let req_bytes = self.req_bytes.get();
+        self.ctx
+            .wp
+            .metrics
+            .request(&labels, duration_ms, req_bytes, resp_bytes);
+        tracing::info!(
+            target: "access",
+            direction = "waypoint",
+            method = %self.method,
+            authority = %self.authority,
+            path = %self.path,
+            protocol = self.protocol,
+            status,
+            response_flags = flags,
+            route = %self.route,
+            upstream = %self.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            src.addr = %self.ctx.client,
+            src.identity = %self.ctx.peer.as_ref().map(ToString::to_string).unwrap_or_default(),
+            dst.identity = %self.destination.principal,
+            dst.service = %self.service.as_ref().map(|s| s.0.as_str()).unwrap_or(""),
+            bytes_recv = req_bytes,
+            bytes_sent = resp_bytes,
+            duration_ms = (duration_ms * 1e3).round() / 1e3,
+            upstream_ms = self.upstream_ms.map_or(-1.0, |u| (u * 1e3).round() / 1e3),
+            audit = self.audit,
+            error = self.error.as_deref().unwrap_or(""),
+            "request complete"
+        );
+    }
+}
+
+/// A body that counts its bytes and reports when it ends (or is dropped).
+struct Counted<B> {
+    inner: B,
+    bytes: u64,
+    on_end: Option<Box<dyn FnOnce(u64, bool)>>,
+    counter: Option<Rc<Cell<u64>>>,
+}
+
+impl<B> Counted<B> {
+    fn end(&mut self, complete: bool) {
+        if let Some(f) = self.on_end.take() {
+            f(self.bytes, complete);
+        }
+    }
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    this.bytes += d.len() as u64;
+                    if let Some(c) = &this.counter {
+                        c.set(c.get() + d.len() as u64);
+                    }
+                }
+            }
+            Poll::Ready(None) => this.end(true),
+            Poll::Ready(Some(Err(_))) => this.end(false),
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        let complete = self.on_end.is_some() && self.bytes == 0;
+        self.end(complete);
+    }
+}
+
+fn boxed<B>(b: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + 'static,
+    B::Error: Into<BoxError>,
+{
+    Box::pin(b.map_err(Into::into))
+}
+
+/// Answer locally (403, 503, ...) and log it.
+fn answer(
+    log: ReqLog,
+    status: StatusCode,
+    flags: &'static str,
+    text: &'static str,
+) -> Response<Body> {
+    log.finish(status.as_u16(), flags, text.len() as u64);
+    local_response(status, text)
+}
+
+/// Read (and drop) a small request body before a local answer, so the client's connection
+/// stays usable (an unread body makes hyper close it); large or slow bodies are not waited for.
+async fn drain_small(mut body: Incoming, counter: &Cell<u64>) {
+    const LIMIT: u64 = 64 * 1024;
+    if body.is_end_stream() || body.size_hint().upper().is_none_or(|u| u > LIMIT) {
+        return;
+    }
+    let read = async {
+        while let Some(Ok(f)) = body.frame().await {
+            if let Some(d) = f.data_ref() {
+                counter.set(counter.get() + d.len() as u64);
+            }
+        }
+    };
+    let _ = monoio::time::timeout(Duration::from_secs(1), read).await;
+}
+
+async fn handle(ctx: Rc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    Ok(proxy(ctx, req).await)
+}
+
+async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let index = ctx.state.index();
+    let rules = ctx.wp.rules();
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| ctx.target.to_string());
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, p)| p.parse::<u16>().is_ok())
+        .map_or(authority.as_str(), |(h, _)| h)
+        .to_string();
+    let path = req.uri().path().to_string();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    // The destination the client dialed: a service (service waypoint) or a workload.
+    let (service, workload) = match index.resolve(ctx.target) {
+        Resolved::Service { service, .. } => (Some(service), None),
+        Resolved::Workload { workload, .. } => (None, Some(workload)),
+        Resolved::Unknown => (None, None),
+    };
+    let service_key = service.map(|s| format!("{}/{}", s.namespace, s.hostname));
+    let req_bytes = Rc::new(Cell::new(0u64));
+    let mut log = ReqLog {
+        ctx: ctx.clone(),
+        start,
+        method: req.method().clone(),
+        authority: authority.clone(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| path.clone(), |p| p.as_str().to_string()),
+        protocol: if grpc { "grpc" } else { "http" },
+        service: service.map(|s| (s.hostname.clone(), s.name.clone(), s.namespace.clone())),
+        destination: Peer::default(),
+        upstream: None,
+        route: "-".into(),
+        audit: false,
+        upstream_ms: None,
+        req_bytes: req_bytes.clone(),
+        error: None,
+    };
+    // L7 authorization.
+    let principal = ctx.peer.as_ref().map(ToString::to_string);
+    let principal = principal
+        .as_deref()
+        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    let pctx = RequestContext {
+        principal,
+        namespace: principal.and_then(|p| p.split('/').nth(2)),
+        source_ip: ctx.client.ip(),
+        destination: ctx.target,
+        service: service_key.as_deref(),
+        method: req.method().as_str(),
+        path: &path,
+        host: &host,
+        headers: req.headers(),
+        tcp: false,
+    };
+    match policy::decide(&rules.policies, &pctx) {
+        Decision::Deny(reason) => {
+            log.error = Some(reason);
+            drain_small(req.into_body(), &req_bytes).await;
+            return answer(log, StatusCode::FORBIDDEN, "-", "RBAC: access denied");
+        }
+        Decision::Allow { audit } => log.audit = audit,
+    }
+    // Route.
+    let view = RequestView {
+        method: req.method().as_str(),
+        path: &path,
+        query: req.uri().query(),
+        headers: req.headers(),
+        authority: &authority,
+        port: ctx.target.port(),
+    };
+    let route = service_key
+        .as_ref()
+        .and_then(|k| rules.routes.get(k))
+        .and_then(|rs| {
+            rs.iter()
+                .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
+        });
+    let default_backend;
+    let (backends, timeout, retry): (&[Backend], Duration, RetryPolicy) = match route {
+        Some(r) => {
+            log.route = r.origin.clone();
+            (
+                &r.backends,
+                r.timeout.unwrap_or(ctx.wp.settings.request_timeout),
+                r.retry.clone(),
+            )
+        }
+        None => {
+            default_backend = service_key.clone().map(|k| Backend {
+                service: k,
+                port: None,
+                subset: None,
+                weight: 1,
+            });
+            (
+                default_backend.as_slice(),
+                ctx.wp.settings.request_timeout,
+                RetryPolicy::default(),
+            )
+        }
+    };
+    if route.is_some() && backends.is_empty() {
+        return answer(log, StatusCode::INTERNAL_SERVER_ERROR, "NR", "no backend");
+    }
+    // The request as it goes upstream.
+    let upgrading = !ctx.h2
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            });
+    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers, upgrading);
+    if !parts.headers.contains_key("x-request-id") {
+        if let Ok(v) = HeaderValue::from_str(&format!("{:016x}{:016x}", random(), random())) {
+            parts.headers.insert("x-request-id", v);
+        }
+    }
+    let replayable = body.is_end_stream();
+    let mut body = Some(Counted {
+        inner: body,
+        bytes: 0,
+        on_end: None,
+        counter: Some(req_bytes.clone()),
+    });
+    let deadline = start + timeout;
+    let attempts = 1 + retry.attempts;
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last: (StatusCode, &'static str, &'static str) =
+        (StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
+    for attempt in 0..attempts {
+        if attempt > 0 {
+            ctx.wp.metrics.retried();
+            monoio::time::sleep(retry.backoff).await;
+        }
+        // Where to: a weighted backend's endpoint, or the workload the client dialed.
+        let (w, addr, svc_host) = if let Some(w) = workload.filter(|_| backends.is_empty()) {
+            let addr = ctx.target;
+            if attempt > 0 && tried.contains(&addr) && !replayable {
+                break;
+            }
+            (w, addr, None)
+        } else {
+            let Some(b) = pick_backend(backends) else {
+                break;
+            };
+            let (svc, eps) = match endpoints(&index, &rules, b, ctx.target.port()) {
+                Ok(v) => v,
+                Err(e) => {
+                    log.error = Some(e);
+                    last = (StatusCode::SERVICE_UNAVAILABLE, "NR", "no route");
+                    break;
+                }
+            };
+            let Some((w, addr)) = pick_endpoint(&eps, &tried) else {
+                log.error
+                    .get_or_insert_with(|| format!("no endpoint of {} left to try", svc.hostname));
+                break;
+            };
+            (w, addr, Some(svc.hostname.as_str()))
+        };
+        tried.push(addr);
+        log.upstream = Some(addr);
+        log.destination = Peer::of(w, w.identity().ok().as_ref());
+        if let Some(down) = client_upgrade {
+            // Not retried: the upgrade's bytes are the client's from here on.
+            return upgrade(&ctx, log, &parts, &authority, down, w, addr, svc_host).await;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut send = match monoio::time::timeout(left, sender(&ctx, w, addr, svc_host)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                log.error = Some(e);
+                eject(&ctx.wp, addr);
+                last = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    "upstream connect error",
+                );
+                if retry.on_connect_failure {
+                    continue;
+                }
+                break;
+            }
+            Err(_) => {
+                last = (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                );
+                break;
+            }
+        };
+        let b = match body.take() {
+            Some(b) => boxed(b),
+            None if replayable => boxed(http_body_util::Empty::<Bytes>::new()),
+            None => break,
+        };
+        let mut up = Request::from_parts(parts.clone(), b);
+        if ctx.h2 {
+            let uri = format!(
+                "http://{authority}{}",
+                up.uri().path_and_query().map_or("/", |p| p.as_str())
+            );
+            if let Ok(u) = uri.parse::<Uri>() {
+                *up.uri_mut() = u;
+            }
+            *up.version_mut() = Version::HTTP_2;
+        } else {
+            let pq = up
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            if let Ok(u) = pq.parse::<Uri>() {
+                *up.uri_mut() = u;
+            }
+            *up.version_mut() = Version::HTTP_11;
+            if !up.headers().contains_key(header::HOST) {
+                if let Ok(h) = HeaderValue::from_str(&authority) {
+                    up.headers_mut().insert(header::HOST, h);
+                }
+            }
+        }
+        let per_try = retry
+            .per_try_timeout
+            .map_or(left, |p| p.min(left))
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let sent_at = Instant::now();
+        let result = monoio::time::timeout(per_try, send.send(up)).await;
+        let resp = match result {
+            Err(_) => {
+                log.error = Some(format!("no response within {per_try:?}"));
+                last = (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                );
+                if retry.per_try_timeout.is_some() && replayable && Instant::now() < deadline {
+                    continue;
+                }
+                break;
+            }
+            Ok(Err(e)) => {
+                log.error = Some(format!("upstream {addr}: {e}"));
+                eject(&ctx.wp, addr);
+                last = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "URX",
+                    "upstream connect error or disconnect/reset before headers",
+                );
+                if retry.on_connect_failure && replayable {
+                    continue;
+                }
+                break;
+            }
+            Ok(Ok(r)) => r,
+        };
+        log.upstream_ms = Some(sent_at.elapsed().as_secs_f64() * 1e3);
+        if !ctx.h2 {
+            put_sender(addr, send);
+        }
+        let status = resp.status();
+        if retry.codes.contains(&status.as_u16()) && attempt + 1 < attempts && replayable {
+            log.error = Some(format!("upstream {addr} answered {status}"));
+            continue;
+        }
+        let (mut rparts, rbody) = resp.into_parts();
+        strip_hop_by_hop(&mut rparts.headers, false);
+        let code = status.as_u16();
+        let counted = Counted {
+            inner: rbody,
+            bytes: 0,
+            on_end: Some(Box::new(move |bytes, complete| {
+                log.finish(code, if complete { "-" } else { "UR" }, bytes)
+            })),
+            counter: None,
+        };
+        return Response::from_parts(rparts, boxed(counted));
+    }
+    let (status, flags, text) = last;
+    answer(log, status, flags, text)
+}
+
+/// An HTTP/1.1 upgrade (websocket): the request head written to a fresh upstream stream by
+/// hand (hyper's client upgrades need a `Send` stream; this worker's are not), the response
+/// head read back; on 101 both sides are joined byte for byte.
+#[allow(clippy::too_many_arguments)]
+async fn upgrade(
+    ctx: &ConnCtx,
+    mut log: ReqLog,
+    parts: &http::request::Parts,
+    authority: &str,
+    down: hyper::upgrade::OnUpgrade,
+    w: &Workload,
+    addr: SocketAddr,
+    host: Option<&str>,
+) -> Response<Body> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut up = match dial(ctx, w, addr, host).await {
+        Ok(u) => u,
+        Err(e) => {
+            log.error = Some(e);
+            eject(&ctx.wp, addr);
+            return answer(
+                log,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UF",
+                "upstream connect error",
+            );
+        }
+    };
+    let mut head = Vec::with_capacity(1024);
+    head.extend_from_slice(parts.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    if !parts.headers.contains_key(header::HOST) {
+        head.extend_from_slice(format!("host: {authority}\r\n").as_bytes());
+    }
+    for (k, v) in &parts.headers {
+        head.extend_from_slice(k.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(v.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    let limit = ctx.wp.settings.max_header_bytes;
+    let exchange = async {
+        up.write_all(&head).await?;
+        up.flush().await?;
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = up.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed before a response",
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut hs = [httparse::EMPTY_HEADER; 64];
+            let mut r = httparse::Response::new(&mut hs);
+            match r.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let mut resp = Response::new(boxed(http_body_util::Empty::<Bytes>::new()));
+                    *resp.status_mut() = StatusCode::from_u16(r.code.unwrap_or(502))
+                        .unwrap_or(StatusCode::BAD_GATEWAY);
+                    for h in r.headers.iter() {
+                        if let (Ok(k), Ok(v)) = (
+                            http::HeaderName::from_bytes(h.name.as_bytes()),
+                            HeaderValue::from_bytes(h.value),
+                        ) {
+                            resp.headers_mut().append(k, v);
+                        }
+                    }
+                    let rest = Bytes::copy_from_slice(&buf[len..]);
+                    return Ok((resp, rest));
+                }
+                Ok(httparse::Status::Partial) if buf.len() < limit => continue,
+                Ok(httparse::Status::Partial) => {
+                    return Err(io::Error::other("response head too large"))
+                }
+                Err(e) => return Err(io::Error::other(format!("bad response head: {e}"))),
+            }
+        }
+    };
+    let left = ctx.wp.settings.request_timeout;
+    let (mut resp, rest) = match monoio::time::timeout(left, exchange).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            log.error = Some(format!("upstream {addr}: {e}"));
+            return answer(
+                log,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "URX",
+                "upstream reset before headers",
+            );
+        }
+        Err(_) => {
+            return answer(
+                log,
+                StatusCode::GATEWAY_TIMEOUT,
+                "UT",
+                "upstream request timeout",
+            )
+        }
+    };
+    let status = resp.status();
+    log.upstream_ms = Some(log.start.elapsed().as_secs_f64() * 1e3);
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        // The upstream declined the upgrade; its answer (without a body) goes back.
+        strip_hop_by_hop(resp.headers_mut(), false);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        log.finish(status.as_u16(), "-", 0);
+        return resp;
+    }
+    strip_hop_by_hop(resp.headers_mut(), true);
+    if let Some(u) = parts.headers.get(header::UPGRADE) {
+        resp.headers_mut().insert(header::UPGRADE, u.clone());
+    }
+    MonoioExecutor.spawn(Box::pin(async move {
+        let (sent, recv, flags) = match down.await {
+            Ok(client) => {
+                let mut client = TokioIo::new(client);
+                let early = match rest.is_empty() {
+                    true => Ok(()),
+                    false => client.write_all(&rest).await,
+                };
+                match early {
+                    Ok(()) => match tokio::io::copy_bidirectional(&mut client, &mut up).await {
+                        Ok((a, b)) => (a, b + rest.len() as u64, "-"),
+                        Err(_) => (0, 0, "UR"),
+                    },
+                    Err(_) => (0, 0, "DC"),
+                }
+            }
+            Err(_) => (0, 0, "DC"),
+        };
+        log.req_bytes.set(sent);
+        log.finish(101, flags, recv);
+    }));
+    resp
+}
+
+/// A stream that is not HTTP: L4 policy, then relayed to the destination.
+async fn tcp(ctx: Rc<ConnCtx>, mut io: Rewind) {
+    let start = Instant::now();
+    let index = ctx.state.index();
+    let rules = ctx.wp.rules();
+    let (service, workload) = match index.resolve(ctx.target) {
+        Resolved::Service { service, .. } => (Some(service), None),
+        Resolved::Workload { workload, .. } => (None, Some(workload)),
+        Resolved::Unknown => (None, None),
+    };
+    let service_key = service.map(|s| format!("{}/{}", s.namespace, s.hostname));
+    let mut labels = ConnLabels {
+        reporter: super::metrics::REPORTER,
+        source: ctx.source.clone(),
+        destination: Peer::default(),
+        service: None,
+        mtls: true,
+        response_flags: "-",
+    };
+    if let Some(s) = service {
+        labels.set_service(s);
+    }
+    let mut log = ConnLog::new("waypoint", "tcp", ctx.client, ctx.target, labels, start);
+    log.src_identity = ctx.peer.clone();
+    let principal = ctx.peer.as_ref().map(ToString::to_string);
+    let principal = principal
+        .as_deref()
+        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    let headers = HeaderMap::new();
+    let pctx = RequestContext {
+        principal,
+        namespace: principal.and_then(|p| p.split('/').nth(2)),
+        source_ip: ctx.client.ip(),
+        destination: ctx.target,
+        service: service_key.as_deref(),
+        method: "",
+        path: "",
+        host: "",
+        headers: &headers,
+        tcp: true,
+    };
+    if let Decision::Deny(reason) = policy::decide(&rules.policies, &pctx) {
+        return log.close(&ctx.state, "DENY", 0, 0, Some(reason));
+    }
+    let (w, addr, host) = match (workload, &service_key) {
+        (Some(w), _) => (w, ctx.target, None),
+        (None, Some(k)) => {
+            let b = Backend {
+                service: k.clone(),
+                port: None,
+                subset: None,
+                weight: 1,
+            };
+            let picked = endpoints(&index, &rules, &b, ctx.target.port())
+                .ok()
+                .and_then(|(svc, eps)| {
+                    pick_endpoint(&eps, &[]).map(|(w, a)| (w, a, Some(svc.hostname.as_str())))
+                });
+            match picked {
+                Some(p) => p,
+                None => return log.close(&ctx.state, "UH", 0, 0, Some("no endpoint".into())),
+            }
+        }
+        (None, None) => return log.close(&ctx.state, "NR", 0, 0, Some("unknown".into())),
+    };
+    log.dst = addr;
+    log.dst_identity = w.identity().ok();
+    log.labels.destination = Peer::of(w, log.dst_identity.as_ref());
+    let mut up = match dial(&ctx, w, addr, host).await {
+        Ok(u) => u,
+        Err(e) => {
+            eject(&ctx.wp, addr);
+            return log.close(&ctx.state, "UF", 0, 0, Some(e));
+        }
+    };
+    log.established(&ctx.state);
+    match tokio::io::copy_bidirectional(&mut io, &mut up).await {
+        Ok((sent, recv)) => log.close(&ctx.state, "-", sent, recv, None),
+        Err(e) => log.close(&ctx.state, "-", 0, 0, Some(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_are_told_apart_from_the_first_bytes() {
+        assert_eq!(detect(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(detect(b"POST"), None);
+        assert_eq!(detect(b"POST "), Some(Detected::Http1));
+        assert_eq!(detect(H2_PREFACE), Some(Detected::Http2));
+        assert_eq!(detect(&H2_PREFACE[..10]), None);
+        assert_eq!(detect(b"PRI * HTTP/1.1\r\n\r\n"), Some(Detected::Http1));
+        assert_eq!(detect(b"\x16\x03\x01"), Some(Detected::Tcp));
+        assert_eq!(detect(b"hello"), Some(Detected::Tcp));
+        assert_eq!(detect(b""), None);
+        assert_eq!(detect(b"ABCDEFGHIJKLMNOPQ"), Some(Detected::Tcp));
+    }
+
+    #[test]
+    fn forwarded_for_reads_the_client() {
+        assert_eq!(
+            forwarded_for(r#"for="10.1.2.3:4567";host=reviews"#),
+            Some("10.1.2.3:4567".parse().unwrap())
+        );
+        assert_eq!(forwarded_for("host=x"), None);
+    }
+}

@@ -1,0 +1,229 @@
+//! `zring waypoint`: the L7 half of the mesh in the same binary.
+//!
+//! A waypoint is a workload of the mesh config (its own identity, e.g.
+//! `spiffe://cluster.local/ns/default/sa/bookinfo-reviews-waypoint`) on a node of its own. It
+//! runs the node proxy's machinery (workers, inbound HBONE on `<its ip>:15008`, certificates,
+//! metrics, admin, readiness, drain), but each CONNECT stream is served here instead of being
+//! delivered to a pod:
+//!
+//! 1. The CONNECT's authority is the original destination: a service VIP:port (service
+//!    waypoint) or a workload IP:port (workload waypoint).
+//! 2. The first bytes decide the protocol: the HTTP/2 preface (h2c, gRPC), an HTTP/1.x request
+//!    line, or anything else, relayed as TCP (L4 policy only).
+//! 3. Each HTTP request: L7 authorization (`policy`), then a route (`resources`: VirtualService
+//!    with DestinationRule subsets, or HTTPRoute), a weighted backend, an endpoint of it; then
+//!    HBONE to that endpoint's node at `<pod ip>:<target port>`, presenting the waypoint's own
+//!    certificate (the destination node proxy authorizes the waypoint's identity).
+//! 4. Telemetry: Istio's request metrics with `reporter="waypoint"`, one access-log line per
+//!    request.
+//!
+//! The L7 resources (`--resources`, a file or folder) are re-read when they change; a bad file
+//! is refused with the file, resource and field named, and the rules in force are kept.
+
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod resources;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use resources::{L7Config, WaypointIdentity};
+
+/// Settings of `zring waypoint`.
+#[derive(Debug, Clone)]
+pub struct WaypointSettings {
+    /// File or folder of Kubernetes resources (VirtualService, DestinationRule, HTTPRoute,
+    /// AuthorizationPolicy); None: no L7 rules (route to the original destination, no policy).
+    pub resources: Option<PathBuf>,
+    /// The waypoint's Gateway name (`istio.io/gateway-name`), for policy attachment.
+    pub gateway_name: String,
+    /// The Gateway's namespace.
+    pub namespace: String,
+    /// Istio's root namespace.
+    pub root_namespace: String,
+    /// How long to wait for the first bytes of a stream before treating it as TCP (a
+    /// server-first protocol sends nothing).
+    pub sniff_timeout: Duration,
+    /// Limit on one request's header block.
+    pub max_header_bytes: usize,
+    /// Limit on concurrent HTTP/2 streams per client connection.
+    pub max_concurrent_streams: u32,
+    /// A client connection with no request in flight is closed after this long.
+    pub idle_timeout: Duration,
+    /// Default whole-request limit (routes may set their own).
+    pub request_timeout: Duration,
+    /// How long an endpoint that failed is skipped.
+    pub ejection: Duration,
+}
+
+impl Default for WaypointSettings {
+    fn default() -> Self {
+        Self {
+            resources: None,
+            gateway_name: "waypoint".into(),
+            namespace: "default".into(),
+            root_namespace: "istio-system".into(),
+            sniff_timeout: Duration::from_secs(5),
+            max_header_bytes: 64 * 1024,
+            max_concurrent_streams: 100,
+            idle_timeout: Duration::from_secs(3600),
+            request_timeout: Duration::from_secs(60),
+            ejection: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The waypoint's shared state: the L7 rules in force and the request metrics.
+#[derive(Debug)]
+pub struct Waypoint {
+    /// Settings.
+    pub settings: WaypointSettings,
+    rules: RwLock<Arc<L7Config>>,
+    /// Request metrics (`istio_requests_total`...).
+    pub metrics: metrics::RequestMetrics,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Waypoint {
+    /// A waypoint with no rules yet.
+    pub fn new(settings: WaypointSettings) -> Self {
+        Self {
+            settings,
+            rules: RwLock::new(Arc::new(L7Config::default())),
+            metrics: Default::default(),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<L7Config> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn identity(&self, domain: &str) -> WaypointIdentity {
+        WaypointIdentity {
+            gateway_name: self.settings.gateway_name.clone(),
+            namespace: self.settings.namespace.clone(),
+            root_namespace: self.settings.root_namespace.clone(),
+            domain: domain.to_string(),
+        }
+    }
+
+    /// Read the resources now; on success they are in force.
+    pub fn reload(&self, domain: &str) -> Result<usize, String> {
+        let Some(path) = &self.settings.resources else {
+            return Ok(0);
+        };
+        let result = resources::load(path, &self.identity(domain));
+        match result {
+            Ok(cfg) => {
+                let n = cfg.loaded.len();
+                tracing::info!(
+                    resources = n,
+                    routes = cfg.routes.values().map(Vec::len).sum::<usize>(),
+                    policies = cfg.policies.len(),
+                    "waypoint L7 resources in force"
+                );
+                *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cfg);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.metrics.reload(true);
+                Ok(n)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::error!(error = %msg, "waypoint L7 resources rejected; the rules in force are kept");
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
+                self.metrics.reload(false);
+                Err(msg)
+            }
+        }
+    }
+
+    /// The last rejection, if the latest read failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A fingerprint of the resource files (names, sizes, modification times), to see changes.
+    fn fingerprint(&self) -> Vec<(PathBuf, u64, Option<std::time::SystemTime>)> {
+        let Some(path) = &self.settings.resources else {
+            return Vec::new();
+        };
+        let entry = |p: PathBuf| {
+            let m = std::fs::metadata(&p).ok();
+            let len = m.as_ref().map_or(0, |m| m.len());
+            let modified = m.and_then(|m| m.modified().ok());
+            (p, len, modified)
+        };
+        match std::fs::read_dir(path) {
+            Ok(rd) => {
+                let mut v: Vec<_> = rd.filter_map(|e| e.ok().map(|e| entry(e.path()))).collect();
+                v.sort();
+                v
+            }
+            Err(_) => vec![entry(path.clone())],
+        }
+    }
+
+    /// Watch the resources (checked every second) and the cluster domain of the mesh config;
+    /// reload when either changes.
+    pub fn spawn_watch(
+        self: &Arc<Self>,
+        domain: impl Fn() -> String + Send + 'static,
+        stop: impl Fn() -> bool + Send + 'static,
+    ) -> std::io::Result<()> {
+        let wp = self.clone();
+        std::thread::Builder::new()
+            .name("zring-waypoint-rules".into())
+            .spawn(move || {
+                let mut seen = (wp.fingerprint(), domain());
+                while !stop() {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let now = (wp.fingerprint(), domain());
+                    if now != seen {
+                        let _ = wp.reload(&now.1);
+                        seen = now;
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// The rules for `/config_dump`.
+    pub fn dump(&self) -> serde_json::Value {
+        let r = self.rules();
+        let mut routes: Vec<_> = r
+            .routes
+            .iter()
+            .map(|(svc, rs)| {
+                serde_json::json!({
+                    "service": svc,
+                    "rules": rs.iter().map(|x| serde_json::json!({
+                        "origin": x.origin,
+                        "backends": x.backends.iter().map(|b| serde_json::json!({
+                            "service": b.service, "port": b.port, "subset": b.subset, "weight": b.weight,
+                        })).collect::<Vec<_>>(),
+                        "timeoutMs": x.timeout.map(|d| d.as_millis() as u64),
+                        "retries": x.retry.attempts,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        routes.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
+        serde_json::json!({
+            "gatewayName": self.settings.gateway_name,
+            "namespace": self.settings.namespace,
+            "resources": r.loaded,
+            "routes": routes,
+            "policies": r.policies.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            "lastError": self.last_error(),
+        })
+    }
+}

@@ -1,0 +1,1250 @@
+//! The L7 resources a waypoint reads, in the shapes users `kubectl apply`: Istio's
+//! `VirtualService`, `DestinationRule` and `AuthorizationPolicy` (the seeds' forms), and Gateway
+//! API's `HTTPRoute` (today's recommended form). One file or a folder of files (`*.yaml`,
+//! `*.yml`, `*.json`, name order), each any number of YAML documents or a `List`.
+//!
+//! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
+//! implement (fault injection, mirroring, rewrites, redirects, filters, JWT principals, CUSTOM
+//! actions) are refused rather than ignored: a rule that silently did less than it says would
+//! let traffic through that the user meant to stop. Every error names the file, the resource and
+//! the field, e.g. `routes.yaml: VirtualService default/reviews: spec.http[0].route[1].weight:
+//! invalid type: string "ten", expected u32`.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use super::policy::{L7Policy, PolicyTarget};
+
+/// Why a resource file was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {resource}: {field}: {message}")]
+pub struct ResourceError {
+    /// The file.
+    pub file: String,
+    /// `Kind namespace/name`, or `document N` when it has no kind.
+    pub resource: String,
+    /// The offending field (`spec.http[0].route`), or `.`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Matches a string the way Istio's `StringMatch` (and Gateway API's match types) do.
+#[derive(Debug, Clone)]
+pub enum ValueMatch {
+    /// Equal.
+    Exact(String),
+    /// Starts with.
+    Prefix(String),
+    /// A whole-string RE2-style regular expression.
+    Regex(regex::Regex),
+}
+
+impl ValueMatch {
+    /// Whether `v` matches.
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            ValueMatch::Exact(s) => v == s,
+            ValueMatch::Prefix(p) => v.starts_with(p.as_str()),
+            ValueMatch::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// A path match: Gateway API's `PathPrefix` matches whole segments (`/foo` matches `/foo/bar`,
+/// not `/foobar`); Istio's `prefix` is a plain string prefix.
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// Istio's exact/prefix/regex on the path (query excluded for exact and prefix as Envoy).
+    Value(ValueMatch),
+    /// Gateway API `PathPrefix`.
+    SegmentPrefix(String),
+}
+
+impl PathMatch {
+    fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Value(v) => v.matches(path),
+            PathMatch::SegmentPrefix(p) => {
+                let p = p.trim_end_matches('/');
+                p.is_empty()
+                    || path == p
+                    || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
+            }
+        }
+    }
+}
+
+/// One request match: every part given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    /// On the path (without the query).
+    pub path: Option<PathMatch>,
+    /// On the method.
+    pub method: Option<ValueMatch>,
+    /// On headers (lower-case names).
+    pub headers: Vec<(String, ValueMatch)>,
+    /// On query parameters.
+    pub query: Vec<(String, ValueMatch)>,
+    /// On the authority (`Host`).
+    pub authority: Option<ValueMatch>,
+    /// On the destination port.
+    pub port: Option<u16>,
+}
+
+/// What a match looks at.
+#[derive(Debug)]
+pub struct RequestView<'a> {
+    /// Method.
+    pub method: &'a str,
+    /// Path without the query.
+    pub path: &'a str,
+    /// The query string, if any.
+    pub query: Option<&'a str>,
+    /// Headers.
+    pub headers: &'a http::HeaderMap,
+    /// Authority.
+    pub authority: &'a str,
+    /// Destination port (the CONNECT's).
+    pub port: u16,
+}
+
+impl RequestMatch {
+    /// Whether the request matches.
+    pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        if self.path.as_ref().is_some_and(|p| !p.matches(r.path)) {
+            return false;
+        }
+        if self.method.as_ref().is_some_and(|m| !m.matches(r.method)) {
+            return false;
+        }
+        if self.port.is_some_and(|p| p != r.port) {
+            return false;
+        }
+        if self
+            .authority
+            .as_ref()
+            .is_some_and(|a| !a.matches(r.authority))
+        {
+            return false;
+        }
+        let header_ok = |(name, m): &(String, ValueMatch)| {
+            r.headers
+                .get(name.as_str())
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| m.matches(v))
+        };
+        if !self.headers.iter().all(header_ok) {
+            return false;
+        }
+        self.query.iter().all(|(name, m)| {
+            r.query
+                .into_iter()
+                .flat_map(|q| q.split('&'))
+                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+                .any(|(k, v)| k == name && m.matches(v))
+        })
+    }
+
+    /// Gateway API precedence among rules: exact path, then longer prefixes, then method, then
+    /// more headers, then more query parameters (higher sorts first).
+    fn specificity(&self) -> (u8, usize, bool, usize, usize) {
+        let (kind, len) = match &self.path {
+            Some(PathMatch::Value(ValueMatch::Exact(s))) => (3, s.len()),
+            Some(PathMatch::SegmentPrefix(s)) | Some(PathMatch::Value(ValueMatch::Prefix(s))) => {
+                (2, s.len())
+            }
+            Some(PathMatch::Value(ValueMatch::Regex(r))) => (1, r.as_str().len()),
+            None => (0, 0),
+        };
+        (
+            kind,
+            len,
+            self.method.is_some(),
+            self.headers.len(),
+            self.query.len(),
+        )
+    }
+}
+
+/// Where a route sends a request.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// The service, `namespace/hostname`.
+    pub service: String,
+    /// Service port; None: the port the client dialed.
+    pub port: Option<u16>,
+    /// A DestinationRule subset of the service.
+    pub subset: Option<String>,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// When and how often to try again.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Limit of each try (None: only the route's timeout).
+    pub per_try_timeout: Option<Duration>,
+    /// Retry on these response codes (`5xx` adds 500-599; `gateway-error` 502-504).
+    pub codes: Vec<u16>,
+    /// Retry connect failures and streams reset before a response (always, as Envoy's
+    /// `connect-failure,refused-stream,reset`).
+    pub on_connect_failure: bool,
+    /// Wait between tries.
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// Istio's default: 2 retries on connect failure, refused stream, and 503.
+    fn default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: None,
+            codes: vec![503],
+            on_connect_failure: true,
+            backoff: Duration::from_millis(25),
+        }
+    }
+}
+
+/// One routing rule.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Where it comes from, for logs and `/config_dump`: `VirtualService default/reviews
+    /// http[0]`.
+    pub origin: String,
+    /// Any of these (none: every request).
+    pub matches: Vec<RequestMatch>,
+    /// Weighted backends.
+    pub backends: Vec<Backend>,
+    /// Whole-request limit.
+    pub timeout: Option<Duration>,
+    /// Retries.
+    pub retry: RetryPolicy,
+}
+
+/// Everything the waypoint applies at L7.
+#[derive(Debug, Default)]
+pub struct L7Config {
+    /// Service (`namespace/hostname`) -> its rules, in the order they are tried.
+    pub routes: HashMap<String, Vec<Route>>,
+    /// (service, subset name) -> the pod labels the subset selects.
+    pub subsets: HashMap<(String, String), BTreeMap<String, String>>,
+    /// Authorization policies attached to this waypoint or a service behind it.
+    pub policies: Vec<L7Policy>,
+    /// What was read: `Kind namespace/name (file)`.
+    pub loaded: Vec<String>,
+}
+
+/// Who the waypoint is, for attaching policies and resolving short host names.
+#[derive(Debug, Clone)]
+pub struct WaypointIdentity {
+    /// Its `istio.io/gateway-name` (the Gateway's name).
+    pub gateway_name: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Istio's root namespace (policies there apply mesh-wide).
+    pub root_namespace: String,
+    /// The cluster's DNS domain (`cluster.local`).
+    pub domain: String,
+}
+
+impl WaypointIdentity {
+    /// `reviews` (in `ns`), `reviews.ns`, `reviews.ns.svc` or the full name -> `ns/fqdn`.
+    pub fn service_key(&self, host: &str, ns: &str) -> String {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let parts: Vec<&str> = host.split('.').collect();
+        let domain = &self.domain;
+        match parts.len() {
+            1 => format!("{ns}/{host}.{ns}.svc.{domain}"),
+            2 => format!("{}/{host}.svc.{domain}", parts[1]),
+            3 if parts[2] == "svc" => format!("{}/{host}.{domain}", parts[1]),
+            _ => {
+                let svc_ns = match parts.get(2) {
+                    Some(&"svc") => parts[1],
+                    _ => ns,
+                };
+                format!("{svc_ns}/{host}")
+            }
+        }
+    }
+}
+
+/// Read a file or a folder of resources.
+pub fn load(path: &Path, me: &WaypointIdentity) -> Result<L7Config, ResourceError> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| io_error(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && matches!(
+                        p.extension().and_then(|e| e.to_str()),
+                        Some("yaml" | "yml" | "json")
+                    )
+            })
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut b = Builder::default();
+    for f in files {
+        let text = std::fs::read_to_string(&f).map_err(|e| io_error(&f, e))?;
+        parse_into(&mut b, &text, &f.display().to_string(), me)?;
+    }
+    Ok(b.finish())
+}
+
+/// Parse one file's text.
+pub fn parse(text: &str, file: &str, me: &WaypointIdentity) -> Result<L7Config, ResourceError> {
+    let mut b = Builder::default();
+    parse_into(&mut b, text, file, me)?;
+    Ok(b.finish())
+}
+
+fn io_error(p: &Path, e: std::io::Error) -> ResourceError {
+    ResourceError {
+        file: p.display().to_string(),
+        resource: "-".into(),
+        field: ".".into(),
+        message: e.to_string(),
+    }
+}
+
+/// Routes from VirtualServices keep their order; HTTPRoute rules are sorted by precedence.
+#[derive(Default)]
+struct Builder {
+    vs: HashMap<String, Vec<Route>>,
+    hr: HashMap<String, Vec<(RequestMatch, usize, Route)>>,
+    cfg: L7Config,
+}
+
+impl Builder {
+    fn finish(mut self) -> L7Config {
+        for (svc, mut rules) in self.hr {
+            // Each HTTPRoute rule is split per match, most specific first; ties keep file order.
+            rules.sort_by(|a, b| {
+                b.0.specificity()
+                    .cmp(&a.0.specificity())
+                    .then(a.1.cmp(&b.1))
+            });
+            let routes = self.cfg.routes.entry(svc).or_default();
+            routes.extend(rules.into_iter().map(|(m, _, mut r)| {
+                r.matches = vec![m];
+                r
+            }));
+        }
+        for (svc, routes) in self.vs {
+            // A service with both: the VirtualService's rules first (Istio merges them
+            // unpredictably; zring documents an order).
+            let e = self.cfg.routes.entry(svc).or_default();
+            let hr = std::mem::take(e);
+            e.extend(routes);
+            e.extend(hr);
+        }
+        self.cfg
+    }
+}
+
+fn parse_into(
+    b: &mut Builder,
+    text: &str,
+    file: &str,
+    me: &WaypointIdentity,
+) -> Result<(), ResourceError> {
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value = Value::deserialize(doc).map_err(|e| ResourceError {
+            file: file.into(),
+            resource: format!("document {}", i + 1),
+            field: ".".into(),
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let items = match value.get("kind").and_then(Value::as_str) {
+            Some("List") => value
+                .get("items")
+                .and_then(Value::as_sequence)
+                .cloned()
+                .unwrap_or_default(),
+            _ => vec![value],
+        };
+        for item in items {
+            resource(b, item, file, i + 1, me)?;
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+fn resource(
+    b: &mut Builder,
+    v: Value,
+    file: &str,
+    doc: usize,
+    me: &WaypointIdentity,
+) -> Result<(), ResourceError> {
+    let kind = v
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let api = v
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let err = |resource: String, field: String, message: String| ResourceError {
+        file: file.into(),
+        resource,
+        field,
+        message,
+    };
+    if kind.is_empty() {
+        return Err(err(
+            format!("document {doc}"),
+            "kind".into(),
+            "missing: every resource needs a kind".into(),
+        ));
+    }
+    let group = api.split('/').next().unwrap_or("");
+    let ours = matches!(
+        (group, kind.as_str()),
+        ("networking.istio.io", "VirtualService" | "DestinationRule")
+            | ("security.istio.io", "AuthorizationPolicy")
+            | ("gateway.networking.k8s.io", "HTTPRoute")
+    );
+    if !ours {
+        tracing::debug!(
+            file,
+            kind,
+            api,
+            "resource skipped: not an L7 resource of the waypoint"
+        );
+        return Ok(());
+    }
+    let meta: Meta =
+        typed(v.get("metadata").cloned().unwrap_or(Value::Null)).map_err(|(f, m)| {
+            err(
+                format!("{kind} (document {doc})"),
+                format!("metadata.{f}"),
+                m,
+            )
+        })?;
+    let ns = meta.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = format!("{kind} {ns}/{}", meta.name);
+    let spec = v.get("spec").cloned().unwrap_or(Value::Null);
+    let at = |f: String| format!("spec.{f}");
+    match kind.as_str() {
+        "VirtualService" => {
+            let s: VsSpec = typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            virtual_service(b, s, &ns, &name, me).map_err(|(f, m)| err(name.clone(), at(f), m))?
+        }
+        "DestinationRule" => {
+            let s: DrSpec = typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            let host = me.service_key(&s.host, &ns);
+            for sub in s.subsets {
+                b.cfg.subsets.insert((host.clone(), sub.name), sub.labels);
+            }
+        }
+        "HTTPRoute" => {
+            let s: HrSpec = typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            http_route(b, s, &ns, &name, me).map_err(|(f, m)| err(name.clone(), at(f), m))?
+        }
+        "AuthorizationPolicy" => {
+            let s: super::policy::ApSpec =
+                typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            let target = attachment(&s, &ns, me).map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            let Some(target) = target else {
+                tracing::debug!(policy = %name, "policy not attached to this waypoint; skipped");
+                return Ok(());
+            };
+            let p = L7Policy::from_spec(name.clone(), ns.clone(), target, s)
+                .map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            b.cfg.policies.push(p);
+        }
+        _ => {}
+    }
+    b.cfg.loaded.push(format!("{name} ({file})"));
+    Ok(())
+}
+
+/// Deserialize with the path of the field that failed.
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let field = e.path().to_string();
+        (field, e.into_inner().to_string())
+    })
+}
+
+/// A duration as Istio writes them (`1.5s`, `100ms`) or Gateway API (`1h30m`, `500ms`).
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let num = |t: &str| t.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+    if let Some(v) = s.strip_suffix("ms").and_then(num) {
+        return Ok(Duration::from_secs_f64(v / 1000.0));
+    }
+    if let Some(v) = s.strip_suffix('s').and_then(num) {
+        return Ok(Duration::from_secs_f64(v));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
+}
+
+// --- Istio networking ---------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VsSpec {
+    #[serde(default)]
+    hosts: Vec<String>,
+    #[serde(default)]
+    http: Vec<VsHttp>,
+    #[serde(default)]
+    tcp: Vec<Value>,
+    #[serde(default)]
+    tls: Vec<Value>,
+    #[serde(default)]
+    gateways: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VsHttp {
+    #[serde(default, rename = "match")]
+    matches: Vec<VsMatch>,
+    #[serde(default)]
+    route: Vec<VsRoute>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    retries: Option<VsRetries>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VsMatch {
+    #[serde(default)]
+    uri: Option<IstioString>,
+    #[serde(default)]
+    method: Option<IstioString>,
+    #[serde(default)]
+    authority: Option<IstioString>,
+    #[serde(default)]
+    headers: BTreeMap<String, IstioString>,
+    #[serde(default)]
+    query_params: BTreeMap<String, IstioString>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IstioString {
+    #[serde(default)]
+    exact: Option<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    regex: Option<String>,
+}
+
+impl IstioString {
+    fn into_match(self) -> Result<ValueMatch, String> {
+        match (self.exact, self.prefix, self.regex) {
+            (Some(e), None, None) => Ok(ValueMatch::Exact(e)),
+            (None, Some(p), None) => Ok(ValueMatch::Prefix(p)),
+            (None, None, Some(r)) => regex_match(&r),
+            _ => Err("exactly one of exact, prefix, regex".into()),
+        }
+    }
+}
+
+fn regex_match(r: &str) -> Result<ValueMatch, String> {
+    regex::Regex::new(&format!("^(?:{r})$"))
+        .map(ValueMatch::Regex)
+        .map_err(|e| format!("bad regular expression {r:?}: {e}"))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VsRoute {
+    destination: VsDestination,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VsDestination {
+    host: String,
+    #[serde(default)]
+    subset: Option<String>,
+    #[serde(default)]
+    port: Option<VsPort>,
+}
+
+#[derive(Deserialize)]
+struct VsPort {
+    number: u16,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VsRetries {
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default)]
+    per_try_timeout: Option<String>,
+    #[serde(default)]
+    retry_on: Option<String>,
+}
+
+fn unsupported(rest: &BTreeMap<String, Value>, at: &str) -> Result<(), (String, String)> {
+    // Fields that only describe (`name`, `headers` on a route are handled elsewhere).
+    const HARMLESS: &[&str] = &[
+        "name",
+        "sourceLabels",
+        "sourceNamespace",
+        "gateways",
+        "ignoreUriCase",
+    ];
+    match rest.keys().find(|k| !HARMLESS.contains(&k.as_str())) {
+        Some(k) => Err((
+            format!("{at}.{k}"),
+            "not supported by zring's waypoint (refused rather than ignored)".into(),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn virtual_service(
+    b: &mut Builder,
+    s: VsSpec,
+    ns: &str,
+    name: &str,
+    me: &WaypointIdentity,
+) -> Result<(), (String, String)> {
+    if s.hosts.is_empty() {
+        return Err(("hosts".into(), "at least one host".into()));
+    }
+    if !s.tcp.is_empty() || !s.tls.is_empty() {
+        return Err((
+            if s.tcp.is_empty() { "tls" } else { "tcp" }.into(),
+            "TCP/TLS routes are not supported by zring's waypoint".into(),
+        ));
+    }
+    if !s.gateways.is_empty() && !s.gateways.iter().any(|g| g == "mesh") {
+        tracing::debug!(
+            resource = name,
+            "VirtualService bound to gateways only; skipped"
+        );
+        return Ok(());
+    }
+    let mut routes = Vec::new();
+    for (i, h) in s.http.into_iter().enumerate() {
+        let at = format!("http[{i}]");
+        unsupported(&h.rest, &at)?;
+        let mut matches = Vec::new();
+        for (j, m) in h.matches.into_iter().enumerate() {
+            let mat = format!("{at}.match[{j}]");
+            unsupported(&m.rest, &mat)?;
+            let f = |what: &str, e: String| (format!("{mat}.{what}"), e);
+            matches.push(RequestMatch {
+                path: m
+                    .uri
+                    .map(|u| u.into_match().map(PathMatch::Value))
+                    .transpose()
+                    .map_err(|e| f("uri", e))?,
+                method: m
+                    .method
+                    .map(IstioString::into_match)
+                    .transpose()
+                    .map_err(|e| f("method", e))?,
+                authority: m
+                    .authority
+                    .map(IstioString::into_match)
+                    .transpose()
+                    .map_err(|e| f("authority", e))?,
+                headers: m
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| Ok((k.to_ascii_lowercase(), v.into_match()?)))
+                    .collect::<Result<_, String>>()
+                    .map_err(|e| f("headers", e))?,
+                query: m
+                    .query_params
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, v.into_match()?)))
+                    .collect::<Result<_, String>>()
+                    .map_err(|e| f("queryParams", e))?,
+                port: m.port,
+            });
+        }
+        if h.route.is_empty() {
+            return Err((format!("{at}.route"), "at least one destination".into()));
+        }
+        let single = h.route.len() == 1;
+        let mut backends = Vec::new();
+        for (j, r) in h.route.into_iter().enumerate() {
+            let rat = format!("{at}.route[{j}]");
+            const ROUTE_HARMLESS: &[&str] = &[];
+            if let Some(k) = r
+                .rest
+                .keys()
+                .find(|k| !ROUTE_HARMLESS.contains(&k.as_str()))
+            {
+                return Err((
+                    format!("{rat}.{k}"),
+                    "not supported by zring's waypoint (refused rather than ignored)".into(),
+                ));
+            }
+            backends.push(Backend {
+                service: me.service_key(&r.destination.host, ns),
+                port: r.destination.port.map(|p| p.number),
+                subset: r.destination.subset,
+                // Istio: a lone destination takes all; otherwise an unset weight is 0.
+                weight: r.weight.unwrap_or(if single { 100 } else { 0 }),
+            });
+        }
+        if backends.iter().all(|b| b.weight == 0) {
+            return Err((format!("{at}.route"), "the weights add up to 0".into()));
+        }
+        let timeout = h
+            .timeout
+            .as_deref()
+            .map(duration)
+            .transpose()
+            .map_err(|e| (format!("{at}.timeout"), e))?;
+        let retry = match h.retries {
+            None => RetryPolicy::default(),
+            Some(r) => vs_retry(r).map_err(|(f, e)| (format!("{at}.retries.{f}"), e))?,
+        };
+        routes.push(Route {
+            origin: format!("{name} http[{i}]"),
+            matches,
+            backends,
+            timeout: timeout.filter(|d| !d.is_zero()),
+            retry,
+        });
+    }
+    for h in &s.hosts {
+        if h == "*" || h.starts_with("*.") {
+            return Err((
+                "hosts".into(),
+                format!("wildcard host {h:?} is not supported"),
+            ));
+        }
+        b.vs.entry(me.service_key(h, ns))
+            .or_default()
+            .extend(routes.iter().cloned());
+    }
+    Ok(())
+}
+
+fn vs_retry(r: VsRetries) -> Result<RetryPolicy, (String, String)> {
+    let mut p = RetryPolicy {
+        attempts: r.attempts,
+        per_try_timeout: r
+            .per_try_timeout
+            .as_deref()
+            .map(duration)
+            .transpose()
+            .map_err(|e| ("perTryTimeout".to_string(), e))?,
+        codes: Vec::new(),
+        on_connect_failure: false,
+        backoff: Duration::from_millis(25),
+    };
+    let on = r
+        .retry_on
+        .unwrap_or_else(|| "connect-failure,refused-stream,unavailable,cancelled,503".into());
+    for item in on.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match item {
+            "5xx" => p.codes.extend(500..=599),
+            "gateway-error" => p.codes.extend([502, 503, 504]),
+            "connect-failure" | "refused-stream" | "reset" | "reset-before-request" => {
+                p.on_connect_failure = true
+            }
+            "retriable-status-codes"
+            | "unavailable"
+            | "cancelled"
+            | "deadline-exceeded"
+            | "resource-exhausted"
+            | "internal"
+            | "retriable-4xx" => {}
+            code => match code.parse::<u16>() {
+                Ok(c) if (100..600).contains(&c) => p.codes.push(c),
+                _ => {
+                    return Err((
+                        "retryOn".into(),
+                        format!("unknown retry condition {code:?}"),
+                    ))
+                }
+            },
+        }
+    }
+    Ok(p)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DrSpec {
+    host: String,
+    #[serde(default)]
+    subsets: Vec<DrSubset>,
+}
+
+#[derive(Deserialize)]
+struct DrSubset {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+}
+
+// --- Gateway API ------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HrSpec {
+    #[serde(default)]
+    parent_refs: Vec<ParentRef>,
+    #[serde(default)]
+    rules: Vec<HrRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ParentRef {
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HrRule {
+    #[serde(default)]
+    matches: Vec<HrMatch>,
+    #[serde(default)]
+    backend_refs: Vec<BackendRef>,
+    #[serde(default)]
+    timeouts: Option<HrTimeouts>,
+    #[serde(default)]
+    retry: Option<HrRetry>,
+    #[serde(default)]
+    filters: Vec<Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct HrMatch {
+    #[serde(default)]
+    path: Option<HrPath>,
+    #[serde(default)]
+    headers: Vec<HrNameValue>,
+    #[serde(default)]
+    query_params: Vec<HrNameValue>,
+    #[serde(default)]
+    method: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HrPath {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct HrNameValue {
+    name: String,
+    value: String,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BackendRef {
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    filters: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HrTimeouts {
+    #[serde(default)]
+    request: Option<String>,
+    #[serde(default)]
+    backend_request: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HrRetry {
+    #[serde(default)]
+    attempts: Option<u32>,
+    #[serde(default)]
+    codes: Vec<u16>,
+    #[serde(default)]
+    backoff: Option<String>,
+}
+
+fn core_service(group: &Option<String>, kind: &Option<String>) -> bool {
+    matches!(group.as_deref(), None | Some("") | Some("core"))
+        && matches!(kind.as_deref(), None | Some("Service"))
+}
+
+fn http_route(
+    b: &mut Builder,
+    s: HrSpec,
+    ns: &str,
+    name: &str,
+    me: &WaypointIdentity,
+) -> Result<(), (String, String)> {
+    // Mesh routes attach to Services; a route for an ingress Gateway is not the waypoint's.
+    let mut parents = Vec::new();
+    for (i, p) in s.parent_refs.iter().enumerate() {
+        let pns = p.namespace.as_deref().unwrap_or(ns);
+        match p.kind.as_deref() {
+            Some("Service") if core_service(&p.group, &p.kind) => {
+                parents.push((format!("{pns}/{}.{pns}.svc.{}", p.name, me.domain), p.port))
+            }
+            Some("Service") => {
+                return Err((
+                    format!("parentRefs[{i}].group"),
+                    "a Service's group is \"\"".into(),
+                ))
+            }
+            _ => {
+                tracing::debug!(resource = name, parent = %p.name, "HTTPRoute parent is not a Service; skipped")
+            }
+        }
+    }
+    if parents.is_empty() {
+        return Ok(());
+    }
+    for (i, rule) in s.rules.into_iter().enumerate() {
+        let at = format!("rules[{i}]");
+        if !rule.filters.is_empty() {
+            return Err((
+                format!("{at}.filters"),
+                "filters are not supported by zring's waypoint (refused rather than ignored)"
+                    .into(),
+            ));
+        }
+        let mut backends = Vec::new();
+        for (j, br) in rule.backend_refs.iter().enumerate() {
+            let bat = format!("{at}.backendRefs[{j}]");
+            if !core_service(&br.group, &br.kind) {
+                return Err((
+                    format!("{bat}.kind"),
+                    "only Service backends are supported".into(),
+                ));
+            }
+            if !br.filters.is_empty() {
+                return Err((format!("{bat}.filters"), "filters are not supported".into()));
+            }
+            let bns = br.namespace.as_deref().unwrap_or(ns);
+            backends.push(Backend {
+                service: format!("{bns}/{}.{bns}.svc.{}", br.name, me.domain),
+                port: br.port,
+                subset: None,
+                weight: br.weight.unwrap_or(1),
+            });
+        }
+        let timeout = match &rule.timeouts {
+            Some(t) => t
+                .request
+                .as_deref()
+                .or(t.backend_request.as_deref())
+                .map(duration)
+                .transpose()
+                .map_err(|e| (format!("{at}.timeouts.request"), e))?,
+            None => None,
+        };
+        let retry = match &rule.retry {
+            None => RetryPolicy::default(),
+            Some(r) => RetryPolicy {
+                attempts: r.attempts.unwrap_or(2),
+                per_try_timeout: None,
+                codes: r.codes.clone(),
+                on_connect_failure: true,
+                backoff: r
+                    .backoff
+                    .as_deref()
+                    .map(duration)
+                    .transpose()
+                    .map_err(|e| (format!("{at}.retry.backoff"), e))?
+                    .unwrap_or(Duration::from_millis(25)),
+            },
+        };
+        let matches = if rule.matches.is_empty() {
+            vec![HrMatch::default()]
+        } else {
+            rule.matches
+        };
+        for (j, m) in matches.into_iter().enumerate() {
+            let mat = format!("{at}.matches[{j}]");
+            let rm = hr_match(m).map_err(|(f, e)| (format!("{mat}.{f}"), e))?;
+            for (svc, port) in &parents {
+                let mut rm = rm.clone();
+                rm.port = *port;
+                let route = Route {
+                    origin: format!("{name} rules[{i}]"),
+                    matches: Vec::new(),
+                    // No backends: Gateway API answers 500 for such a rule.
+                    backends: backends.clone(),
+                    timeout: timeout.filter(|d| !d.is_zero()),
+                    retry: retry.clone(),
+                };
+                let order = b.hr.get(svc).map_or(0, Vec::len);
+                b.hr.entry(svc.clone())
+                    .or_default()
+                    .push((rm, order, route));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn hr_match(m: HrMatch) -> Result<RequestMatch, (String, String)> {
+    let value = |kind: Option<&str>, v: String, f: &str| -> Result<ValueMatch, (String, String)> {
+        match kind.unwrap_or("Exact") {
+            "Exact" => Ok(ValueMatch::Exact(v)),
+            "RegularExpression" => regex_match(&v).map_err(|e| (f.to_string(), e)),
+            other => Err((format!("{f}.type"), format!("unknown match type {other:?}"))),
+        }
+    };
+    let path = match m.path {
+        None => None,
+        Some(p) => {
+            let v = p.value.unwrap_or_else(|| "/".into());
+            Some(match p.kind.as_deref().unwrap_or("PathPrefix") {
+                "PathPrefix" => PathMatch::SegmentPrefix(v),
+                "Exact" => PathMatch::Value(ValueMatch::Exact(v)),
+                "RegularExpression" => {
+                    PathMatch::Value(regex_match(&v).map_err(|e| ("path.value".to_string(), e))?)
+                }
+                other => {
+                    return Err((
+                        "path.type".into(),
+                        format!("unknown path match type {other:?}"),
+                    ))
+                }
+            })
+        }
+    };
+    let mut headers = Vec::new();
+    for (i, h) in m.headers.into_iter().enumerate() {
+        let f = format!("headers[{i}]");
+        headers.push((
+            h.name.to_ascii_lowercase(),
+            value(h.kind.as_deref(), h.value, &f)?,
+        ));
+    }
+    let mut query = Vec::new();
+    for (i, q) in m.query_params.into_iter().enumerate() {
+        let f = format!("queryParams[{i}]");
+        query.push((q.name, value(q.kind.as_deref(), q.value, &f)?));
+    }
+    Ok(RequestMatch {
+        path,
+        method: m.method.map(ValueMatch::Exact),
+        headers,
+        query,
+        authority: None,
+        port: None,
+    })
+}
+
+// --- AuthorizationPolicy attachment -------------------------------------------------------
+
+/// Which traffic of this waypoint a policy applies to, if any: `selector` on the waypoint's
+/// `istio.io/gateway-name` (the seeds' form), `targetRefs` to its Gateway (all of its traffic)
+/// or to a Service (traffic to that service), or the `istio-waypoint` GatewayClass from the
+/// root namespace (every waypoint).
+fn attachment(
+    s: &super::policy::ApSpec,
+    ns: &str,
+    me: &WaypointIdentity,
+) -> Result<Option<PolicyTarget>, (String, String)> {
+    let same_ns = ns == me.namespace || ns == me.root_namespace;
+    let refs: Vec<&super::policy::TargetRef> =
+        s.target_refs.iter().chain(s.target_ref.as_ref()).collect();
+    if !refs.is_empty() && s.selector.is_some() {
+        return Err((
+            "selector".into(),
+            "selector and targetRefs are exclusive".into(),
+        ));
+    }
+    if let Some(sel) = &s.selector {
+        let labels = &sel.match_labels;
+        return Ok(match (same_ns, labels.get("istio.io/gateway-name")) {
+            (true, Some(g)) if g == &me.gateway_name && labels.len() == 1 => {
+                Some(PolicyTarget::All)
+            }
+            _ => None,
+        });
+    }
+    let mut services = Vec::new();
+    for (i, r) in refs.iter().enumerate() {
+        match (r.group.as_deref().unwrap_or(""), r.kind.as_str()) {
+            ("gateway.networking.k8s.io", "Gateway") if ns == me.namespace => {
+                if r.name == me.gateway_name {
+                    return Ok(Some(PolicyTarget::All));
+                }
+            }
+            ("gateway.networking.k8s.io", "GatewayClass") if ns == me.root_namespace => {
+                if r.name == "istio-waypoint" {
+                    return Ok(Some(PolicyTarget::All));
+                }
+            }
+            ("gateway.networking.k8s.io", "Gateway" | "GatewayClass") => {}
+            ("" | "core", "Service") => {
+                services.push(format!("{ns}/{}.{ns}.svc.{}", r.name, me.domain));
+            }
+            ("networking.istio.io", "ServiceEntry") => {
+                return Err((
+                    format!("targetRefs[{i}]"),
+                    "ServiceEntry targets are not supported".into(),
+                ))
+            }
+            (g, k) => {
+                return Err((
+                    format!("targetRefs[{i}]"),
+                    format!("unknown target {k} in group {g:?}"),
+                ))
+            }
+        }
+    }
+    Ok((!services.is_empty()).then_some(PolicyTarget::Services(services)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> WaypointIdentity {
+        WaypointIdentity {
+            gateway_name: "bookinfo-reviews".into(),
+            namespace: "default".into(),
+            root_namespace: "istio-system".into(),
+            domain: "cluster.local".into(),
+        }
+    }
+
+    #[test]
+    fn short_and_long_hosts_name_one_service() {
+        let m = me();
+        for h in [
+            "reviews",
+            "reviews.default",
+            "reviews.default.svc",
+            "reviews.default.svc.cluster.local",
+        ] {
+            assert_eq!(
+                m.service_key(h, "default"),
+                "default/reviews.default.svc.cluster.local",
+                "{h}"
+            );
+        }
+        assert_eq!(
+            m.service_key("ratings.other", "default"),
+            "other/ratings.other.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_resource_and_field() {
+        let bad = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: default}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v1}\n      weight: ten\n";
+        let e = parse(bad, "r.yaml", &me()).unwrap_err().to_string();
+        assert!(
+            e.starts_with("r.yaml: VirtualService default/reviews: spec.http[0].route[0].weight:"),
+            "{e}"
+        );
+        let fault = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route:\n    - destination: {host: reviews}\n";
+        let e = parse(fault, "f.yaml", &me()).unwrap_err().to_string();
+        assert!(e.contains("spec.http[0].fault: not supported"), "{e}");
+    }
+
+    #[test]
+    fn httproute_rules_sort_by_precedence() {
+        let y = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{kind: Service, group: "", name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+  - matches: [{path: {type: Exact, value: /api/x}}]
+    backendRefs: [{name: reviews-v3, port: 9080}]
+"#;
+        let c = parse(y, "r.yaml", &me()).unwrap();
+        let r = &c.routes["default/reviews.default.svc.cluster.local"];
+        let names: Vec<&str> = r.iter().map(|r| r.backends[0].service.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "default/reviews-v3.default.svc.cluster.local",
+                "default/reviews-v2.default.svc.cluster.local",
+                "default/reviews-v1.default.svc.cluster.local"
+            ]
+        );
+        let h = http::HeaderMap::new();
+        let view = |path| RequestView {
+            method: "GET",
+            path,
+            query: None,
+            headers: &h,
+            authority: "reviews:9080",
+            port: 9080,
+        };
+        assert!(r[1].matches[0].matches(&view("/api/y")));
+        assert!(!r[1].matches[0].matches(&view("/apix")));
+        assert!(r[2].matches[0].matches(&view("/anything")));
+    }
+}

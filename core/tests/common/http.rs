@@ -1,0 +1,143 @@
+//! A real HTTP server for waypoint tests (hyper on a tokio thread, HTTP/1.1 and h2c on the same
+//! port): each answer names the server, so tests see which endpoint served a request.
+//!
+//! - `/echo` (any method): the request body back, streamed, with `x-served-by`;
+//! - `/big?n=N`: N bytes of a repeating pattern;
+//! - `/grpc.Echo/Stream` (h2): each request frame echoed back as it arrives, then trailers
+//!   `grpc-status: 0`;
+//! - an `Upgrade: websocket` request: 101, then every byte echoed;
+//! - anything else: `<name> <method> <path>`.
+
+use std::{convert::Infallible, net::SocketAddr, pin::Pin};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::{
+    body::{Frame, Incoming},
+    Request, Response,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+type Body = Pin<Box<dyn hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send>>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Box::pin(Full::new(b.into()).map_err(|e: Infallible| match e {}))
+}
+
+/// The pattern `/big` sends: byte i is `i % 251`.
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+async fn serve(name: String, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let resp = |b: Body| {
+        let mut r = Response::new(b);
+        r.headers_mut().insert("x-served-by", name.parse().unwrap());
+        r
+    };
+    if req.headers().get("upgrade").is_some() {
+        let up = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(u) = up.await {
+                let mut io = TokioIo::new(u);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let mut r = resp(full(Bytes::new()));
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", "websocket".parse().unwrap());
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().unwrap());
+        return Ok(r);
+    }
+    if path == "/echo" || path.starts_with("/grpc.") {
+        let grpc = path.starts_with("/grpc.");
+        let body = req.into_body();
+        let frames = futures_stream(body, grpc);
+        let mut r = resp(Box::pin(StreamBody::new(frames)));
+        if grpc {
+            r.headers_mut()
+                .insert("content-type", "application/grpc".parse().unwrap());
+        }
+        return Ok(r);
+    }
+    if path == "/big" {
+        let n = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("n="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        return Ok(resp(full(pattern(n))));
+    }
+    Ok(resp(full(format!("{name} {} {path}", req.method()))))
+}
+
+/// Echo each data frame; for gRPC end with `grpc-status: 0` trailers.
+fn futures_stream(
+    body: Incoming,
+    grpc: bool,
+) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, hyper::Error>> + Send {
+    futures_util::stream::unfold((body, false), move |(mut body, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match body.frame().await {
+                Some(Ok(f)) => {
+                    if let Ok(d) = f.into_data() {
+                        return Some((Ok(Frame::data(d)), (body, false)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), (body, true))),
+                None if grpc => {
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", "0".parse().unwrap());
+                    return Some((Ok(Frame::trailers(t)), (body, true)));
+                }
+                None => return None,
+            }
+        }
+    })
+}
+
+/// Serve on `addr` (HTTP/1.1 with upgrades, or h2c prior knowledge) until the process ends.
+pub fn server(addr: SocketAddr, name: &str) {
+    let std = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    std.set_nonblocking(true).unwrap();
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(std).unwrap();
+            loop {
+                let Ok((s, _)) = l.accept().await else {
+                    continue;
+                };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let mut first = [0u8; 3];
+                    let h2 = matches!(s.peek(&mut first).await, Ok(3) if &first == b"PRI");
+                    let svc = hyper::service::service_fn(move |r| serve(name.clone(), r));
+                    let io = TokioIo::new(s);
+                    if h2 {
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    } else {
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .with_upgrades()
+                            .await;
+                    }
+                });
+            }
+        });
+    });
+}

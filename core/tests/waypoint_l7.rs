@@ -1,0 +1,696 @@
+//! `zring waypoint` end to end on loopback: real node proxies (SOCKS5 source node, destination
+//! node), a real waypoint, real HTTP servers; the seeds' bookinfo L7 examples from `examples/`.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use common::{
+    ca_init,
+    http::{pattern, server},
+    mesh::{http_get, metric, socks, Node},
+    tmp, wait_until, Proc,
+};
+
+fn ip(net: u8, host: u8) -> IpAddr {
+    IpAddr::from([127, 0, net, host])
+}
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/waypoint")
+}
+
+/// The bookinfo mesh on 127.0.`n`.x: sleep and notsleep on node-a; productpage, reviews-v1 and
+/// -v2 on node-b (behind the waypoint); the waypoint on node-w. `reviews` is served by both
+/// versions; `reviews-v1`/`reviews-v2` by one each (the HTTPRoute backends).
+fn mesh(n: u8) -> String {
+    let wl = |name: &str,
+              sa: &str,
+              host: u8,
+              node: &str,
+              rev: &str,
+              services: &[&str],
+              wp: bool| {
+        let mut s = format!(
+            "- uid: c//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  serviceAccount: {sa}\n  workloadIps: [\"127.0.{n}.{host}\"]\n  protocol: HBONE\n  node: {node}\n  canonicalName: {}\n  canonicalRevision: {rev}\n",
+            name.split('-').next().unwrap()
+        );
+        if wp {
+            s += &format!(
+                "  waypoint:\n    destination: \"/127.0.{n}.20\"\n    hboneMtlsPort: 15008\n"
+            );
+        }
+        s += "  services:\n";
+        for svc in services {
+            s += &format!("    \"default/{svc}.default.svc.cluster.local\":\n      9080: 9080\n");
+        }
+        if services.is_empty() {
+            s = s.replace("  services:\n", "  services: {}\n");
+        }
+        s
+    };
+    let svc = |name: &str, vip: u8, wp: bool| {
+        let mut s = format!(
+            "- name: {name}\n  namespace: default\n  hostname: {name}.default.svc.cluster.local\n  vips: [\"/127.0.{n}.{vip}\"]\n  ports:\n    9080: 9080\n"
+        );
+        if wp {
+            s += &format!(
+                "  waypoint:\n    destination: \"/127.0.{n}.20\"\n    hboneMtlsPort: 15008\n"
+            );
+        }
+        s
+    };
+    let mut y = String::from("workloads:\n");
+    y += &wl("sleep", "sleep", 2, "node-a", "v1", &[], false);
+    y += &wl("notsleep", "notsleep", 3, "node-a", "v1", &[], false);
+    y += &wl(
+        "productpage-v1",
+        "bookinfo-productpage",
+        10,
+        "node-b",
+        "v1",
+        &["productpage"],
+        true,
+    );
+    y += &wl(
+        "reviews-v1",
+        "bookinfo-reviews",
+        11,
+        "node-b",
+        "v1",
+        &["reviews", "reviews-v1"],
+        true,
+    );
+    y += &wl(
+        "reviews-v2",
+        "bookinfo-reviews",
+        12,
+        "node-b",
+        "v2",
+        &["reviews", "reviews-v2"],
+        true,
+    );
+    y += &wl(
+        "waypoint",
+        "bookinfo-waypoint",
+        20,
+        "node-w",
+        "v1",
+        &[],
+        false,
+    );
+    y += "services:\n";
+    y += &svc("productpage", 100, true);
+    y += &svc("reviews", 101, true);
+    y += &svc("reviews-v1", 102, false);
+    y += &svc("reviews-v2", 103, false);
+    y
+}
+
+struct Lab {
+    n: u8,
+    dir: PathBuf,
+    resources: PathBuf,
+    a: Node,
+    b: Node,
+    w: Node,
+}
+
+impl Lab {
+    /// Start the mesh; the waypoint reads `resources` (a folder) as its L7 config.
+    fn start(n: u8, tag: &str, files: &[(&str, &Path)]) -> Lab {
+        let dir = tmp(tag);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = ca_init(&dir);
+        let cfg = dir.join("mesh.yaml");
+        std::fs::write(&cfg, mesh(n)).unwrap();
+        let resources = dir.join("resources");
+        std::fs::create_dir_all(&resources).unwrap();
+        for (name, src) in files {
+            std::fs::copy(src, resources.join(name)).unwrap();
+        }
+        let socks5 = SocketAddr::new(ip(n, 1), 15080).to_string();
+        let mut a = Node::start(
+            "node-a",
+            ip(n, 1),
+            &cfg,
+            &ca,
+            &["--socks5", &socks5, "--bind-source"],
+        );
+        let mut b = Node::start("node-b", ip(n, 5), &cfg, &ca, &["--bind-source"]);
+        let w = waypoint_node(n, &cfg, &ca, &resources);
+        a.wait_ready();
+        b.wait_ready();
+        let mut lab = Lab {
+            n,
+            dir,
+            resources,
+            a,
+            b,
+            w,
+        };
+        lab.w.wait_ready();
+        lab
+    }
+
+    fn socks5(&self) -> SocketAddr {
+        SocketAddr::new(ip(self.n, 1), 15080)
+    }
+
+    fn vip(&self, host: u8) -> SocketAddr {
+        SocketAddr::new(ip(self.n, host), 9080)
+    }
+
+    /// A keep-alive HTTP/1.1 connection from workload `src` (2 sleep, 3 notsleep) to `dst`.
+    fn client(&self, src: u8, dst: SocketAddr) -> Client {
+        let (code, s) = socks(ip(self.n, src), self.socks5(), dst);
+        assert_eq!(code, 0, "SOCKS5 refused:\n{}", self.a.proc.log());
+        s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        Client {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+}
+
+fn waypoint_node(n: u8, cfg: &Path, ca: &Path, resources: &Path) -> Node {
+    let host = ip(n, 20);
+    let (admin, stats, ready) = (
+        SocketAddr::new(host, 15000),
+        SocketAddr::new(host, 15020),
+        SocketAddr::new(host, 15021),
+    );
+    let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
+    let args = [
+        "waypoint",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--node-name",
+        "node-w",
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--packet-mark",
+        "0",
+        "--admin-addr",
+        &a,
+        "--stats-addr",
+        &s,
+        "--readiness-addr",
+        &r,
+        "--workers",
+        "1",
+        "--dns-proxy",
+        "false",
+        "--bind-source",
+        "--resources",
+        resources.to_str().unwrap(),
+        "--gateway-name",
+        "bookinfo-productpage",
+        "--ejection-time",
+        "30s",
+    ];
+    Node {
+        proc: Proc::spawn(&args),
+        stats,
+        ready,
+        admin,
+    }
+}
+
+struct Client {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Client {
+    fn send(&mut self, raw: &[u8]) {
+        self.w.write_all(raw).unwrap();
+    }
+
+    fn request(&mut self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: reviews:9080\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        self.send(head.as_bytes());
+        self.send(body);
+        self.read()
+    }
+
+    /// One response (content-length or chunked body).
+    fn read(&mut self) -> Reply {
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            self.r.read_line(&mut h).unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (k, v) = h.split_once(':').unwrap();
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        let mut reply = Reply {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if status == 100 || status == 101 {
+            return reply;
+        }
+        if let Some(n) = reply.header("content-length") {
+            let mut b = vec![0u8; n.parse().unwrap()];
+            self.r.read_exact(&mut b).unwrap();
+            reply.body = b;
+        } else if reply
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
+            loop {
+                let mut size = String::new();
+                self.r.read_line(&mut size).unwrap();
+                let n = usize::from_str_radix(size.trim(), 16).unwrap();
+                let mut chunk = vec![0u8; n + 2];
+                self.r.read_exact(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                reply.body.extend_from_slice(&chunk[..n]);
+            }
+        }
+        reply
+    }
+}
+
+/// The share of `n` requests to reviews that v2 served, in percent.
+fn v2_share(lab: &Lab, n: usize) -> f64 {
+    let mut c = lab.client(2, lab.vip(101));
+    let mut v2 = 0;
+    for i in 0..n {
+        let r = c.request("GET", "/reviews", b"");
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        match r.header("x-served-by") {
+            Some("reviews-v2") => v2 += 1,
+            Some("reviews-v1") => {}
+            other => panic!("served by {other:?}"),
+        }
+    }
+    v2 as f64 * 100.0 / n as f64
+}
+
+fn config_dump(lab: &Lab) -> String {
+    http_get(lab.w.admin, "GET", "/config_dump").1
+}
+
+#[test]
+fn bookinfo_l7_examples_split_traffic_and_enforce_the_get_only_policy() {
+    let lab = Lab::start(
+        77,
+        "wp-bookinfo",
+        &[
+            ("reviews.yaml", &examples().join("istio/reviews-90-10.yaml")),
+            (
+                "policy.yaml",
+                &examples().join("istio/productpage-viewer.yaml"),
+            ),
+        ],
+    );
+    let n = lab.n;
+    for (name, host) in [
+        ("productpage-v1", 10),
+        ("reviews-v1", 11),
+        ("reviews-v2", 12),
+    ] {
+        server(SocketAddr::new(ip(n, host), 9080), name);
+    }
+    // The seeds' policy: sleep may GET productpage; POST from sleep and anything from notsleep
+    // are refused by the waypoint with 403.
+    let mut sleep = lab.client(2, lab.vip(100));
+    let r = sleep.request("GET", "/productpage", b"");
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
+    assert_eq!(r.text(), "productpage-v1 GET /productpage");
+    let r = sleep.request("POST", "/productpage", b"x=1");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.text(), "RBAC: access denied");
+    let r = sleep.request("GET", "/productpage", b"");
+    assert_eq!(r.status, 200, "the connection survives a denied request");
+    let mut notsleep = lab.client(3, lab.vip(100));
+    assert_eq!(notsleep.request("GET", "/productpage", b"").status, 403);
+
+    // The VirtualService over DestinationRule subsets: 90/10 within 3 points over 2000.
+    let share = v2_share(&lab, 2000);
+    assert!(
+        (7.0..=13.0).contains(&share),
+        "v2 got {share}% (want 10 +- 3)"
+    );
+
+    // The destination node saw the waypoint's identity, not sleep's (its connections are
+    // pooled and still open: counted as opened, logged when they close).
+    let from = |who: &str| {
+        metric(
+            &lab.b.metrics(),
+            "istio_tcp_connections_opened_total",
+            &[&format!(
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/{who}\""
+            )],
+        )
+        .unwrap_or(0)
+    };
+    assert!(from("bookinfo-waypoint") >= 1, "{}", lab.b.metrics());
+    assert_eq!(from("sleep"), 0, "{}", lab.b.metrics());
+    // A client that skips the waypoint (a tunnel straight to node-b with sleep's certificate)
+    // is refused by the destination node.
+    let tunnel = SocketAddr::new(ip(n, 2), 18080);
+    let mut t = Proc::spawn(&[
+        "tunnel",
+        "client",
+        "--listen",
+        &tunnel.to_string(),
+        "--ca-dir",
+        lab.dir.join("ca").to_str().unwrap(),
+        "--identity",
+        "spiffe://cluster.local/ns/default/sa/sleep",
+        "--server",
+        &SocketAddr::new(ip(n, 10), 15008).to_string(),
+        "--target",
+        &SocketAddr::new(ip(n, 10), 9080).to_string(),
+        "--expect",
+        "spiffe://cluster.local/ns/default/sa/bookinfo-productpage",
+    ]);
+    t.wait_listening(tunnel);
+    let (st, _) = http_get(tunnel, "GET", "/productpage");
+    assert_ne!(st, 200, "the bypass was served");
+    wait_until(
+        Duration::from_secs(5),
+        || lab.b.proc.log().contains("bypassed"),
+        || lab.b.proc.log(),
+    );
+
+    // Telemetry: Istio's request metrics with reporter="waypoint", and access-log lines.
+    let m = lab.w.metrics();
+    let denied = metric(
+        &m,
+        "istio_requests_total",
+        &["reporter=\"waypoint\"", "response_code=\"403\""],
+    );
+    assert_eq!(denied, Some(2), "{m}");
+    let ok = metric(
+        &m,
+        "istio_requests_total",
+        &[
+            "reporter=\"waypoint\"",
+            "response_code=\"200\"",
+            "destination_service=\"reviews.default.svc.cluster.local\"",
+            "source_principal=\"spiffe://cluster.local/ns/default/sa/sleep\"",
+        ],
+    );
+    assert_eq!(ok, Some(2000), "{m}");
+    assert!(m.contains("istio_request_duration_milliseconds_bucket{"));
+    let log = lab.w.proc.log();
+    assert!(
+        log.contains("request complete") && log.contains("status=403"),
+        "{log}"
+    );
+
+    // Today's forms (HTTPRoute + targetRefs policy), swapped in while running.
+    for f in ["reviews.yaml", "policy.yaml"] {
+        std::fs::remove_file(lab.resources.join(f)).unwrap();
+    }
+    std::fs::copy(
+        examples().join("gateway-api/reviews-90-10.yaml"),
+        lab.resources.join("route.yaml"),
+    )
+    .unwrap();
+    std::fs::copy(
+        examples().join("gateway-api/productpage-viewer.yaml"),
+        lab.resources.join("policy.yaml"),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains("HTTPRoute default/reviews"),
+        || config_dump(&lab),
+    );
+    let share = v2_share(&lab, 2000);
+    assert!(
+        (7.0..=13.0).contains(&share),
+        "v2 got {share}% (want 10 +- 3)"
+    );
+    let mut sleep = lab.client(2, lab.vip(100));
+    assert_eq!(sleep.request("GET", "/productpage", b"").status, 200);
+    assert_eq!(sleep.request("POST", "/productpage", b"").status, 403);
+    assert_eq!(
+        lab.client(3, lab.vip(100))
+            .request("GET", "/productpage", b"")
+            .status,
+        403
+    );
+
+    // A bad file is refused, named, and the rules in force stay.
+    std::fs::write(
+        lab.resources.join("zz-bad.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: broken}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews}\n      weight: lots\n",
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            metric(
+                &lab.w.metrics(),
+                "zring_waypoint_reloads_total",
+                &["failure"],
+            ) == Some(1)
+        },
+        || lab.w.proc.log(),
+    );
+    let log = lab.w.proc.log();
+    assert!(
+        log.contains("zz-bad.yaml: VirtualService default/broken: spec.http[0].route[0].weight"),
+        "{log}"
+    );
+    assert!(config_dump(&lab).contains("HTTPRoute default/reviews"));
+    assert_eq!(sleep.request("POST", "/productpage", b"").status, 403);
+}
+
+#[test]
+fn a_dead_endpoint_is_retried_elsewhere_and_all_dead_is_503() {
+    let lab = Lab::start(78, "wp-retry", &[]);
+    let n = lab.n;
+    // reviews-v2 has no server: its node answers 503 to the waypoint's CONNECT.
+    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
+    let mut c = lab.client(2, lab.vip(101));
+    for i in 0..20 {
+        let r = c.request("GET", "/r", b"");
+        assert_eq!(
+            r.status,
+            200,
+            "request {i}: {}\n{}",
+            r.text(),
+            lab.w.proc.log()
+        );
+        assert_eq!(r.header("x-served-by"), Some("reviews-v1"));
+    }
+    let m = lab.w.metrics();
+    assert!(
+        metric(&m, "zring_waypoint_retries_total", &[]).unwrap_or(0) >= 1,
+        "{m}"
+    );
+    assert!(metric(&m, "zring_waypoint_ejections_total", &[]).unwrap_or(0) >= 1);
+    // productpage has no server at all: 503 with Envoy's upstream-failure flag.
+    let mut c = lab.client(2, lab.vip(100));
+    let r = c.request("GET", "/productpage", b"");
+    assert_eq!(r.status, 503, "{}", r.text());
+    let m = lab.w.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &["response_code=\"503\"", "response_flags=\"UF\""]
+        ),
+        Some(1),
+        "{m}"
+    );
+    let log = lab.w.proc.log();
+    assert!(
+        log.contains("status=503") && log.contains("response_flags=\"UF\"")
+            || log.contains("response_flags=UF"),
+        "{log}"
+    );
+}
+
+#[test]
+fn http1_edge_cases_websocket_and_h2c_pass_byte_exact() {
+    let lab = Lab::start(79, "wp-edge", &[]);
+    let n = lab.n;
+    server(SocketAddr::new(ip(n, 10), 9080), "productpage-v1");
+    let dst = lab.vip(100);
+
+    // 10 MiB each way, content-length up and down.
+    let mut c = lab.client(2, dst);
+    let big = pattern(10 << 20);
+    let r = c.request("POST", "/echo", &big);
+    assert_eq!(r.status, 200);
+    assert!(r.body == big, "10 MiB echo differs");
+    let r = c.request("GET", "/big?n=10485760", b"");
+    assert!(r.body == big, "10 MiB download differs");
+
+    // Chunked request body, pipelined requests, Expect: 100-continue.
+    c.send(b"POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+    assert_eq!(c.read().body, b"hello world");
+    c.send(b"GET /a HTTP/1.1\r\nHost: p\r\n\r\nGET /b HTTP/1.1\r\nHost: p\r\n\r\nGET /c HTTP/1.1\r\nHost: p\r\n\r\n");
+    for p in ["/a", "/b", "/c"] {
+        assert_eq!(c.read().text(), format!("productpage-v1 GET {p}"));
+    }
+    c.send(b"POST /echo HTTP/1.1\r\nHost: p\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n");
+    let first = c.read();
+    assert_eq!(first.status, 100, "no 100 Continue");
+    c.send(b"ping");
+    assert_eq!(c.read().body, b"ping");
+
+    // A websocket upgrade: 101, then raw bytes both ways.
+    let mut ws = lab.client(2, dst);
+    ws.send(b"GET /ws HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n");
+    let r = ws.read();
+    assert_eq!(r.status, 101);
+    ws.send(b"\x81\x05hello");
+    let mut back = [0u8; 7];
+    ws.r.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"\x81\x05hello");
+
+    // Malformed HTTP in one stream: 400, that stream closed; another stream is unaffected.
+    let mut bad = lab.client(2, dst);
+    bad.send(b"GET / HTTP/1.1\r\nHost: p\r\nBad Header Without Colon\r\n\r\n");
+    assert_eq!(bad.read().status, 400);
+    let mut rest = Vec::new();
+    assert!(matches!(bad.r.read_to_end(&mut rest), Ok(_) | Err(_)));
+    assert_eq!(c.request("GET", "/after", b"").status, 200);
+
+    // h2c (prior knowledge), gRPC-style: unary and a stream of messages echoed, trailers kept.
+    let (code, s) = socks(ip(n, 2), lab.socks5(), dst);
+    assert_eq!(code, 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        use http_body_util::BodyExt;
+        s.set_nonblocking(true).unwrap();
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(s).unwrap());
+        let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, _>(
+            hyper_util::rt::TokioExecutor::new(),
+            io,
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        // Unary.
+        let msg = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
+        let req = hyper::Request::post("http://productpage:9080/grpc.Echo/Unary")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(
+                http_body_util::Full::new(msg.clone())
+                    .map_err(|e: std::convert::Infallible| -> std::io::Error { match e {} })
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(
+            collected
+                .trailers()
+                .and_then(|t| t.get("grpc-status"))
+                .map(|v| v.as_bytes()),
+            Some(&b"0"[..])
+        );
+        assert_eq!(collected.to_bytes(), msg);
+        // Streaming: each message sent only after the previous one came back.
+        let (mut tx, rx) = futures_channel_pair();
+        let body = http_body_util::StreamBody::new(rx).boxed();
+        let req = hyper::Request::post("http://productpage:9080/grpc.Echo/Stream")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let mut body = resp.into_body();
+        for i in 0..5u8 {
+            let m = bytes::Bytes::from(vec![0, 0, 0, 0, 1, i]);
+            tx.send(m.clone()).await;
+            let mut got = Vec::new();
+            while got.len() < m.len() {
+                let f = body.frame().await.unwrap().unwrap();
+                if let Ok(d) = f.into_data() {
+                    got.extend_from_slice(&d);
+                }
+            }
+            assert_eq!(got, m.to_vec(), "message {i}");
+        }
+        drop(tx);
+        let mut trailers = None;
+        while let Some(f) = body.frame().await {
+            if let Ok(t) = f.unwrap().into_trailers() {
+                trailers = Some(t);
+            }
+        }
+        assert_eq!(
+            trailers.and_then(|t| t.get("grpc-status").cloned()),
+            Some(http::HeaderValue::from_static("0"))
+        );
+    });
+    let m = lab.w.metrics();
+    assert!(
+        metric(&m, "istio_requests_total", &["request_protocol=\"grpc\""]).unwrap_or(0) >= 2,
+        "{m}"
+    );
+}
+
+/// A channel whose receiver is a stream of body frames.
+struct Tx(tokio::sync::mpsc::Sender<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>);
+
+impl Tx {
+    async fn send(&mut self, b: bytes::Bytes) {
+        self.0.send(Ok(hyper::body::Frame::data(b))).await.unwrap();
+    }
+}
+
+fn futures_channel_pair() -> (
+    Tx,
+    tokio_stream_compat::ReceiverStream<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    (Tx(tx), tokio_stream_compat::ReceiverStream::new(rx))
+}
+
+use tokio_stream::wrappers as tokio_stream_compat;
