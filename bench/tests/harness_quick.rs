@@ -142,10 +142,11 @@ fn quick_run_measures_every_path_and_writes_the_report() {
             .find(|p| p["name"] == name)
             .unwrap_or_else(|| panic!("no {name} in results"))
     };
-    let mut measured = vec!["no-mesh", "ambient", "sidecar"];
+    let mut measured = vec!["no-mesh", "ambient", "sidecar", "waypoint"];
     if ztunnel.is_some() {
-        // ztunnel on both nodes, and zring against ztunnel both ways: interop under load.
-        measured.extend(["ztunnel", "mixed", "mixed-reverse"]);
+        // ztunnel on both nodes, and zring against ztunnel both ways: interop under load; and
+        // zring's waypoint between two ztunnels.
+        measured.extend(["ztunnel", "mixed", "mixed-reverse", "waypoint-ztunnel"]);
     }
     for name in measured.iter().copied() {
         let p = path(name);
@@ -163,7 +164,9 @@ fn quick_run_measures_every_path_and_writes_the_report() {
                 assert!(raw.exists(), "{} missing", raw.display());
                 if name != "no-mesh" {
                     let procs = r["proxies"].as_array().unwrap();
-                    assert_eq!(procs.len(), 2, "{name} {scenario}: two proxies: {r}");
+                    // Two node proxies, and the waypoint on the waypoint paths.
+                    let want = if name.starts_with("waypoint") { 3 } else { 2 };
+                    assert_eq!(procs.len(), want, "{name} {scenario}: proxies: {r}");
                     for q in procs {
                         assert!(q["rss_mib"].as_f64().unwrap() > 1.0, "{name}: RSS: {q}");
                     }
@@ -193,9 +196,9 @@ fn quick_run_measures_every_path_and_writes_the_report() {
         }
     }
     let not_run: &[&str] = if ztunnel.is_some() {
-        &["waypoint"]
+        &[]
     } else {
-        &["ztunnel", "mixed", "mixed-reverse", "waypoint"]
+        &["ztunnel", "mixed", "mixed-reverse", "waypoint-ztunnel"]
     };
     for name in not_run.iter().copied() {
         assert!(
@@ -209,7 +212,8 @@ fn quick_run_measures_every_path_and_writes_the_report() {
     for needle in [
         "| 16 | ambient |",
         "| 16 | sidecar |",
-        "**not run**",
+        "| 16 | waypoint |",
+        if not_run.is_empty() { "| 16 | ambient |" } else { "**not run**" },
         "![latency percentiles vs connections](latency.svg)",
         "| ambient | 200 |",
         "ambient / sidecar",

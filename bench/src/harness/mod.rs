@@ -40,7 +40,7 @@ pub struct RunArgs {
     /// Paths to compare (no-mesh is required: deltas are against it).
     #[arg(
         long,
-        default_value = "no-mesh,ambient,sidecar,ztunnel,mixed,mixed-reverse,waypoint"
+        default_value = "no-mesh,ambient,sidecar,ztunnel,mixed,mixed-reverse,waypoint,waypoint-ztunnel"
     )]
     paths: String,
     /// Report folder (default: perf-reports/<date>-<commit>, or a temp folder with --quick).
@@ -53,8 +53,8 @@ pub struct RunArgs {
     /// Sidecar proxy: `haproxy` (default, from Debian) or `envoy:PATH`.
     #[arg(long)]
     sidecar: Option<String>,
-    /// Waypoint proxy: `envoy:PATH` (the waypoint path is reported as not run until zring can
-    /// route to one).
+    /// Waypoint proxy of the waypoint paths: zring's own (default); `envoy:PATH` is reserved
+    /// for an Envoy waypoint (reported as not run: not wired).
     #[arg(long)]
     waypoint: Option<String>,
     /// Idle-connection counts to measure memory with (default 1000,10000; 200 with --quick).

@@ -12,9 +12,15 @@
 //!   which opens mutual TLS to the server pod, where iptables sends them to the server pod's
 //!   HAProxy, which terminates TLS (client certificate required) and forwards to the app on
 //!   127.0.0.1. `--sidecar envoy:PATH` uses Envoy with the equivalent static config.
-//! - `waypoint`: client -> zring -> HBONE -> waypoint -> HBONE -> zring -> server. zring has no
-//!   waypoint (L7) mode yet; the path is listed and reported as not run. `--waypoint
-//!   envoy:PATH` is where a user's Envoy waypoint will plug in.
+//! - `waypoint`: client -> zring node-1 -> HBONE -> `zring waypoint` (on node-2, its own address
+//!   10.241.3.2) -> HBONE with the waypoint's identity -> zring node-2 -> server. The server pod
+//!   has the waypoint as its workload waypoint; the waypoint enforces an L7 ALLOW policy (the
+//!   client's principal, GET on `/*`, or the TCP ports), node-2's L4 policy allows only the
+//!   waypoint's principal. HTTP requests are parsed and re-issued (HTTP/1.1, pooled upstream);
+//!   TCP scenarios (echo, iperf3) are relayed after protocol detection.
+//! - `waypoint-ztunnel`: the same with Istio's ztunnel as both node proxies (`--ztunnel PATH`)
+//!   and zring as the waypoint. `--waypoint envoy:PATH` is reserved for an Envoy waypoint (not
+//!   wired).
 
 use std::{
     path::{Path, PathBuf},
@@ -41,7 +47,10 @@ pub enum PathSpec {
     /// Istio's ztunnel on the client's node, zring on the server's.
     MixedReverse(Option<PathBuf>),
     Sidecar(SidecarProxy),
+    /// zring's waypoint between zring nodes (None), or an Envoy waypoint (not wired).
     Waypoint(Option<PathBuf>),
+    /// zring's waypoint between Istio's ztunnel nodes.
+    WaypointZtunnel(Option<PathBuf>),
 }
 
 #[derive(Debug, Clone)]
@@ -60,6 +69,7 @@ impl PathSpec {
             PathSpec::MixedReverse(_) => "mixed-reverse",
             PathSpec::Sidecar(_) => "sidecar",
             PathSpec::Waypoint(_) => "waypoint",
+            PathSpec::WaypointZtunnel(_) => "waypoint-ztunnel",
         }
     }
 
@@ -73,7 +83,8 @@ impl PathSpec {
             PathSpec::MixedReverse(_) => "client pod -> Istio's ztunnel node-1 -HBONE/mTLS-> zring node-2 -> server pod (zring's CA is ztunnel's fake CA root)".into(),
             PathSpec::Sidecar(SidecarProxy::Haproxy) => "client -(iptables)-> HAProxy sidecar (HTTP mode; TCP mode for echo/iperf3) -mTLS-> HAProxy sidecar -(iptables)-> server".into(),
             PathSpec::Sidecar(SidecarProxy::Envoy(p)) => format!("client -(iptables)-> Envoy sidecar ({}) -mTLS-> Envoy sidecar -> server", p.display()),
-            PathSpec::Waypoint(_) => "client -> zring -HBONE-> waypoint (L7) -HBONE-> zring -> server".into(),
+            PathSpec::Waypoint(_) => "client -> zring node-1 -HBONE-> zring waypoint (L7: HTTP parsed, ALLOW policy on principal/method/path) -HBONE-> zring node-2 -> server".into(),
+            PathSpec::WaypointZtunnel(_) => "client -> Istio's ztunnel node-1 -HBONE-> zring waypoint (L7) -HBONE-> Istio's ztunnel node-2 -> server".into(),
         }
     }
 
@@ -82,8 +93,8 @@ impl PathSpec {
         match self {
             PathSpec::Ztunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs it: the ambient topology with ztunnel started as `FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<yaml> NODE_NAME=<node> INPOD_UDS=<agent socket> PATH` (FAKE_CA needs a ztunnel built with `--features testing`)".into()),
             PathSpec::Mixed(None) | PathSpec::MixedReverse(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring and ztunnel against each other".into()),
-            PathSpec::Waypoint(None) => Some("zring has no waypoint (L7) mode yet; `--waypoint envoy:PATH` is the plug-in point for a user's Envoy waypoint".into()),
-            PathSpec::Waypoint(Some(_)) => Some("waypoint topology is not wired yet: zring would need to route to the waypoint and accept its HBONE; listed so that reports keep the column".into()),
+            PathSpec::Waypoint(Some(_)) => Some("an Envoy waypoint (`--waypoint envoy:PATH`) is not wired: it needs Istio's generated xDS config".into()),
+            PathSpec::WaypointZtunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring's waypoint between ztunnel nodes".into()),
             _ => None,
         }
     }
@@ -120,8 +131,9 @@ pub fn parse_paths(
             "mixed-reverse" => PathSpec::MixedReverse(ztunnel.clone()),
             "sidecar" => PathSpec::Sidecar(sidecar.clone()),
             "waypoint" => PathSpec::Waypoint(waypoint.clone()),
+            "waypoint-ztunnel" => PathSpec::WaypointZtunnel(ztunnel.clone()),
             other => bail!(
-                "unknown path {other:?}: expected no-mesh, ambient, ztunnel, mixed, mixed-reverse, sidecar, waypoint"
+                "unknown path {other:?}: expected no-mesh, ambient, ztunnel, mixed, mixed-reverse, sidecar, waypoint, waypoint-ztunnel"
             ),
         });
     }
@@ -203,15 +215,22 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
     };
     match spec {
         PathSpec::NoMesh => {}
-        PathSpec::Ambient => ambient(lab, bins, dir, [None, None], &mut d)?,
-        PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, [Some(p), Some(p)], &mut d)?,
-        PathSpec::Mixed(Some(p)) => ambient(lab, bins, dir, [None, Some(p)], &mut d)?,
-        PathSpec::MixedReverse(Some(p)) => ambient(lab, bins, dir, [Some(p), None], &mut d)?,
+        PathSpec::Ambient => ambient(lab, bins, dir, [None, None], false, &mut d)?,
+        PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, [Some(p), Some(p)], false, &mut d)?,
+        PathSpec::Mixed(Some(p)) => ambient(lab, bins, dir, [None, Some(p)], false, &mut d)?,
+        PathSpec::MixedReverse(Some(p)) => {
+            ambient(lab, bins, dir, [Some(p), None], false, &mut d)?
+        }
+        PathSpec::Waypoint(None) => ambient(lab, bins, dir, [None, None], true, &mut d)?,
+        PathSpec::WaypointZtunnel(Some(p)) => {
+            ambient(lab, bins, dir, [Some(p), Some(p)], true, &mut d)?
+        }
         PathSpec::Sidecar(proxy) => sidecar(lab, bins, dir, proxy, &mut d)?,
         PathSpec::Ztunnel(None)
         | PathSpec::Mixed(None)
         | PathSpec::MixedReverse(None)
-        | PathSpec::Waypoint(_) => {
+        | PathSpec::WaypointZtunnel(None)
+        | PathSpec::Waypoint(Some(_)) => {
             bail!("{} cannot run here", spec.name())
         }
     }
@@ -301,19 +320,116 @@ fn ztunnel_fake_ca(dir: &Scratch, ztunnel: &Path) -> anyhow::Result<PathBuf> {
     Ok(ca)
 }
 
+/// The waypoint's address (on node-2's link to node-1).
+pub const WAYPOINT_IP: &str = "10.241.3.2";
+
+/// The lab's mesh with the server pod behind a workload waypoint: node-2 admits only the
+/// waypoint's principal; the waypoint workload lives on its own node name.
+fn waypoint_mesh() -> String {
+    let server = "  services: {}\n  authorizationPolicies: [\"default/server-viewer\"]\n";
+    assert!(MESH_YAML.contains(server));
+    MESH_YAML
+        .replace(
+            server,
+            &format!("  waypoint:\n    destination: \"/{WAYPOINT_IP}\"\n    hboneMtlsPort: 15008\n{server}"),
+        )
+        .replace(
+            "services: []\n",
+            &format!("- uid: harness//v1/Pod/default/waypoint\n  name: waypoint\n  namespace: default\n  serviceAccount: waypoint\n  trustDomain: cluster.local\n  workloadIps: [\"{WAYPOINT_IP}\"]\n  protocol: HBONE\n  node: node-w\n  services: {{}}\nservices: []\n"),
+        )
+        .replace(
+            "!Exact cluster.local/ns/default/sa/client",
+            "!Exact cluster.local/ns/default/sa/waypoint",
+        )
+}
+
+/// The waypoint's L7 policy: the client may GET anything, and reach the TCP apps.
+const WAYPOINT_POLICY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: server-l7
+  namespace: default
+spec:
+  targetRefs:
+  - kind: Gateway
+    group: gateway.networking.k8s.io
+    name: waypoint
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/client"]
+    to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/*"]
+  - from:
+    - source:
+        principals: ["cluster.local/ns/default/sa/client"]
+    to:
+    - operation:
+        ports: ["8081", "5201"]
+"#;
+
+/// `zring waypoint` in node-2's namespace on [`WAYPOINT_IP`], ready.
+fn start_waypoint(
+    lab: &Lab,
+    bins: &Bins,
+    dir: &Scratch,
+    cfg: &Path,
+    ca: &Path,
+    d: &mut Deployed,
+) -> anyhow::Result<()> {
+    lab.node2
+        .sh(&["ip", "addr", "add", &format!("{WAYPOINT_IP}/32"), "dev", "n2n1"])?;
+    lab.node1
+        .sh(&["ip", "route", "add", &format!("{WAYPOINT_IP}/32"), "dev", "n1n2"])?;
+    let res = dir.0.join("waypoint-resources");
+    std::fs::create_dir_all(&res)?;
+    std::fs::write(res.join("policy.yaml"), WAYPOINT_POLICY)?;
+    let at = |port: u16| format!("{WAYPOINT_IP}:{port}");
+    let mut c = lab.node2.cmd(&bins.zring);
+    c.args(["waypoint", "--config"])
+        .arg(cfg)
+        .args(["--node-name", "node-w", "--ca-dir"])
+        .arg(ca)
+        .arg("--resources")
+        .arg(&res)
+        .args(["--gateway-name", "waypoint", "--bind-source"])
+        // Node-2's proxy holds 15000/15020/15021 on every address of the namespace.
+        .args(["--admin-addr", &at(15100), "--stats-addr", &at(15120)])
+        .args(["--readiness-addr", &at(15121), "--dns-proxy", "false"])
+        .env("RUST_LOG", "info,access=off");
+    let p = spawn(c, Some(dir.0.join("waypoint.log")))?;
+    d.proxies.push(("zring waypoint".into(), p.pid()));
+    d.procs.push(p);
+    let ready = wait_for("the waypoint's readiness", 20, || {
+        get_ok(&lab.node2, &at(15121), "/healthz/ready")
+    });
+    if let Err(e) = ready {
+        bail!("{e}:\n{}", tail(&d.procs[d.procs.len() - 1].log_text(), 30));
+    }
+    Ok(())
+}
+
 /// Node agents, the node proxies (`proxies[i]`: zring when None, else that ztunnel binary, for
-/// node-1 and node-2), pods enrolled.
+/// node-1 and node-2), pods enrolled; with `waypoint`, the server behind `zring waypoint`.
 fn ambient(
     lab: &Lab,
     bins: &Bins,
     dir: &Scratch,
     proxies: [Option<&Path>; 2],
+    waypoint: bool,
     d: &mut Deployed,
 ) -> anyhow::Result<()> {
     let cfg = dir.0.join("mesh.yaml");
-    std::fs::write(&cfg, MESH_YAML)?;
+    match waypoint {
+        true => std::fs::write(&cfg, waypoint_mesh())?,
+        false => std::fs::write(&cfg, MESH_YAML)?,
+    }
     let ca = match proxies.iter().flatten().next() {
-        Some(zt) if proxies.iter().any(Option::is_none) => ztunnel_fake_ca(dir, zt)?,
+        // A ztunnel anywhere with zring anywhere (a node or the waypoint): one root.
+        Some(zt) if proxies.iter().any(Option::is_none) || waypoint => ztunnel_fake_ca(dir, zt)?,
         _ => ca_init(bins, dir)?,
     };
     let nodes = [
@@ -389,6 +505,9 @@ fn ambient(
             .unwrap_or("?")
             .to_string();
     }
+    if waypoint {
+        start_waypoint(lab, bins, dir, &cfg, &ca, d)?;
+    }
     for ((_, node, pod, name), socket) in nodes.iter().zip(&sockets) {
         run_ok(
             Command::new(&bins.zring)
@@ -401,16 +520,18 @@ fn ambient(
         )?;
     }
     // Traffic must cross the tunnel: node-2's proxy counts the connection as the destination
-    // reporter with the client's principal.
+    // reporter with the client's principal (the waypoint's, behind a waypoint).
+    let principal = format!(
+        "source_principal=\"spiffe://cluster.local/ns/default/sa/{}\"",
+        if waypoint { "waypoint" } else { "client" }
+    );
     let metrics = || {
         http_get(&lab.node2, "127.0.0.1:15020", "/metrics", None)
             .lines()
             .any(|l| {
                 l.starts_with("istio_tcp_connections_opened_total")
                     && l.contains("reporter=\"destination\"")
-                    && l.contains(
-                        "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"",
-                    )
+                    && l.contains(&principal)
             })
     };
     let through = wait_for("a request through the tunnel", 20, || {
