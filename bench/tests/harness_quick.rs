@@ -213,7 +213,11 @@ fn quick_run_measures_every_path_and_writes_the_report() {
         "| 16 | ambient |",
         "| 16 | sidecar |",
         "| 16 | waypoint |",
-        if not_run.is_empty() { "| 16 | ambient |" } else { "**not run**" },
+        if not_run.is_empty() {
+            "| 16 | ambient |"
+        } else {
+            "**not run**"
+        },
         "![latency percentiles vs connections](latency.svg)",
         "| ambient | 200 |",
         "ambient / sidecar",

@@ -187,6 +187,10 @@ struct WaypointArgs {
     /// How long an endpoint that failed (connect error, reset) is skipped.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     ejection_time: Duration,
+    /// A client connection with no request in flight (including one still sending its
+    /// request head) is closed after this long.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
 }
 
 fn waypoint(a: WaypointArgs, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
@@ -198,6 +202,7 @@ fn waypoint(a: WaypointArgs, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         root_namespace: a.root_namespace,
         request_timeout: a.request_timeout,
         ejection: a.ejection_time,
+        idle_timeout: a.idle_timeout,
         ..Default::default()
     });
     zring_core::proxy::run(cfg, trigger)

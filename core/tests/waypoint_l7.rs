@@ -213,6 +213,8 @@ fn waypoint_node(n: u8, cfg: &Path, ca: &Path, resources: &Path) -> Node {
         "bookinfo-productpage",
         "--ejection-time",
         "30s",
+        "--idle-timeout",
+        "3s",
     ];
     Node {
         proc: Proc::spawn(&args),
@@ -674,6 +676,21 @@ fn http1_edge_cases_websocket_and_h2c_pass_byte_exact() {
         metric(&m, "istio_requests_total", &["request_protocol=\"grpc\""]).unwrap_or(0) >= 2,
         "{m}"
     );
+
+    // A slow client (a request head that never ends) is closed at the idle limit (3 s here);
+    // the other connections are not disturbed.
+    let mut slow = lab.client(2, dst);
+    slow.send(b"GET /slow HTTP/1.1\r\nHost: p\r\nX-Slow: ");
+    let t = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = slow.r.read_to_end(&mut rest);
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(10),
+        "slow client closed after {waited:?}"
+    );
+    let mut c = lab.client(2, dst);
+    assert_eq!(c.request("GET", "/fine", b"").status, 200);
 }
 
 /// A channel whose receiver is a stream of body frames.

@@ -218,9 +218,7 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
         PathSpec::Ambient => ambient(lab, bins, dir, [None, None], false, &mut d)?,
         PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, [Some(p), Some(p)], false, &mut d)?,
         PathSpec::Mixed(Some(p)) => ambient(lab, bins, dir, [None, Some(p)], false, &mut d)?,
-        PathSpec::MixedReverse(Some(p)) => {
-            ambient(lab, bins, dir, [Some(p), None], false, &mut d)?
-        }
+        PathSpec::MixedReverse(Some(p)) => ambient(lab, bins, dir, [Some(p), None], false, &mut d)?,
         PathSpec::Waypoint(None) => ambient(lab, bins, dir, [None, None], true, &mut d)?,
         PathSpec::WaypointZtunnel(Some(p)) => {
             ambient(lab, bins, dir, [Some(p), Some(p)], true, &mut d)?
@@ -380,10 +378,22 @@ fn start_waypoint(
     ca: &Path,
     d: &mut Deployed,
 ) -> anyhow::Result<()> {
-    lab.node2
-        .sh(&["ip", "addr", "add", &format!("{WAYPOINT_IP}/32"), "dev", "n2n1"])?;
-    lab.node1
-        .sh(&["ip", "route", "add", &format!("{WAYPOINT_IP}/32"), "dev", "n1n2"])?;
+    lab.node2.sh(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{WAYPOINT_IP}/32"),
+        "dev",
+        "n2n1",
+    ])?;
+    lab.node1.sh(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{WAYPOINT_IP}/32"),
+        "dev",
+        "n1n2",
+    ])?;
     let res = dir.0.join("waypoint-resources");
     std::fs::create_dir_all(&res)?;
     std::fs::write(res.join("policy.yaml"), WAYPOINT_POLICY)?;

@@ -596,8 +596,14 @@ mod tests {
         let steps: Vec<(Delta, LocalConfig)> = vec![
             (
                 vec![
-                    ("c//v1/Pod/default/a".into(), Change::Workload(Box::new(a.clone()))),
-                    ("c//v1/Pod/default/b".into(), Change::Workload(Box::new(b.clone()))),
+                    (
+                        "c//v1/Pod/default/a".into(),
+                        Change::Workload(Box::new(a.clone())),
+                    ),
+                    (
+                        "c//v1/Pod/default/b".into(),
+                        Change::Workload(Box::new(b.clone())),
+                    ),
                     (
                         "default/web.default.svc.cluster.local".into(),
                         Change::Service(service("web", "10.200.9.1")),

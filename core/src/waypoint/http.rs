@@ -71,8 +71,23 @@ pub enum Detected {
 
 /// HTTP/1 methods recognised by protocol detection (RFC 9110, PATCH, WebDAV).
 const METHODS: [&[u8]; 17] = [
-    b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"CONNECT", b"OPTIONS", b"TRACE", b"PATCH",
-    b"PROPFIND", b"PROPPATCH", b"MKCOL", b"COPY", b"MOVE", b"LOCK", b"UNLOCK", b"SEARCH",
+    b"GET",
+    b"HEAD",
+    b"POST",
+    b"PUT",
+    b"DELETE",
+    b"CONNECT",
+    b"OPTIONS",
+    b"TRACE",
+    b"PATCH",
+    b"PROPFIND",
+    b"PROPPATCH",
+    b"MKCOL",
+    b"COPY",
+    b"MOVE",
+    b"LOCK",
+    b"UNLOCK",
+    b"SEARCH",
 ];
 
 /// Classify the first bytes; None: not enough yet. HTTP/1 needs a whole request line (a known
@@ -315,6 +330,71 @@ struct ConnCtx {
     my_id: SpiffeId,
     source: Peer,
     h2: bool,
+    /// Requests whose response has not ended yet, and when the last one ended (the idle
+    /// watchdog closes a connection with none in flight for `idle_timeout`).
+    in_flight: Cell<usize>,
+    last_active: Cell<Instant>,
+}
+
+/// Marks a request in flight until its response body ends (or is dropped).
+struct InFlight(Rc<ConnCtx>);
+
+impl InFlight {
+    fn new(ctx: Rc<ConnCtx>) -> Self {
+        ctx.in_flight.set(ctx.in_flight.get() + 1);
+        InFlight(ctx)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .set(self.0.in_flight.get().saturating_sub(1));
+        self.0.last_active.set(Instant::now());
+    }
+}
+
+/// A response body that keeps its request marked in flight.
+struct Tracked {
+    inner: Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.inner.as_mut().poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Completes once the connection has had no request in flight for `idle` (a client that
+/// opens a connection and sends nothing, or trickles a request head, is bounded by it).
+async fn idle_watchdog(ctx: &ConnCtx, idle: Duration) {
+    loop {
+        let wait = match ctx.in_flight.get() {
+            0 => {
+                let since = ctx.last_active.get().elapsed();
+                if since >= idle {
+                    return;
+                }
+                idle - since
+            }
+            _ => idle,
+        };
+        monoio::time::sleep(wait).await;
+    }
 }
 
 /// `for="ip:port"` from a `Forwarded` header.
@@ -396,7 +476,10 @@ pub(crate) async fn stream(
         my_id,
         source,
         h2: detected == Detected::Http2,
+        in_flight: Cell::new(0),
+        last_active: Cell::new(Instant::now()),
     });
+    let idle = ctx.wp.settings.idle_timeout;
     match detected {
         Detected::Tcp => tcp(ctx, io).await,
         Detected::Http1 => {
@@ -407,8 +490,13 @@ pub(crate) async fn stream(
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "waypoint: HTTP/1 client connection ended with an error");
+            monoio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "waypoint: HTTP/1 client connection ended with an error");
+                },
+                _ = idle_watchdog(&ctx, idle) => {
+                    tracing::debug!(idle_ms = idle.as_millis() as u64, "waypoint: HTTP/1 client connection idle; closed");
+                }
             }
         }
         Detected::Http2 => {
@@ -418,8 +506,13 @@ pub(crate) async fn stream(
                 .max_concurrent_streams(ctx.wp.settings.max_concurrent_streams)
                 .max_header_list_size(ctx.wp.settings.max_header_bytes as u32)
                 .serve_connection(TokioIo::new(io), svc);
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "waypoint: HTTP/2 client connection ended with an error");
+            monoio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "waypoint: HTTP/2 client connection ended with an error");
+                },
+                _ = idle_watchdog(&ctx, idle) => {
+                    tracing::debug!(idle_ms = idle.as_millis() as u64, "waypoint: HTTP/2 client connection idle; closed");
+                }
             }
         }
     }
@@ -799,7 +892,14 @@ async fn drain_small(mut body: Incoming, counter: &Cell<u64>) {
 }
 
 async fn handle(ctx: Rc<ConnCtx>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    Ok(proxy(ctx, req).await)
+    let guard = InFlight::new(ctx.clone());
+    let resp = proxy(ctx, req).await;
+    Ok(resp.map(|inner| {
+        Box::pin(Tracked {
+            inner,
+            _guard: guard,
+        }) as Body
+    }))
 }
 
 async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {

@@ -52,7 +52,8 @@ pub struct WaypointSettings {
     pub max_header_bytes: usize,
     /// Limit on concurrent HTTP/2 streams per client connection.
     pub max_concurrent_streams: u32,
-    /// A client connection with no request in flight is closed after this long.
+    /// A client connection with no request in flight is closed after this long (this also
+    /// bounds a client that trickles a request head).
     pub idle_timeout: Duration,
     /// Default whole-request limit (routes may set their own).
     pub request_timeout: Duration,
@@ -70,7 +71,7 @@ impl Default for WaypointSettings {
             sniff_timeout: Duration::from_secs(5),
             max_header_bytes: 64 * 1024,
             max_concurrent_streams: 100,
-            idle_timeout: Duration::from_secs(3600),
+            idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(60),
             ejection: Duration::from_secs(10),
         }
