@@ -418,6 +418,32 @@ fn bookinfo_l7_examples_split_traffic_and_enforce_the_get_only_policy() {
         || lab.b.proc.log(),
     );
 
+    // A CONNECT to the waypoint's own address would loop back into it: refused.
+    let own = SocketAddr::new(ip(n, 2), 18081);
+    let mut t2 = Proc::spawn(&[
+        "tunnel",
+        "client",
+        "--listen",
+        &own.to_string(),
+        "--ca-dir",
+        lab.dir.join("ca").to_str().unwrap(),
+        "--identity",
+        "spiffe://cluster.local/ns/default/sa/sleep",
+        "--server",
+        &SocketAddr::new(ip(n, 20), 15008).to_string(),
+        "--target",
+        &SocketAddr::new(ip(n, 20), 15008).to_string(),
+        "--expect",
+        "spiffe://cluster.local/ns/default/sa/bookinfo-waypoint",
+    ]);
+    t2.wait_listening(own);
+    assert_ne!(http_get(own, "GET", "/").0, 200);
+    wait_until(
+        Duration::from_secs(5),
+        || lab.w.proc.log().contains("own address refused"),
+        || lab.w.proc.log(),
+    );
+
     // Telemetry: Istio's request metrics with reporter="waypoint", and access-log lines.
     let m = lab.w.metrics();
     let denied = metric(

@@ -82,6 +82,10 @@ pub struct ProfileArgs {
     /// Seconds recorded.
     #[arg(long, default_value_t = 5)]
     duration: u64,
+    /// The path profiled: `ambient` (the two zring node proxies) or `waypoint` (the node
+    /// proxies and `zring waypoint`).
+    #[arg(long, default_value = "ambient")]
+    path: String,
     /// Report folder to add the flamegraphs to (its report.md is re-rendered).
     #[arg(long)]
     out: PathBuf,
@@ -691,9 +695,18 @@ fn parse_loadgen(text: &str) -> anyhow::Result<RunResult> {
     })
 }
 
-/// `zring-bench profile`: the ambient path, one scenario, perf on each zring.
+/// `zring-bench profile`: the ambient (or waypoint) path, one scenario, perf on each zring.
 pub fn profile(args: ProfileArgs) -> anyhow::Result<()> {
-    let spec = PathSpec::Ambient;
+    let spec = match args.path.as_str() {
+        "ambient" => PathSpec::Ambient,
+        "waypoint" => PathSpec::Waypoint(None),
+        other => bail!("--path takes ambient or waypoint, not {other:?}"),
+    };
+    let path_name = spec.name();
+    let measured = match spec {
+        PathSpec::Ambient => "profile-ambient",
+        _ => "profile-waypoint",
+    };
     check_tools(std::slice::from_ref(&spec))?;
     which("perf")?;
     let bins = bins(&args.common)?;
@@ -712,7 +725,7 @@ pub fn profile(args: ProfileArgs) -> anyhow::Result<()> {
         lab: &lab,
         bins: &bins,
         out: &args.out,
-        path: "profile-ambient",
+        path: measured,
         plan: &plan,
     };
     let mut recs = Vec::new();
@@ -758,14 +771,19 @@ pub fn profile(args: ProfileArgs) -> anyhow::Result<()> {
     for (label, data, mut rec) in recs {
         rec.child.wait()?;
         let svg = format!(
-            "flamegraph-{}-{}.svg",
+            "flamegraph-{}{}-{}.svg",
+            if path_name == "ambient" {
+                ""
+            } else {
+                "waypoint-"
+            },
             args.scenario,
             label.replace(' ', "-")
         );
         crate::tunnel::render(
             &data,
             &args.out.join(&svg),
-            &format!("{label}, ambient path, {} ({summary})", args.scenario),
+            &format!("{label}, {path_name} path, {} ({summary})", args.scenario),
         )?;
         flamegraphs.push((label, svg));
     }
@@ -782,10 +800,12 @@ pub fn profile(args: ProfileArgs) -> anyhow::Result<()> {
             machine: machine(),
             ..Default::default()
         });
-    results.profiles.retain(|p| p.scenario != args.scenario);
+    results
+        .profiles
+        .retain(|p| p.scenario != args.scenario || p.path != path_name);
     results.profiles.push(Profile {
         scenario: args.scenario.clone(),
-        path: "ambient".into(),
+        path: path_name.into(),
         command: command_line(),
         commit: git_commit(),
         summary,

@@ -432,6 +432,11 @@ pub(crate) async fn stream(
         tracing::warn!(%local, "waypoint: no workload owns the address this stream came to");
         return incoming.reject(StatusCode::SERVICE_UNAVAILABLE);
     };
+    if target.ip() == local.ip() {
+        // The waypoint itself as the destination would loop back into it.
+        tracing::info!(%target, "waypoint: CONNECT to the waypoint's own address refused");
+        return incoming.reject(StatusCode::BAD_REQUEST);
+    }
     if matches!(index.resolve(target), Resolved::Unknown) {
         tracing::info!(%target, peer = ?peer.as_ref().map(ToString::to_string), "waypoint: CONNECT to an address that is neither a service nor a workload");
         return incoming.reject(StatusCode::SERVICE_UNAVAILABLE);
