@@ -179,33 +179,7 @@ impl Lab {
 }
 
 fn waypoint_node(n: u8, cfg: &Path, ca: &Path, resources: &Path) -> Node {
-    let host = ip(n, 20);
-    let (admin, stats, ready) = (
-        SocketAddr::new(host, 15000),
-        SocketAddr::new(host, 15020),
-        SocketAddr::new(host, 15021),
-    );
-    let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
-    let args = [
-        "waypoint",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--node-name",
-        "node-w",
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--packet-mark",
-        "0",
-        "--admin-addr",
-        &a,
-        "--stats-addr",
-        &s,
-        "--readiness-addr",
-        &r,
-        "--workers",
-        "1",
-        "--dns-proxy",
-        "false",
+    let extra = [
         "--bind-source",
         "--resources",
         resources.to_str().unwrap(),
@@ -216,12 +190,7 @@ fn waypoint_node(n: u8, cfg: &Path, ca: &Path, resources: &Path) -> Node {
         "--idle-timeout",
         "3s",
     ];
-    Node {
-        proc: Proc::spawn(&args),
-        stats,
-        ready,
-        admin,
-    }
+    Node::start_cmd("waypoint", "node-w", ip(n, 20), cfg, Some(ca), &extra)
 }
 
 struct Client {

@@ -71,7 +71,8 @@ fn seed() -> u64 {
     (t ^ here.rotate_left(32)) | 1
 }
 
-fn next() -> u64 {
+/// The worker's next pseudo-random number (trace ids, the waypoint's weighted choices).
+pub(crate) fn next() -> u64 {
     RNG.with(|r| {
         let mut x = r.get();
         x ^= x >> 12;

@@ -35,6 +35,7 @@ mod worker;
 
 pub use control::run;
 pub use control::POD_BIND_WAIT;
+pub(crate) use headers::next as random;
 pub(crate) use limits::{HandshakeGate, HandshakePermit};
 pub use limits::{
     Limits, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_HANDSHAKES,

@@ -39,7 +39,7 @@ use crate::{
     config::{index::MeshIndex, index::Resolved, InboundProtocol, Service, Workload},
     hbone_io::{MonoioExecutor, PollTcp},
     metrics::{ConnLabels, Peer},
-    proxy::{ConnLog, HbonePool, State, DEFAULT_CONNECT_TIMEOUT},
+    proxy::{random, ConnLog, HbonePool, State, DEFAULT_CONNECT_TIMEOUT},
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -242,28 +242,8 @@ thread_local! {
     static SENDERS: RefCell<HashMap<(SocketAddr, bool), Vec<Sender>>> = RefCell::new(HashMap::new());
     /// Endpoints that failed recently, and until when they are skipped.
     static EJECTED: RefCell<HashMap<SocketAddr, Instant>> = RefCell::new(HashMap::new());
-    /// Per-worker random state (weights) and round robin (endpoints).
-    static RNG: Cell<u64> = Cell::new(seed());
+    /// Per-worker round robin over endpoints.
     static RR: Cell<usize> = const { Cell::new(0) };
-}
-
-fn seed() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    t ^ (std::process::id() as u64).rotate_left(32) | 1
-}
-
-/// xorshift64*: good enough to split traffic by weight.
-fn random() -> u64 {
-    RNG.with(|r| {
-        let mut x = r.get();
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        r.set(x);
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    })
 }
 
 fn take_sender(addr: SocketAddr, h2: bool) -> Option<Sender> {

@@ -75,6 +75,18 @@ impl Node {
         ca: Option<&std::path::Path>,
         extra: &[&str],
     ) -> Node {
+        Node::start_cmd("run", name, host, cfg, ca, extra)
+    }
+
+    /// `zring CMD` (`run`, or `waypoint`, which takes the same options and more).
+    pub fn start_cmd(
+        cmd: &str,
+        name: &str,
+        host: IpAddr,
+        cfg: &std::path::Path,
+        ca: Option<&std::path::Path>,
+        extra: &[&str],
+    ) -> Node {
         let (admin, stats, ready) = (
             SocketAddr::new(host, 15000),
             SocketAddr::new(host, 15020),
@@ -83,7 +95,7 @@ impl Node {
         let cfg = cfg.to_str().unwrap();
         let (a, s, r) = (admin.to_string(), stats.to_string(), ready.to_string());
         let mut args = vec![
-            "run",
+            cmd,
             "--config",
             cfg,
             "--node-name",
