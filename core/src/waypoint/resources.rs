@@ -459,6 +459,7 @@ fn resource(
         }
         "DestinationRule" => {
             let s: DrSpec = typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            traffic_policy(&s.traffic_policy).map_err(|(f, m)| err(name.clone(), at(f), m))?;
             let host = me.service_key(&s.host, &ns);
             for sub in s.subsets {
                 b.cfg.subsets.insert((host.clone(), sub.name), sub.labels);
@@ -814,6 +815,25 @@ struct DrSpec {
     host: String,
     #[serde(default)]
     subsets: Vec<DrSubset>,
+    #[serde(default)]
+    traffic_policy: Option<BTreeMap<String, Value>>,
+}
+
+/// A DestinationRule's `trafficPolicy`: `loadBalancer` is accepted (zring balances round robin
+/// per worker, which serves RANDOM, ROUND_ROBIN and LEAST_REQUEST's intent); settings that
+/// change behaviour zring does not implement are refused.
+fn traffic_policy(tp: &Option<BTreeMap<String, Value>>) -> Result<(), (String, String)> {
+    match tp
+        .iter()
+        .flat_map(|m| m.keys())
+        .find(|k| k.as_str() != "loadBalancer")
+    {
+        Some(k) => Err((
+            format!("trafficPolicy.{k}"),
+            "not supported by zring's waypoint (refused rather than ignored)".into(),
+        )),
+        None => Ok(()),
+    }
 }
 
 #[derive(Deserialize)]
@@ -1206,6 +1226,18 @@ mod tests {
         let fault = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route:\n    - destination: {host: reviews}\n";
         let e = parse(fault, "f.yaml", &me()).unwrap_err().to_string();
         assert!(e.contains("spec.http[0].fault: not supported"), "{e}");
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n    outlierDetection: {consecutive5xxErrors: 1}\n";
+        let e = parse(dr, "d.yaml", &me()).unwrap_err().to_string();
+        assert!(
+            e.contains("DestinationRule default/reviews: spec.trafficPolicy.outlierDetection: not supported"),
+            "{e}"
+        );
+        assert!(parse(
+            &dr.replace("    outlierDetection: {consecutive5xxErrors: 1}\n", ""),
+            "d.yaml",
+            &me()
+        )
+        .is_ok());
     }
 
     #[test]
