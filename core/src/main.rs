@@ -645,9 +645,14 @@ struct RelayArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, before the heap grows: 2 MiB pages would hold a mostly empty heap (see the helper).
+    let thp = zring_runtime::sys::disable_transparent_huge_pages();
     let cli = Cli::parse();
     logging::init(cli.log_format, cli.log_level.as_deref());
     zring_runtime::server::install_panic_hook();
+    if let Err(e) = thp {
+        tracing::debug!(error = %e, "transparent huge pages stay on (PR_SET_THP_DISABLE refused)");
+    }
     let trigger = ShutdownTrigger::new();
     if let Err(e) = trigger.on_signals() {
         eprintln!("zring: cannot install signal handlers: {e}");

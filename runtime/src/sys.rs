@@ -16,6 +16,44 @@ pub fn release_free_memory() {
     unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
+/// Turn transparent huge pages off for this process (`PR_SET_THP_DISABLE`), before anything
+/// big is allocated. mimalloc reserves its arena as one 1 GiB region and advises the kernel to
+/// back it with 2 MiB huge pages (`MADV_HUGEPAGE`); every 2 MiB stretch the heap touches then
+/// costs 2 MiB of RSS however little of it is used. A fresh node proxy measured 27 MB RSS with
+/// huge pages (16 MiB of it eight barely-used huge pages) and 12.5 MB without. A proxy's heap is
+/// small and churns per connection; it gains nothing from huge pages and users judge its RSS.
+/// The setting is the process's own and is inherited by children it spawns.
+///
+/// Binaries linking this crate already had this done before `main`, ahead of the allocator's
+/// own start-up ([`THP_OFF_AT_START`]); calling it again returns whether it took.
+pub fn disable_transparent_huge_pages() -> io::Result<()> {
+    // Keep the start-up hook linked in: a static nothing refers to may be dropped by the linker.
+    std::hint::black_box(&THP_OFF_AT_START);
+    disable_transparent_huge_pages_now()
+}
+
+/// Turns huge pages off before `main`, before Rust's start-up allocations and before mimalloc's
+/// own constructor (priority 101) reserves and advises its arena: done in `main`, the two huge
+/// pages the heap had touched by then stayed (15.9 MB fresh RSS instead of 12.6 MB). Priority
+/// 100 sorts this hook just ahead of mimalloc's.
+#[used]
+#[link_section = ".init_array.00100"]
+static THP_OFF_AT_START: extern "C" fn() = thp_off_at_start;
+
+extern "C" fn thp_off_at_start() {
+    let _ = disable_transparent_huge_pages_now();
+}
+
+fn disable_transparent_huge_pages_now() -> io::Result<()> {
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes a flag of the calling
+    // process's memory map; no memory is read or written through the arguments.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Raise `RLIMIT_NOFILE`'s soft limit to the hard limit. A proxy holds two to six fds per
 /// connection (two sockets, and two pipes in splice mode); the common soft default of 1024 would
 /// cap it at a few hundred connections. Returns the new soft limit.
