@@ -350,6 +350,12 @@ impl MeshIndex {
             .map(|s| &**s)
     }
 
+    /// The service a VIP belongs to, with its key (`namespace/hostname`), without resolving
+    /// its endpoints (the waypoint picks them per route).
+    pub fn service_at(&self, ip: IpAddr) -> Option<(&Service, &str)> {
+        self.by_vip.get(&ip).map(|(_, s, key)| (&**s, &**key))
+    }
+
     /// Resolve an original destination.
     pub fn resolve(&self, dst: SocketAddr) -> Resolved<'_> {
         if let Some((_, service, key)) = self.by_vip.get(&dst.ip()) {

@@ -304,6 +304,9 @@ struct ConnCtx {
     /// The CONNECT's authority: the original destination.
     target: SocketAddr,
     peer: Option<SpiffeId>,
+    /// The peer's principal as policies name it (`cluster.local/ns/NS/sa/SA`), made once per
+    /// connection rather than per request.
+    principal: Option<String>,
     /// The original client (`Forwarded: for=`), else the TCP peer.
     client: SocketAddr,
     local_ip: IpAddr,
@@ -455,6 +458,11 @@ pub(crate) async fn stream(
         wp,
         pool,
         target,
+        principal: peer.as_ref().map(|p| {
+            let p = p.to_string();
+            p.strip_prefix("spiffe://")
+                .map_or_else(|| p.clone(), str::to_string)
+        }),
         peer,
         client,
         local_ip: local.ip(),
@@ -914,12 +922,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
     // The destination the client dialed: a service (service waypoint) or a workload.
-    let (service, workload) = match index.resolve(ctx.target) {
-        Resolved::Service { service, .. } => (Some(service), None),
-        Resolved::Workload { workload, .. } => (None, Some(workload)),
-        Resolved::Unknown => (None, None),
-    };
-    let service_key = service.map(|s| format!("{}/{}", s.namespace, s.hostname));
+    let (service, service_key, workload) = destination(&index, ctx.target);
     let req_bytes = Rc::new(Cell::new(0u64));
     let mut log = ReqLog {
         ctx: ctx.clone(),
@@ -941,16 +944,13 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         error: None,
     };
     // L7 authorization.
-    let principal = ctx.peer.as_ref().map(ToString::to_string);
-    let principal = principal
-        .as_deref()
-        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    let principal = ctx.principal.as_deref();
     let pctx = RequestContext {
         principal,
         namespace: principal.and_then(|p| p.split('/').nth(2)),
         source_ip: ctx.client.ip(),
         destination: ctx.target,
-        service: service_key.as_deref(),
+        service: service_key,
         method: req.method().as_str(),
         path: &path,
         host: &host,
@@ -975,7 +975,6 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         port: ctx.target.port(),
     };
     let route = service_key
-        .as_ref()
         .and_then(|k| rules.routes.get(k))
         .and_then(|rs| {
             rs.iter()
@@ -992,8 +991,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             )
         }
         None => {
-            default_backend = service_key.clone().map(|k| Backend {
-                service: k,
+            default_backend = service_key.map(|k| Backend {
+                service: k.to_string(),
                 port: None,
                 subset: None,
                 weight: 1,
@@ -1342,17 +1341,24 @@ async fn upgrade(
     resp
 }
 
+/// The destination the client dialed: a service VIP (a service waypoint; with the service's
+/// `namespace/hostname` key) or a workload (a workload waypoint).
+fn destination(
+    index: &MeshIndex,
+    target: SocketAddr,
+) -> (Option<&Service>, Option<&str>, Option<&Workload>) {
+    match index.service_at(target.ip()) {
+        Some((s, key)) => (Some(s), Some(key), None),
+        None => (None, None, index.workload_by_ip(target.ip())),
+    }
+}
+
 /// A stream that is not HTTP: L4 policy, then relayed to the destination.
 async fn tcp(ctx: Rc<ConnCtx>, mut io: Rewind) {
     let start = Instant::now();
     let index = ctx.state.index();
     let rules = ctx.wp.rules();
-    let (service, workload) = match index.resolve(ctx.target) {
-        Resolved::Service { service, .. } => (Some(service), None),
-        Resolved::Workload { workload, .. } => (None, Some(workload)),
-        Resolved::Unknown => (None, None),
-    };
-    let service_key = service.map(|s| format!("{}/{}", s.namespace, s.hostname));
+    let (service, service_key, workload) = destination(&index, ctx.target);
     let mut labels = ConnLabels {
         reporter: super::metrics::REPORTER,
         source: ctx.source.clone(),
@@ -1366,17 +1372,14 @@ async fn tcp(ctx: Rc<ConnCtx>, mut io: Rewind) {
     }
     let mut log = ConnLog::new("waypoint", "tcp", ctx.client, ctx.target, labels, start);
     log.src_identity = ctx.peer.clone();
-    let principal = ctx.peer.as_ref().map(ToString::to_string);
-    let principal = principal
-        .as_deref()
-        .map(|p| p.strip_prefix("spiffe://").unwrap_or(p));
+    let principal = ctx.principal.as_deref();
     let headers = HeaderMap::new();
     let pctx = RequestContext {
         principal,
         namespace: principal.and_then(|p| p.split('/').nth(2)),
         source_ip: ctx.client.ip(),
         destination: ctx.target,
-        service: service_key.as_deref(),
+        service: service_key,
         method: "",
         path: "",
         host: "",
@@ -1386,11 +1389,11 @@ async fn tcp(ctx: Rc<ConnCtx>, mut io: Rewind) {
     if let Decision::Deny(reason) = policy::decide(&rules.policies, &pctx) {
         return log.close(&ctx.state, "DENY", 0, 0, Some(reason));
     }
-    let (w, addr, host) = match (workload, &service_key) {
+    let (w, addr, host) = match (workload, service_key) {
         (Some(w), _) => (w, ctx.target, None),
         (None, Some(k)) => {
             let b = Backend {
-                service: k.clone(),
+                service: k.to_string(),
                 port: None,
                 subset: None,
                 weight: 1,
