@@ -75,7 +75,7 @@ async fn server_worker(
             // Without TCP_NODELAY, small frames (WINDOW_UPDATE, SETTINGS ACK) wait for Nagle
             // and the peer's delayed ACK, stalling flow control for tens of milliseconds.
             let _ = tcp.set_nodelay(true);
-            let tcp = match PollTcp::new(tcp) {
+            let tcp = match PollTcp::tls(tcp) {
                 Ok(t) => t,
                 Err(e) => return tracing::warn!(error = %e, "cannot switch socket to poll mode"),
             };

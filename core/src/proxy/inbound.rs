@@ -157,7 +157,7 @@ async fn hbone_connection(
         Ok(i) => i,
         Err(e) => return tracing::warn!(error = %e, "no certificate for the destination workload"),
     };
-    let Ok(tcp) = PollTcp::new(tcp) else { return };
+    let Ok(tcp) = PollTcp::tls(tcp) else { return };
     let accept = tokio_rustls::TlsAcceptor::from(issued.server.clone()).accept(tcp);
     let limit = deadline.saturating_duration_since(Instant::now());
     let tls = match monoio::time::timeout(limit, accept).await {
@@ -184,7 +184,13 @@ async fn hbone_connection(
         async move {
             match s.waypoint.clone() {
                 // A waypoint serves the stream at L7 instead of delivering it.
-                Some(wp) => crate::waypoint::http::stream(i, peer_addr, local, s, wp, pool).await,
+                // Boxed: the L7 future is large and would size every node proxy's stream task.
+                Some(wp) => {
+                    Box::pin(crate::waypoint::http::stream(
+                        i, peer_addr, local, s, wp, pool,
+                    ))
+                    .await
+                }
                 None => stream(i, peer_addr, s, netns).await,
             }
         }
@@ -239,7 +245,8 @@ async fn stream(
         return incoming.reject(r.status);
     }
     drop(index);
-    let up = match net::connect(target, &upstream_opts(&state, netns))
+    // Boxed: only the relay should size the task that lives as long as the connection.
+    let up = match Box::pin(net::connect(target, &upstream_opts(&state, netns)))
         .await
         .and_then(PollTcp::new)
     {
@@ -259,8 +266,8 @@ async fn stream(
         );
     };
     // Bytes from the destination's point of view: sent = delivered to the workload.
-    log.tunnel_and_close(&state, up, stream, SocketSide::Destination)
-        .await;
+    // Boxed at its exact size; the task keeps only what the set-up needed.
+    Box::pin(log.tunnel_and_close(&state, up, stream, SocketSide::Destination)).await;
 }
 
 /// One captured inbound plaintext connection (15006): the original destination must be a local
@@ -306,5 +313,5 @@ async fn plaintext_connection(
             return log.close(&state, "UF", 0, 0, Some(e.to_string()));
         }
     };
-    log.splice_and_close(&state, sock, up).await;
+    Box::pin(log.splice_and_close(&state, sock, up)).await;
 }

@@ -275,7 +275,7 @@ impl Outbound {
             },
             Instant::now(),
         );
-        let index = self.config_for(peer).await;
+        let index = Box::pin(self.config_for(peer)).await;
         let plan = self.decide(&index, &mut log, peer, target);
         drop(index);
         #[cfg(feature = "test-hooks")]
@@ -410,7 +410,7 @@ impl Outbound {
             netns: self.netns.clone(),
             ..Default::default()
         };
-        let up = match net::connect(dst, &opts).await {
+        let up = match Box::pin(net::connect(dst, &opts)).await {
             Ok(u) => u,
             Err(e) => {
                 refuse(&mut sock, client, Reply::Refused).await;
@@ -420,7 +420,8 @@ impl Outbound {
         if !socks_ok(&mut sock, client).await {
             return log.close(state, "-", 0, 0, Some("client left".into()));
         }
-        log.splice_and_close(state, sock, up).await
+        // Boxed at its exact size, as the tunnel below.
+        Box::pin(log.splice_and_close(state, sock, up)).await
     }
 
     /// A CONNECT to `target` over the worker's pooled HBONE connection for `key`.
@@ -438,12 +439,14 @@ impl Outbound {
         // if a config change queued it behind others, without blocking this worker. (A local
         // CA or files issue at once: nothing to wait for.)
         if state.certs.is_remote() {
-            if let Err(e) = state.certs.get_urgent(&key.src_id).await {
+            if let Err(e) = Box::pin(state.certs.get_urgent(&key.src_id)).await {
                 refuse(&mut sock, client, Reply::Failure).await;
                 return log.close(state, "UF", 0, 0, Some(e.to_string()));
             }
         }
-        let stream = match self.pool.connect(&key, target, &headers).await {
+        // Boxed, as the certificate fetch above: set-up futures (a dial, a TLS handshake) are
+        // several KiB, and inline they would size the task for as long as the tunnel lives.
+        let stream = match Box::pin(self.pool.connect(&key, target, &headers)).await {
             Ok(s) => s,
             Err(e) => {
                 let (code, flags) = match &e {
@@ -464,8 +467,8 @@ impl Outbound {
         let Ok(sock) = PollTcp::new(sock) else {
             return log.close(state, "-", 0, 0, Some("socket setup failed".into()));
         };
-        log.tunnel_and_close(state, sock, stream, SocketSide::Client)
-            .await;
+        // Boxed at its exact size; the task keeps only what the set-up needed.
+        Box::pin(log.tunnel_and_close(state, sock, stream, SocketSide::Client)).await;
     }
 
     fn route(

@@ -91,13 +91,15 @@ impl ConnLog {
 
     /// Run `relay`, adding its bytes (`counts()`: towards the destination, back) to the metrics
     /// every [`LIVE_BYTES_INTERVAL`] while it runs.
+    ///
+    /// The relay comes pinned by the caller: taken by value and pinned here, it would occupy two
+    /// slots of this future's state, which lives (allocated) as long as the connection.
     async fn reporting<F: Future>(
         &mut self,
         state: &State,
         counts: impl Fn() -> (u64, u64),
-        relay: F,
+        mut relay: std::pin::Pin<&mut F>,
     ) -> F::Output {
-        let mut relay = std::pin::pin!(relay);
         loop {
             monoio::select! {
                 out = &mut relay => return out,
@@ -126,7 +128,9 @@ impl ConnLog {
             )
         };
         let opts = RelayOptions::default();
-        let relay = zring_runtime::relay_counted(client, upstream, &opts, &counts);
+        let relay = std::pin::pin!(zring_runtime::relay_counted(
+            client, upstream, &opts, &counts
+        ));
         let out = self.reporting(state, get, relay).await;
         self.close(
             state,
@@ -155,7 +159,7 @@ impl ConnLog {
             SocketSide::Destination => (to_socket, from_socket),
         };
         let get = || orient(counts.socket_to_stream.get(), counts.stream_to_socket.get());
-        let relay = copy_bidirectional_counted(socket, stream, &counts);
+        let relay = std::pin::pin!(copy_bidirectional_counted(socket, stream, &counts));
         let out = self.reporting(state, get, relay).await;
         let (sent, received) = orient(out.socket_to_stream, out.stream_to_socket);
         self.close(state, "-", sent, received, out.error.map(|e| e.to_string()));
