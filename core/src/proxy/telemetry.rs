@@ -33,7 +33,14 @@ pub(crate) fn trace_id(traceparent: &str) -> Option<String> {
 /// writes the access-log line and adds the bytes. A connection refused before it was
 /// established is counted opened and closed with its response flags (as ztunnel reports a
 /// denied connection).
-pub(crate) struct ConnLog {
+///
+/// Boxed: a connection's log is passed down through the set-up steps into the relay, and each
+/// async step that takes it by value keeps a slot for it in its state; inline (720 bytes) those
+/// slots made up a good part of every idle connection's task.
+pub(crate) struct ConnLog(Box<ConnLogFields>);
+
+/// The fields of a [`ConnLog`].
+pub(crate) struct ConnLogFields {
     pub direction: &'static str,
     pub path: &'static str,
     pub src: SocketAddr,
@@ -50,6 +57,19 @@ pub(crate) struct ConnLog {
     reported: (u64, u64),
 }
 
+impl std::ops::Deref for ConnLog {
+    type Target = ConnLogFields;
+    fn deref(&self) -> &ConnLogFields {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ConnLog {
+    fn deref_mut(&mut self) -> &mut ConnLogFields {
+        &mut self.0
+    }
+}
+
 impl ConnLog {
     /// A connection from `src` to `dst`, labelled `labels`.
     pub fn new(
@@ -60,7 +80,7 @@ impl ConnLog {
         labels: crate::metrics::ConnLabels,
         start: std::time::Instant,
     ) -> Self {
-        ConnLog {
+        ConnLog(Box::new(ConnLogFields {
             direction,
             path,
             src,
@@ -73,7 +93,7 @@ impl ConnLog {
             trace_id: None,
             opened: false,
             reported: (0, 0),
-        }
+        }))
     }
 
     /// Add the bytes moved since the last report; `sent` and `received` are the totals so far.
