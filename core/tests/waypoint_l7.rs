@@ -11,7 +11,7 @@ use std::{
 };
 
 use common::{
-    ca_init,
+    ca_init, echo_at,
     http::{pattern, server},
     mesh::{http_get, metric, socks, Node},
     tmp, wait_until, Proc,
@@ -565,6 +565,48 @@ fn http1_edge_cases_websocket_and_h2c_pass_byte_exact() {
     assert!(r.body == big, "10 MiB echo differs");
     let r = c.request("GET", "/big?n=10485760", b"");
     assert!(r.body == big, "10 MiB download differs");
+
+    // Not HTTP (binary, server answers): relayed as TCP by the workload waypoint, byte exact
+    // in both directions through small and bulk writes, and the half-close crosses.
+    let echo = echo_at(SocketAddr::new(ip(n, 10), 9090));
+    let (code, mut t) = socks(ip(n, 2), lab.socks5(), echo);
+    assert_eq!(code, 0, "SOCKS5 refused:\n{}", lab.a.proc.log());
+    t.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    for len in [5usize, 1 << 20, 1, 70_000, 3] {
+        let mut out = pattern(len);
+        out[0] = 0x01; // never an HTTP method
+        let reader = {
+            let mut r = t.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut back = vec![0u8; len];
+                r.read_exact(&mut back).map(|_| back)
+            })
+        };
+        t.write_all(&out).unwrap();
+        let back = reader.join().unwrap().unwrap();
+        assert!(
+            back == out,
+            "{len} B through the waypoint's TCP relay differ"
+        );
+    }
+    t.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    let end = t.read_to_end(&mut rest);
+    assert!(
+        end.is_ok() && rest.is_empty(),
+        "the half-close must come back as EOF: {end:?}"
+    );
+    // The waypoint's access line counts every byte, both ways.
+    let total = [5usize, 1 << 20, 1, 70_000, 3].iter().sum::<usize>();
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            let log = lab.w.proc.log();
+            log.contains(&format!("bytes_sent={total}"))
+                && log.contains(&format!("bytes_recv={total}"))
+        },
+        || lab.w.proc.log(),
+    );
 
     // Chunked request body, pipelined requests, Expect: 100-continue.
     c.send(b"POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");

@@ -20,10 +20,11 @@ use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, V
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use zring_hbone::{
     client::ConnectHeaders,
     pool::{PoolKey, StreamSlot},
+    relay::{self, TunnelCounts},
     server::Incoming as ConnectStream,
     stream::H2Stream,
     Executor as _, SpiffeId,
@@ -474,7 +475,9 @@ pub(crate) async fn stream(
     });
     let idle = ctx.wp.settings.idle_timeout;
     match detected {
-        Detected::Tcp => tcp(ctx, io).await,
+        // Each branch boxed: the task lives as long as the connection, and inline it would be
+        // sized by the largest (hyper's) whichever protocol the connection turned out to be.
+        Detected::Tcp => Box::pin(tcp(ctx, io)).await,
         Detected::Http1 => {
             let c = ctx.clone();
             let svc = hyper::service::service_fn(move |req| handle(c.clone(), req));
@@ -483,6 +486,7 @@ pub(crate) async fn stream(
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(io), svc)
                 .with_upgrades();
+            let conn = Box::pin(conn);
             monoio::select! {
                 r = conn => if let Err(e) = r {
                     tracing::debug!(error = %e, "waypoint: HTTP/1 client connection ended with an error");
@@ -499,6 +503,7 @@ pub(crate) async fn stream(
                 .max_concurrent_streams(ctx.wp.settings.max_concurrent_streams)
                 .max_header_list_size(ctx.wp.settings.max_header_bytes as u32)
                 .serve_connection(TokioIo::new(io), svc);
+            let conn = Box::pin(conn);
             monoio::select! {
                 r = conn => if let Err(e) = r {
                     tracing::debug!(error = %e, "waypoint: HTTP/2 client connection ended with an error");
@@ -1354,7 +1359,7 @@ fn destination(
 }
 
 /// A stream that is not HTTP: L4 policy, then relayed to the destination.
-async fn tcp(ctx: Rc<ConnCtx>, mut io: Rewind) {
+async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
     let start = Instant::now();
     let index = ctx.state.index();
     let rules = ctx.wp.rules();
@@ -1413,7 +1418,7 @@ async fn tcp(ctx: Rc<ConnCtx>, mut io: Rewind) {
     log.dst = addr;
     log.dst_identity = w.identity().ok();
     log.labels.destination = Peer::of(w, log.dst_identity.as_ref());
-    let mut up = match dial(&ctx, w, addr, host).await {
+    let up = match Box::pin(dial(&ctx, w, addr, host)).await {
         Ok(u) => u,
         Err(e) => {
             eject(&ctx.wp, addr);
@@ -1421,10 +1426,36 @@ async fn tcp(ctx: Rc<ConnCtx>, mut io: Rewind) {
         }
     };
     log.established(&ctx.state);
-    match tokio::io::copy_bidirectional(&mut io, &mut up).await {
-        Ok((sent, recv)) => log.close(&ctx.state, "-", sent, recv, None),
-        Err(e) => log.close(&ctx.state, "-", 0, 0, Some(e.to_string())),
-    }
+    // Chunks move as h2 hands them over (no copy buffers: an idle relayed connection holds
+    // none); the bytes already read for detection go first.
+    let Rewind { prefix, inner } = io;
+    let counts = TunnelCounts::default();
+    let (sent, received, error) = match up {
+        UpIo::Hbone(stream, slot) => {
+            let out = relay::join_streams(inner, prefix, stream, &counts).await;
+            drop(slot);
+            (out.socket_to_stream, out.stream_to_socket, out.error)
+        }
+        UpIo::Tcp(mut sock) => {
+            let first = prefix.len() as u64;
+            if let Err(e) = sock.write_all(&prefix).await {
+                return log.close(&ctx.state, "UF", 0, 0, Some(e.to_string()));
+            }
+            let out = relay::copy_bidirectional_counted(sock, inner, &counts).await;
+            (
+                first + out.stream_to_socket,
+                out.socket_to_stream,
+                out.error,
+            )
+        }
+    };
+    log.close(
+        &ctx.state,
+        "-",
+        sent,
+        received,
+        error.map(|e| e.to_string()),
+    );
 }
 
 #[cfg(test)]
