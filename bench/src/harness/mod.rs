@@ -19,7 +19,7 @@ use std::{
     net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context};
@@ -60,6 +60,14 @@ pub struct RunArgs {
     /// Idle-connection counts to measure memory with (default 1000,10000; 200 with --quick).
     #[arg(long, value_delimiter = ',')]
     idle_conns: Option<Vec<usize>>,
+    /// Measure every path this many times, interleaved (A B C A B C ...), each on a fresh lab;
+    /// the report gives medians, and in the headline min-max and whether a ratio's whole spread
+    /// is on one side of 1. At least 3 for figures to quote.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Only these scenarios (default: all): latency, sweep, max-rps, throughput, conns, idle.
+    #[arg(long, value_delimiter = ',', value_parser = ["latency", "sweep", "max-rps", "throughput", "conns", "idle"])]
+    scenarios: Vec<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -113,9 +121,23 @@ pub struct Plan {
     /// Seconds measured per rps-sweep step.
     pub sweep_secs: f64,
     pub warmup_secs: f64,
+    /// Longest wait for the proxies' RSS to come back after idle connections close.
+    #[serde(default)]
+    pub close_wait_secs: f64,
+    /// The scenarios run (empty: all).
+    #[serde(default)]
+    pub only: Vec<String>,
+    /// How many times each path was measured (interleaved); 0 in older results means 1.
+    #[serde(default)]
+    pub repeat: usize,
 }
 
 impl Plan {
+    /// Whether `scenario` is part of this run.
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+
     fn new(quick: bool) -> Plan {
         if quick {
             Plan {
@@ -128,6 +150,9 @@ impl Plan {
                 secs: 1.0,
                 sweep_secs: 1.0,
                 warmup_secs: 0.3,
+                close_wait_secs: 3.0,
+                only: Vec::new(),
+                repeat: 1,
             }
         } else {
             Plan {
@@ -140,6 +165,9 @@ impl Plan {
                 secs: 10.0,
                 sweep_secs: 5.0,
                 warmup_secs: 1.0,
+                close_wait_secs: 30.0,
+                only: Vec::new(),
+                repeat: 1,
             }
         }
     }
@@ -197,6 +225,9 @@ pub struct RunResult {
     /// Why the run has no numbers, when it was skipped.
     #[serde(default)]
     pub note: Option<String>,
+    /// Which repeat of the path this run belongs to (0-based).
+    #[serde(default)]
+    pub rep: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -206,6 +237,13 @@ pub struct ProxyUse {
     pub rss_mib: f64,
     /// RSS before the run (idle-connection runs only).
     pub rss_before_mib: Option<f64>,
+    /// Idle-connection runs: RSS once the connections closed, when it came back within 10% of
+    /// `rss_before_mib`, or at the end of the wait ([`Plan::close_wait_secs`]).
+    #[serde(default)]
+    pub rss_closed_mib: Option<f64>,
+    /// Seconds from the close until `rss_closed_mib` was read.
+    #[serde(default)]
+    pub closed_after_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -300,6 +338,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(v) = &args.idle_conns {
         plan.idle_conns = v.clone();
     }
+    plan.only = args.scenarios.clone();
+    plan.repeat = args.repeat.max(1);
     let mut results = Results {
         command: command_line(),
         commit,
@@ -311,8 +351,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         profiles: Vec::new(),
     };
     let mut failed = Vec::new();
-    for spec in &specs {
-        let mut pr = PathResult {
+    results.paths = specs
+        .iter()
+        .map(|spec| PathResult {
             name: spec.name().into(),
             description: spec.describe(),
             not_run: spec.not_run_reason(),
@@ -320,24 +361,43 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             io_backend: "-".into(),
             proxies: Vec::new(),
             runs: Vec::new(),
-        };
+        })
+        .collect();
+    for (i, pr) in results.paths.iter().enumerate() {
         if let Some(why) = &pr.not_run {
-            eprintln!("== {}: not run: {why}", pr.name);
-            results.paths.push(pr);
-            continue;
+            eprintln!("== {}: not run: {why}", specs[i].name());
         }
-        eprintln!("== {}: {}", pr.name, pr.description);
-        if let Err(e) = run_path(spec, &bins, &plan, &out, &mut pr) {
-            eprintln!("== {} failed: {e:#}", pr.name);
-            pr.error = Some(format!("{e:#}"));
-            failed.push(pr.name.clone());
+    }
+    // Interleaved: every path once, then every path again, so that a slow minute of this
+    // shared VM lands on all paths alike rather than on one.
+    for rep in 0..plan.repeat {
+        for (i, spec) in specs.iter().enumerate() {
+            let pr = &mut results.paths[i];
+            if pr.not_run.is_some() || pr.error.is_some() {
+                continue;
+            }
+            let round = if plan.repeat > 1 {
+                format!(" (round {} of {})", rep + 1, plan.repeat)
+            } else {
+                String::new()
+            };
+            eprintln!("== {}{round}: {}", pr.name, pr.description);
+            let first = pr.runs.len();
+            let outcome = run_path(spec, &bins, &plan, &out, pr, rep);
+            for r in &mut pr.runs[first..] {
+                r.rep = rep;
+            }
+            if let Err(e) = outcome {
+                eprintln!("== {} failed: {e:#}", pr.name);
+                pr.error = Some(format!("{e:#}"));
+                failed.push(pr.name.clone());
+            }
+            // Written after every path, so that an interrupted run leaves what it measured.
+            std::fs::write(
+                out.join("results.json"),
+                serde_json::to_string_pretty(&results)?,
+            )?;
         }
-        results.paths.push(pr);
-        // Written after every path, so that an interrupted run leaves what it measured.
-        std::fs::write(
-            out.join("results.json"),
-            serde_json::to_string_pretty(&results)?,
-        )?;
     }
     std::fs::write(
         out.join("results.json"),
@@ -372,12 +432,26 @@ fn run_path(
     plan: &Plan,
     out: &Path,
     pr: &mut PathResult,
+    rep: usize,
 ) -> anyhow::Result<()> {
     let scratch = Scratch::new(spec.name())?;
     let lab = Lab::build()?;
-    let result = measure_path(spec, bins, plan, out, pr, &lab, &scratch);
+    let m = Measure {
+        lab: &lab,
+        bins,
+        out,
+        path: spec.name(),
+        plan,
+        rep,
+    };
+    let result = measure_path(spec, &m, pr, &scratch);
     // The processes' logs go with the report (kept also when the path failed).
-    let logs = out.join("logs").join(spec.name());
+    let logs = match rep {
+        0 => out.join("logs").join(spec.name()),
+        r => out
+            .join("logs")
+            .join(format!("{}-round{}", spec.name(), r + 1)),
+    };
     std::fs::create_dir_all(&logs)?;
     for e in std::fs::read_dir(&scratch.0)?.flatten() {
         if e.path().extension().is_some_and(|x| x == "log") {
@@ -389,48 +463,57 @@ fn run_path(
 
 fn measure_path(
     spec: &PathSpec,
-    bins: &Bins,
-    plan: &Plan,
-    out: &Path,
+    m: &Measure<'_>,
     pr: &mut PathResult,
-    lab: &Lab,
     scratch: &Scratch,
 ) -> anyhow::Result<()> {
-    let mut d = paths::deploy(spec, lab, bins, scratch)?;
+    let plan = m.plan;
+    let mut d = paths::deploy(spec, m.lab, m.bins, scratch)?;
     pr.io_backend = d.io_backend.clone();
     pr.proxies = d.proxies.iter().map(|(l, _)| l.clone()).collect();
-    let m = Measure {
-        lab,
-        bins,
-        out,
-        path: spec.name(),
-        plan,
-    };
     // Every run is logged, kept, and followed by a check that the path's processes still live.
     let mut record = |r: RunResult, d: &mut Deployed| -> anyhow::Result<()> {
         m.log(&r);
         pr.runs.push(r);
         d.check_alive()
     };
-    for &c in &plan.latency_conns {
+    let none = &[][..];
+    let pick = |scenario: &str| plan.runs(scenario);
+    for &c in if pick("latency") {
+        &plan.latency_conns[..]
+    } else {
+        none
+    } {
         let r = m.loadgen(&d, "latency", "http", Some(plan.latency_rps), c, plan.secs)?;
         record(r, &mut d)?;
     }
-    for &rps in &plan.sweep_rps {
+    for &rps in if pick("sweep") {
+        &plan.sweep_rps[..]
+    } else {
+        &[][..]
+    } {
         let (c, secs) = (plan.sweep_conns, plan.sweep_secs);
         let r = m.loadgen(&d, "sweep", "http", Some(rps), c, secs)?;
         record(r, &mut d)?;
     }
-    let r = m.loadgen(&d, "max-rps", "http", None, plan.sweep_conns, plan.secs)?;
-    record(r, &mut d)?;
-    for &s in &plan.streams {
+    if pick("max-rps") {
+        let r = m.loadgen(&d, "max-rps", "http", None, plan.sweep_conns, plan.secs)?;
+        record(r, &mut d)?;
+    }
+    for &s in if pick("throughput") {
+        &plan.streams[..]
+    } else {
+        &[][..]
+    } {
         let r = m.iperf(&d, s)?;
         record(r, &mut d)?;
     }
-    let r = m.loadgen(&d, "conns", "tcp-crr", None, plan.sweep_conns, plan.secs)?;
-    record(r, &mut d)?;
+    if pick("conns") {
+        let r = m.loadgen(&d, "conns", "tcp-crr", None, plan.sweep_conns, plan.secs)?;
+        record(r, &mut d)?;
+    }
     // Idle connections only load proxies; no-mesh has none.
-    let idle = if d.proxies.is_empty() {
+    let idle = if d.proxies.is_empty() || !pick("idle") {
         &[][..]
     } else {
         &plan.idle_conns[..]
@@ -456,9 +539,18 @@ struct Measure<'a> {
     out: &'a Path,
     path: &'static str,
     plan: &'a Plan,
+    /// Which repeat (0-based); later ones get `-rN` in their raw file names.
+    rep: usize,
 }
 
 impl Measure<'_> {
+    fn round_suffix(&self) -> String {
+        match self.rep {
+            0 => String::new(),
+            r => format!("-r{}", r + 1),
+        }
+    }
+
     fn log(&self, r: &RunResult) {
         if let Some(note) = &r.note {
             return eprintln!(
@@ -511,6 +603,8 @@ impl Measure<'_> {
                 millicores: w.finish().process_cores.unwrap_or(0.0) * 1000.0,
                 rss_mib: rss_mib(*pid),
                 rss_before_mib: None,
+                rss_closed_mib: None,
+                closed_after_s: None,
             })
             .collect();
         r.system_busy = sys.finish().system_busy;
@@ -527,9 +621,10 @@ impl Measure<'_> {
         secs: f64,
     ) -> anyhow::Result<RunResult> {
         let tag = format!(
-            "{}-{scenario}-c{conns}-{}",
+            "{}-{scenario}-c{conns}-{}{}",
             self.path,
-            rps.map_or("max".into(), |r| format!("{r}rps"))
+            rps.map_or("max".into(), |r| format!("{r}rps")),
+            self.round_suffix()
         );
         let raw = format!("raw/{tag}.json");
         let json = self.out.join(&raw);
@@ -573,7 +668,11 @@ impl Measure<'_> {
     }
 
     fn iperf(&self, d: &Deployed, streams: u32) -> anyhow::Result<RunResult> {
-        let raw = format!("raw/{}-throughput-{streams}streams.json", self.path);
+        let raw = format!(
+            "raw/{}-throughput-{streams}streams{}.json",
+            self.path,
+            self.round_suffix()
+        );
         let secs = self.plan.secs.ceil().max(1.0) as u64;
         let mut cmd = self.lab.client.cmd("iperf3");
         cmd.args(["-c", SERVER_IP, "-p", &IPERF_PORT.to_string(), "-J"])
@@ -649,20 +748,33 @@ impl Measure<'_> {
             let mut b = [0u8; 1];
             c.read_exact(&mut b).context("echo after idling")?;
         }
+        // Closed: does the memory go back? Read every second until every proxy is within 10% of
+        // its level before the connections (issue 14's goal: within 30 s), or the wait ends.
         drop(conns);
-        std::thread::sleep(Duration::from_millis(500));
+        let closed_at = Instant::now();
+        let (closed, waited) = loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let now = rss();
+            let back = now.iter().zip(&before).all(|(a, b)| *a <= b * 1.10);
+            let waited = closed_at.elapsed().as_secs_f64();
+            if back || waited >= self.plan.close_wait_secs {
+                break (now, waited);
+            }
+        };
         Ok(RunResult {
             scenario: "idle".into(),
             conns: n,
             proxies: d
                 .proxies
                 .iter()
-                .zip(before.iter().zip(&after))
-                .map(|((label, _), (b, a))| ProxyUse {
+                .zip(before.iter().zip(&after).zip(&closed))
+                .map(|((label, _), ((b, a), c))| ProxyUse {
                     label: label.clone(),
                     millicores: 0.0,
                     rss_mib: *a,
                     rss_before_mib: Some(*b),
+                    rss_closed_mib: Some(*c),
+                    closed_after_s: Some(waited),
                 })
                 .collect(),
             ..Default::default()
@@ -727,6 +839,7 @@ pub fn profile(args: ProfileArgs) -> anyhow::Result<()> {
         out: &args.out,
         path: measured,
         plan: &plan,
+        rep: 0,
     };
     let mut recs = Vec::new();
     for (label, pid) in &d.proxies {

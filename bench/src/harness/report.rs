@@ -4,7 +4,7 @@ use std::{fmt::Write, path::Path};
 
 use super::{
     svg::{color, line_chart, Series},
-    PathResult, Results, RunResult,
+    PathResult, ProxyUse, Results, RunResult,
 };
 
 /// Chooses one run of a scenario.
@@ -55,6 +55,138 @@ fn mib_per_1000_idle(p: &PathResult) -> Option<(usize, f64)> {
     Some((r.conns, grown * 1000.0 / r.conns.max(1) as f64))
 }
 
+/// How many rounds the path was measured in (`--repeat`).
+fn round_count(p: &PathResult) -> usize {
+    p.runs.iter().map(|r| r.rep + 1).max().unwrap_or(1)
+}
+
+/// The path as measured in one round.
+fn round(p: &PathResult, k: usize) -> PathResult {
+    PathResult {
+        runs: p.runs.iter().filter(|r| r.rep == k).cloned().collect(),
+        ..p.clone()
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn median_opt(v: Vec<Option<f64>>) -> Option<f64> {
+    let v: Vec<f64> = v.into_iter().flatten().collect();
+    (!v.is_empty()).then(|| median(v))
+}
+
+/// One run per measurement: with several rounds, each figure is the median of the rounds'
+/// (errors: the most any round had).
+fn median_run(runs: &[&RunResult]) -> RunResult {
+    let first = runs[0];
+    let m = |f: &dyn Fn(&RunResult) -> f64| median(runs.iter().map(|r| f(r)).collect());
+    let proxies = (0..first.proxies.len())
+        .map(|j| {
+            let at: Vec<&ProxyUse> = runs.iter().filter_map(|r| r.proxies.get(j)).collect();
+            let mo = |f: &dyn Fn(&ProxyUse) -> Option<f64>| {
+                median_opt(at.iter().map(|q| f(q)).collect())
+            };
+            ProxyUse {
+                label: first.proxies[j].label.clone(),
+                millicores: median(at.iter().map(|q| q.millicores).collect()),
+                rss_mib: median(at.iter().map(|q| q.rss_mib).collect()),
+                rss_before_mib: mo(&|q| q.rss_before_mib),
+                rss_closed_mib: mo(&|q| q.rss_closed_mib),
+                closed_after_s: mo(&|q| q.closed_after_s),
+            }
+        })
+        .collect();
+    RunResult {
+        rate: m(&|r| r.rate),
+        p50_ms: m(&|r| r.p50_ms),
+        p90_ms: m(&|r| r.p90_ms),
+        p99_ms: m(&|r| r.p99_ms),
+        p999_ms: m(&|r| r.p999_ms),
+        max_ms: m(&|r| r.max_ms),
+        gbit_s: m(&|r| r.gbit_s),
+        errors: runs.iter().map(|r| r.errors).max().unwrap_or(0),
+        system_busy: m(&|r| r.system_busy),
+        proxies,
+        ..first.clone()
+    }
+}
+
+/// The results with each path's rounds folded into medians (the tables and charts show these;
+/// the headline also shows the spread).
+fn median_view(r: &Results) -> Results {
+    let mut out = r.clone();
+    for p in &mut out.paths {
+        if round_count(p) < 2 {
+            continue;
+        }
+        let first = round(p, 0);
+        p.runs = first
+            .runs
+            .iter()
+            .map(|x| {
+                let same: Vec<&RunResult> = r
+                    .paths
+                    .iter()
+                    .find(|q| q.name == p.name)
+                    .map(|q| {
+                        q.runs
+                            .iter()
+                            .filter(|y| {
+                                y.scenario == x.scenario
+                                    && y.conns == x.conns
+                                    && y.target_rps == x.target_rps
+                                    && y.streams == x.streams
+                                    && y.note.is_none() == x.note.is_none()
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if x.note.is_some() || same.is_empty() {
+                    x.clone()
+                } else {
+                    median_run(&same)
+                }
+            })
+            .collect();
+    }
+    out
+}
+
+/// A headline figure over the rounds: median, lowest, highest, and how many rounds.
+#[derive(Debug, Clone, Copy)]
+struct Stat {
+    med: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+impl Stat {
+    fn of(v: Vec<f64>) -> Option<Stat> {
+        if v.is_empty() {
+            return None;
+        }
+        let (min, max) = v
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &x| {
+                (a.min(x), b.max(x))
+            });
+        Some(Stat {
+            n: v.len(),
+            med: median(v),
+            min,
+            max,
+        })
+    }
+}
+
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
@@ -62,14 +194,49 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
+/// The ratio of medians and, with several rounds, whether the whole spread is on one side:
+/// "lead" when every round of `a` beats every round of `b`, "behind" the other way round,
+/// "overlap" when the spreads meet (not a lead, whatever the medians say).
+fn ratio_judged(a: Option<Stat>, b: Option<Stat>, higher_better: bool) -> String {
+    let (Some(a), Some(b)) = (a, b) else {
+        return "-".into();
+    };
+    let r = ratio(Some(a.med), Some(b.med));
+    if a.n < 2 || b.n < 2 {
+        return r;
+    }
+    let (better, worse) = if higher_better {
+        (a.min > b.max, a.max < b.min)
+    } else {
+        (a.max < b.min, a.min > b.max)
+    };
+    let verdict = match (better, worse) {
+        (true, _) => "lead",
+        (_, true) => "behind",
+        _ => "overlap",
+    };
+    format!("{r} {verdict}")
+}
+
 fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.digits$}"))
 }
 
-/// The headline rows: (metric, value per path, higher is better).
-fn headline(r: &Results, conns: usize) -> Vec<(String, Vec<Option<f64>>, bool)> {
+/// The headline rows: (metric, figure per path over its rounds, higher is better).
+fn headline(r: &Results, conns: usize) -> Vec<(String, Vec<Option<Stat>>, bool)> {
     let paths: Vec<&PathResult> = ran(r).collect();
-    let col = |f: &dyn Fn(&PathResult) -> Option<f64>| paths.iter().map(|p| f(p)).collect();
+    let col = |f: &dyn Fn(&PathResult) -> Option<f64>| {
+        paths
+            .iter()
+            .map(|p| {
+                Stat::of(
+                    (0..round_count(p))
+                        .filter_map(|k| f(&round(p, k)))
+                        .collect(),
+                )
+            })
+            .collect()
+    };
     vec![
         (
             format!("p50 ms, HTTP 1000 rps, {conns} conns"),
@@ -150,7 +317,8 @@ fn headline_table(r: &Results) -> String {
         "---|".repeat(baselines.len())
     );
     s.push('\n');
-    for (metric, vals, _) in headline(r, conns) {
+    let rounds = paths.iter().map(|p| round_count(p)).max().unwrap_or(1);
+    for (metric, vals, higher_better) in headline(r, conns) {
         let digits = if metric.contains(" ms,") {
             3
         } else if metric.starts_with("Gbit") || metric.contains("MiB") {
@@ -158,17 +326,23 @@ fn headline_table(r: &Results) -> String {
         } else {
             0
         };
+        let shown = |v: &Option<Stat>| match v {
+            Some(st) if st.n > 1 => format!(
+                "{} ({}-{})",
+                opt(Some(st.med), digits),
+                opt(Some(st.min), digits),
+                opt(Some(st.max), digits)
+            ),
+            _ => opt(v.map(|st| st.med), digits),
+        };
         let _ = write!(
             s,
             "| {metric} | {} |",
-            vals.iter()
-                .map(|v| opt(*v, digits))
-                .collect::<Vec<_>>()
-                .join(" | ")
+            vals.iter().map(shown).collect::<Vec<_>>().join(" | ")
         );
         if let Some(a) = amb {
             for (b, _) in &baselines {
-                let _ = write!(s, " {} |", ratio(vals[a], vals[*b]));
+                let _ = write!(s, " {} |", ratio_judged(vals[a], vals[*b], higher_better));
             }
         }
         s.push('\n');
@@ -183,11 +357,20 @@ fn headline_table(r: &Results) -> String {
             "\n{}: below 1 is better for latency, CPU and memory; above 1 is better for rates and throughput.",
             names.join(", ")
         );
+        if rounds > 1 {
+            let _ = writeln!(
+                s,
+                "\nEach figure is the median of {rounds} rounds (paths interleaved, a fresh lab each), with the lowest and highest in brackets; a ratio is marked **lead** only when every round of zring beats every round of the baseline, **behind** when every round loses, and **overlap** otherwise."
+            );
+        }
     }
     s
 }
 
-pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
+pub fn write(dir: &Path, raw: &Results) -> anyhow::Result<()> {
+    // Tables and charts show each figure's median over the rounds; the headline its spread.
+    let med = median_view(raw);
+    let r = &med;
     let mut md = String::new();
     let m = &r.machine;
     let title_paths: Vec<&str> = ran(r).map(|p| p.name.as_str()).collect();
@@ -243,7 +426,7 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     md.push_str("## Headline\n\n");
     // Human reading of the numbers, kept across re-renders.
     let notes = std::fs::read_to_string(dir.join("notes.md")).unwrap_or_default();
-    md.push_str(&headline_table(r));
+    md.push_str(&headline_table(raw));
     md.push('\n');
     if !notes.trim().is_empty() {
         md.push_str("## Reading this report\n\n");
@@ -448,11 +631,11 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
     }
 
     // Idle memory.
-    md.push_str("\n## Memory with idle tunneled connections\n\nThe client pod opens N connections to the echo app through the path, proves each with a one-byte echo, and holds them; RSS of each proxy before and after (2 s later). A sample of the connections echoes again after the measurement.\n\n| path | connections | proxy: RSS before -> after (MiB) | KiB per connection (all proxies) |\n|---|---|---|---|\n");
+    md.push_str("\n## Memory with idle tunneled connections\n\nThe client pod opens N connections to the echo app through the path, proves each with a one-byte echo, and holds them; RSS of each proxy before and after (2 s later). A sample of the connections echoes again after the measurement. Then they close: RSS is read every second until every proxy is back within 10% of its level before, or the wait ends (30 s; 3 s with --quick).\n\n| path | connections | proxy: RSS before -> after (MiB) | KiB per connection (all proxies) | after the close: RSS (MiB), seconds |\n|---|---|---|---|---|\n");
     for p in &paths {
         for x in p.runs.iter().filter(|x| x.scenario == "idle") {
             if let Some(note) = &x.note {
-                let _ = writeln!(md, "| {} | {} | {note} | - |", p.name, x.conns);
+                let _ = writeln!(md, "| {} | {} | {note} | - | - |", p.name, x.conns);
                 continue;
             }
             let grown: f64 = x
@@ -472,9 +655,22 @@ pub fn write(dir: &Path, r: &Results) -> anyhow::Result<()> {
                     )
                 })
                 .collect();
+            let closed: Vec<String> = x
+                .proxies
+                .iter()
+                .filter_map(|q| {
+                    let (c, b) = (q.rss_closed_mib?, q.rss_before_mib?);
+                    let back = if c <= b * 1.10 { "back" } else { "NOT back" };
+                    Some(format!("{}: {c:.1} ({back})", q.label))
+                })
+                .collect();
+            let closed = match x.proxies.first().and_then(|q| q.closed_after_s) {
+                Some(t) if !closed.is_empty() => format!("{} after {t:.0} s", closed.join("; ")),
+                _ => "-".into(),
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {:.1} |",
+                "| {} | {} | {} | {:.1} | {closed} |",
                 p.name,
                 x.conns,
                 px.join("; "),
@@ -559,4 +755,69 @@ pub fn update_index(dir: &Path, r: &Results) -> anyhow::Result<()> {
     }
     std::fs::write(readme, text)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(rep: usize, rate: f64) -> RunResult {
+        RunResult {
+            scenario: "max-rps".into(),
+            conns: 16,
+            rate,
+            rep,
+            ..Default::default()
+        }
+    }
+
+    fn path(name: &str, rates: &[f64]) -> PathResult {
+        PathResult {
+            name: name.into(),
+            description: String::new(),
+            not_run: None,
+            error: None,
+            io_backend: "-".into(),
+            proxies: Vec::new(),
+            runs: rates.iter().enumerate().map(|(k, &r)| run(k, r)).collect(),
+        }
+    }
+
+    #[test]
+    fn rounds_fold_into_medians_and_a_lead_needs_the_whole_spread() {
+        let r = Results {
+            paths: vec![
+                path("ambient", &[30.0, 10.0, 20.0]),
+                path("ztunnel", &[5.0, 9.0, 7.0]),
+                path("sidecar", &[25.0, 15.0, 1.0]),
+            ],
+            ..Default::default()
+        };
+        let med = median_view(&r);
+        assert_eq!(med.paths[0].runs.len(), 1);
+        assert_eq!(med.paths[0].runs[0].rate, 20.0);
+        let stat = |i: usize| {
+            Stat::of(
+                (0..3)
+                    .filter_map(|k| {
+                        find(&round(&r.paths[i], k), "max-rps", |_| true).map(|x| x.rate)
+                    })
+                    .collect(),
+            )
+        };
+        let (amb, zt, sc) = (stat(0), stat(1), stat(2));
+        assert_eq!(
+            amb.map(|s| (s.med, s.min, s.max, s.n)),
+            Some((20.0, 10.0, 30.0, 3))
+        );
+        // Every ambient round beats every ztunnel round: a lead (higher is better).
+        assert_eq!(ratio_judged(amb, zt, true), "2.86x lead");
+        // Lower is better (a latency): the same spreads are behind.
+        assert_eq!(ratio_judged(amb, zt, false), "2.86x behind");
+        // The medians differ but the spreads overlap: not a lead.
+        assert_eq!(ratio_judged(amb, sc, true), "1.33x overlap");
+        // One round only: the plain ratio.
+        let one = Stat::of(vec![4.0]);
+        assert_eq!(ratio_judged(one, Stat::of(vec![2.0]), true), "2.00x");
+    }
 }
