@@ -62,6 +62,12 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // zring's runtime turns huge pages off at start-up, and children inherit that: the processes
+    // this tool starts and compares (ztunnel, HAProxy, Envoy, iperf3) get the system's default.
+    // zring sets its own flag again when it starts.
+    if let Err(e) = zring_runtime::sys::restore_transparent_huge_pages() {
+        eprintln!("zring-bench: could not restore the huge-page policy for child processes: {e}");
+    }
     match Cli::parse().command {
         Command::Relay(args) => relay::run(args),
         Command::Iowq(args) => iowq::run(args),

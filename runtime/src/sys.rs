@@ -32,6 +32,19 @@ pub fn disable_transparent_huge_pages() -> io::Result<()> {
     disable_transparent_huge_pages_now()
 }
 
+/// Give this process back the system's transparent-huge-page policy, undoing the start-up hook
+/// ([`THP_OFF_AT_START`]), which every binary linking this crate gets. A benchmark driver calls
+/// it first: the flag is inherited across `fork` and `exec`, and the proxies it measures for
+/// comparison (Istio's ztunnel, HAProxy, Envoy) must run with their own defaults.
+pub fn restore_transparent_huge_pages() -> io::Result<()> {
+    // SAFETY: as in `disable_transparent_huge_pages_now`: integer arguments, no memory access.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Turns huge pages off before `main`, before Rust's start-up allocations and before mimalloc's
 /// own constructor (priority 101) reserves and advises its arena: done in `main`, the two huge
 /// pages the heap had touched by then stayed (15.9 MB fresh RSS instead of 12.6 MB). Priority
