@@ -82,8 +82,12 @@ pub enum PoolError {
 pub struct PoolSettings {
     /// HTTP/2 settings of new connections; `max_streams` also caps streams per connection.
     pub h2: H2Settings,
-    /// Close connections idle this long.
+    /// Close a key's last idle connection after this long without a stream.
     pub idle_timeout: Duration,
+    /// Close a key's other idle connections (all but the most recently used) after this long
+    /// without a stream: a burst's extra connections do not hold their memory for
+    /// `idle_timeout`.
+    pub spare_idle_timeout: Duration,
 }
 
 impl Default for PoolSettings {
@@ -91,6 +95,7 @@ impl Default for PoolSettings {
         Self {
             h2: H2Settings::default(),
             idle_timeout: crate::settings::DEFAULT_POOL_IDLE,
+            spare_idle_timeout: crate::settings::DEFAULT_POOL_SPARE_IDLE,
         }
     }
 }
@@ -406,14 +411,28 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
         }))
     }
 
-    /// Drop retired/closed connections without streams, and idle ones past the timeout.
+    /// Drop retired/closed connections without streams, and idle ones past their timeout: the
+    /// most recently used idle connection after `idle_timeout`, the others (spares a burst
+    /// left) after `spare_idle_timeout`.
     fn sweep(&self, key: &PoolKey) {
-        let idle = self.inner.settings.idle_timeout;
+        let (idle, spare_idle) = (
+            self.inner.settings.idle_timeout,
+            self.inner.settings.spare_idle_timeout,
+        );
         let mut entries = self.inner.entries.borrow_mut();
         if let Some(e) = entries.get_mut(key) {
+            let warm = e
+                .conns
+                .iter()
+                .filter(|c| c.active.get() == 0 && c.usable())
+                .max_by_key(|c| c.last_used.get())
+                .map(|c| c.id);
             e.conns.retain(|c| {
-                let unused = c.active.get() == 0;
-                !(unused && (!c.usable() || c.last_used.get().elapsed() >= idle))
+                if c.active.get() > 0 {
+                    return true;
+                }
+                let limit = if Some(c.id) == warm { idle } else { spare_idle };
+                c.usable() && c.last_used.get().elapsed() < limit
             });
         }
     }

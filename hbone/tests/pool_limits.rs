@@ -207,6 +207,63 @@ fn idle_connections_are_released_and_the_next_stream_dials_afresh() {
 }
 
 #[test]
+fn a_bursts_spare_connections_close_sooner_and_one_stays_warm() {
+    run_local(async {
+        let settings = PoolSettings {
+            h2: H2Settings {
+                max_streams: 2,
+                ..Default::default()
+            },
+            idle_timeout: Duration::from_millis(1500),
+            spare_idle_timeout: Duration::from_millis(100),
+        };
+        let (pool, key, dials, target, _srv) = setup_with(settings).await;
+        // A burst: 6 streams at 2 per connection take 3 connections.
+        let mut burst = Vec::new();
+        for _ in 0..6 {
+            burst.push(
+                pool.connect(&key, target, &Default::default())
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!((dials.get(), pool.stats().connections), (3, 3));
+        // One connection keeps a stream: it is busy, not a spare.
+        let kept = burst.pop().unwrap();
+        drop(burst);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pool.sweep_all();
+        assert_eq!(
+            pool.stats().connections,
+            2,
+            "the busy connection and one warm idle one stay; the other spare closed"
+        );
+        drop(kept);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        pool.sweep_all();
+        assert_eq!(
+            pool.stats().connections,
+            1,
+            "of two idle connections, only the most recently used stays warm"
+        );
+        // The warm one serves the next stream without a dial, then closes after idle_timeout.
+        drop(
+            pool.connect(&key, target, &Default::default())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(dials.get(), 3, "the warm connection is reused");
+        tokio::time::sleep(Duration::from_millis(1700)).await;
+        pool.sweep_all();
+        assert_eq!(
+            pool.stats().connections,
+            0,
+            "the warm one closes after idle_timeout"
+        );
+    });
+}
+
+#[test]
 fn goaway_retires_the_connection_and_new_streams_dial_afresh() {
     run_local(async {
         let (pool, key, dials, target, srv) = setup_with(PoolSettings::default()).await;

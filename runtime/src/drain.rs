@@ -138,10 +138,15 @@ struct EventState {
 /// its task's allocation alive, so a connection that ended while waiting must take its waker
 /// out: a plain list kept every finished connection's task (tens of KiB each) until the drain
 /// fired, and made every registration scan all of them.
+/// A [`WakerSet`] of up to this many slots is never shrunk (no churn for ordinary loads).
+const WAKER_SET_KEEP: usize = 256;
+
 #[derive(Debug, Default)]
 struct WakerSet {
     slots: Vec<Option<Waker>>,
     free: Vec<usize>,
+    /// [`Self::shrink`] runs when fewer waiters than this are left.
+    shrink_below: usize,
 }
 
 impl WakerSet {
@@ -163,6 +168,7 @@ impl WakerSet {
             }
             None => {
                 self.slots.push(Some(waker.clone()));
+                self.shrink_below = self.shrink_below.max(self.slots.len() / 4);
                 self.slots.len() - 1
             }
         }
@@ -172,8 +178,32 @@ impl WakerSet {
         if let Some(slot) = self.slots.get_mut(key) {
             if slot.take().is_some() {
                 self.free.push(key);
+                if self.slots.len() > WAKER_SET_KEEP && self.len() < self.shrink_below {
+                    self.shrink();
+                    // A held key may pin the table's end: scan again only after another
+                    // half of the waiters has gone (or the table grew), never per removal.
+                    self.shrink_below = self.len() / 2;
+                }
             }
         }
+    }
+
+    /// Give back what a burst grew: drop the free slots at the end and the spare capacity.
+    /// Keys still held stay where they are (a held key is always a filled slot). It runs when
+    /// fewer than a quarter of the slots are in use, or half as many as at the last run, so
+    /// its cost is paid by the removals before it.
+    fn shrink(&mut self) {
+        let used = self
+            .slots
+            .iter()
+            .rposition(Option::is_some)
+            .map_or(0, |i| i + 1);
+        self.slots.truncate(used);
+        self.slots.shrink_to_fit();
+        self.free.clear();
+        self.free
+            .extend((0..used).filter(|&k| self.slots[k].is_none()).rev());
+        self.free.shrink_to_fit();
     }
 
     /// Wake every waiter. Their keys stay reserved until their futures drop or poll again,
@@ -354,6 +384,45 @@ mod tests {
         monoio::RuntimeBuilder::<monoio::time::TimeDriver<monoio::LegacyDriver>>::new()
             .build()
             .expect("runtime")
+    }
+
+    #[test]
+    fn a_bursts_waker_table_is_given_back_and_held_keys_stay_valid() {
+        let w = Waker::noop();
+        let mut set = WakerSet::default();
+        let keys: Vec<usize> = (0..10_000).map(|_| set.register(None, w)).collect();
+        assert!(set.slots.capacity() >= 10_000);
+        // Two waiters outlive the burst: one early, one late in the table.
+        let held = [keys[7], keys[5_000]];
+        for &k in &keys {
+            if !held.contains(&k) {
+                set.remove(k);
+            }
+        }
+        assert_eq!(set.len(), 2);
+        assert!(
+            set.slots.capacity() <= 5_001 && set.free.capacity() <= 5_001,
+            "the table shrank to the last held key: {} slots, {} free",
+            set.slots.capacity(),
+            set.free.capacity()
+        );
+        // Held keys still name their own slots; new keys never take a held one.
+        assert_eq!(set.register(Some(held[1]), w), held[1]);
+        let fresh: Vec<usize> = (0..6_000).map(|_| set.register(None, w)).collect();
+        assert!(fresh.iter().all(|k| !held.contains(k)));
+        let mut all: Vec<usize> = fresh.iter().chain(&held).copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 6_002, "every key is distinct");
+        for k in fresh.into_iter().chain(held) {
+            set.remove(k);
+        }
+        assert_eq!(set.len(), 0);
+        assert!(
+            set.slots.capacity() <= WAKER_SET_KEEP,
+            "empty again: {}",
+            set.slots.capacity()
+        );
     }
 
     #[test]
