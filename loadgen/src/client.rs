@@ -189,6 +189,7 @@ async fn conn_task(
         _ => t0,
     };
     let mut prev_done = t0;
+    let mut pacer = crate::pace::Pacer::new();
     // Set when the target has put this connection behind its schedule (a request took longer
     // than one interval); cleared once the connection is back on schedule.
     let mut behind = false;
@@ -202,7 +203,7 @@ async fn conn_task(
                 if next >= end {
                     break;
                 }
-                tokio::time::sleep_until(next).await;
+                pacer.until(next).await;
                 let this = next;
                 next += if cfg.jitter {
                     iv.mul_f64(-rng.unit().ln())
@@ -229,8 +230,8 @@ async fn conn_task(
         // request's intended time), the target delayed this one: count from the intended time
         // (coordinated-omission correction), for every request until the connection catches
         // up. Otherwise any gap between the intended and the actual send is our own timer's
-        // granularity (about 1 ms in tokio), which would otherwise chain from one request to
-        // the next at 1 ms intervals: count from the actual send.
+        // lateness (tens of microseconds with the pacer's timerfd; up to 1 ms with tokio's
+        // timer, its fallback), which is not the target's: count from the actual send.
         let sent = TokioInstant::now();
         if prev_done <= intended {
             behind = false;

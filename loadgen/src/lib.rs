@@ -4,7 +4,8 @@
 //!   `N / connections`, staggered across connections, optionally Poisson-jittered). Latency is
 //!   measured from a request's *intended* send time, not from when it was actually sent, so a
 //!   stall that delays later requests shows up in their latency instead of being hidden
-//!   (coordinated omission, as wrk2 corrects it).
+//!   (coordinated omission, as wrk2 corrects it). Send times are kept with a `timerfd` per
+//!   connection (microseconds), not tokio's millisecond timer (see [`pace`]).
 //! - **Closed loop** (`--rps max`): each connection sends its next request as soon as the previous
 //!   answer arrives; latency is from the actual send.
 //!
@@ -20,6 +21,7 @@
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod pace;
 pub mod report;
 pub mod serve;
 pub mod socks5;
