@@ -164,7 +164,7 @@ impl AsyncWrite for Rewind {
 /// An upstream byte stream: a CONNECT stream over pooled HBONE (holding its pool slot) or
 /// plain TCP to a workload that does not speak HBONE.
 enum UpIo {
-    Hbone(H2Stream, #[allow(dead_code)] StreamSlot),
+    Hbone(H2Stream, StreamSlot),
     Tcp(PollTcp),
 }
 
@@ -459,11 +459,7 @@ pub(crate) async fn stream(
         wp,
         pool,
         target,
-        principal: peer.as_ref().map(|p| {
-            let p = p.to_string();
-            p.strip_prefix("spiffe://")
-                .map_or_else(|| p.clone(), str::to_string)
-        }),
+        principal: peer.as_ref().map(SpiffeId::principal),
         peer,
         client,
         local_ip: local.ip(),
