@@ -733,7 +733,11 @@ pub fn update_index(dir: &Path, r: &Results) -> anyhow::Result<()> {
     }
     section.push('\n');
     section.push_str(INDEX_END);
+    // A run of some scenarios only (`--scenarios`) is indexed but does not replace the
+    // headline: most of its figures would be blank.
+    let only = r.plan.as_ref().map(|p| p.only.clone()).unwrap_or_default();
     let mut text = match (text.find(INDEX_START), text.find(INDEX_END)) {
+        _ if !only.is_empty() => text,
         (Some(a), Some(b)) if b > a => {
             format!("{}{section}{}", &text[..a], &text[b + INDEX_END.len()..])
         }
@@ -741,9 +745,24 @@ pub fn update_index(dir: &Path, r: &Results) -> anyhow::Result<()> {
     };
     let row = format!("| [{name}/report.md]({name}/report.md) |");
     if !text.contains(&row) {
+        let what = if only.is_empty() {
+            "latency sweep, rps sweep with CPU/RSS, max rps, throughput, connections/s, idle memory"
+                .to_string()
+        } else {
+            format!("only: {}", only.join(", "))
+        };
+        let repeat = r.plan.as_ref().map_or(1, |p| p.repeat.max(1));
         let line = format!(
-            "{row} latency harness: {} (latency sweep, rps sweep with CPU/RSS, max rps, throughput, connections/s, idle memory) | `{}` (root) |\n",
-            ran(r).map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+            "{row} latency harness: {} ({what}{}) | `{}` (root) |\n",
+            ran(r)
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if repeat > 1 {
+                format!("; medians of {repeat} interleaved rounds")
+            } else {
+                String::new()
+            },
             r.command
         );
         // Append to the index table: after its last row.
@@ -819,5 +838,51 @@ mod tests {
         // One round only: the plain ratio.
         let one = Stat::of(vec![4.0]);
         assert_eq!(ratio_judged(one, Stat::of(vec![2.0]), true), "2.00x");
+    }
+
+    #[test]
+    fn a_run_of_some_scenarios_is_indexed_but_keeps_the_full_runs_headline() {
+        let root = std::env::temp_dir().join(format!("zring-index-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("partial")).unwrap();
+        std::fs::create_dir_all(root.join("full")).unwrap();
+        let readme = root.join("README.md");
+        std::fs::write(
+            &readme,
+            format!("| report | what | command |\n|---|---|---|\n\n## Relay\n\n{INDEX_START}\nold headline\n{INDEX_END}\n"),
+        )
+        .unwrap();
+        let mut plan = crate::harness::Plan::new(true);
+        plan.only = vec!["latency".into(), "idle".into()];
+        plan.repeat = 3;
+        let mut r = Results {
+            command: "zring-bench run --scenarios latency,idle --repeat 3".into(),
+            paths: vec![path("ambient", &[1.0])],
+            plan: Some(plan),
+            ..Default::default()
+        };
+        update_index(&root.join("partial"), &r).unwrap();
+        let text = std::fs::read_to_string(&readme).unwrap();
+        assert!(text.contains("old headline"), "{text}");
+        assert!(
+            text.contains("| [partial/report.md](partial/report.md) | latency harness: ambient (only: latency, idle; medians of 3 interleaved rounds) |"),
+            "{text}"
+        );
+        // A run of every scenario takes the headline over.
+        r.plan.as_mut().unwrap().only.clear();
+        update_index(&root.join("full"), &r).unwrap();
+        let text = std::fs::read_to_string(&readme).unwrap();
+        assert!(!text.contains("old headline"), "{text}");
+        assert!(
+            text.contains("headline ([full/report.md](full/report.md))"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "[full/report.md](full/report.md) | latency harness: ambient (latency sweep,"
+            ),
+            "{text}"
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
