@@ -608,6 +608,31 @@ fn http1_edge_cases_websocket_and_h2c_pass_byte_exact() {
         || lab.w.proc.log(),
     );
 
+    // The client's trace crosses the waypoint: the destination's access line for the TCP
+    // connection carries the trace id the source node sent on its CONNECT.
+    drop(t);
+    wait_until(
+        Duration::from_secs(5),
+        || trace_id_of(&lab.a.proc.log(), ":9090").is_some(),
+        || {
+            format!(
+                "no access line with a trace id at the source:\n{}",
+                lab.a.proc.log()
+            )
+        },
+    );
+    let sent = trace_id_of(&lab.a.proc.log(), ":9090").unwrap_or_default();
+    wait_until(
+        Duration::from_secs(5),
+        || trace_id_of(&lab.b.proc.log(), ":9090").as_deref() == Some(sent.as_str()),
+        || {
+            format!(
+                "trace id {sent} not at the destination:\n{}",
+                lab.b.proc.log()
+            )
+        },
+    );
+
     // Chunked request body, pipelined requests, Expect: 100-continue.
     c.send(b"POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
     assert_eq!(c.read().body, b"hello world");
@@ -758,3 +783,20 @@ fn futures_channel_pair() -> (
 }
 
 use tokio_stream::wrappers as tokio_stream_compat;
+
+/// The `trace_id` of the first access-log line in `log` whose destination address ends with
+/// `port` (e.g. ":9090").
+fn trace_id_of(log: &str, port: &str) -> Option<String> {
+    let line = log.lines().find(|l| {
+        l.contains("connection complete")
+            && l.split_whitespace()
+                .any(|f| f.starts_with("dst.addr=") && f.trim_end_matches('"').ends_with(port))
+    })?;
+    let at = line.find("trace_id=")? + "trace_id=".len();
+    let id: String = line[at..]
+        .trim_start_matches('"')
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
+    (id.len() == 32).then_some(id)
+}

@@ -28,7 +28,7 @@ pub(super) fn connect_headers(
 }
 
 /// ztunnel's baggage value for a source workload.
-pub(super) fn baggage(w: &Workload) -> String {
+pub(crate) fn baggage(w: &Workload) -> String {
     let kind = if w.workload_type.is_empty() {
         "deployment"
     } else {
@@ -84,7 +84,7 @@ pub(crate) fn next() -> u64 {
 }
 
 /// A fresh `traceparent` (version 00, random trace and parent ids, flags 00).
-pub(super) fn traceparent() -> String {
+pub(crate) fn traceparent() -> String {
     let (hi, lo, parent) = (next(), next(), next().max(1));
     format!("00-{hi:016x}{lo:016x}-{parent:016x}-00")
 }

@@ -22,13 +22,13 @@
 //! work).
 
 mod control;
-mod headers;
+pub(crate) mod headers;
 mod inbound;
 mod limits;
 mod outbound;
 mod pods;
 mod state;
-mod telemetry;
+pub(crate) mod telemetry;
 #[cfg(feature = "test-hooks")]
 pub mod test_hooks;
 mod worker;

@@ -312,6 +312,12 @@ struct ConnCtx {
     client: SocketAddr,
     local_ip: IpAddr,
     my_id: SpiffeId,
+    /// `baggage` of the waypoint's own workload, sent on its upstream CONNECTs (the waypoint
+    /// is their source, as a node proxy sends its pod's).
+    baggage: String,
+    /// The client's `traceparent` (well-formed), forwarded upstream; else a new trace per
+    /// upstream stream.
+    traceparent: Option<String>,
     source: Peer,
     h2: bool,
     /// Requests whose response has not ended yet, and when the last one ended (the idle
@@ -409,10 +415,11 @@ pub(crate) async fn stream(
         .and_then(forwarded_for)
         .unwrap_or(peer_addr);
     let index = state.index();
-    let Some(my_id) = index
-        .workload_by_ip(local.ip())
-        .and_then(|w| w.identity().ok())
-    else {
+    let Some((my_id, baggage)) = index.workload_by_ip(local.ip()).and_then(|w| {
+        w.identity()
+            .ok()
+            .map(|id| (id, crate::proxy::headers::baggage(w)))
+    }) else {
         tracing::warn!(%local, "waypoint: no workload owns the address this stream came to");
         return incoming.reject(StatusCode::SERVICE_UNAVAILABLE);
     };
@@ -425,6 +432,14 @@ pub(crate) async fn stream(
         tracing::info!(%target, peer = ?peer.as_ref().map(ToString::to_string), "waypoint: CONNECT to an address that is neither a service nor a workload");
         return incoming.reject(StatusCode::SERVICE_UNAVAILABLE);
     }
+    // The client's trace goes on to the destination, so both ends' access lines carry its id.
+    let traceparent = incoming
+        .request
+        .headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|t| crate::proxy::telemetry::trace_id(t).is_some())
+        .map(str::to_string);
     let source = match index.workload_by_ip(client.ip()) {
         Some(w) if peer.is_none() || w.identity().ok() == peer => Peer::of(w, peer.as_ref()),
         _ => Peer::unknown(peer.as_ref()),
@@ -464,6 +479,8 @@ pub(crate) async fn stream(
         client,
         local_ip: local.ip(),
         my_id,
+        baggage,
+        traceparent,
         source,
         h2: detected == Detected::Http2,
         in_flight: Cell::new(0),
@@ -615,8 +632,12 @@ async fn dial(
         let headers = ConnectHeaders {
             forwarded_for: Some(ctx.client),
             forwarded_host: host.map(str::to_string),
-            baggage: None,
-            traceparent: None,
+            baggage: Some(ctx.baggage.clone()),
+            traceparent: Some(
+                ctx.traceparent
+                    .clone()
+                    .unwrap_or_else(crate::proxy::headers::traceparent),
+            ),
         };
         let s = ctx
             .pool
