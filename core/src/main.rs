@@ -181,7 +181,8 @@ struct WaypointArgs {
     /// to every waypoint).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
-    /// Default limit of one request (routes' own timeouts take precedence).
+    /// Default limit of one request until its response head (a route's own timeout takes
+    /// precedence and covers the whole response, body included).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
     /// How long an endpoint that failed (connect error, reset) is skipped.

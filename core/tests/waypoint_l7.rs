@@ -505,6 +505,94 @@ fn bookinfo_l7_examples_split_traffic_and_enforce_the_get_only_policy() {
 }
 
 #[test]
+fn a_routes_timeout_cuts_a_stalled_response_body_and_the_default_does_not() {
+    let res = tmp("wp-timeout-res");
+    std::fs::create_dir_all(&res).unwrap();
+    let vs = res.join("productpage.yaml");
+    std::fs::write(
+        &vs,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: default}\nspec:\n  hosts: [productpage]\n  http:\n  - timeout: 1s\n    route:\n    - destination: {host: productpage}\n",
+    )
+    .unwrap();
+    let lab = Lab::start(76, "wp-timeout", &[("productpage.yaml", &vs)]);
+    let n = lab.n;
+    server(SocketAddr::new(ip(n, 10), 9080), "productpage-v1");
+    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
+    let stall =
+        b"POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+
+    // The route's 1 s covers the whole response: the head and the first chunk arrive, then the
+    // body stalls (the client stops sending) and the waypoint cuts it.
+    let mut c = lab.client(2, lab.vip(100));
+    let t0 = std::time::Instant::now();
+    c.send(stall);
+    assert_eq!(read_head(&mut c), 200);
+    assert_eq!(read_chunk(&mut c).as_deref(), Some(&b"hello"[..]));
+    let mut rest = Vec::new();
+    let end = c.r.read_to_end(&mut rest);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(6),
+        "cut after {took:?} ({end:?}, {rest:?})"
+    );
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("0\r\n\r\n"),
+        "the body must not look complete: {rest:?}"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        || {
+            let log = lab.w.proc.log();
+            log.lines().any(|l| {
+                l.contains("request complete")
+                    && l.contains("/echo")
+                    && (l.contains("response_flags=\"UT\"") || l.contains("response_flags=UT"))
+            })
+        },
+        || lab.w.proc.log(),
+    );
+
+    // No route timeout: `--request-timeout` bounds the response head only, so a body that
+    // pauses longer than the route timeout above still completes.
+    let mut c = lab.client(2, lab.vip(101));
+    c.send(stall);
+    assert_eq!(read_head(&mut c), 200);
+    assert_eq!(read_chunk(&mut c).as_deref(), Some(&b"hello"[..]));
+    std::thread::sleep(Duration::from_millis(2000));
+    c.send(b"6\r\n world\r\n0\r\n\r\n");
+    assert_eq!(read_chunk(&mut c).as_deref(), Some(&b" world"[..]));
+    assert_eq!(read_chunk(&mut c), None, "the body ends normally");
+    let _ = std::fs::remove_dir_all(&res);
+}
+
+/// A response's status, its head read up to the blank line.
+fn read_head(c: &mut Client) -> u16 {
+    let mut line = String::new();
+    c.r.read_line(&mut line).unwrap();
+    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    loop {
+        let mut h = String::new();
+        c.r.read_line(&mut h).unwrap();
+        if h.trim_end().is_empty() {
+            break;
+        }
+    }
+    status.unwrap_or_else(|| panic!("bad status line {line:?}"))
+}
+
+/// The next chunk of a chunked body; None at its last chunk.
+fn read_chunk(c: &mut Client) -> Option<Vec<u8>> {
+    let mut size = String::new();
+    c.r.read_line(&mut size).unwrap();
+    let len = usize::from_str_radix(size.trim_end(), 16)
+        .unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
+    let mut data = vec![0u8; len + 2];
+    c.r.read_exact(&mut data).unwrap();
+    data.truncate(len);
+    (len > 0).then_some(data)
+}
+
+#[test]
 fn a_dead_endpoint_is_retried_elsewhere_and_all_dead_is_503() {
     let lab = Lab::start(78, "wp-retry", &[]);
     let n = lab.n;

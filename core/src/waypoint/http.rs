@@ -812,30 +812,46 @@ impl ReqLog {
     }
 }
 
-/// A body that counts its bytes and reports when it ends (or is dropped).
+/// How a counted body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyEnd {
+    Complete,
+    /// Failed or dropped before its end.
+    Cut,
+    /// The route's timeout passed before its end.
+    TimedOut,
+}
+
+/// A body that counts its bytes and reports when it ends (or is dropped); with a deadline, it
+/// fails when the deadline passes first.
 struct Counted<B> {
     inner: B,
     bytes: u64,
-    on_end: Option<Box<dyn FnOnce(u64, bool)>>,
+    on_end: Option<Box<dyn FnOnce(u64, BodyEnd)>>,
     counter: Option<Rc<Cell<u64>>>,
+    deadline: Option<Pin<Box<monoio::time::Sleep>>>,
 }
 
 impl<B> Counted<B> {
-    fn end(&mut self, complete: bool) {
+    fn end(&mut self, how: BodyEnd) {
         if let Some(f) = self.on_end.take() {
-            f(self.bytes, complete);
+            f(self.bytes, how);
         }
     }
 }
 
-impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B> {
+impl<B> hyper::body::Body for Counted<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
         match &r {
@@ -847,11 +863,19 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B
                     }
                 }
             }
-            Poll::Ready(None) => this.end(true),
-            Poll::Ready(Some(Err(_))) => this.end(false),
-            Poll::Pending => {}
+            Poll::Ready(None) => this.end(BodyEnd::Complete),
+            Poll::Ready(Some(Err(_))) => this.end(BodyEnd::Cut),
+            Poll::Pending => {
+                if let Some(d) = this.deadline.as_mut() {
+                    if d.as_mut().poll(cx).is_ready() {
+                        this.deadline = None;
+                        this.end(BodyEnd::TimedOut);
+                        return Poll::Ready(Some(Err("upstream response timeout".into())));
+                    }
+                }
+            }
         }
-        r
+        r.map(|o| o.map(|x| x.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -866,7 +890,11 @@ impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Counted<B
 impl<B> Drop for Counted<B> {
     fn drop(&mut self) {
         let complete = self.on_end.is_some() && self.bytes == 0;
-        self.end(complete);
+        self.end(if complete {
+            BodyEnd::Complete
+        } else {
+            BodyEnd::Cut
+        });
     }
 }
 
@@ -1003,6 +1031,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
         });
     let default_backend;
+    let route_timeout = route.is_some_and(|r| r.timeout.is_some());
     let (backends, timeout, retry): (&[Backend], Duration, RetryPolicy) = match route {
         Some(r) => {
             log.route = r.origin.clone();
@@ -1054,6 +1083,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         bytes: 0,
         on_end: None,
         counter: Some(req_bytes.clone()),
+        deadline: None,
     });
     let deadline = start + timeout;
     let attempts = 1 + retry.attempts;
@@ -1200,13 +1230,26 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers, false);
         let code = status.as_u16();
+        // A route's own timeout covers the whole response, as Envoy's route timeout does;
+        // `--request-timeout` alone bounds the wait for the response head only, so a long
+        // download or stream is not cut by a default nobody chose.
         let counted = Counted {
             inner: rbody,
             bytes: 0,
-            on_end: Some(Box::new(move |bytes, complete| {
-                log.finish(code, if complete { "-" } else { "UR" }, bytes)
-            })),
             counter: None,
+            on_end: Some(Box::new(move |bytes, how| {
+                let flags = match how {
+                    BodyEnd::Complete => "-",
+                    BodyEnd::Cut => "UR",
+                    BodyEnd::TimedOut => "UT",
+                };
+                log.finish(code, flags, bytes)
+            })),
+            deadline: route_timeout.then(|| {
+                Box::pin(monoio::time::sleep(
+                    deadline.saturating_duration_since(Instant::now()),
+                ))
+            }),
         };
         return Response::from_parts(rparts, boxed(counted));
     }
