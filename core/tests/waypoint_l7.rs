@@ -13,6 +13,7 @@ use std::{
 use common::{
     ca_init, echo_at,
     http::{pattern, server},
+    logged_trace_id,
     mesh::{http_get, metric, socks, Node},
     tmp, wait_until, Proc,
 };
@@ -872,19 +873,11 @@ fn futures_channel_pair() -> (
 
 use tokio_stream::wrappers as tokio_stream_compat;
 
-/// The `trace_id` of the first access-log line in `log` whose destination address ends with
-/// `port` (e.g. ":9090").
+/// The `trace_id` of the first access line in `log` whose destination address ends with `port`
+/// (e.g. ":9090").
 fn trace_id_of(log: &str, port: &str) -> Option<String> {
-    let line = log.lines().find(|l| {
-        l.contains("connection complete")
-            && l.split_whitespace()
-                .any(|f| f.starts_with("dst.addr=") && f.trim_end_matches('"').ends_with(port))
-    })?;
-    let at = line.find("trace_id=")? + "trace_id=".len();
-    let id: String = line[at..]
-        .trim_start_matches('"')
-        .chars()
-        .take_while(|c| c.is_ascii_hexdigit())
-        .collect();
-    (id.len() == 32).then_some(id)
+    logged_trace_id(log, |l| {
+        l.split_whitespace()
+            .any(|f| f.starts_with("dst.addr=") && f.trim_end_matches('"').ends_with(port))
+    })
 }

@@ -126,6 +126,21 @@ pub fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool, why: impl Fn() 
     }
 }
 
+/// The `trace_id` of the first access-log line ("connection complete") in `log` that `pick`
+/// accepts.
+pub fn logged_trace_id(log: &str, pick: impl Fn(&str) -> bool) -> Option<String> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection complete") && pick(l))?;
+    let at = line.find("trace_id=")? + "trace_id=".len();
+    let id: String = line[at..]
+        .trim_start_matches('"')
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit())
+        .collect();
+    (id.len() == 32).then_some(id)
+}
+
 /// A unique path in the temp directory.
 pub fn tmp(tag: &str) -> PathBuf {
     let n = std::time::SystemTime::now()
