@@ -125,6 +125,11 @@ struct Lab {
 impl Lab {
     /// Start the mesh; the waypoint reads `resources` (a folder) as its L7 config.
     fn start(n: u8, tag: &str, files: &[(&str, &Path)]) -> Lab {
+        Lab::start_with(n, tag, files, &[])
+    }
+
+    /// `start`, with more arguments for the waypoint.
+    fn start_with(n: u8, tag: &str, files: &[(&str, &Path)], wp_args: &[&str]) -> Lab {
         let dir = tmp(tag);
         std::fs::create_dir_all(&dir).unwrap();
         let ca = ca_init(&dir);
@@ -144,7 +149,7 @@ impl Lab {
             &["--socks5", &socks5, "--bind-source"],
         );
         let mut b = Node::start("node-b", ip(n, 5), &cfg, &ca, &["--bind-source"]);
-        let w = waypoint_node(n, &cfg, &ca, &resources);
+        let w = waypoint_node(n, &cfg, &ca, &resources, wp_args);
         a.wait_ready();
         b.wait_ready();
         let mut lab = Lab {
@@ -179,8 +184,8 @@ impl Lab {
     }
 }
 
-fn waypoint_node(n: u8, cfg: &Path, ca: &Path, resources: &Path) -> Node {
-    let extra = [
+fn waypoint_node(n: u8, cfg: &Path, ca: &Path, resources: &Path, more: &[&str]) -> Node {
+    let mut extra = vec![
         "--bind-source",
         "--resources",
         resources.to_str().unwrap(),
@@ -191,6 +196,7 @@ fn waypoint_node(n: u8, cfg: &Path, ca: &Path, resources: &Path) -> Node {
         "--idle-timeout",
         "3s",
     ];
+    extra.extend_from_slice(more);
     Node::start_cmd("waypoint", "node-w", ip(n, 20), cfg, Some(ca), &extra)
 }
 
@@ -510,17 +516,33 @@ fn a_routes_timeout_cuts_a_stalled_response_body_and_the_default_does_not() {
     let res = tmp("wp-timeout-res");
     std::fs::create_dir_all(&res).unwrap();
     let vs = res.join("productpage.yaml");
+    // `/slow` has `0s` (no limit at all, as Envoy reads it); everything else 1 s.
     std::fs::write(
         &vs,
-        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: default}\nspec:\n  hosts: [productpage]\n  http:\n  - timeout: 1s\n    route:\n    - destination: {host: productpage}\n",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: productpage, namespace: default}\nspec:\n  hosts: [productpage]\n  http:\n  - match: [{uri: {prefix: /slow}}]\n    timeout: 0s\n    route:\n    - destination: {host: productpage}\n  - timeout: 1s\n    route:\n    - destination: {host: productpage}\n",
     )
     .unwrap();
-    let lab = Lab::start(76, "wp-timeout", &[("productpage.yaml", &vs)]);
+    // The default (no route: reviews) bounds the response head at 1 s.
+    let lab = Lab::start_with(
+        76,
+        "wp-timeout",
+        &[("productpage.yaml", &vs)],
+        &["--request-timeout", "1s"],
+    );
     let n = lab.n;
     server(SocketAddr::new(ip(n, 10), 9080), "productpage-v1");
     server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
     let stall =
         b"POST /echo HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    let flagged = |path: &str, flags: &str| {
+        let log = lab.w.proc.log();
+        log.lines().any(|l| {
+            l.contains("request complete")
+                && l.contains(path)
+                && (l.contains(&format!("response_flags=\"{flags}\""))
+                    || l.contains(&format!("response_flags={flags}")))
+        })
+    };
 
     // The route's 1 s covers the whole response: the head and the first chunk arrive, then the
     // body stalls (the client stops sending) and the waypoint cuts it.
@@ -542,19 +564,12 @@ fn a_routes_timeout_cuts_a_stalled_response_body_and_the_default_does_not() {
     );
     wait_until(
         Duration::from_secs(5),
-        || {
-            let log = lab.w.proc.log();
-            log.lines().any(|l| {
-                l.contains("request complete")
-                    && l.contains("/echo")
-                    && (l.contains("response_flags=\"UT\"") || l.contains("response_flags=UT"))
-            })
-        },
+        || flagged("/echo", "UT"),
         || lab.w.proc.log(),
     );
 
-    // No route timeout: `--request-timeout` bounds the response head only, so a body that
-    // pauses longer than the route timeout above still completes.
+    // No route timeout: `--request-timeout` (1 s here) bounds the response head only, so a
+    // body that pauses for 2 s still completes...
     let mut c = lab.client(2, lab.vip(101));
     c.send(stall);
     assert_eq!(read_head(&mut c), 200);
@@ -563,6 +578,21 @@ fn a_routes_timeout_cuts_a_stalled_response_body_and_the_default_does_not() {
     c.send(b"6\r\n world\r\n0\r\n\r\n");
     assert_eq!(read_chunk(&mut c).as_deref(), Some(&b" world"[..]));
     assert_eq!(read_chunk(&mut c), None, "the body ends normally");
+    // ...and a head later than that is answered 504.
+    let mut c = lab.client(2, lab.vip(101));
+    let r = c.request("GET", "/slow?ms=2000", b"");
+    assert_eq!(r.status, 504, "{}", r.text());
+    wait_until(
+        Duration::from_secs(5),
+        || flagged("/slow", "UT"),
+        || lab.w.proc.log(),
+    );
+
+    // A route's `timeout: 0s` lifts the limit: a head after 2 s (twice the default) arrives.
+    let mut c = lab.client(2, lab.vip(100));
+    let r = c.request("GET", "/slow?ms=2000", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "productpage-v1 GET /slow");
     let _ = std::fs::remove_dir_all(&res);
 }
 

@@ -238,6 +238,9 @@ impl Sender {
 /// Most idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 64;
 
+/// What a route's `timeout: 0s` stands for: no limit (a year, beyond any real request).
+const NO_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
 thread_local! {
     /// This worker's upstream HTTP connections: (endpoint, h2) -> senders.
     static SENDERS: RefCell<HashMap<(SocketAddr, bool), Vec<Sender>>> = RefCell::new(HashMap::new());
@@ -1031,15 +1034,18 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
         });
     let default_backend;
-    let route_timeout = route.is_some_and(|r| r.timeout.is_some());
+    // A route's own timeout bounds the whole response (body too); `0s` lifts every limit.
+    let route_timeout = route.and_then(|r| r.timeout);
+    let body_limited = route_timeout.is_some_and(|d| !d.is_zero());
     let (backends, timeout, retry): (&[Backend], Duration, RetryPolicy) = match route {
         Some(r) => {
             log.route = r.origin.clone();
-            (
-                &r.backends,
-                r.timeout.unwrap_or(ctx.wp.settings.request_timeout),
-                r.retry.clone(),
-            )
+            let timeout = match route_timeout {
+                None => ctx.wp.settings.request_timeout,
+                Some(d) if d.is_zero() => NO_LIMIT,
+                Some(d) => d,
+            };
+            (&r.backends, timeout, r.retry.clone())
         }
         None => {
             default_backend = service_key.map(|k| Backend {
@@ -1245,7 +1251,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 };
                 log.finish(code, flags, bytes)
             })),
-            deadline: route_timeout.then(|| {
+            deadline: body_limited.then(|| {
                 Box::pin(monoio::time::sleep(
                     deadline.saturating_duration_since(Instant::now()),
                 ))

@@ -225,7 +225,8 @@ pub struct Route {
     pub matches: Vec<RequestMatch>,
     /// Weighted backends.
     pub backends: Vec<Backend>,
-    /// Whole-request limit.
+    /// Whole-request limit, response body included (None: only `--request-timeout`, on the
+    /// response head; `Some(ZERO)`: no limit at all, as `0s` means to Envoy and Istio).
     pub timeout: Option<Duration>,
     /// Retries.
     pub retry: RetryPolicy,
@@ -747,7 +748,7 @@ fn virtual_service(
             origin: format!("{name} http[{i}]"),
             matches,
             backends,
-            timeout: timeout.filter(|d| !d.is_zero()),
+            timeout,
             retry,
         });
     }
@@ -1055,7 +1056,7 @@ fn http_route(
                     matches: Vec::new(),
                     // No backends: Gateway API answers 500 for such a rule.
                     backends: backends.clone(),
-                    timeout: timeout.filter(|d| !d.is_zero()),
+                    timeout,
                     retry: retry.clone(),
                 };
                 let order = b.hr.get(svc).map_or(0, Vec::len);

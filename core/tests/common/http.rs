@@ -3,6 +3,7 @@
 //!
 //! - `/echo` (any method): the request body back, streamed, with `x-served-by`;
 //! - `/big?n=N`: N bytes of a repeating pattern;
+//! - `/slow?ms=N`: the usual answer, its head sent after N milliseconds;
 //! - `/grpc.Echo/Stream` (h2): each request frame echoed back as it arrives, then trailers
 //!   `grpc-status: 0`;
 //! - an `Upgrade: websocket` request: 101, then every byte echoed;
@@ -72,6 +73,15 @@ async fn serve(name: String, mut req: Request<Incoming>) -> Result<Response<Body
             .and_then(|n| n.parse().ok())
             .unwrap_or(0);
         return Ok(resp(full(pattern(n))));
+    }
+    if path == "/slow" {
+        let ms = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix("ms="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
     Ok(resp(full(format!("{name} {} {path}", req.method()))))
 }
