@@ -15,7 +15,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use zring_core::{
     authz,
     config::{index::MeshIndex, LocalConfig},
-    metrics::{ConnLabels, Metrics, Peer, Reporter},
+    metrics::{ConnLabels, Metrics, Reporter},
 };
 use zring_hbone::SpiffeId;
 
@@ -106,8 +106,8 @@ fn decisions(c: &mut Criterion) {
             .workloads()
             .map(|w| ConnLabels {
                 reporter: Reporter::Destination,
-                source: Peer::of(w, None),
-                destination: Peer::of(w, None),
+                source: w.peer(),
+                destination: w.peer(),
                 service: None,
                 mtls: true,
                 response_flags: "-",
@@ -118,10 +118,7 @@ fn decisions(c: &mut Criterion) {
         }
         let one = &labels[labels.len() / 2];
         metrics.bench_with_input(BenchmarkId::from_parameter(n), &m, |b, m| {
-            b.iter(|| {
-                m.opened(black_box(one));
-                m.closed(black_box(one), 1024, 1024);
-            })
+            b.iter(|| m.opened(black_box(one)).closed(1024, 1024))
         });
     }
     metrics.finish();

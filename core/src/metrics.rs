@@ -4,8 +4,10 @@
 //! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total`) carry Istio's standard TCP
 //! labels. `reporter` is `source` on the outbound side and `destination` on the inbound side,
 //! as in ztunnel; bytes are from the reporter's point of view (sent = towards the destination
-//! workload, received = back from it). A connection's label set is built once when it opens;
-//! its bytes are added when it closes.
+//! workload, received = back from it). A connection's label set is put together when it opens
+//! from per-workload parts made once ([`crate::config::Workload::peer`]); it finds its
+//! [`Series`] then, under the table's lock, and adds its bytes and its close to that series
+//! without the lock.
 //!
 //! zring's own: `zring_config_reloads_total{result="success"|"failure"}` and
 //! `zring_config_generation` (the config in force; a rejected file leaves it unchanged);
@@ -24,7 +26,7 @@ use std::{
     fmt::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Mutex,
+        Arc, LazyLock, Mutex,
     },
 };
 
@@ -84,11 +86,20 @@ impl Peer {
     }
 
     /// An unknown peer with maybe a proven principal.
-    pub fn unknown(principal: Option<&SpiffeId>) -> Self {
-        Peer {
-            principal: principal.map(|p| p.to_string()).unwrap_or_default(),
-            ..Default::default()
+    pub fn unknown(principal: Option<&SpiffeId>) -> Arc<Self> {
+        match principal {
+            Some(p) => Arc::new(Peer {
+                principal: p.to_string(),
+                ..Default::default()
+            }),
+            None => Peer::none(),
         }
+    }
+
+    /// The peer nothing is known of (every label `unknown`), shared.
+    pub fn none() -> Arc<Self> {
+        static NONE: LazyLock<Arc<Peer>> = LazyLock::new(Arc::default);
+        NONE.clone()
     }
 }
 
@@ -108,10 +119,10 @@ pub enum Reporter {
 pub struct ConnLabels {
     /// Reporter.
     pub reporter: Reporter,
-    /// Source side.
-    pub source: Peer,
+    /// Source side (shared with the workload's other connections).
+    pub source: Arc<Peer>,
     /// Destination side.
-    pub destination: Peer,
+    pub destination: Arc<Peer>,
     /// Destination service hostname, name and namespace, if the destination was a service.
     pub service: Option<(String, String, String)>,
     /// `mutual_tls` when the connection crossed HBONE, else `unknown`.
@@ -128,20 +139,43 @@ impl ConnLabels {
 }
 
 /// A metric family: name, help, and which counter it shows.
-type Family = (&'static str, &'static str, fn(&Counters) -> u64);
+type Family = (&'static str, &'static str, fn(&Series) -> u64);
 
-#[derive(Debug, Default)]
-struct Counters {
-    opened: u64,
-    closed: u64,
-    sent: u64,
-    received: u64,
+/// The counters of one label set, shared by the connections that carry it: a connection finds
+/// its series once, when it opens, and counts its bytes and its close without any lock.
+#[derive(Debug)]
+pub struct Series {
+    /// The label set as the exposition writes it, made when the series is.
+    text: String,
+    opened: AtomicU64,
+    closed: AtomicU64,
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Series {
+    /// A connection of this series closed; `sent` and `received` are the bytes not yet added
+    /// by [`Series::bytes`].
+    pub fn closed(&self, sent: u64, received: u64) {
+        self.bytes(sent, received);
+        self.closed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A live connection moved `sent` more bytes towards the destination and `received` back.
+    pub fn bytes(&self, sent: u64, received: u64) {
+        if sent != 0 {
+            self.sent.fetch_add(sent, Ordering::Relaxed);
+        }
+        if received != 0 {
+            self.received.fetch_add(received, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The process's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    conns: Mutex<HashMap<ConnLabels, Counters>>,
+    conns: Mutex<HashMap<ConnLabels, Arc<Series>>>,
     reload_ok: AtomicU64,
     reload_failed: AtomicU64,
     apply_nanos: AtomicU64,
@@ -164,29 +198,28 @@ struct XdsStats {
 }
 
 impl Metrics {
-    /// A connection opened.
-    pub fn opened(&self, l: &ConnLabels) {
-        self.update(l, |c| c.opened += 1);
-    }
-
-    /// A connection closed; `sent` and `received` are the bytes not yet reported by
-    /// [`Metrics::bytes`].
-    pub fn closed(&self, l: &ConnLabels, sent: u64, received: u64) {
-        self.update(l, |c| {
-            c.closed += 1;
-            c.sent += sent;
-            c.received += received;
-        });
-    }
-
-    /// A live connection moved `sent` more bytes towards the destination and `received` back.
-    pub fn bytes(&self, l: &ConnLabels, sent: u64, received: u64) {
-        if sent != 0 || received != 0 {
-            self.update(l, |c| {
-                c.sent += sent;
-                c.received += received;
-            });
-        }
+    /// A connection labelled `l` opened: counted in its series, which it keeps to count the
+    /// rest. The label set is cloned (a few reference counts) only for a new series.
+    pub fn opened(&self, l: &ConnLabels) -> Arc<Series> {
+        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let series = match m.get(l) {
+            Some(s) => s.clone(),
+            None => m
+                .entry(l.clone())
+                .or_insert_with(|| {
+                    Arc::new(Series {
+                        text: labels(l),
+                        opened: AtomicU64::new(0),
+                        closed: AtomicU64::new(0),
+                        sent: AtomicU64::new(0),
+                        received: AtomicU64::new(0),
+                    })
+                })
+                .clone(),
+        };
+        drop(m);
+        series.opened.fetch_add(1, Ordering::Relaxed);
+        series
     }
 
     /// A time limit fired.
@@ -212,15 +245,6 @@ impl Metrics {
             .unwrap_or_else(|p| p.into_inner())
             .entry(listener)
             .or_default() += 1;
-    }
-
-    /// Update the counters of `l`'s series; the label set is cloned only for a new series.
-    fn update(&self, l: &ConnLabels, f: impl FnOnce(&mut Counters)) {
-        let mut m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        match m.get_mut(l) {
-            Some(c) => f(c),
-            None => f(m.entry(l.clone()).or_default()),
-        }
     }
 
     /// The I/O backend the workers run on (`io_uring` or `epoll`) and how many workers.
@@ -277,38 +301,44 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let m = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows: Vec<(String, &Counters)> = m.iter().map(|(l, c)| (labels(l), c)).collect();
-        rows.sort_by(|a, b| a.0.cmp(&b.0));
+        // Held only to take the series out: connections opening meanwhile wait for a copy of
+        // pointers, not for the text to be written.
+        let mut rows: Vec<Arc<Series>> = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        rows.sort_by(|a, b| a.text.cmp(&b.text));
         let families: [Family; 4] = [
             (
                 "istio_tcp_connections_opened_total",
                 "The total number of TCP connections opened.",
-                |c| c.opened,
+                |c| c.opened.load(Ordering::Relaxed),
             ),
             (
                 "istio_tcp_connections_closed_total",
                 "The total number of TCP connections closed.",
-                |c| c.closed,
+                |c| c.closed.load(Ordering::Relaxed),
             ),
             (
                 "istio_tcp_sent_bytes_total",
                 "The size of total bytes sent during response in case of a TCP connection.",
-                |c| c.sent,
+                |c| c.sent.load(Ordering::Relaxed),
             ),
             (
                 "istio_tcp_received_bytes_total",
                 "The size of total bytes received during request in case of a TCP connection.",
-                |c| c.received,
+                |c| c.received.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, get) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (l, c) in &rows {
-                let _ = writeln!(out, "{name}{{{l}}} {}", get(c));
+            for c in &rows {
+                let _ = writeln!(out, "{name}{{{}}} {}", c.text, get(c));
             }
         }
-        drop(m);
         let _ = writeln!(
             out,
             "# HELP zring_config_reloads_total Config reloads by result.\n# TYPE zring_config_reloads_total counter\nzring_config_reloads_total{{result=\"success\"}} {}\nzring_config_reloads_total{{result=\"failure\"}} {}",
@@ -452,21 +482,81 @@ mod tests {
         let m = Metrics::default();
         let l = ConnLabels {
             reporter: Reporter::Destination,
-            source: Peer {
+            source: Arc::new(Peer {
                 workload: "sle\"ep".into(),
                 ..Default::default()
-            },
-            destination: Peer::default(),
+            }),
+            destination: Peer::none(),
             service: None,
             mtls: true,
             response_flags: "-",
         };
-        m.opened(&l);
-        m.closed(&l, 10, 20);
+        m.opened(&l).closed(10, 20);
         let text = m.render();
         assert!(text.contains("istio_tcp_connections_opened_total{reporter=\"destination\",source_workload=\"sle\\\"ep\""));
         assert!(text.contains("connection_security_policy=\"mutual_tls\"} 1"));
         assert!(text.contains("istio_tcp_sent_bytes_total{") && text.contains("} 10\n"));
         assert!(text.contains("} 20\n"));
+    }
+
+    /// Connections with equal labels share one series even when their label parts are separate
+    /// allocations (a config reload makes new ones); another flag is another series; live and
+    /// closing bytes add up; /metrics renders while connections hold their series.
+    #[test]
+    fn equal_labels_share_a_series_and_counts_add_up() {
+        let m = Metrics::default();
+        let peer = |w: &str| {
+            Arc::new(Peer {
+                workload: w.into(),
+                namespace: "default".into(),
+                ..Default::default()
+            })
+        };
+        let l = |flags| ConnLabels {
+            reporter: Reporter::Source,
+            source: peer("sleep"),
+            destination: peer("httpbin"),
+            service: None,
+            mtls: true,
+            response_flags: flags,
+        };
+        let a = m.opened(&l("-"));
+        let b = m.opened(&l("-"));
+        assert!(Arc::ptr_eq(&a, &b));
+        a.bytes(100, 7);
+        let held = m.render();
+        assert!(held.contains(
+            "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"sleep\""
+        ));
+        assert!(
+            held.contains(",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 2\n")
+        );
+        assert!(
+            held.contains(",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 100\n")
+        );
+        a.closed(1, 0);
+        b.closed(10, 3);
+        m.opened(&l("DENY")).closed(0, 0);
+        let text = m.render();
+        let series = |name: &str, flags: &str| {
+            let key =
+                format!(",response_flags=\"{flags}\",connection_security_policy=\"mutual_tls\"}} ");
+            text.lines()
+                .find(|line| line.starts_with(name) && line.contains(&key))
+                .and_then(|line| line.rsplit(' ').next())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        assert_eq!(series("istio_tcp_connections_opened_total", "-"), Some(2));
+        assert_eq!(series("istio_tcp_connections_closed_total", "-"), Some(2));
+        assert_eq!(series("istio_tcp_sent_bytes_total", "-"), Some(111));
+        assert_eq!(series("istio_tcp_received_bytes_total", "-"), Some(10));
+        assert_eq!(
+            series("istio_tcp_connections_opened_total", "DENY"),
+            Some(1)
+        );
+        assert_eq!(
+            series("istio_tcp_connections_closed_total", "DENY"),
+            Some(1)
+        );
     }
 }

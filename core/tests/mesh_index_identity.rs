@@ -105,3 +105,40 @@ fn certificates_renew_at_half_life_and_old_ones_stay_usable() {
     assert_eq!(exp.len(), 1);
     assert_eq!(exp[0].1, second.cert.not_after);
 }
+
+/// A workload's identity and metric labels are made once and shared by its connections; a
+/// copy (what a config change starts from) makes its own from its own fields.
+#[test]
+fn a_workloads_identity_and_labels_are_made_once_and_a_copy_makes_its_own() {
+    let idx = index();
+    let w = idx
+        .workload_by_ip("10.201.2.3".parse().unwrap())
+        .expect("reviews-v1 in the example");
+    let id = w.identity().unwrap();
+    assert_eq!(
+        id,
+        SpiffeId::new("cluster.local", "default", "bookinfo-reviews").unwrap()
+    );
+    let (a, b) = (w.peer(), w.peer());
+    assert!(std::sync::Arc::ptr_eq(&a, &b), "made once, then shared");
+    assert_eq!(a.principal, id.to_string());
+    assert_eq!(a.namespace, "default");
+    // The example has no canonical name or revision: Istio's fallbacks.
+    assert_eq!(a.canonical_service, "reviews-v1");
+    assert_eq!(a.canonical_revision, "latest");
+
+    let mut moved = w.clone();
+    moved.service_account = "other".into();
+    moved.canonical_revision = "v9".into();
+    assert_eq!(
+        moved.identity().unwrap().to_string(),
+        "spiffe://cluster.local/ns/default/sa/other"
+    );
+    assert_eq!(moved.peer().canonical_revision, "v9");
+    assert!(!std::sync::Arc::ptr_eq(&moved.peer(), &a));
+    assert_eq!(
+        w.peer().canonical_revision,
+        "latest",
+        "the original keeps its own"
+    );
+}

@@ -190,6 +190,36 @@ pub struct Workload {
     /// canonical name and revision, as Istio derives those from the labels.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its identity and metric labels, worked out on first use and shared by its connections.
+    #[serde(skip)]
+    pub derived: Derived,
+}
+
+/// What a connection needs of its workloads and would otherwise rebuild each time: the SPIFFE
+/// id (formatted and parsed) and the metric label set (six strings). Made once per workload
+/// version: a clone starts empty, so a changed copy never carries its original's values.
+#[derive(Default)]
+pub struct Derived(
+    std::sync::OnceLock<(
+        Result<zring_hbone::SpiffeId, zring_hbone::identity::IdentityError>,
+        std::sync::Arc<crate::metrics::Peer>,
+    )>,
+);
+
+impl Clone for Derived {
+    fn clone(&self) -> Self {
+        Derived::default()
+    }
+}
+
+impl fmt::Debug for Derived {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "Derived(made)"
+        } else {
+            "Derived(not yet)"
+        })
+    }
 }
 
 /// Whether workload `w` carries every label in `want` (`app` and `version` fall back to its
@@ -208,7 +238,29 @@ pub fn labels_match(w: &Workload, want: &std::collections::BTreeMap<String, Stri
 impl Workload {
     /// The workload's SPIFFE identity.
     pub fn identity(&self) -> Result<zring_hbone::SpiffeId, zring_hbone::identity::IdentityError> {
-        zring_hbone::SpiffeId::new(&self.trust_domain, &self.namespace, &self.service_account)
+        self.derived().0.clone()
+    }
+
+    /// Its metric labels, with its own identity as principal (shared: a clone is a count).
+    pub fn peer(&self) -> std::sync::Arc<crate::metrics::Peer> {
+        self.derived().1.clone()
+    }
+
+    fn derived(
+        &self,
+    ) -> &(
+        Result<zring_hbone::SpiffeId, zring_hbone::identity::IdentityError>,
+        std::sync::Arc<crate::metrics::Peer>,
+    ) {
+        self.derived.0.get_or_init(|| {
+            let id = zring_hbone::SpiffeId::new(
+                &self.trust_domain,
+                &self.namespace,
+                &self.service_account,
+            );
+            let peer = crate::metrics::Peer::of(self, id.as_ref().ok());
+            (id, std::sync::Arc::new(peer))
+        })
     }
 }
 

@@ -38,14 +38,13 @@ fn inbound_log(
     start: Instant,
 ) -> ConnLog {
     let source = match index.workload_by_ip(src.ip()) {
-        Some(w) if peer.is_none() || w.identity().ok() == peer => Peer::of(w, peer.as_ref()),
+        Some(w) if peer.is_some() && w.identity().ok() == peer => w.peer(),
+        Some(w) if peer.is_none() => std::sync::Arc::new(Peer::of(w, None)),
         _ => Peer::unknown(peer.as_ref()),
     };
     let dst = index.workload_by_ip(target.ip());
     let dst_identity = dst.and_then(|w| w.identity().ok());
-    let destination = dst
-        .map(|w| Peer::of(w, dst_identity.as_ref()))
-        .unwrap_or_default();
+    let destination = dst.map(|w| w.peer()).unwrap_or_else(Peer::none);
     let labels = ConnLabels {
         reporter: Reporter::Destination,
         source,

@@ -267,8 +267,8 @@ impl Outbound {
             target,
             ConnLabels {
                 reporter: Reporter::Source,
-                source: Peer::default(),
-                destination: Peer::default(),
+                source: Peer::none(),
+                destination: Peer::none(),
                 service: None,
                 mtls: false,
                 response_flags: "-",
@@ -346,7 +346,7 @@ impl Outbound {
             .map_err(|e| Refused::new(Reply::NotAllowed, "NR", e.to_string()))?;
         tracing::Span::current().record("src.identity", tracing::field::display(&src_id));
         log.src_identity = Some(src_id.clone());
-        log.labels.source = Peer::of(src, Some(&src_id));
+        log.labels.source = src.peer();
         let route = self
             .route(index, log, src, target)
             .map_err(|e| Refused::new(Reply::HostUnreachable, "NR", e))?;
@@ -519,7 +519,7 @@ impl Outbound {
             }
         };
         let dst_id = w.identity().map_err(|e| e.to_string())?;
-        log.labels.destination = Peer::of(w, Some(&dst_id));
+        log.labels.destination = w.peer();
         log.dst_identity = Some(dst_id.clone());
         if w.protocol != InboundProtocol::Hbone {
             log.dst_identity = None;
@@ -549,7 +549,7 @@ fn via_waypoint(
         .workload_by_ip(wp.destination.address)
         .ok_or_else(|| format!("waypoint {} is not a known workload", wp.destination))?;
     let dst_id = w.identity().map_err(|e| e.to_string())?;
-    log.labels.destination = Peer::of(w, Some(&dst_id));
+    log.labels.destination = w.peer();
     Ok(Route::Hbone {
         dst_id,
         hbone: SocketAddr::new(wp.destination.address, wp.hbone_mtls_port),

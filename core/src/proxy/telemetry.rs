@@ -52,7 +52,8 @@ pub(crate) struct ConnLogFields {
     pub start: std::time::Instant,
     /// The W3C trace id the connection's CONNECT carried (both ends log the same one).
     pub trace_id: Option<String>,
-    opened: bool,
+    /// The metric series it counts in, from when it opened.
+    series: Option<std::sync::Arc<crate::metrics::Series>>,
     /// Bytes (towards the destination, back) already added to the metrics while live.
     reported: (u64, u64),
 }
@@ -91,20 +92,16 @@ impl ConnLog {
             labels,
             start,
             trace_id: None,
-            opened: false,
+            series: None,
             reported: (0, 0),
         }))
     }
 
     /// Add the bytes moved since the last report; `sent` and `received` are the totals so far.
-    fn report(&mut self, state: &State, sent: u64, received: u64) {
-        if self.opened {
-            let (s, r) = self.reported;
-            state.metrics.bytes(
-                &self.labels,
-                sent.saturating_sub(s),
-                received.saturating_sub(r),
-            );
+    fn report(&mut self, sent: u64, received: u64) {
+        let (s, r) = self.reported;
+        if let Some(series) = &self.series {
+            series.bytes(sent.saturating_sub(s), received.saturating_sub(r));
             self.reported = (sent.max(s), received.max(r));
         }
     }
@@ -116,7 +113,6 @@ impl ConnLog {
     /// slots of this future's state, which lives (allocated) as long as the connection.
     async fn reporting<F: Future>(
         &mut self,
-        state: &State,
         counts: impl Fn() -> (u64, u64),
         mut relay: std::pin::Pin<&mut F>,
     ) -> F::Output {
@@ -125,7 +121,7 @@ impl ConnLog {
                 out = &mut relay => return out,
                 _ = monoio::time::sleep(LIVE_BYTES_INTERVAL) => {
                     let (sent, received) = counts();
-                    self.report(state, sent, received);
+                    self.report(sent, received);
                 }
             }
         }
@@ -151,7 +147,7 @@ impl ConnLog {
         let relay = std::pin::pin!(zring_runtime::relay_counted(
             client, upstream, &opts, &counts
         ));
-        let out = self.reporting(state, get, relay).await;
+        let out = self.reporting(get, relay).await;
         self.close(
             state,
             "-",
@@ -180,16 +176,15 @@ impl ConnLog {
         };
         let get = || orient(counts.socket_to_stream.get(), counts.stream_to_socket.get());
         let relay = std::pin::pin!(copy_bidirectional_counted(socket, stream, &counts));
-        let out = self.reporting(state, get, relay).await;
+        let out = self.reporting(get, relay).await;
         let (sent, received) = orient(out.socket_to_stream, out.stream_to_socket);
         self.close(state, "-", sent, received, out.error.map(|e| e.to_string()));
     }
 
     /// The upstream side is established: count the connection as opened.
     pub fn established(&mut self, state: &State) {
-        if !self.opened {
-            self.opened = true;
-            state.metrics.opened(&self.labels);
+        if self.series.is_none() {
+            self.series = Some(state.metrics.opened(&self.labels));
         }
     }
 
@@ -202,18 +197,17 @@ impl ConnLog {
         received: u64,
         error: Option<String>,
     ) {
-        if !self.opened {
-            self.labels.response_flags = flags;
-            state.metrics.opened(&self.labels);
-        }
         // The series the live bytes went to keeps them: flags of an established connection
         // stay as they were when it opened.
+        let series = match self.series.take() {
+            Some(series) => series,
+            None => {
+                self.labels.response_flags = flags;
+                state.metrics.opened(&self.labels)
+            }
+        };
         let (s, r) = self.reported;
-        state.metrics.closed(
-            &self.labels,
-            sent.saturating_sub(s),
-            received.saturating_sub(r),
-        );
+        series.closed(sent.saturating_sub(s), received.saturating_sub(r));
         let service = self
             .labels
             .service

@@ -321,7 +321,7 @@ struct ConnCtx {
     /// The client's `traceparent` (well-formed), forwarded upstream; else a new trace per
     /// upstream stream.
     traceparent: Option<String>,
-    source: Peer,
+    source: std::sync::Arc<Peer>,
     h2: bool,
     /// Requests whose response has not ended yet, and when the last one ended (the idle
     /// watchdog closes a connection with none in flight for `idle_timeout`).
@@ -444,7 +444,8 @@ pub(crate) async fn stream(
         .filter(|t| crate::proxy::telemetry::trace_id(t).is_some())
         .map(str::to_string);
     let source = match index.workload_by_ip(client.ip()) {
-        Some(w) if peer.is_none() || w.identity().ok() == peer => Peer::of(w, peer.as_ref()),
+        Some(w) if peer.is_some() && w.identity().ok() == peer => w.peer(),
+        Some(w) if peer.is_none() => std::sync::Arc::new(Peer::of(w, None)),
         _ => Peer::unknown(peer.as_ref()),
     };
     drop(index);
@@ -760,7 +761,7 @@ struct ReqLog {
     path: String,
     protocol: &'static str,
     service: Option<(String, String, String)>,
-    destination: Peer,
+    destination: std::sync::Arc<Peer>,
     upstream: Option<SocketAddr>,
     route: String,
     audit: bool,
@@ -988,7 +989,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             .map_or_else(|| path.clone(), |p| p.as_str().to_string()),
         protocol: if grpc { "grpc" } else { "http" },
         service: service.map(|s| (s.hostname.clone(), s.name.clone(), s.namespace.clone())),
-        destination: Peer::default(),
+        destination: Peer::none(),
         upstream: None,
         route: "-".into(),
         audit: false,
@@ -1129,7 +1130,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         };
         tried.push(addr);
         log.upstream = Some(addr);
-        log.destination = Peer::of(w, w.identity().ok().as_ref());
+        log.destination = w.peer();
         if let Some(down) = client_upgrade {
             // Not retried: the upgrade's bytes are the client's from here on.
             return upgrade(&ctx, log, &parts, &authority, down, w, addr, svc_host).await;
@@ -1433,7 +1434,7 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
     let mut labels = ConnLabels {
         reporter: super::metrics::REPORTER,
         source: ctx.source.clone(),
-        destination: Peer::default(),
+        destination: Peer::none(),
         service: None,
         mtls: true,
         response_flags: "-",
@@ -1483,7 +1484,7 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
     };
     log.dst = addr;
     log.dst_identity = w.identity().ok();
-    log.labels.destination = Peer::of(w, log.dst_identity.as_ref());
+    log.labels.destination = w.peer();
     let up = match Box::pin(dial(&ctx, w, addr, host)).await {
         Ok(u) => u,
         Err(e) => {

@@ -345,6 +345,7 @@ pub fn workload_from(w: &wl::Workload) -> Result<Workload, String> {
         }
         .into(),
         labels: Default::default(),
+        derived: Default::default(),
     };
     if identity.uid.is_empty() {
         return Err("a workload without a uid".into());
