@@ -15,7 +15,7 @@ use zring_runtime::{
 };
 
 use super::{
-    telemetry::{trace_id, SocketSide},
+    telemetry::{trace_id, Relay, SocketSide},
     wait_for_config, ConnLog, HandshakePermit, HbonePool, State,
 };
 use crate::{
@@ -190,7 +190,13 @@ async fn hbone_connection(
                     ))
                     .await
                 }
-                None => stream(i, peer_addr, s, netns).await,
+                // The set-up runs boxed and hands over the relay, so the stream's task keeps
+                // only the relay while the connection lives.
+                None => {
+                    if let Some(relay) = Box::pin(stream(i, peer_addr, s, netns)).await {
+                        relay.await
+                    }
+                }
             }
         }
         .instrument(span)
@@ -216,7 +222,7 @@ async fn stream(
     peer_addr: SocketAddr,
     state: Arc<State>,
     netns: Option<Arc<NetNs>>,
-) {
+) -> Option<Relay> {
     let start = Instant::now();
     let target = incoming.request.target;
     let peer = incoming.request.peer.clone();
@@ -241,32 +247,34 @@ async fn stream(
         .and_then(trace_id);
     if let Err(r) = authz::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()) {
         log.close(&state, r.response_flags, 0, 0, Some(r.reason));
-        return incoming.reject(r.status);
+        incoming.reject(r.status);
+        return None;
     }
     drop(index);
-    // Boxed: only the relay should size the task that lives as long as the connection.
-    let up = match Box::pin(net::connect(target, &upstream_opts(&state, netns)))
+    let up = match net::connect(target, &upstream_opts(&state, netns))
         .await
         .and_then(PollTcp::new)
     {
         Ok(u) => u,
         Err(e) => {
             log.close(&state, "UF", 0, 0, Some(e.to_string()));
-            return incoming.reject(server::StatusCode::SERVICE_UNAVAILABLE);
+            incoming.reject(server::StatusCode::SERVICE_UNAVAILABLE);
+            return None;
         }
     };
     let Ok(stream) = incoming.accept() else {
-        return log.close(
-            &state,
-            "UF",
-            0,
-            0,
-            Some("the stream ended before 200".into()),
-        );
+        let why = "the stream ended before 200";
+        log.close(&state, "UF", 0, 0, Some(why.into()));
+        return None;
     };
     // Bytes from the destination's point of view: sent = delivered to the workload.
-    // Boxed at its exact size; the task keeps only what the set-up needed.
-    Box::pin(log.tunnel_and_close(&state, up, stream, SocketSide::Destination)).await;
+    Some(Box::pin(log.tunnel_and_close(
+        state,
+        up,
+        stream,
+        SocketSide::Destination,
+        (),
+    )))
 }
 
 /// One captured inbound plaintext connection (15006): the original destination must be a local
@@ -279,9 +287,10 @@ pub(super) async fn plaintext(
     netns: Option<Arc<NetNs>>,
 ) {
     let span = tracing::debug_span!("inbound_plaintext", src.addr = %peer);
-    plaintext_connection(sock, peer, listen, state, netns)
-        .instrument(span)
-        .await
+    let set_up = plaintext_connection(sock, peer, listen, state, netns).instrument(span.clone());
+    if let Some(relay) = Box::pin(set_up).await {
+        relay.instrument(span).await
+    }
 }
 
 async fn plaintext_connection(
@@ -290,10 +299,11 @@ async fn plaintext_connection(
     listen: SocketAddr,
     state: Arc<State>,
     netns: Option<Arc<NetNs>>,
-) {
+) -> Option<Relay> {
     let start = Instant::now();
     let Some(target) = super::outbound::original_destination(&sock, listen) else {
-        return tracing::warn!(src.addr = %peer, "inbound plaintext connection without an original destination (not redirected?); closed");
+        tracing::warn!(src.addr = %peer, "inbound plaintext connection without an original destination (not redirected?); closed");
+        return None;
     };
     let index = match netns {
         Some(_) => wait_for_config(&state, |idx| idx.workload_by_ip(target.ip()).is_some()).await,
@@ -302,15 +312,17 @@ async fn plaintext_connection(
     let log = inbound_log(&index, "plaintext", peer, None, target, start);
     if let Err(r) = authz::decide_plaintext(&index, &state.cfg.node, peer, target) {
         let _ = zring_runtime::net::set_reset_on_close(&sock);
-        return log.close(&state, r.response_flags, 0, 0, Some(r.reason));
+        log.close(&state, r.response_flags, 0, 0, Some(r.reason));
+        return None;
     }
     drop(index);
     let up = match net::connect(target, &upstream_opts(&state, netns)).await {
         Ok(u) => u,
         Err(e) => {
             let _ = zring_runtime::net::set_reset_on_close(&sock);
-            return log.close(&state, "UF", 0, 0, Some(e.to_string()));
+            log.close(&state, "UF", 0, 0, Some(e.to_string()));
+            return None;
         }
     };
-    Box::pin(log.splice_and_close(&state, sock, up)).await;
+    Some(Box::pin(log.splice_and_close(state, sock, up)))
 }

@@ -24,7 +24,7 @@ use zring_runtime::net::{self, ConnectOptions};
 
 use super::{
     headers::connect_headers,
-    telemetry::{trace_id, SocketSide},
+    telemetry::{trace_id, Relay, SocketSide},
     wait_for_config, ConnLog, HandshakePermit, HbonePool, State,
 };
 use crate::{
@@ -188,7 +188,12 @@ impl Outbound {
         permit: HandshakePermit,
     ) {
         let limit = self.state.cfg.limits.socks5_greeting;
-        let target = match monoio::time::timeout(limit, socks_handshake(&mut sock, peer)).await {
+        // Boxed (a timer is 640 bytes): the connection's task should not keep its room.
+        let greeting = Box::pin(monoio::time::timeout(
+            limit,
+            socks_handshake(&mut sock, peer),
+        ));
+        let target = match greeting.await {
             Ok(Some(t)) => t,
             Ok(None) => return,
             Err(_) => {
@@ -246,18 +251,26 @@ impl Outbound {
             src.identity = tracing::field::Empty,
             dst.identity = tracing::field::Empty,
         );
-        self.route_and_relay(sock, peer, target, client)
-            .instrument(span)
-            .await
+        // The set-up runs boxed and hands over the relay: the task that lives as long as the
+        // connection then holds two pointers, not the largest set-up step's state.
+        let set_up = Box::pin(
+            self.set_up(sock, peer, target, client)
+                .instrument(span.clone()),
+        );
+        if let Some(relay) = set_up.await {
+            relay.instrument(span).await
+        }
     }
 
-    async fn route_and_relay(
+    /// Route the connection and establish its upstream side; the relay that carries it from
+    /// then on (none when it was refused).
+    async fn set_up(
         self,
         mut sock: monoio::net::TcpStream,
         peer: SocketAddr,
         target: SocketAddr,
         client: Client,
-    ) {
+    ) -> Option<Relay> {
         let _ = sock.set_nodelay(true);
         let state = &*self.state;
         let mut log = ConnLog::new(
@@ -284,6 +297,7 @@ impl Outbound {
             Err(r) => {
                 refuse(&mut sock, client, r.code).await;
                 log.close(state, r.flags, 0, 0, Some(r.reason));
+                None
             }
             Ok(Plan::Tcp(dst)) => self.plain(sock, client, log, dst).await,
             Ok(Plan::Hbone {
@@ -402,7 +416,7 @@ impl Outbound {
         client: Client,
         log: ConnLog,
         dst: SocketAddr,
-    ) {
+    ) -> Option<Relay> {
         let state = &*self.state;
         let opts = ConnectOptions {
             mark: state.cfg.mark,
@@ -414,14 +428,15 @@ impl Outbound {
             Ok(u) => u,
             Err(e) => {
                 refuse(&mut sock, client, Reply::Refused).await;
-                return log.close(state, "UF", 0, 0, Some(e.to_string()));
+                log.close(state, "UF", 0, 0, Some(e.to_string()));
+                return None;
             }
         };
         if !socks_ok(&mut sock, client).await {
-            return log.close(state, "-", 0, 0, Some("client left".into()));
+            log.close(state, "-", 0, 0, Some("client left".into()));
+            return None;
         }
-        // Boxed at its exact size, as the tunnel below.
-        Box::pin(log.splice_and_close(state, sock, up)).await
+        Some(Box::pin(log.splice_and_close(self.state.clone(), sock, up)))
     }
 
     /// A CONNECT to `target` over the worker's pooled HBONE connection for `key`.
@@ -433,7 +448,7 @@ impl Outbound {
         key: PoolKey,
         target: SocketAddr,
         headers: ConnectHeaders,
-    ) {
+    ) -> Option<Relay> {
         let state = &*self.state;
         // From Istio's CA, the source's certificate before the pool dials with it: fetched now
         // if a config change queued it behind others, without blocking this worker. (A local
@@ -441,7 +456,8 @@ impl Outbound {
         if state.certs.is_remote() {
             if let Err(e) = Box::pin(state.certs.get_urgent(&key.src_id)).await {
                 refuse(&mut sock, client, Reply::Failure).await;
-                return log.close(state, "UF", 0, 0, Some(e.to_string()));
+                log.close(state, "UF", 0, 0, Some(e.to_string()));
+                return None;
             }
         }
         // Boxed, as the certificate fetch above: set-up futures (a dial, a TLS handshake) are
@@ -457,18 +473,27 @@ impl Outbound {
                     _ => (Reply::Failure, "UF"),
                 };
                 refuse(&mut sock, client, code).await;
-                return log.close(state, flags, 0, 0, Some(e.to_string()));
+                log.close(state, flags, 0, 0, Some(e.to_string()));
+                return None;
             }
         };
         if !socks_ok(&mut sock, client).await {
-            return log.close(state, "-", 0, 0, Some("client left".into()));
+            log.close(state, "-", 0, 0, Some("client left".into()));
+            return None;
         }
-        let (stream, _slot) = stream.into_parts();
+        let (stream, slot) = stream.into_parts();
         let Ok(sock) = PollTcp::new(sock) else {
-            return log.close(state, "-", 0, 0, Some("socket setup failed".into()));
+            log.close(state, "-", 0, 0, Some("socket setup failed".into()));
+            return None;
         };
-        // Boxed at its exact size; the task keeps only what the set-up needed.
-        Box::pin(log.tunnel_and_close(state, sock, stream, SocketSide::Client)).await;
+        // The stream's place on its pooled connection is held while it relays.
+        Some(Box::pin(log.tunnel_and_close(
+            self.state.clone(),
+            sock,
+            stream,
+            SocketSide::Client,
+            slot,
+        )))
     }
 
     fn route(

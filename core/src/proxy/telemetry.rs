@@ -1,6 +1,13 @@
 //! One connection's telemetry: metric labels, byte counters and the access-log line.
 
-use std::{future::Future, net::SocketAddr};
+use std::{
+    cell::{Cell, RefCell},
+    future::Future,
+    net::SocketAddr,
+    pin::Pin,
+    rc::{Rc, Weak},
+    sync::Arc,
+};
 
 use zring_hbone::{
     relay::{copy_bidirectional_counted, ResetOnClose, TunnelCounts},
@@ -9,7 +16,92 @@ use zring_hbone::{
 use zring_runtime::{relay::RelayOptions, ByteCounts};
 
 use super::State;
-use crate::metrics::LIVE_BYTES_INTERVAL;
+use crate::metrics::Series;
+
+/// A connection's relay, once its set-up is done: awaited on its own, so the set-up's futures
+/// (config wait, dial, TLS, SOCKS5) are freed before the connection settles in for its life.
+pub(crate) type Relay = Pin<Box<dyn Future<Output = ()>>>;
+
+/// Byte totals of a live relay: (towards the destination, back).
+trait Totals {
+    fn totals(&self) -> (u64, u64);
+}
+
+impl Totals for (TunnelCounts, SocketSide) {
+    fn totals(&self) -> (u64, u64) {
+        let (c, side) = self;
+        let (from, to) = (c.socket_to_stream.get(), c.stream_to_socket.get());
+        match side {
+            SocketSide::Client => (from, to),
+            SocketSide::Destination => (to, from),
+        }
+    }
+}
+
+impl Totals for ByteCounts {
+    fn totals(&self) -> (u64, u64) {
+        (self.client_to_upstream.get(), self.upstream_to_client.get())
+    }
+}
+
+/// A live connection's counts, as the relay updates them and the worker's periodic report
+/// reads them: no timer per connection (a monoio sleep is 640 bytes).
+struct Live<C> {
+    counts: C,
+    series: Arc<Series>,
+    /// Totals already added to the series.
+    reported: Cell<(u64, u64)>,
+}
+
+trait Report {
+    fn report(&self);
+}
+
+impl<C: Totals> Report for Live<C> {
+    fn report(&self) {
+        let (sent, received) = self.counts.totals();
+        let (s, r) = self.reported.get();
+        self.series
+            .bytes(sent.saturating_sub(s), received.saturating_sub(r));
+        self.reported.set((sent.max(s), received.max(r)));
+    }
+}
+
+thread_local! {
+    /// This worker's live relays.
+    static LIVE: RefCell<Vec<Weak<dyn Report>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Add the bytes each of this worker's live connections moved since the last report to its
+/// series (the worker calls it every [`crate::metrics::LIVE_BYTES_INTERVAL`]), and forget the
+/// ones that ended.
+pub(crate) fn report_live() {
+    LIVE.with(|l| {
+        let mut l = l.borrow_mut();
+        l.retain(|w| match w.upgrade() {
+            Some(c) => {
+                c.report();
+                true
+            }
+            None => false,
+        });
+        if l.len() < l.capacity() / 4 {
+            let keep = l.len() * 2;
+            l.shrink_to(keep);
+        }
+    });
+}
+
+fn register<C: Totals + 'static>(counts: C, series: Arc<Series>) -> Rc<Live<C>> {
+    let live = Rc::new(Live {
+        counts,
+        series,
+        reported: Cell::new((0, 0)),
+    });
+    let dynamic: Rc<dyn Report> = live.clone();
+    LIVE.with(|l| l.borrow_mut().push(Rc::downgrade(&dynamic)));
+    live
+}
 
 /// Which way a tunnel's socket faces: the client (outbound: bytes from the socket go towards
 /// the destination) or the destination workload (inbound: bytes to the socket do).
@@ -97,59 +189,20 @@ impl ConnLog {
         }))
     }
 
-    /// Add the bytes moved since the last report; `sent` and `received` are the totals so far.
-    fn report(&mut self, sent: u64, received: u64) {
-        let (s, r) = self.reported;
-        if let Some(series) = &self.series {
-            series.bytes(sent.saturating_sub(s), received.saturating_sub(r));
-            self.reported = (sent.max(s), received.max(r));
-        }
-    }
-
-    /// Run `relay`, adding its bytes (`counts()`: towards the destination, back) to the metrics
-    /// every [`LIVE_BYTES_INTERVAL`] while it runs.
-    ///
-    /// The relay comes pinned by the caller: taken by value and pinned here, it would occupy two
-    /// slots of this future's state, which lives (allocated) as long as the connection.
-    async fn reporting<F: Future>(
-        &mut self,
-        counts: impl Fn() -> (u64, u64),
-        mut relay: std::pin::Pin<&mut F>,
-    ) -> F::Output {
-        loop {
-            monoio::select! {
-                out = &mut relay => return out,
-                _ = monoio::time::sleep(LIVE_BYTES_INTERVAL) => {
-                    let (sent, received) = counts();
-                    self.report(sent, received);
-                }
-            }
-        }
-    }
-
     /// Splice `client` <-> `upstream` (plain TCP both sides) until both directions end, then
     /// close the log. Established: counted as opened first.
     pub async fn splice_and_close(
         mut self,
-        state: &State,
+        state: Arc<State>,
         client: monoio::net::TcpStream,
         upstream: monoio::net::TcpStream,
     ) {
-        self.established(state);
-        let counts = ByteCounts::default();
-        let get = || {
-            (
-                counts.client_to_upstream.get(),
-                counts.upstream_to_client.get(),
-            )
-        };
+        let live = register(ByteCounts::default(), self.established(&state));
         let opts = RelayOptions::default();
-        let relay = std::pin::pin!(zring_runtime::relay_counted(
-            client, upstream, &opts, &counts
-        ));
-        let out = self.reporting(get, relay).await;
+        let out = zring_runtime::relay_counted(client, upstream, &opts, &live.counts).await;
+        self.reported = live.reported.get();
         self.close(
-            state,
+            &state,
             "-",
             out.client_to_upstream,
             out.upstream_to_client,
@@ -158,34 +211,42 @@ impl ConnLog {
     }
 
     /// Copy between `socket` and the HBONE `stream` until both directions end, then close the
-    /// log; `side` says which way is towards the destination.
-    pub async fn tunnel_and_close<S>(
+    /// log; `side` says which way is towards the destination. `hold` (a pooled stream's slot)
+    /// is kept until then: taken here, it costs the relay no second copy of its state, as an
+    /// async block around this one would.
+    pub async fn tunnel_and_close<S, H>(
         mut self,
-        state: &State,
+        state: Arc<State>,
         socket: S,
         stream: H2Stream,
         side: SocketSide,
+        hold: H,
     ) where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + ResetOnClose + Unpin,
     {
-        self.established(state);
-        let counts = TunnelCounts::default();
-        let orient = |from_socket: u64, to_socket: u64| match side {
-            SocketSide::Client => (from_socket, to_socket),
-            SocketSide::Destination => (to_socket, from_socket),
+        let live = register((TunnelCounts::default(), side), self.established(&state));
+        let out = copy_bidirectional_counted(socket, stream, &live.counts.0).await;
+        self.reported = live.reported.get();
+        let (sent, received) = match side {
+            SocketSide::Client => (out.socket_to_stream, out.stream_to_socket),
+            SocketSide::Destination => (out.stream_to_socket, out.socket_to_stream),
         };
-        let get = || orient(counts.socket_to_stream.get(), counts.stream_to_socket.get());
-        let relay = std::pin::pin!(copy_bidirectional_counted(socket, stream, &counts));
-        let out = self.reporting(get, relay).await;
-        let (sent, received) = orient(out.socket_to_stream, out.stream_to_socket);
-        self.close(state, "-", sent, received, out.error.map(|e| e.to_string()));
+        self.close(
+            &state,
+            "-",
+            sent,
+            received,
+            out.error.map(|e| e.to_string()),
+        );
+        drop(hold);
     }
 
-    /// The upstream side is established: count the connection as opened.
-    pub fn established(&mut self, state: &State) {
-        if self.series.is_none() {
-            self.series = Some(state.metrics.opened(&self.labels));
-        }
+    /// The upstream side is established: count the connection as opened (once); its series.
+    pub fn established(&mut self, state: &State) -> Arc<Series> {
+        let f = &mut *self.0;
+        f.series
+            .get_or_insert_with(|| state.metrics.opened(&f.labels))
+            .clone()
     }
 
     /// Close with `flags` (`-` for a normal close), bytes towards the destination and back.

@@ -71,6 +71,10 @@ pub(super) fn listen(
         .map_err(|e| std::io::Error::new(e.kind(), format!("{what} listener {addr}: {e}")))
 }
 
+/// Ticks between two reports of live connections' bytes ([`crate::metrics::LIVE_BYTES_INTERVAL`]).
+const LIVE_REPORT_TICKS: u64 =
+    crate::metrics::LIVE_BYTES_INTERVAL.as_millis() as u64 / TICK.as_millis() as u64;
+
 pub(super) async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Result<()> {
     let drain = Drain::on_shutdown(ctx.shutdown);
     let pool = pool(&state);
@@ -136,6 +140,10 @@ pub(super) async fn worker(ctx: WorkerContext, state: Arc<State>) -> std::io::Re
             // memory a burst of connections left behind goes back to the OS.
             pool.sweep_all();
             zring_runtime::sys::release_free_memory();
+        }
+        if ticks.is_multiple_of(LIVE_REPORT_TICKS) {
+            // Live connections' bytes show before they close.
+            super::telemetry::report_live();
         }
         #[cfg(feature = "test-hooks")]
         super::test_hooks::maybe_panic_worker(ctx.index, ticks);
