@@ -29,7 +29,7 @@ use crate::{
     sample::{rss_mib, CpuWindow},
     util::{git_commit, machine, which},
 };
-use lab::{Lab, Scratch, SERVER_IP};
+use lab::{Lab, Scratch};
 use paths::{Bins, Deployed, PathSpec, ECHO_PORT, HTTP_PORT, IPERF_PORT};
 
 #[derive(Debug, clap::Args)]
@@ -629,9 +629,9 @@ impl Measure<'_> {
         let raw = format!("raw/{tag}.json");
         let json = self.out.join(&raw);
         let target = if mode == "http" {
-            format!("http://{SERVER_IP}:{HTTP_PORT}/")
+            format!("http://{}:{HTTP_PORT}/", d.target)
         } else {
-            format!("{SERVER_IP}:{ECHO_PORT}")
+            format!("{}:{ECHO_PORT}", d.target)
         };
         let mut cmd = self.lab.client.cmd(&self.bins.loadgen);
         cmd.args(["run", mode, &target])
@@ -675,7 +675,7 @@ impl Measure<'_> {
         );
         let secs = self.plan.secs.ceil().max(1.0) as u64;
         let mut cmd = self.lab.client.cmd("iperf3");
-        cmd.args(["-c", SERVER_IP, "-p", &IPERF_PORT.to_string(), "-J"])
+        cmd.args(["-c", d.target, "-p", &IPERF_PORT.to_string(), "-J"])
             .args(["-t", &secs.to_string(), "-P", &streams.to_string()]);
         let mut r = self.sampled(d, || {
             let out = cmd.output().context("iperf3")?;
@@ -718,7 +718,7 @@ impl Measure<'_> {
             }
         }
         let ns = zring_runtime::net::NetNs::open(self.lab.client.path())?;
-        let addr: SocketAddr = format!("{SERVER_IP}:{ECHO_PORT}").parse()?;
+        let addr: SocketAddr = format!("{}:{ECHO_PORT}", d.target).parse()?;
         let conns = std::thread::scope(|s| {
             s.spawn(|| {
                 ns.run(|| -> anyhow::Result<Vec<TcpStream>> {

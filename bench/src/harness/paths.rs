@@ -13,11 +13,13 @@
 //!   HAProxy, which terminates TLS (client certificate required) and forwards to the app on
 //!   127.0.0.1. `--sidecar envoy:PATH` uses Envoy with the equivalent static config.
 //! - `waypoint`: client -> zring node-1 -> HBONE -> `zring waypoint` (on node-2, its own address
-//!   10.241.3.2) -> HBONE with the waypoint's identity -> zring node-2 -> server. The server pod
-//!   has the waypoint as its workload waypoint; the waypoint enforces an L7 ALLOW policy (the
-//!   client's principal, GET on `/*`, or the TCP ports), node-2's L4 policy allows only the
-//!   waypoint's principal. HTTP requests are parsed and re-issued (HTTP/1.1, pooled upstream);
-//!   TCP scenarios (echo, iperf3) are relayed after protocol detection.
+//!   10.241.3.2) -> HBONE with the waypoint's identity -> zring node-2 -> server. The client
+//!   dials the server's service VIP (10.241.9.10), whose waypoint it is (the server pod also
+//!   has it as its workload waypoint); the waypoint routes each request by a `VirtualService`
+//!   (prefix `/` to the service), enforces an L7 ALLOW policy (the client's principal, GET on
+//!   `/*`, or the TCP ports), and node-2's L4 policy allows only the waypoint's principal. HTTP
+//!   requests are parsed and re-issued (HTTP/1.1, pooled upstream); TCP scenarios (echo,
+//!   iperf3) are relayed after protocol detection.
 //! - `waypoint-ztunnel`: the same with Istio's ztunnel as both node proxies (`--ztunnel PATH`)
 //!   and zring as the waypoint. `--waypoint envoy:PATH` is reserved for an Envoy waypoint (not
 //!   wired).
@@ -83,8 +85,8 @@ impl PathSpec {
             PathSpec::MixedReverse(_) => "client pod -> Istio's ztunnel node-1 -HBONE/mTLS-> zring node-2 -> server pod (zring's CA is ztunnel's fake CA root)".into(),
             PathSpec::Sidecar(SidecarProxy::Haproxy) => "client -(iptables)-> HAProxy sidecar (HTTP mode; TCP mode for echo/iperf3) -mTLS-> HAProxy sidecar -(iptables)-> server".into(),
             PathSpec::Sidecar(SidecarProxy::Envoy(p)) => format!("client -(iptables)-> Envoy sidecar ({}) -mTLS-> Envoy sidecar -> server", p.display()),
-            PathSpec::Waypoint(_) => "client -> zring node-1 -HBONE-> zring waypoint (L7: HTTP parsed, ALLOW policy on principal/method/path) -HBONE-> zring node-2 -> server".into(),
-            PathSpec::WaypointZtunnel(_) => "client -> Istio's ztunnel node-1 -HBONE-> zring waypoint (L7) -HBONE-> Istio's ztunnel node-2 -> server".into(),
+            PathSpec::Waypoint(_) => "client -> service VIP: zring node-1 -HBONE-> zring waypoint (L7: HTTP parsed, VirtualService route, ALLOW policy on principal/method/path) -HBONE-> zring node-2 -> server".into(),
+            PathSpec::WaypointZtunnel(_) => "client -> service VIP: Istio's ztunnel node-1 -HBONE-> zring waypoint (L7, route and policy) -HBONE-> Istio's ztunnel node-2 -> server".into(),
         }
     }
 
@@ -161,6 +163,9 @@ pub struct Deployed {
     /// Concurrent connections the path can hold, when its proxy is configured with a limit
     /// (HAProxy's maxconn, derived from the open-file hard limit).
     pub max_conns: Option<(usize, String)>,
+    /// The address the client dials: the server pod, or the server's service VIP on the
+    /// waypoint paths (routes attach to services).
+    pub target: &'static str,
 }
 
 impl Deployed {
@@ -212,6 +217,10 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
         io_backend: "-".into(),
         procs,
         max_conns: None,
+        target: match spec {
+            PathSpec::Waypoint(_) | PathSpec::WaypointZtunnel(_) => SERVICE_VIP,
+            _ => SERVER_IP,
+        },
     };
     match spec {
         PathSpec::NoMesh => {}
@@ -321,19 +330,36 @@ fn ztunnel_fake_ca(dir: &Scratch, ztunnel: &Path) -> anyhow::Result<PathBuf> {
 /// The waypoint's address (on node-2's link to node-1).
 pub const WAYPOINT_IP: &str = "10.241.3.2";
 
-/// The lab's mesh with the server pod behind a workload waypoint: node-2 admits only the
-/// waypoint's principal; the waypoint workload lives on its own node name.
+/// The server's service VIP on the waypoint paths (inside the client pod's route to the lab;
+/// no interface holds it: the client's proxy resolves it).
+pub const SERVICE_VIP: &str = "10.241.9.10";
+
+/// The lab's mesh with the server pod behind a waypoint, as a workload and as the endpoint of
+/// service `server` ([`SERVICE_VIP`], the apps' ports), which the waypoint routes: node-2 admits
+/// only the waypoint's principal; the waypoint workload lives on its own node name.
 fn waypoint_mesh() -> String {
     let server = "  services: {}\n  authorizationPolicies: [\"default/server-viewer\"]\n";
     assert!(MESH_YAML.contains(server));
+    let ports = [HTTP_PORT, ECHO_PORT, IPERF_PORT];
+    let map = |indent: &str| {
+        ports
+            .iter()
+            .map(|p| format!("{indent}{p}: {p}\n"))
+            .collect::<String>()
+    };
+    let waypoint =
+        format!("  waypoint:\n    destination: \"/{WAYPOINT_IP}\"\n    hboneMtlsPort: 15008\n");
     MESH_YAML
         .replace(
             server,
-            &format!("  waypoint:\n    destination: \"/{WAYPOINT_IP}\"\n    hboneMtlsPort: 15008\n{server}"),
+            &format!(
+                "{waypoint}  services:\n    \"default/server.default.svc.cluster.local\":\n{}  authorizationPolicies: [\"default/server-viewer\"]\n",
+                map("      ")
+            ),
         )
         .replace(
             "services: []\n",
-            &format!("- uid: harness//v1/Pod/default/waypoint\n  name: waypoint\n  namespace: default\n  serviceAccount: waypoint\n  trustDomain: cluster.local\n  workloadIps: [\"{WAYPOINT_IP}\"]\n  protocol: HBONE\n  node: node-w\n  services: {{}}\nservices: []\n"),
+            &format!("- uid: harness//v1/Pod/default/waypoint\n  name: waypoint\n  namespace: default\n  serviceAccount: waypoint\n  trustDomain: cluster.local\n  workloadIps: [\"{WAYPOINT_IP}\"]\n  protocol: HBONE\n  node: node-w\n  services: {{}}\nservices:\n- name: server\n  namespace: default\n  hostname: server.default.svc.cluster.local\n  vips: [\"/{SERVICE_VIP}\"]\n  ports:\n{}{waypoint}", map("    ")),
         )
         .replace(
             "!Exact cluster.local/ns/default/sa/client",
@@ -369,6 +395,24 @@ spec:
         ports: ["8081", "5201"]
 "#;
 
+/// The waypoint's route for the server's service: every path, to the service's endpoints, as a
+/// user's canary setup would start (matched per request, then an endpoint picked).
+const WAYPOINT_ROUTE: &str = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: server
+  namespace: default
+spec:
+  hosts: [server.default.svc.cluster.local]
+  http:
+  - match:
+    - uri:
+        prefix: /
+    route:
+    - destination:
+        host: server.default.svc.cluster.local
+"#;
+
 /// `zring waypoint` in node-2's namespace on [`WAYPOINT_IP`], ready.
 fn start_waypoint(
     lab: &Lab,
@@ -397,6 +441,7 @@ fn start_waypoint(
     let res = dir.0.join("waypoint-resources");
     std::fs::create_dir_all(&res)?;
     std::fs::write(res.join("policy.yaml"), WAYPOINT_POLICY)?;
+    std::fs::write(res.join("route.yaml"), WAYPOINT_ROUTE)?;
     let at = |port: u16| format!("{WAYPOINT_IP}:{port}");
     let mut c = lab.node2.cmd(&bins.zring);
     c.args(["waypoint", "--config"])
@@ -545,7 +590,7 @@ fn ambient(
             })
     };
     let through = wait_for("a request through the tunnel", 20, || {
-        get_ok(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/") && metrics()
+        get_ok(&lab.client, &format!("{}:{HTTP_PORT}", d.target), "/") && metrics()
     });
     if let Err(e) = through {
         bail!(
@@ -553,6 +598,25 @@ fn ambient(
             tail(&d.procs[d.procs.len() - 2].log_text(), 20),
             tail(&d.procs[d.procs.len() - 1].log_text(), 20)
         );
+    }
+    if waypoint {
+        // The waypoint routed that request by the service's route, not as a bare workload.
+        let at = format!("{WAYPOINT_IP}:15100");
+        let dump = http_get(&lab.node2, &at, "/config_dump", None);
+        let stats = http_get(
+            &lab.node2,
+            &format!("{WAYPOINT_IP}:15120"),
+            "/metrics",
+            None,
+        );
+        let routed = stats.lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("destination_service=\"server.default.svc.cluster.local\"")
+                && l.contains("response_code=\"200\"")
+        });
+        if !dump.contains("VirtualService default/server http[0]") || !routed {
+            bail!("the waypoint did not route by the service's VirtualService:\n{dump}\n{stats}");
+        }
     }
     Ok(())
 }
