@@ -65,23 +65,19 @@ async fn serve(name: String, mut req: Request<Incoming>) -> Result<Response<Body
         }
         return Ok(r);
     }
-    if path == "/big" {
-        let n = req
-            .uri()
+    // The number a query like `n=5` gives (0 when absent or malformed).
+    let number = |key: &str| -> u64 {
+        req.uri()
             .query()
-            .and_then(|q| q.strip_prefix("n="))
+            .and_then(|q| q.strip_prefix(key)?.strip_prefix('='))
             .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        return Ok(resp(full(pattern(n))));
+            .unwrap_or(0)
+    };
+    if path == "/big" {
+        return Ok(resp(full(pattern(number("n") as usize))));
     }
     if path == "/slow" {
-        let ms = req
-            .uri()
-            .query()
-            .and_then(|q| q.strip_prefix("ms="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(number("ms"))).await;
     }
     Ok(resp(full(format!("{name} {} {path}", req.method()))))
 }
