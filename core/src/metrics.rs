@@ -96,6 +96,16 @@ impl Peer {
         }
     }
 
+    /// The labels of a connection's source: the workload at its address when the identity it
+    /// proved (if any) is that workload's own, else an unknown peer with the proven principal.
+    pub fn source(w: Option<&Workload>, proven: Option<&SpiffeId>) -> Arc<Self> {
+        match (w, proven) {
+            (Some(w), Some(p)) if w.identity_ref() == Ok(p) => w.peer(),
+            (Some(w), None) => Arc::new(Peer::of(w, None)),
+            _ => Peer::unknown(proven),
+        }
+    }
+
     /// The peer nothing is known of (every label `unknown`), shared.
     pub fn none() -> Arc<Self> {
         static NONE: LazyLock<Arc<Peer>> = LazyLock::new(Arc::default);

@@ -241,6 +241,13 @@ impl Workload {
         self.derived().0.clone()
     }
 
+    /// Its SPIFFE identity, borrowed (no copy: for comparisons on a connection's path).
+    pub fn identity_ref(
+        &self,
+    ) -> Result<&zring_hbone::SpiffeId, &zring_hbone::identity::IdentityError> {
+        self.derived().0.as_ref()
+    }
+
     /// Its metric labels, with its own identity as principal (shared: a clone is a count).
     pub fn peer(&self) -> std::sync::Arc<crate::metrics::Peer> {
         self.derived().1.clone()

@@ -37,11 +37,7 @@ fn inbound_log(
     target: SocketAddr,
     start: Instant,
 ) -> ConnLog {
-    let source = match index.workload_by_ip(src.ip()) {
-        Some(w) if peer.is_some() && w.identity().ok() == peer => w.peer(),
-        Some(w) if peer.is_none() => std::sync::Arc::new(Peer::of(w, None)),
-        _ => Peer::unknown(peer.as_ref()),
-    };
+    let source = Peer::source(index.workload_by_ip(src.ip()), peer.as_ref());
     let dst = index.workload_by_ip(target.ip());
     let dst_identity = dst.and_then(|w| w.identity().ok());
     let destination = dst.map(|w| w.peer()).unwrap_or_else(Peer::none);

@@ -30,11 +30,7 @@ trait Totals {
 impl Totals for (TunnelCounts, SocketSide) {
     fn totals(&self) -> (u64, u64) {
         let (c, side) = self;
-        let (from, to) = (c.socket_to_stream.get(), c.stream_to_socket.get());
-        match side {
-            SocketSide::Client => (from, to),
-            SocketSide::Destination => (to, from),
-        }
+        side.orient(c.socket_to_stream.get(), c.stream_to_socket.get())
     }
 }
 
@@ -111,6 +107,16 @@ pub(crate) enum SocketSide {
     Client,
     /// The socket is the connection to the destination workload.
     Destination,
+}
+
+impl SocketSide {
+    /// Bytes (from the socket, to the socket) as (towards the destination, back).
+    fn orient(self, from_socket: u64, to_socket: u64) -> (u64, u64) {
+        match self {
+            SocketSide::Client => (from_socket, to_socket),
+            SocketSide::Destination => (to_socket, from_socket),
+        }
+    }
 }
 
 /// The trace id (32 hex digits) of a `traceparent` value, if well formed.
@@ -227,10 +233,7 @@ impl ConnLog {
         let live = register((TunnelCounts::default(), side), self.established(&state));
         let out = copy_bidirectional_counted(socket, stream, &live.counts.0).await;
         self.reported = live.reported.get();
-        let (sent, received) = match side {
-            SocketSide::Client => (out.socket_to_stream, out.stream_to_socket),
-            SocketSide::Destination => (out.stream_to_socket, out.socket_to_stream),
-        };
+        let (sent, received) = side.orient(out.socket_to_stream, out.stream_to_socket);
         self.close(
             &state,
             "-",

@@ -443,11 +443,7 @@ pub(crate) async fn stream(
         .and_then(|v| v.to_str().ok())
         .filter(|t| crate::proxy::telemetry::trace_id(t).is_some())
         .map(str::to_string);
-    let source = match index.workload_by_ip(client.ip()) {
-        Some(w) if peer.is_some() && w.identity().ok() == peer => w.peer(),
-        Some(w) if peer.is_none() => std::sync::Arc::new(Peer::of(w, None)),
-        _ => Peer::unknown(peer.as_ref()),
-    };
+    let source = Peer::source(index.workload_by_ip(client.ip()), peer.as_ref());
     drop(index);
     let Ok(mut s) = incoming.accept() else {
         return tracing::debug!(%target, "waypoint: the stream ended before 200");
