@@ -366,3 +366,72 @@ impl zring_hbone::pool::Dialer for TlsDialer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use monoio::net::{TcpListener, TcpStream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use zring_runtime::{backend::build_runtime, IoBackend};
+
+    use super::PollTcp;
+
+    async fn pair() -> (PollTcp, PollTcp) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let (dialed, accepted) = monoio::join!(TcpStream::connect(addr), l.accept());
+        (
+            PollTcp::new(dialed.unwrap()).unwrap(),
+            PollTcp::tls(accepted.unwrap().0).unwrap(),
+        )
+    }
+
+    /// On both backends: a short read marks the socket drained, and bytes sent later still wake
+    /// the reader; a writer that filled the send buffer wakes when the peer reads; the peer's
+    /// FIN reads as the end. A lost wake-up would hang, so each wait has a limit.
+    #[test]
+    fn a_drained_socket_wakes_for_later_bytes_and_a_full_one_for_room() {
+        for backend in [IoBackend::Uring, IoBackend::Epoll] {
+            let mut rt = build_runtime(backend, 256).unwrap();
+            rt.block_on(async {
+                let limit = Duration::from_secs(10);
+                let (mut a, mut b) = pair().await;
+                a.write_all(b"hello").await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let n = b.read(&mut buf).await.unwrap();
+                assert_eq!(&buf[..n], b"hello", "{backend:?}");
+                assert!(!b.readable, "a short read marks the socket drained");
+
+                let later = monoio::spawn(async move {
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                    a.write_all(b"world").await.unwrap();
+                    a
+                });
+                let n = monoio::time::timeout(limit, b.read(&mut buf))
+                    .await
+                    .expect("the reader was woken")
+                    .unwrap();
+                assert_eq!(&buf[..n], b"world");
+                let mut a = later.await;
+
+                // 16 MiB is more than both socket buffers hold: the writer blocks until the
+                // reader, which starts late, makes room.
+                let sent: Vec<u8> = (0..16 << 20).map(|i: u32| (i % 251) as u8).collect();
+                let expect = sent.clone();
+                let writer = monoio::spawn(async move {
+                    a.write_all(&sent).await.unwrap();
+                    a.shutdown().await.unwrap();
+                });
+                monoio::time::sleep(Duration::from_millis(100)).await;
+                let mut got = Vec::new();
+                monoio::time::timeout(limit, b.read_to_end(&mut got))
+                    .await
+                    .expect("the reader saw the end")
+                    .unwrap();
+                assert!(got == expect, "{backend:?}: bytes differ");
+                writer.await;
+            });
+        }
+    }
+}
