@@ -4,14 +4,13 @@
 use std::{
     future::Future,
     io,
-    os::fd::AsRawFd,
     pin::Pin,
-    rc::Rc,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
+use monoio::io::IntoPollIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use zring_hbone::{
     pool::PoolKey,
@@ -52,51 +51,30 @@ impl Executor for MonoioExecutor {
     }
 }
 
-/// A worker's TCP socket driven by readiness, usable by tokio-rustls and h2, that can be reset
-/// on close.
-///
-/// It keeps its own readiness instead of monoio's poll mode (an epoll instance behind the ring,
-/// cleared only by a read that would block). A read shorter than asked means the socket was
-/// drained, so the next read waits for an io_uring poll (`readable`) instead of asking the
-/// kernel again only to hear `EAGAIN`: at 1000 requests per second that saved read, the
-/// `epoll_wait` behind each wake-up and the `epoll_ctl`s of each connection were about a fifth
-/// of a proxy's syscalls. A poll armed after the read still fires for bytes that arrived in
-/// between: arming checks the socket's state first.
+/// A worker's TCP socket in readiness (poll) mode, usable by tokio-rustls and h2, that can be
+/// reset on close.
 ///
 /// Two things make TLS over it cheaper in syscalls. Writes are vectored: rustls hands over every
-/// record it has ready in one `write_vectored`, which goes out as one `sendmsg` (without it, each
+/// record it has ready in one `write_vectored`, which goes out as one `writev` (without it, each
 /// record was a `send` of its own). Under TLS ([`PollTcp::tls`]) small reads read ahead: rustls
 /// asks for at most 4 KiB at a time, so a 16 KiB record took four or five `recv`s; a read
 /// smaller than [`READ_AHEAD`] reads up to that much into the worker's scratch buffer and keeps
-/// what the caller did not take. Nothing stays allocated per connection while it is idle but a
-/// pending poll: the leftover buffer exists only while it holds bytes.
+/// what the caller did not take. Nothing stays allocated per connection while it is idle: the
+/// leftover buffer exists only while it holds bytes.
+///
+/// Readiness stays monoio's (an epoll instance behind the ring, cleared by a read that would
+/// block). Tracking it here instead, with an io_uring poll per blocked socket and a short read
+/// taken as drained, cut a node proxy's syscalls at 1000 rps from 10 to 6 per request but lost
+/// 4-40% of the maximum request rate in three interleaved A/B rounds: one poll operation per
+/// socket per wait costs more than one `epoll_wait` for all of them (see
+/// `perf-reports/2026-11-29-readiness-rps-conns/notes.md`).
+#[derive(Debug)]
 pub struct PollTcp {
-    io: Rc<monoio::net::TcpStream>,
+    io: monoio::net::tcp::stream_poll::TcpStreamPoll,
     read_ahead: bool,
     /// Bytes read ahead and not yet taken, from `ahead_pos`.
     ahead: Vec<u8>,
     ahead_pos: usize,
-    /// The socket may hold bytes: false after a short read or one that would block.
-    readable: bool,
-    /// The socket may take bytes: false after a send that would block.
-    writable: bool,
-    /// The poll a blocked read waits on, and a blocked write's.
-    read_wait: Option<Wait>,
-    write_wait: Option<Wait>,
-}
-
-/// A pending io_uring poll on the socket (it holds the socket, so it is boxed with it).
-type Wait = Pin<Box<dyn Future<Output = io::Result<()>>>>;
-
-impl std::fmt::Debug for PollTcp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PollTcp")
-            .field("fd", &self.io.as_raw_fd())
-            .field("readable", &self.readable)
-            .field("writable", &self.writable)
-            .field("read_ahead_left", &(self.ahead.len() - self.ahead_pos))
-            .finish()
-    }
 }
 
 /// How much a small read asks the kernel for: a few TLS records.
@@ -107,40 +85,19 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Wait (through `wait`, armed on first use) until `ready` says so; then the next syscall is
-/// worth trying.
-fn poll_ready(
-    cx: &mut Context<'_>,
-    ready: &mut bool,
-    wait: &mut Option<Wait>,
-    arm: impl FnOnce() -> Wait,
-) -> Poll<io::Result<()>> {
-    if *ready {
-        return Poll::Ready(Ok(()));
-    }
-    let w = wait.get_or_insert_with(arm);
-    let r = std::task::ready!(w.as_mut().poll(cx));
-    *wait = None;
-    *ready = r.is_ok();
-    Poll::Ready(r)
-}
-
 impl PollTcp {
-    /// Wrap a monoio stream (plaintext: its readers bring their own buffers).
+    /// Convert a completion-mode monoio stream (plaintext: its readers bring their own
+    /// buffers).
     pub fn new(stream: monoio::net::TcpStream) -> io::Result<Self> {
         Ok(Self {
-            io: Rc::new(stream),
+            io: stream.into_poll_io()?,
             read_ahead: false,
             ahead: Vec::new(),
             ahead_pos: 0,
-            readable: true,
-            writable: true,
-            read_wait: None,
-            write_wait: None,
         })
     }
 
-    /// Wrap a monoio stream that will carry TLS: small reads read ahead.
+    /// Convert a completion-mode monoio stream that will carry TLS: small reads read ahead.
     pub fn tls(stream: monoio::net::TcpStream) -> io::Result<Self> {
         let mut s = Self::new(stream)?;
         s.read_ahead = true;
@@ -162,64 +119,11 @@ impl PollTcp {
         }
         true
     }
-
-    /// Read into `dst` once the socket is readable; a short read marks it drained.
-    fn poll_recv(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
-        loop {
-            let io = &self.io;
-            std::task::ready!(poll_ready(
-                cx,
-                &mut self.readable,
-                &mut self.read_wait,
-                || {
-                    let io = io.clone();
-                    Box::pin(async move { io.readable(false).await })
-                }
-            ))?;
-            match net::recv_now(&*self.io, dst) {
-                Ok(n) => {
-                    if n > 0 && n < dst.len() {
-                        self.readable = false;
-                    }
-                    return Poll::Ready(Ok(n));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.readable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-
-    /// Send what the socket takes of `bufs` once it is writable.
-    fn poll_send(
-        &mut self,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            let io = &self.io;
-            std::task::ready!(poll_ready(
-                cx,
-                &mut self.writable,
-                &mut self.write_wait,
-                || {
-                    let io = io.clone();
-                    Box::pin(async move { io.writable(false).await })
-                }
-            ))?;
-            match net::send_now(&*self.io, bufs) {
-                Ok(n) => return Poll::Ready(Ok(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable = false,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
 }
 
 impl ResetOnClose for PollTcp {
     fn reset_on_close(&self) {
-        let _ = net::set_reset_on_close(&*self.io);
+        let _ = net::set_reset_on_close(&self.io);
     }
 }
 
@@ -237,56 +141,57 @@ impl AsyncRead for PollTcp {
             return Poll::Ready(Ok(()));
         }
         if !this.read_ahead || buf.remaining() >= READ_AHEAD {
-            let n = std::task::ready!(this.poll_recv(cx, buf.initialize_unfilled()))?;
-            buf.advance(n);
-            return Poll::Ready(Ok(()));
+            return Pin::new(&mut this.io).poll_read(cx, buf);
         }
         SCRATCH.with(|scratch| {
             let Ok(mut scratch) = scratch.try_borrow_mut() else {
                 // Not reachable (no read polls another); read without read-ahead if it were.
-                let n = std::task::ready!(this.poll_recv(cx, buf.initialize_unfilled()))?;
-                buf.advance(n);
-                return Poll::Ready(Ok(()));
+                return Pin::new(&mut this.io).poll_read(cx, buf);
             };
             if scratch.len() < READ_AHEAD {
                 scratch.resize(READ_AHEAD, 0);
             }
-            let got = std::task::ready!(this.poll_recv(cx, &mut scratch[..]))?;
-            let got = &scratch[..got];
-            let n = got.len().min(buf.remaining());
-            buf.put_slice(&got[..n]);
-            if n < got.len() {
-                this.ahead = got[n..].to_vec();
-                this.ahead_pos = 0;
+            let mut tmp = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut this.io).poll_read(cx, &mut tmp) {
+                Poll::Ready(Ok(())) => {
+                    let got = tmp.filled();
+                    let n = got.len().min(buf.remaining());
+                    buf.put_slice(&got[..n]);
+                    if n < got.len() {
+                        this.ahead = got[n..].to_vec();
+                        this.ahead_pos = 0;
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
             }
-            Poll::Ready(Ok(()))
         })
     }
 }
 
 impl AsyncWrite for PollTcp {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_send(cx, &[io::IoSlice::new(buf)])
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().poll_send(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        true
+        self.io.is_write_vectored()
     }
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
     }
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(net::shutdown_write(&*self.io))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -387,9 +292,9 @@ mod tests {
         )
     }
 
-    /// On both backends: a short read marks the socket drained, and bytes sent later still wake
-    /// the reader; a writer that filled the send buffer wakes when the peer reads; the peer's
-    /// FIN reads as the end. A lost wake-up would hang, so each wait has a limit.
+    /// On both backends: a reader that drained the socket is woken for bytes sent later; a writer
+    /// that filled the send buffer is woken when the peer reads; the peer's FIN reads as the
+    /// end. A lost wake-up would hang, so each wait has a limit.
     #[test]
     fn a_drained_socket_wakes_for_later_bytes_and_a_full_one_for_room() {
         for backend in [IoBackend::Uring, IoBackend::Epoll] {
@@ -401,7 +306,6 @@ mod tests {
                 let mut buf = vec![0u8; 4096];
                 let n = b.read(&mut buf).await.unwrap();
                 assert_eq!(&buf[..n], b"hello", "{backend:?}");
-                assert!(!b.readable, "a short read marks the socket drained");
 
                 let later = monoio::spawn(async move {
                     monoio::time::sleep(Duration::from_millis(50)).await;

@@ -197,40 +197,6 @@ pub fn with_sock<S: AsRawFd, R>(s: &S, f: impl FnOnce(SockRef<'_>) -> R) -> R {
     f(SockRef::from(&fd))
 }
 
-/// Read what the socket holds now, without waiting (`recv` with `MSG_DONTWAIT`, whatever the
-/// socket's own blocking mode): `WouldBlock` when it holds nothing. For sockets whose readiness
-/// the caller tracks itself (a read shorter than `buf` means the socket is drained).
-pub fn recv_now<S: AsRawFd>(s: &S, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is a valid, writable region of `buf.len()` bytes for the whole call, and `s`
-    // is borrowed, so its fd stays open; recv writes at most `buf.len()` bytes into it.
-    let n = unsafe {
-        libc::recv(
-            s.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
-/// Send as much of `bufs` as the socket takes now, in one `sendmsg` (`MSG_DONTWAIT`, and
-/// `MSG_NOSIGNAL`: a peer gone is an `EPIPE` error, never a signal): `WouldBlock` when its
-/// send buffer is full.
-pub fn send_now<S: AsRawFd>(s: &S, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-    with_sock(s, |sock| {
-        sock.send_vectored_with_flags(bufs, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-    })
-}
-
-/// Shut down the sending side (a FIN after what is queued).
-pub fn shutdown_write<S: AsRawFd>(s: &S) -> io::Result<()> {
-    with_sock(s, |sock| sock.shutdown(std::net::Shutdown::Write))
-}
-
 /// The destination a connection had before iptables `REDIRECT`/`DNAT` rewrote it
 /// (`SO_ORIGINAL_DST`, or `IP6T_SO_ORIGINAL_DST` for IPv6).
 pub fn original_dst<S: AsRawFd>(s: &S) -> io::Result<SocketAddr> {
