@@ -67,7 +67,7 @@ impl Executor for MonoioExecutor {
 /// taken as drained, cut a node proxy's syscalls at 1000 rps from 10 to 6 per request but lost
 /// 4-40% of the maximum request rate in three interleaved A/B rounds: one poll operation per
 /// socket per wait costs more than one `epoll_wait` for all of them (see
-/// `perf-reports/2026-11-29-readiness-rps-conns/notes.md`).
+/// `perf-reports/2026-11-29-sidecar-tls12-rps-conns/notes.md`).
 #[derive(Debug)]
 pub struct PollTcp {
     io: monoio::net::tcp::stream_poll::TcpStreamPoll,
@@ -337,5 +337,34 @@ mod tests {
                 writer.await;
             });
         }
+    }
+
+    /// Two connections on one worker, each holding bytes read ahead in a lent scratch buffer,
+    /// read in small alternating pieces: each gets exactly its own bytes, in order.
+    #[test]
+    fn connections_holding_read_ahead_bytes_each_get_their_own() {
+        let mut rt = build_runtime(IoBackend::Uring, 256).unwrap();
+        rt.block_on(async {
+            let (mut a1, mut b1) = pair().await;
+            let (mut a2, mut b2) = pair().await;
+            let one: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
+            let two: Vec<u8> = (0..100_000u32).map(|i| (i % 239) as u8 ^ 0x5a).collect();
+            a1.write_all(&one).await.unwrap();
+            a2.write_all(&two).await.unwrap();
+            // Let both arrive whole, so the first read of each reads ahead.
+            monoio::time::sleep(Duration::from_millis(50)).await;
+            let (mut got1, mut got2) = (Vec::new(), Vec::new());
+            let mut piece = [0u8; 1000];
+            while got1.len() < one.len() || got2.len() < two.len() {
+                for (b, got) in [(&mut b1, &mut got1), (&mut b2, &mut got2)] {
+                    if got.len() < 100_000 {
+                        b.read_exact(&mut piece).await.unwrap();
+                        got.extend_from_slice(&piece);
+                    }
+                }
+            }
+            assert!(got1 == one, "the first connection's bytes differ");
+            assert!(got2 == two, "the second connection's bytes differ");
+        });
     }
 }
