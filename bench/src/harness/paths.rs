@@ -795,7 +795,8 @@ pub fn nofile_hard_limit() -> usize {
 /// server sidecar: libcrypto 44%, libc's rwlocks and malloc 25%). A TLS 1.3 resumption still
 /// does an ECDHE exchange; TLS 1.2 resumes without one, which measured 1.2-1.3x the connection
 /// rate on this machine (1,192 vs 909/s; `--scenarios conns`), so the sidecar-to-sidecar hop
-/// is held at TLS 1.2 (ECDHE-ECDSA with AES-GCM, Istio's minimum for mesh mTLS). `nbthread 1`,
+/// is held at TLS 1.2 (ECDHE-ECDSA with AES-GCM; TLS 1.2 is Istio's default minimum version for
+/// mesh mTLS). `nbthread 1`,
 /// a larger session cache and stateful sessions instead of tickets changed nothing measurable.
 fn haproxy_config(client: bool, pem: &Path, root: &Path, maxconn: usize) -> String {
     let tls = format!(

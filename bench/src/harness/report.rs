@@ -421,7 +421,7 @@ pub fn write(dir: &Path, raw: &Results) -> anyhow::Result<()> {
             p.name, p.description, status, p.io_backend
         );
     }
-    md.push_str("\nThe sidecar path stands in for Istio's Envoy sidecars with HAProxy (Debian's): HTTP mode for HTTP, TCP mode for echo and iperf3, mutual TLS with the same CA, certificate chain verified, TLS 1.2 between the sidecars (Debian 12's HAProxy links OpenSSL 3.0, whose TLS 1.3 resumption cost 1.3x more CPU per connection here; sessions are resumed either way), one thread per CPU; it does not check the peer's SPIFFE identity against a policy (the ambient path does, with an L4 allow policy on the server). zring's access logs are off in the harness, like HAProxy's.\n\n");
+    md.push_str("\nThe sidecar path stands in for Istio's Envoy sidecars with HAProxy (Debian's): HTTP mode for HTTP, TCP mode for echo and iperf3, mutual TLS with the same CA, certificate chain verified, TLS 1.2 between the sidecars (Debian 12's HAProxy links OpenSSL 3.0, with which TLS 1.3 resumptions, still doing an ECDHE exchange, gave 1.2-1.3x fewer new connections per second here; sessions are resumed either way), one thread per CPU; it does not check the peer's SPIFFE identity against a policy (the ambient path does, with an L4 allow policy on the server). zring's access logs are off in the harness, like HAProxy's.\n\n");
 
     md.push_str("## Headline\n\n");
     // Human reading of the numbers, kept across re-renders.
