@@ -17,5 +17,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    link_layout()?;
+    Ok(())
+}
+
+/// How the `zring` binary is linked, for memory: both cut the pages it makes resident.
+/// - `hot-text.ld` groups the functions the node proxy and the waypoint run at the front of the
+///   code (scripts/hot-text.py says why; scripts/hot-text regenerates it): fresh RSS ~2 MiB
+///   lower, as the rest of the code is never mapped.
+/// - `-z pack-relative-relocs` (DT_RELR, glibc >= 2.36, the deploy image's Debian 12) stores
+///   the position-independent binary's ~25,000 relative relocations in a few KiB instead of
+///   ~600 KiB that the loader reads at every start.
+fn link_layout() -> Result<(), Box<dyn std::error::Error>> {
+    if std::env::var("CARGO_CFG_TARGET_OS")? != "linux" {
+        return Ok(());
+    }
+    let dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let script = dir.join("hot-text.ld");
+    println!("cargo:rerun-if-changed=hot-text.ld");
+    if script.exists() {
+        println!("cargo:rustc-link-arg-bin=zring=-Wl,-T,{}", script.display());
+    }
+    if std::env::var("CARGO_CFG_TARGET_ENV")? == "gnu" {
+        println!("cargo:rustc-link-arg-bin=zring=-Wl,-z,pack-relative-relocs");
+    }
     Ok(())
 }
