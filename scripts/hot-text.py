@@ -16,7 +16,8 @@ The files are given in order of priority: functions first seen in an earlier fil
 
 Output: a linker script that only inserts one output section, `.text.hot`, before `.text`; lld and
 GNU ld keep their default layout for everything else. Each function is listed twice:
-- by its exact section name first, which places exactly the executed instance;
+- by its exact section name first, which places exactly the executed instance (only ThinLTO's
+  `.llvm.<n>` suffix, which changes with any edit to the crate, is left open);
 - then, after all exact names, by its name without the hashes that change with the toolchain, the
   dependency versions and the enabled features (legacy `17h<hash>E`, ThinLTO's `.llvm.<n>`, v0
   crate disambiguators), so that after such a change the same functions still land in
@@ -105,6 +106,8 @@ def main():
     with open(out, "w") as f:
         f.write(HEADER.format(exact=len(order), globs=len(globs)))
         for name in order:
+            # ThinLTO's suffix changes with any edit to the crate; the rest of the name does not.
+            name = re.sub(r"\.llvm\.\d+$", ".llvm.*", name)
             f.write(f"    *(.text.{name} .text.unlikely.{name})\n")
         for g in globs:
             f.write(f"    *(.text.{g} .text.unlikely.{g})\n")

@@ -117,88 +117,97 @@ where
     copy_bidirectional_counted(socket, stream, &TunnelCounts::default()).await
 }
 
-/// [`copy_bidirectional`], keeping `counts` up to date as bytes move.
-pub async fn copy_bidirectional_counted<S>(
+/// [`copy_bidirectional`], keeping `counts` up to date as bytes move. `counts` is a reference
+/// or a handle that owns them (an `Rc`), so a caller can create this future before it has a
+/// place for the counts to live.
+///
+/// Not an `async fn`: an async fn's future keeps room for its arguments next to the locals they
+/// are moved into (the socket and the stream, ~200 bytes, for as long as the tunnel lives).
+/// Split here, the future holds only the halves.
+pub fn copy_bidirectional_counted<S, C>(
     socket: S,
     stream: H2Stream,
-    counts: &TunnelCounts,
-) -> TunnelOutcome
+    counts: C,
+) -> impl Future<Output = TunnelOutcome>
 where
     S: AsyncRead + AsyncWrite + ResetOnClose + Unpin,
+    C: std::ops::Deref<Target = TunnelCounts>,
 {
     let (mut h2r, mut h2w) = stream.into_split();
     let (mut sr, mut sw) = tokio::io::split(socket);
-    let up = &counts.socket_to_stream;
-    let down = &counts.stream_to_socket;
-    let error = {
-        // Socket -> stream: small reads through the scratch buffer (copied out at their size);
-        // once reads fill it, into a BytesMut whose filled part goes to h2 as is (no copy).
-        let a = pin!(async {
-            let mut want = INITIAL_COPY_BUFFER;
-            let mut buf = BytesMut::new();
-            loop {
-                let (chunk, room) = if want == INITIAL_COPY_BUFFER {
-                    let chunk = read_small(&mut sr, want)
-                        .await
-                        .map_err(TunnelError::Socket)?;
-                    (chunk, want)
-                } else {
-                    if buf.capacity() < want / 4 {
-                        buf.reserve(want);
+    async move {
+        let up = &counts.socket_to_stream;
+        let down = &counts.stream_to_socket;
+        let error = {
+            // Socket -> stream: small reads through the scratch buffer (copied out at their size);
+            // once reads fill it, into a BytesMut whose filled part goes to h2 as is (no copy).
+            let a = pin!(async {
+                let mut want = INITIAL_COPY_BUFFER;
+                let mut buf = BytesMut::new();
+                loop {
+                    let (chunk, room) = if want == INITIAL_COPY_BUFFER {
+                        let chunk = read_small(&mut sr, want)
+                            .await
+                            .map_err(TunnelError::Socket)?;
+                        (chunk, want)
+                    } else {
+                        if buf.capacity() < want / 4 {
+                            buf.reserve(want);
+                        }
+                        let room = buf.capacity();
+                        sr.read_buf(&mut buf).await.map_err(TunnelError::Socket)?;
+                        (buf.split().freeze(), room)
+                    };
+                    let n = chunk.len();
+                    if n == room && want < COPY_BUFFER {
+                        want = (want * 4).min(COPY_BUFFER);
+                    } else if n > 0 && n < INITIAL_COPY_BUFFER / 4 && want > INITIAL_COPY_BUFFER {
+                        // A message-sized read: bulk is over, back to holding nothing between reads.
+                        // (Not on any short read: a bulk sender's reads often come back part full,
+                        // and falling back then made single-stream transfers 20% slower.)
+                        want = INITIAL_COPY_BUFFER;
+                        buf = BytesMut::new();
                     }
-                    let room = buf.capacity();
-                    sr.read_buf(&mut buf).await.map_err(TunnelError::Socket)?;
-                    (buf.split().freeze(), room)
-                };
-                let n = chunk.len();
-                if n == room && want < COPY_BUFFER {
-                    want = (want * 4).min(COPY_BUFFER);
-                } else if n > 0 && n < INITIAL_COPY_BUFFER / 4 && want > INITIAL_COPY_BUFFER {
-                    // A message-sized read: bulk is over, back to holding nothing between reads.
-                    // (Not on any short read: a bulk sender's reads often come back part full,
-                    // and falling back then made single-stream transfers 20% slower.)
-                    want = INITIAL_COPY_BUFFER;
-                    buf = BytesMut::new();
-                }
-                if n == 0 {
-                    h2w.shutdown().await.map_err(TunnelError::Stream)?;
-                    return Ok(());
-                }
-                h2w.send_bytes(chunk).await.map_err(TunnelError::Stream)?;
-                up.set(up.get() + n as u64);
-            }
-        });
-        // Stream -> socket: write h2's received chunks straight to the socket (no copy).
-        let b = pin!(async {
-            loop {
-                match h2r.recv_bytes().await.map_err(TunnelError::Stream)? {
-                    None => {
-                        sw.shutdown().await.map_err(TunnelError::Socket)?;
+                    if n == 0 {
+                        h2w.shutdown().await.map_err(TunnelError::Stream)?;
                         return Ok(());
                     }
-                    Some(chunk) => {
-                        sw.write_all(&chunk).await.map_err(TunnelError::Socket)?;
-                        down.set(down.get() + chunk.len() as u64);
+                    h2w.send_bytes(chunk).await.map_err(TunnelError::Stream)?;
+                    up.set(up.get() + n as u64);
+                }
+            });
+            // Stream -> socket: write h2's received chunks straight to the socket (no copy).
+            let b = pin!(async {
+                loop {
+                    match h2r.recv_bytes().await.map_err(TunnelError::Stream)? {
+                        None => {
+                            sw.shutdown().await.map_err(TunnelError::Socket)?;
+                            return Ok(());
+                        }
+                        Some(chunk) => {
+                            sw.write_all(&chunk).await.map_err(TunnelError::Socket)?;
+                            down.set(down.get() + chunk.len() as u64);
+                        }
                     }
                 }
+            });
+            first_error(a, b).await.err()
+        };
+        let socket = sr.unsplit(sw);
+        match &error {
+            Some(TunnelError::Socket(_)) => h2w.reset(Reason::CONNECT_ERROR),
+            Some(TunnelError::Stream(_)) => {
+                socket.reset_on_close();
+                h2w.reset(Reason::CANCEL);
             }
-        });
-        first_error(a, b).await.err()
-    };
-    let socket = sr.unsplit(sw);
-    match &error {
-        Some(TunnelError::Socket(_)) => h2w.reset(Reason::CONNECT_ERROR),
-        Some(TunnelError::Stream(_)) => {
-            socket.reset_on_close();
-            h2w.reset(Reason::CANCEL);
+            None => {}
         }
-        None => {}
-    }
-    drop(socket);
-    TunnelOutcome {
-        socket_to_stream: up.get(),
-        stream_to_socket: down.get(),
-        error,
+        drop(socket);
+        TunnelOutcome {
+            socket_to_stream: up.get(),
+            stream_to_socket: down.get(),
+            error,
+        }
     }
 }
 

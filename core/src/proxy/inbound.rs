@@ -264,13 +264,7 @@ async fn stream(
         return None;
     };
     // Bytes from the destination's point of view: sent = delivered to the workload.
-    Some(Box::pin(log.tunnel_and_close(
-        state,
-        up,
-        stream,
-        SocketSide::Destination,
-        (),
-    )))
+    Some(log.tunnel_and_close(state, up, stream, SocketSide::Destination, ()))
 }
 
 /// One captured inbound plaintext connection (15006): the original destination must be a local

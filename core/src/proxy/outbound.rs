@@ -164,17 +164,23 @@ impl Outbound {
         self
     }
 
-    /// A connection captured on the outbound port.
-    pub(super) async fn captured(
+    /// A connection captured on the outbound port. Not an `async fn`, for the same reason as
+    /// [`Self::forward`]: the connection's task then holds only what the relay needs.
+    pub(super) fn captured(
         self,
         sock: monoio::net::TcpStream,
         peer: SocketAddr,
         listen: SocketAddr,
-    ) {
-        let Some(target) = original_destination(&sock, listen) else {
-            return tracing::warn!(src.addr = %peer, "outbound connection without an original destination (not redirected?); closed");
+    ) -> impl std::future::Future<Output = ()> + 'static {
+        let forward = match original_destination(&sock, listen) {
+            Some(target) => Some(self.forward(sock, peer, target, Client::Captured)),
+            None => {
+                tracing::warn!(src.addr = %peer, "outbound connection without an original destination (not redirected?); closed");
+                None
+            }
         };
-        self.forward(sock, peer, target, Client::Captured).await
+        // Polled in place (an `async` block awaiting it would hold it twice).
+        futures_util::FutureExt::map(futures_util::future::OptionFuture::from(forward), |_| ())
     }
 
     /// A SOCKS5 client: the handshake gives the destination. The greeting and request must
@@ -237,13 +243,17 @@ impl Outbound {
 
     /// Decide where the connection goes, then act on it: refuse it, relay it as plain TCP, or
     /// tunnel it over HBONE.
-    async fn forward(
+    ///
+    /// Not an `async fn`: its future would keep room for the arguments (the socket, the
+    /// `Outbound`, the addresses: ~600 bytes with the caller's) for as long as the connection
+    /// lives. They move into the boxed set-up here, which is freed when the relay starts.
+    fn forward(
         self,
         sock: monoio::net::TcpStream,
         peer: SocketAddr,
         target: SocketAddr,
         client: Client,
-    ) {
+    ) -> impl std::future::Future<Output = ()> + 'static {
         let span = tracing::debug_span!(
             "outbound",
             src.addr = %peer,
@@ -257,8 +267,10 @@ impl Outbound {
             self.set_up(sock, peer, target, client)
                 .instrument(span.clone()),
         );
-        if let Some(relay) = set_up.await {
-            relay.instrument(span).await
+        async move {
+            if let Some(relay) = set_up.await {
+                relay.instrument(span).await
+            }
         }
     }
 
@@ -487,13 +499,7 @@ impl Outbound {
             return None;
         };
         // The stream's place on its pooled connection is held while it relays.
-        Some(Box::pin(log.tunnel_and_close(
-            self.state.clone(),
-            sock,
-            stream,
-            SocketSide::Client,
-            slot,
-        )))
+        Some(log.tunnel_and_close(self.state.clone(), sock, stream, SocketSide::Client, slot))
     }
 
     fn route(

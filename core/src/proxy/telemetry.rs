@@ -99,6 +99,16 @@ fn register<C: Totals + 'static>(counts: C, series: Arc<Series>) -> Rc<Live<C>> 
     live
 }
 
+/// A live tunnel's byte counts, as its copy future holds them (it owns a reference).
+struct LiveTunnel(Rc<Live<(TunnelCounts, SocketSide)>>);
+
+impl std::ops::Deref for LiveTunnel {
+    type Target = TunnelCounts;
+    fn deref(&self) -> &TunnelCounts {
+        &self.0.counts.0
+    }
+}
+
 /// Which way a tunnel's socket faces: the client (outbound: bytes from the socket go towards
 /// the destination) or the destination workload (inbound: bytes to the socket do).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,30 +228,44 @@ impl ConnLog {
 
     /// Copy between `socket` and the HBONE `stream` until both directions end, then close the
     /// log; `side` says which way is towards the destination. `hold` (a pooled stream's slot)
-    /// is kept until then: taken here, it costs the relay no second copy of its state, as an
-    /// async block around this one would.
-    pub async fn tunnel_and_close<S, H>(
+    /// is kept until then.
+    ///
+    /// What an idle tunnel keeps is sized here: the copy is boxed on its own and the block
+    /// that closes the log after it holds a pointer to it. (As an `async fn` taking the socket
+    /// and the stream, this kept room for both next to the copy that owns them, and an awaited
+    /// future is moved into the awaiting one: 1,072 bytes in one allocation, against ~600 in
+    /// two now.)
+    pub fn tunnel_and_close<S, H>(
         mut self,
         state: Arc<State>,
         socket: S,
         stream: H2Stream,
         side: SocketSide,
         hold: H,
-    ) where
-        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + ResetOnClose + Unpin,
+    ) -> Relay
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + ResetOnClose + Unpin + 'static,
+        H: 'static,
     {
         let live = register((TunnelCounts::default(), side), self.established(&state));
-        let out = copy_bidirectional_counted(socket, stream, &live.counts.0).await;
-        self.reported = live.reported.get();
-        let (sent, received) = side.orient(out.socket_to_stream, out.stream_to_socket);
-        self.close(
-            &state,
-            "-",
-            sent,
-            received,
-            out.error.map(|e| e.to_string()),
-        );
-        drop(hold);
+        let copy = Box::pin(copy_bidirectional_counted(
+            socket,
+            stream,
+            LiveTunnel(live.clone()),
+        ));
+        Box::pin(async move {
+            let out = copy.await;
+            self.reported = live.reported.get();
+            let (sent, received) = side.orient(out.socket_to_stream, out.stream_to_socket);
+            self.close(
+                &state,
+                "-",
+                sent,
+                received,
+                out.error.map(|e| e.to_string()),
+            );
+            drop(hold);
+        })
     }
 
     /// The upstream side is established: count the connection as opened (once); its series.
