@@ -23,8 +23,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// How the `zring` binary is linked, for memory: both cut the pages it makes resident.
 /// - `hot-text.ld` groups the functions the node proxy and the waypoint run at the front of the
-///   code (scripts/hot-text.py says why; scripts/hot-text regenerates it): fresh RSS ~2 MiB
-///   lower, as the rest of the code is never mapped.
+///   code (scripts/hot-text.py says why; scripts/hot-text regenerates it), so the rest of the
+///   code is never mapped. With the next item, a harness node's fresh RSS went from 13.9 to
+///   10.5 MiB (perf-reports/2026-11-29-hot-text-memory).
 /// - `-z pack-relative-relocs` (DT_RELR, glibc >= 2.36, the deploy image's Debian 12) stores
 ///   the position-independent binary's ~25,000 relative relocations in a few KiB instead of
 ///   ~600 KiB that the loader reads at every start.

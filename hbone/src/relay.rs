@@ -162,9 +162,10 @@ where
                     if n == room && want < COPY_BUFFER {
                         want = (want * 4).min(COPY_BUFFER);
                     } else if n > 0 && n < INITIAL_COPY_BUFFER / 4 && want > INITIAL_COPY_BUFFER {
-                        // A message-sized read: bulk is over, back to holding nothing between reads.
-                        // (Not on any short read: a bulk sender's reads often come back part full,
-                        // and falling back then made single-stream transfers 20% slower.)
+                        // A message-sized read: bulk is over, back to holding nothing between
+                        // reads. (Not on any short read: a bulk sender's reads often come back
+                        // part full, and falling back then made single-stream transfers 20%
+                        // slower.)
                         want = INITIAL_COPY_BUFFER;
                         buf = BytesMut::new();
                     }

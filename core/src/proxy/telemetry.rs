@@ -233,8 +233,8 @@ impl ConnLog {
     /// What an idle tunnel keeps is sized here: the copy is boxed on its own and the block
     /// that closes the log after it holds a pointer to it. (As an `async fn` taking the socket
     /// and the stream, this kept room for both next to the copy that owns them, and an awaited
-    /// future is moved into the awaiting one: 1,072 bytes in one allocation, against ~600 in
-    /// two now.)
+    /// future is moved into the awaiting one: 1,072 bytes in one allocation, against 592 + 56
+    /// in two now.)
     pub fn tunnel_and_close<S, H>(
         mut self,
         state: Arc<State>,
