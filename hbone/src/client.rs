@@ -4,7 +4,7 @@ use std::{net::SocketAddr, rc::Rc};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use http::{Method, Request, StatusCode};
+use http::{header::FORWARDED, HeaderName, HeaderValue, Method, Request, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::{
@@ -26,6 +26,22 @@ pub struct ConnectHeaders {
     pub baggage: Option<String>,
     /// W3C `traceparent`.
     pub traceparent: Option<String>,
+}
+
+const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// A header value that differs on every stream (the client's address and port, a fresh trace
+/// id), sent as a literal that neither side's HPACK table keeps ("never indexed"). Indexed, each
+/// one took a slot in the encoder's and the decoder's dynamic tables, evicting entries that do
+/// repeat (`baggage`, the target), and the last few dozen stayed alive there for as long as the
+/// pooled connection: small allocations from the end of a burst, scattered over allocator pages
+/// that could not be given back after the burst's connections closed.
+fn once_per_stream(v: String) -> Result<HeaderValue, ConnectError> {
+    let mut v =
+        HeaderValue::try_from(v).map_err(|_| ConnectError::BadRequest(StatusCode::BAD_REQUEST))?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// Why a CONNECT did not produce a tunnel.
@@ -136,23 +152,25 @@ pub async fn open(
 ) -> Result<H2Stream, ConnectError> {
     let mut req = Request::builder()
         .method(Method::CONNECT)
-        .uri(target.to_string());
+        .uri(target.to_string())
+        .body(())
+        .map_err(|_| ConnectError::BadRequest(StatusCode::BAD_REQUEST))?;
+    let h = req.headers_mut();
     if let Some(addr) = headers.forwarded_for {
         let v = match &headers.forwarded_host {
             Some(host) => format!("for=\"{addr}\";host={host}"),
             None => format!("for=\"{addr}\""),
         };
-        req = req.header("forwarded", v);
+        h.insert(FORWARDED, once_per_stream(v)?);
     }
     if let Some(b) = &headers.baggage {
-        req = req.header("baggage", b);
+        let v = HeaderValue::try_from(b.as_str())
+            .map_err(|_| ConnectError::BadRequest(StatusCode::BAD_REQUEST))?;
+        h.insert(BAGGAGE, v);
     }
     if let Some(t) = &headers.traceparent {
-        req = req.header("traceparent", t);
+        h.insert(TRACEPARENT, once_per_stream(t.clone())?);
     }
-    let req = req
-        .body(())
-        .map_err(|_| ConnectError::BadRequest(StatusCode::BAD_REQUEST))?;
     let mut send = send.clone().ready().await?;
     let (resp, stream) = send.send_request(req, false)?;
     let resp = resp.await?;

@@ -131,6 +131,15 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(cert.chain.clone(), cert.key.clone_key())?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // Resumption by stateless tickets: the session (with the client's certificate chain, so a
+    // resumed peer keeps its identity) travels encrypted in the ticket, and the server keeps
+    // nothing per session. rustls' default instead stored about 1 KiB per ticket, two tickets
+    // per handshake, in a 256-entry cache: after a burst of pooled connections those entries
+    // stayed, scattered over allocator pages the proxy could then not give back. One ticket
+    // per handshake: a pooled dial uses one and the next handshake brings the next.
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 1;
     Ok(Arc::new(cfg))
 }
 

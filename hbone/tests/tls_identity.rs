@@ -7,8 +7,9 @@ use std::{sync::Arc, time::Duration};
 use common::*;
 use zring_hbone::{
     ca::LocalCa,
+    client,
     tls::{self, classify_handshake, HandshakeFailure},
-    H2Settings,
+    H2Settings, TokioLocal,
 };
 
 #[test]
@@ -219,10 +220,9 @@ fn rotation_changes_new_connections_and_leaves_live_streams_alone() {
         let client_cfg = mesh.client_config(&id("default", "sleep"), &server_id);
         let tls1 = dial_tls(srv.addr, client_cfg.clone()).await.unwrap();
         let serial1 = tls1.get_ref().1.peer_certificates().unwrap()[0].clone();
-        let (send, _) =
-            zring_hbone::client::handshake(tls1, &H2Settings::default(), &zring_hbone::TokioLocal)
-                .await
-                .unwrap();
+        let (send, _) = client::handshake(tls1, &H2Settings::default(), &zring_hbone::TokioLocal)
+            .await
+            .unwrap();
         let mut live = zring_hbone::client::open(&send, echo_addr, &Default::default())
             .await
             .unwrap();
@@ -243,5 +243,54 @@ fn rotation_changes_new_connections_and_leaves_live_streams_alone() {
         let mut got = [0u8; 10];
         live.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"still here");
+    });
+}
+
+/// A second connection with the same client config resumes the session from the ticket the
+/// first one received (no certificate exchange), and both sides still see each other's
+/// identity. A server with another config (a rotated certificate, another pod's identity on
+/// the same node) cannot read that ticket: the handshake is a full one, verified again.
+#[test]
+fn a_pooled_dial_resumes_by_ticket_and_keeps_both_identities() {
+    run_local(async {
+        let mesh = Mesh::new();
+        let (client_id, server_id) = (id("default", "sleep"), id("default", "productpage"));
+        let server_cfg = mesh.server_config(&server_id);
+        // The server keeps nothing per session: the session travels sealed in the ticket.
+        assert!(server_cfg.ticketer.enabled());
+        assert!(!server_cfg.session_storage.can_cache());
+        let srv = hbone_server(server_cfg, H2Settings::default(), relay_handler()).await;
+        let cfg = mesh.client_config(&client_id, &server_id);
+        let mut kinds = Vec::new();
+        for _ in 0..3 {
+            // The h2 handshake reads past the TLS handshake, which takes in the ticket.
+            let tls = dial_tls(srv.addr, cfg.clone()).await.expect("handshake");
+            kinds.push(tls.get_ref().1.handshake_kind());
+            assert_eq!(tls::peer_identity(tls.get_ref().1), Some(server_id.clone()));
+            let (send, _conn) = client::handshake(tls, &H2Settings::default(), &TokioLocal)
+                .await
+                .expect("h2 handshake");
+            let _send = send.ready().await.expect("h2 ready");
+            // Let the connection read the server's SETTINGS and, behind them, the ticket.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        use rustls::HandshakeKind::{Full, Resumed};
+        assert_eq!(kinds, vec![Some(Full), Some(Resumed), Some(Resumed)]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            srv.peers.borrow().as_slice(),
+            &[
+                Some(client_id.clone()),
+                Some(client_id.clone()),
+                Some(client_id.clone())
+            ]
+        );
+
+        // The client holds the ticket the third connection brought (one per handshake). A new
+        // server config has a ticketer of its own, which cannot open it: a full handshake.
+        srv.config.store(mesh.server_config(&server_id));
+        let tls = dial_tls(srv.addr, cfg.clone()).await.expect("handshake");
+        assert_eq!(tls.get_ref().1.handshake_kind(), Some(Full));
+        assert_eq!(tls::peer_identity(tls.get_ref().1), Some(server_id.clone()));
     });
 }
