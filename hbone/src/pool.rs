@@ -84,7 +84,7 @@ pub struct PoolSettings {
     pub h2: H2Settings,
     /// Close a key's last idle connection after this long without a stream.
     pub idle_timeout: Duration,
-    /// Close a key's other idle connections (all but the most recently used) after this long
+    /// Close a key's other idle connections (all but the oldest) after this long
     /// without a stream: a burst's extra connections do not hold their memory for
     /// `idle_timeout`.
     pub spare_idle_timeout: Duration,
@@ -412,8 +412,11 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
     }
 
     /// Drop retired/closed connections without streams, and idle ones past their timeout: the
-    /// most recently used idle connection after `idle_timeout`, the others (spares a burst
-    /// left) after `spare_idle_timeout`.
+    /// oldest idle connection after `idle_timeout`, the others (spares a burst left) after
+    /// `spare_idle_timeout`. The oldest is the one new streams try first, and the one made
+    /// before a burst: a connection dialed during a burst has its TLS and HTTP/2 state spread
+    /// over allocator pages the burst filled, and keeping it would keep those pages resident
+    /// after the burst's connections closed (`perf-reports/2026-11-29-burst-pages/`).
     fn sweep(&self, key: &PoolKey) {
         let (idle, spare_idle) = (
             self.inner.settings.idle_timeout,
@@ -425,7 +428,7 @@ impl<D: Dialer, X: Executor> Pool<D, X> {
                 .conns
                 .iter()
                 .filter(|c| c.active.get() == 0 && c.usable())
-                .max_by_key(|c| c.last_used.get())
+                .min_by_key(|c| c.id)
                 .map(|c| c.id);
             e.conns.retain(|c| {
                 if c.active.get() > 0 {

@@ -228,8 +228,10 @@ fn a_bursts_spare_connections_close_sooner_and_one_stays_warm() {
             );
         }
         assert_eq!((dials.get(), pool.stats().connections), (3, 3));
+        let oldest = burst[0].connection_id;
         // One connection keeps a stream: it is busy, not a spare.
         let kept = burst.pop().unwrap();
+        assert_ne!(kept.connection_id, oldest);
         drop(burst);
         tokio::time::sleep(Duration::from_millis(300)).await;
         pool.sweep_all();
@@ -244,14 +246,19 @@ fn a_bursts_spare_connections_close_sooner_and_one_stays_warm() {
         assert_eq!(
             pool.stats().connections,
             1,
-            "of two idle connections, only the most recently used stays warm"
+            "of two idle connections, only one stays warm"
         );
-        // The warm one serves the next stream without a dial, then closes after idle_timeout.
-        drop(
-            pool.connect(&key, target, &Default::default())
-                .await
-                .unwrap(),
+        // The warm one is the oldest (not the one used last): it serves the next stream
+        // without a dial, then closes after idle_timeout.
+        let next = pool
+            .connect(&key, target, &Default::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            next.connection_id, oldest,
+            "the oldest connection stays warm"
         );
+        drop(next);
         assert_eq!(dials.get(), 3, "the warm connection is reused");
         tokio::time::sleep(Duration::from_millis(1700)).await;
         pool.sweep_all();
