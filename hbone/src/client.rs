@@ -31,16 +31,20 @@ pub struct ConnectHeaders {
 const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// A header value that differs on every stream (the client's address and port, a fresh trace
-/// id), sent as a literal that neither side's HPACK table keeps ("never indexed"). Indexed, each
-/// one took a slot in the encoder's and the decoder's dynamic tables, evicting entries that do
-/// repeat (`baggage`, the target), and the last few dozen stayed alive there for as long as the
-/// pooled connection: small allocations from the end of a burst, scattered over allocator pages
-/// that could not be given back after the burst's connections closed.
-fn once_per_stream(v: String) -> Result<HeaderValue, ConnectError> {
+/// A CONNECT header value. One that differs on every stream (`per_stream`: the client's
+/// address and port, a fresh trace id) is sent as a literal that neither side's HPACK table
+/// keeps ("never indexed"). Indexed, each one took a slot in the encoder's and the decoder's
+/// dynamic tables, evicting entries that do repeat (`baggage`, the target), and the last few
+/// dozen stayed alive there for as long as the pooled connection: small allocations from the
+/// end of a burst, scattered over allocator pages that could not be given back after the
+/// burst's connections closed.
+fn header_value<V>(v: V, per_stream: bool) -> Result<HeaderValue, ConnectError>
+where
+    HeaderValue: TryFrom<V>,
+{
     let mut v =
         HeaderValue::try_from(v).map_err(|_| ConnectError::BadRequest(StatusCode::BAD_REQUEST))?;
-    v.set_sensitive(true);
+    v.set_sensitive(per_stream);
     Ok(v)
 }
 
@@ -161,15 +165,13 @@ pub async fn open(
             Some(host) => format!("for=\"{addr}\";host={host}"),
             None => format!("for=\"{addr}\""),
         };
-        h.insert(FORWARDED, once_per_stream(v)?);
+        h.insert(FORWARDED, header_value(v, true)?);
     }
     if let Some(b) = &headers.baggage {
-        let v = HeaderValue::try_from(b.as_str())
-            .map_err(|_| ConnectError::BadRequest(StatusCode::BAD_REQUEST))?;
-        h.insert(BAGGAGE, v);
+        h.insert(BAGGAGE, header_value(b.as_str(), false)?);
     }
     if let Some(t) = &headers.traceparent {
-        h.insert(TRACEPARENT, once_per_stream(t.clone())?);
+        h.insert(TRACEPARENT, header_value(t.as_str(), true)?);
     }
     let mut send = send.clone().ready().await?;
     let (resp, stream) = send.send_request(req, false)?;

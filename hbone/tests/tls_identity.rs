@@ -220,7 +220,7 @@ fn rotation_changes_new_connections_and_leaves_live_streams_alone() {
         let client_cfg = mesh.client_config(&id("default", "sleep"), &server_id);
         let tls1 = dial_tls(srv.addr, client_cfg.clone()).await.unwrap();
         let serial1 = tls1.get_ref().1.peer_certificates().unwrap()[0].clone();
-        let (send, _) = client::handshake(tls1, &H2Settings::default(), &zring_hbone::TokioLocal)
+        let (send, _) = client::handshake(tls1, &H2Settings::default(), &TokioLocal)
             .await
             .unwrap();
         let mut live = zring_hbone::client::open(&send, echo_addr, &Default::default())
@@ -251,7 +251,7 @@ fn rotation_changes_new_connections_and_leaves_live_streams_alone() {
 /// identity. A server with another config (a rotated certificate, another pod's identity on
 /// the same node) cannot read that ticket: the handshake is a full one, verified again.
 #[test]
-fn a_pooled_dial_resumes_by_ticket_and_keeps_both_identities() {
+fn a_redial_with_the_same_client_config_resumes_by_ticket_and_keeps_both_identities() {
     run_local(async {
         let mesh = Mesh::new();
         let (client_id, server_id) = (id("default", "sleep"), id("default", "productpage"));

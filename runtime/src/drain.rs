@@ -178,15 +178,12 @@ impl WakerSet {
         if let Some(slot) = self.slots.get_mut(key) {
             if slot.take().is_some() {
                 self.free.push(key);
-                // Empty is always worth the scan: after a run with one waiter left,
-                // `shrink_below` is 0, and that waiter's key pinned the table's end.
-                if self.slots.len() > WAKER_SET_KEEP
-                    && (self.len() < self.shrink_below || self.len() == 0)
-                {
+                if self.slots.len() > WAKER_SET_KEEP && self.len() < self.shrink_below {
                     self.shrink();
                     // A held key may pin the table's end: scan again only after another
-                    // half of the waiters has gone (or the table grew), never per removal.
-                    self.shrink_below = self.len() / 2;
+                    // half of the waiters has gone (or the table grew), never per removal,
+                    // and always once the table is empty (half of one waiter is still one).
+                    self.shrink_below = (self.len() / 2).max(1);
                 }
             }
         }
