@@ -2,6 +2,12 @@
 //! - full mutual-TLS 1.3 + HTTP/2 handshakes per second;
 //! - CONNECT stream opens per second on a warm connection;
 //! - tunnel throughput of one CONNECT stream (bytes/s through TLS + HTTP/2 framing both ways).
+//!
+//! With zring's allocator, so buffers sit where they sit in the proxy (a relay's 256 KiB read
+//! starts page-aligned; rustls' records 5 bytes into a page). `GLIBC_TUNABLES=
+//! glibc.cpu.x86_rep_movsb_threshold=2112` (glibc 2.36's default on AMD) against `=1048576`
+//! (what `zring` sets there) shows what glibc's `rep movsb` costs the tunnel (README,
+//! "Performance").
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -13,6 +19,9 @@ use zring_hbone::{
     tls::{self},
     H2Settings, SpiffeId, TokioLocal,
 };
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Fixture {
     server: Arc<rustls::ServerConfig>,

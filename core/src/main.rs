@@ -593,9 +593,13 @@ fn tunnel_common(a: TunnelArgs) -> zring_core::cmd::tunnel::TunnelCommon {
 
 #[derive(Debug, clap::Args)]
 struct WorkerArgs {
-    /// Worker threads, one pinned per CPU; default: the CPUs allowed by affinity and cgroup quota.
+    /// Worker threads; default: the CPUs allowed by affinity and cgroup quota.
     #[arg(long)]
     workers: Option<usize>,
+    /// Pin each worker to a CPU: auto (only when there is a worker for every allowed CPU), on,
+    /// or off (the scheduler places them; for CPUs shared with busy neighbours).
+    #[arg(long, env = "ZRING_PIN", default_value = "auto")]
+    pin: zring_runtime::Pinning,
     /// I/O backend: auto (io_uring, else epoll), uring (fail if unavailable), or epoll.
     #[arg(long, default_value = "auto")]
     io: BackendChoice,
@@ -606,6 +610,7 @@ impl WorkerArgs {
         WorkerConfig {
             workers: self.workers,
             io: self.io,
+            pin: self.pin,
             ..WorkerConfig::default()
         }
     }
@@ -646,11 +651,17 @@ struct RelayArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before anything else: on AMD cores with glibc < 2.39, run again with glibc's `rep movsb`
+    // copy limited to large buffers (it is 15x slower for the copy rustls makes of every record).
+    let memcpy = zring_runtime::sys::reexec_for_fast_memcpy();
     // First, before the heap grows: 2 MiB pages would hold a mostly empty heap (see the helper).
     let thp = zring_runtime::sys::disable_transparent_huge_pages();
     let cli = Cli::parse();
     logging::init(cli.log_format, cli.log_level.as_deref());
     zring_runtime::server::install_panic_hook();
+    if let Err(e) = memcpy {
+        tracing::warn!(error = %e, "could not re-run with glibc.cpu.x86_rep_movsb_threshold set; TLS records are copied with the slow rep movsb");
+    }
     if let Err(e) = thp {
         tracing::debug!(error = %e, "transparent huge pages stay on (PR_SET_THP_DISABLE refused)");
     }

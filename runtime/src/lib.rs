@@ -32,7 +32,7 @@ pub use drain::{Drain, ShutdownTrigger};
 pub use relay::{
     relay, relay_counted, ByteCounts, RelayError, RelayMode, RelayOptions, RelayOutcome,
 };
-pub use worker::{WorkerConfig, WorkerContext, Workers};
+pub use worker::{Pinning, WorkerConfig, WorkerContext, Workers};
 
 /// The monoio runtime type every worker runs: io_uring or epoll, both with timers.
 pub type Runtime = monoio::FusionRuntime<

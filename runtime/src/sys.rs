@@ -67,6 +67,102 @@ fn disable_transparent_huge_pages_now() -> io::Result<()> {
     Ok(())
 }
 
+/// The glibc tunable that sets the copy size from which `memcpy`/`memmove` use `rep movsb`.
+pub const REP_MOVSB_TUNABLE: &str = "glibc.cpu.x86_rep_movsb_threshold";
+
+/// The threshold zring asks for: 1 MiB, a Zen core's L2. Copies below it use glibc's vector
+/// loops; zring's largest copy is a 256 KiB relay buffer.
+pub const REP_MOVSB_THRESHOLD: usize = 1 << 20;
+
+/// Whether this process's `memcpy` is glibc's `rep movsb` one on an AMD core, where it is slow
+/// for some buffer pairs (glibc bug 30994, fixed in glibc 2.39 by not using `rep movsb` below
+/// the L2 size on AMD): a copy whose destination lies 1 to 63 bytes past its source's offset
+/// in a 4 KiB page runs at 3.4 GB/s instead of 50 on this lab's AMD EPYC. rustls builds each TLS
+/// record by copying the plaintext to 5 bytes past the start of a page-aligned buffer, so a
+/// tunnel's bulk data, read page-aligned, hits exactly that case: 27% of the sending node
+/// proxy's CPU was that one copy.
+pub fn memcpy_needs_rep_movsb_tunable() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_env = "gnu"))]
+    {
+        let id = std::arch::x86_64::__cpuid(0);
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&id.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&id.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&id.ecx.to_le_bytes());
+        let zen = &vendor == b"AuthenticAMD" || &vendor == b"HygonGenuine";
+        zen && std::arch::is_x86_feature_detected!("ermsb")
+            && glibc_version().is_some_and(|v| v < (2, 39))
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
+/// The running glibc's version, e.g. (2, 36).
+#[cfg(target_env = "gnu")]
+pub fn glibc_version() -> Option<(u32, u32)> {
+    // SAFETY: gnu_get_libc_version takes no arguments and returns a pointer to a static,
+    // NUL-terminated string owned by glibc, valid for the life of the process.
+    let v = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+    let mut parts = v.to_str().ok()?.split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// `GLIBC_TUNABLES` with [`REP_MOVSB_TUNABLE`] put before what it already holds, or None when
+/// it already sets that tunable (the user's value wins, and a re-executed process sees its own
+/// setting and goes on). First, because glibc 2.36 cuts the environment block's string after
+/// the first tunable it applies (`/proc/PID/environ` shows only that one; the process's own
+/// view keeps the whole string): ours is in both.
+pub fn tunables_with_rep_movsb(current: Option<&std::ffi::OsStr>) -> Option<std::ffi::OsString> {
+    let setting = format!("{REP_MOVSB_TUNABLE}={REP_MOVSB_THRESHOLD}");
+    let current = current
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let already = current
+        .split(':')
+        .any(|t| t.split('=').next() == Some(REP_MOVSB_TUNABLE));
+    if already {
+        return None;
+    }
+    Some(
+        if current.is_empty() {
+            setting
+        } else {
+            format!("{setting}:{current}")
+        }
+        .into(),
+    )
+}
+
+/// On the CPUs and glibc versions of [`memcpy_needs_rep_movsb_tunable`], run this program
+/// again in place (same pid, arguments and file descriptors) with [`REP_MOVSB_TUNABLE`] set in
+/// `GLIBC_TUNABLES`, which glibc reads only at start-up. Call first thing in `main`. Returns
+/// `Ok(false)` when nothing was needed (another CPU, a fixed glibc, or `GLIBC_TUNABLES` already
+/// sets the tunable: set it to glibc's default to opt out); does not return when it re-ran;
+/// an error when the exec failed (the program goes on with the slow copy).
+pub fn reexec_for_fast_memcpy() -> io::Result<bool> {
+    if !memcpy_needs_rep_movsb_tunable() {
+        return Ok(false);
+    }
+    let Some(tunables) = tunables_with_rep_movsb(std::env::var_os("GLIBC_TUNABLES").as_deref())
+    else {
+        return Ok(false);
+    };
+    let mut args = std::env::args_os();
+    let Some(arg0) = args.next() else {
+        return Ok(false);
+    };
+    let err = Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(args)
+        .env("GLIBC_TUNABLES", tunables)
+        .exec();
+    Err(err)
+}
+
 /// Raise `RLIMIT_NOFILE`'s soft limit to the hard limit. A proxy holds two to six fds per
 /// connection (two sockets, and two pipes in splice mode); the common soft default of 1024 would
 /// cap it at a few hundred connections. Returns the new soft limit.
@@ -206,4 +302,35 @@ fn io_uring_deny_filter() -> Vec<libc::sock_filter> {
         stmt(RET_K, libc::SECCOMP_RET_ALLOW),
         stmt(RET_K, eperm),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rep_movsb_tunable_goes_before_the_others_unless_already_set() {
+        let ours = "glibc.cpu.x86_rep_movsb_threshold=1048576";
+        let add = |c: Option<&str>| {
+            tunables_with_rep_movsb(c.map(std::ffi::OsStr::new)).map(|v| v.into_string().unwrap())
+        };
+        assert_eq!(add(None).as_deref(), Some(ours));
+        assert_eq!(add(Some("")).as_deref(), Some(ours));
+        assert_eq!(
+            add(Some("glibc.malloc.check=0")),
+            Some(format!("{ours}:glibc.malloc.check=0"))
+        );
+        assert_eq!(add(Some("glibc.cpu.x86_rep_movsb_threshold=2112")), None);
+        assert_eq!(
+            add(Some(
+                "glibc.malloc.check=0:glibc.cpu.x86_rep_movsb_threshold=0x840"
+            )),
+            None
+        );
+        // A longer name that starts with ours is another tunable.
+        assert_eq!(
+            add(Some("glibc.cpu.x86_rep_movsb_threshold_x=1")),
+            Some(format!("{ours}:glibc.cpu.x86_rep_movsb_threshold_x=1"))
+        );
+    }
 }

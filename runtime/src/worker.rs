@@ -1,9 +1,11 @@
-//! Worker threads: one per allowed CPU, each pinned to its CPU and running its own monoio
-//! runtime. A connection lives and dies on the worker that accepted it; workers share nothing on
+//! Worker threads: one per allowed CPU, each running its own monoio runtime, and pinned to its
+//! CPU when there is one worker for every allowed CPU ([`Pinning`]). A connection lives and dies on the worker that accepted it; workers share nothing on
 //! the data path.
 
 use std::{
+    fmt,
     future::Future,
+    str::FromStr,
     sync::{mpsc, Arc},
     thread::JoinHandle,
 };
@@ -23,8 +25,8 @@ pub struct WorkerConfig {
     pub io: BackendChoice,
     /// Submission queue entries per ring.
     pub ring_entries: u32,
-    /// Pin each worker to one CPU (on by default; off only for debugging on shared hosts).
-    pub pin: bool,
+    /// Whether each worker is pinned to one CPU.
+    pub pin: Pinning,
 }
 
 impl Default for WorkerConfig {
@@ -33,8 +35,59 @@ impl Default for WorkerConfig {
             workers: None,
             io: BackendChoice::Auto,
             ring_entries: DEFAULT_RING_ENTRIES,
-            pin: true,
+            pin: Pinning::Auto,
         }
+    }
+}
+
+/// Whether workers are pinned to CPUs (`--pin`, `ZRING_PIN`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pinning {
+    /// Pin when there is one worker for every CPU the process may run on (a node to itself,
+    /// or CPUs given to it exclusively); otherwise let the workers float. Two workers of a
+    /// container limited to 2 CPUs on a 64-CPU node would otherwise sit on CPUs 0 and 1,
+    /// whatever else runs there, where the scheduler can move them to idle ones.
+    #[default]
+    Auto,
+    /// Always pin worker `i` to the `i`-th allowed CPU (wrapping).
+    On,
+    /// Never pin: the scheduler places the workers. For hosts where the proxy shares its
+    /// CPUs with busy neighbours, e.g. two node proxies on one small test machine.
+    Off,
+}
+
+impl Pinning {
+    /// Whether `workers` workers are pinned, given the CPUs this process may run on.
+    pub fn pins(self, workers: usize, allowed_cpus: usize) -> bool {
+        match self {
+            Self::On => allowed_cpus > 0,
+            Self::Off => false,
+            Self::Auto => allowed_cpus > 0 && workers == allowed_cpus,
+        }
+    }
+}
+
+impl FromStr for Pinning {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" | "true" | "1" => Ok(Self::On),
+            "off" | "false" | "0" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown pinning {other:?}: expected auto, on or off"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Pinning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        })
     }
 }
 
@@ -115,11 +168,19 @@ impl Workers {
         tracing::info!(backend = %selection.backend, reason = %selection.reason, "io backend selected");
         let count = cfg.workers.unwrap_or_else(default_worker_count).max(1);
         let cpus = sys::thread_affinity().unwrap_or_default();
+        let pinned = cfg.pin.pins(count, cpus.len());
+        tracing::info!(
+            workers = count,
+            allowed_cpus = cpus.len(),
+            pin = %cfg.pin,
+            pinned,
+            "starting workers"
+        );
         let main = Arc::new(main);
         let (tx, results) = mpsc::channel();
         let mut handles = Vec::with_capacity(count);
         for index in 0..count {
-            let cpu = (cfg.pin && !cpus.is_empty()).then(|| cpus[index % cpus.len()]);
+            let cpu = pinned.then(|| cpus[index % cpus.len()]);
             let shutdown = trigger
                 .subscribe()
                 .map_err(|source| WorkerError::Setup { index, source })?;
@@ -227,4 +288,25 @@ where
         index,
         message: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_pins_only_with_a_worker_for_every_allowed_cpu() {
+        assert!(Pinning::Auto.pins(2, 2));
+        assert!(Pinning::Auto.pins(1, 1));
+        // A CPU quota of 2 on a 64-CPU node: float, do not take CPUs 0 and 1.
+        assert!(!Pinning::Auto.pins(2, 64));
+        assert!(!Pinning::Auto.pins(4, 2));
+        assert!(!Pinning::Auto.pins(2, 0));
+        assert!(Pinning::On.pins(2, 64));
+        assert!(!Pinning::On.pins(2, 0));
+        assert!(!Pinning::Off.pins(2, 2));
+        assert_eq!("off".parse::<Pinning>(), Ok(Pinning::Off));
+        assert_eq!("auto".parse::<Pinning>(), Ok(Pinning::Auto));
+        assert!("maybe".parse::<Pinning>().is_err());
+    }
 }

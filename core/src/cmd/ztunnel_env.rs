@@ -17,7 +17,8 @@
 //!   refused (not supported).
 //! - Workers: `ZTUNNEL_WORKER_THREADS` (a count or a percentage of the CPUs), else
 //!   `ZTUNNEL_RESOURCE_CPU_LIMIT`, else `ZTUNNEL_CPU_LIMIT` (Kubernetes CPU quantities, rounded
-//!   up), never more than the CPUs zring may run on; else one per allowed CPU.
+//!   up), never more than the CPUs zring may run on; else one per allowed CPU. zring's own
+//!   `ZRING_PIN` (auto, on, off: see `zring run --help`) says whether they are pinned.
 //! - Drain: `CONNECTION_TERMINATION_DEADLINE`, else from `TERMINATION_GRACE_PERIOD_SECONDS`.
 //! - `KEEPALIVE_TIME`, `KEEPALIVE_INTERVAL`, `KEEPALIVE_RETRIES`, `KEEPALIVE_ENABLED`,
 //!   `PACKET_MARK`, `UNSTABLE_ENABLE_SOCKS5` (SOCKS5 on 127.0.0.1:15080).
@@ -50,6 +51,7 @@ pub const ADMIN_PORT: u16 = 15000;
 const USED: &[&str] = &[
     "ZRING_CA_DIR",
     "ZRING_CERT_DIR",
+    "ZRING_PIN",
     "NODE_NAME",
     "LOCAL_XDS_PATH",
     "LOCAL_XDS",
@@ -246,6 +248,12 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
     };
     let available = std::thread::available_parallelism().map_or(1, |n| n.get());
     let workers = worker_count(&|k: &str| lookup(env, k), available)?;
+    let pin = match get("ZRING_PIN") {
+        Some(v) => v
+            .parse::<zring_runtime::Pinning>()
+            .map_err(|e| anyhow::anyhow!("ZRING_PIN={v}: {e}"))?,
+        None => zring_runtime::Pinning::Auto,
+    };
     let dns = if flag("ISTIO_META_DNS_CAPTURE") == Some(false) {
         None
     } else {
@@ -284,6 +292,7 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         ),
         workers: WorkerConfig {
             workers,
+            pin,
             ..WorkerConfig::default()
         },
         limits,
@@ -654,5 +663,26 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn zring_pin_sets_the_pinning_and_a_bad_value_is_refused_by_name() {
+        use zring_runtime::Pinning;
+        let base = [
+            ("NODE_NAME", "n"),
+            ("LOCAL_XDS_PATH", "/x"),
+            ("FAKE_CA", "true"),
+        ];
+        let pin = |v: Option<&str>| {
+            let mut pairs = base.to_vec();
+            pairs.extend(v.map(|v| ("ZRING_PIN", v)));
+            setup(&env(&pairs)).map(|s| s.run.workers.pin)
+        };
+        assert_eq!(pin(None).unwrap(), Pinning::Auto);
+        assert_eq!(pin(Some("off")).unwrap(), Pinning::Off);
+        assert_eq!(pin(Some("on")).unwrap(), Pinning::On);
+        let err = format!("{:#}", pin(Some("sometimes")).unwrap_err());
+        assert!(err.contains("ZRING_PIN=sometimes"), "{err}");
+        assert!(err.contains("expected auto, on or off"), "{err}");
     }
 }
