@@ -58,9 +58,12 @@ impl Executor for MonoioExecutor {
 /// record it has ready in one `write_vectored`, which goes out as one `writev` (without it, each
 /// record was a `send` of its own). Under TLS ([`PollTcp::tls`]) small reads read ahead: rustls
 /// asks for at most 4 KiB at a time, so a 16 KiB record took four or five `recv`s; a read
-/// smaller than [`READ_AHEAD`] reads up to that much into the worker's scratch buffer and keeps
-/// what the caller did not take. Nothing stays allocated per connection while it is idle: the
-/// leftover buffer exists only while it holds bytes.
+/// smaller than [`READ_AHEAD`] reads up to that much into the worker's scratch buffer. When the
+/// caller left 16 KiB or more of it, the connection takes the buffer itself (the worker's slot
+/// is refilled by the next buffer a connection finishes with, or a new one), so bulk bytes are
+/// not copied a second time; a smaller rest is copied out at its size. Nothing stays allocated
+/// per connection while it is idle: a buffer goes back to the worker (or is freed) as soon as
+/// its last byte is taken.
 ///
 /// Readiness stays monoio's (an epoll instance behind the ring, cleared by a read that would
 /// block). Tracking it here instead, with an io_uring poll per blocked socket and a short read
@@ -72,13 +75,20 @@ impl Executor for MonoioExecutor {
 pub struct PollTcp {
     io: monoio::net::tcp::stream_poll::TcpStreamPoll,
     read_ahead: bool,
-    /// Bytes read ahead and not yet taken, from `ahead_pos`.
+    /// Bytes read ahead and not yet taken: `ahead[ahead_pos..ahead_end]` (the buffer is a
+    /// whole scratch buffer, taken from the worker).
     ahead: Vec<u8>,
     ahead_pos: usize,
+    ahead_end: usize,
 }
 
 /// How much a small read asks the kernel for: a few TLS records.
 pub const READ_AHEAD: usize = 64 * 1024;
+
+/// Leftovers of a read-ahead at least this big keep the worker's scratch buffer (bulk data is
+/// not copied twice); smaller ones are copied out at their size, so a connection that goes
+/// quiet with a few bytes pending holds those bytes, not 64 KiB.
+const TAKE_SCRATCH_FROM: usize = 16 * 1024;
 
 thread_local! {
     /// The worker's read-ahead scratch buffer (a worker polls one socket at a time).
@@ -94,6 +104,7 @@ impl PollTcp {
             read_ahead: false,
             ahead: Vec::new(),
             ahead_pos: 0,
+            ahead_end: 0,
         })
     }
 
@@ -104,18 +115,28 @@ impl PollTcp {
         Ok(s)
     }
 
-    /// Hand out read-ahead bytes; true if there were any.
+    /// Hand out read-ahead bytes; true if there were any. The last of them gives the buffer
+    /// back to the worker's scratch slot when that is empty (else it is freed).
     fn take_ahead(&mut self, buf: &mut ReadBuf<'_>) -> bool {
-        let left = &self.ahead[self.ahead_pos..];
+        let left = &self.ahead[self.ahead_pos..self.ahead_end];
         if left.is_empty() {
             return false;
         }
         let n = left.len().min(buf.remaining());
         buf.put_slice(&left[..n]);
         self.ahead_pos += n;
-        if self.ahead_pos == self.ahead.len() {
-            self.ahead = Vec::new();
-            self.ahead_pos = 0;
+        if self.ahead_pos == self.ahead_end {
+            let done = std::mem::take(&mut self.ahead);
+            (self.ahead_pos, self.ahead_end) = (0, 0);
+            if done.len() == READ_AHEAD {
+                SCRATCH.with(|scratch| {
+                    if let Ok(mut slot) = scratch.try_borrow_mut() {
+                        if slot.is_empty() {
+                            *slot = done;
+                        }
+                    }
+                });
+            }
         }
         true
     }
@@ -154,12 +175,16 @@ impl AsyncRead for PollTcp {
             let mut tmp = ReadBuf::new(&mut scratch[..]);
             match Pin::new(&mut this.io).poll_read(cx, &mut tmp) {
                 Poll::Ready(Ok(())) => {
-                    let got = tmp.filled();
-                    let n = got.len().min(buf.remaining());
-                    buf.put_slice(&got[..n]);
-                    if n < got.len() {
-                        this.ahead = got[n..].to_vec();
-                        this.ahead_pos = 0;
+                    let got = tmp.filled().len();
+                    let n = got.min(buf.remaining());
+                    buf.put_slice(&scratch[..n]);
+                    if got - n >= TAKE_SCRATCH_FROM {
+                        // Bulk: keep the rest where it is; this connection takes the buffer.
+                        this.ahead = std::mem::take(&mut *scratch);
+                        (this.ahead_pos, this.ahead_end) = (n, got);
+                    } else if n < got {
+                        this.ahead = scratch[n..got].to_vec();
+                        (this.ahead_pos, this.ahead_end) = (0, got - n);
                     }
                     Poll::Ready(Ok(()))
                 }
@@ -339,33 +364,36 @@ mod tests {
         }
     }
 
-    /// Two connections on one worker, each holding bytes it read ahead (through the worker's one
-    /// scratch buffer) beyond what its reader asked for, read in small alternating pieces: each
-    /// gets exactly its own bytes, in order.
+    /// Three connections on one worker, each holding bytes it read ahead (through the worker's
+    /// one scratch buffer) beyond what its reader asked for, read in small alternating pieces:
+    /// each gets exactly its own bytes, in order. Their leftovers are big (the connection takes
+    /// the scratch buffer, the next one needs another, a drained one is given back) and, at the
+    /// end of the third, small (copied out).
     #[test]
     fn connections_holding_read_ahead_bytes_each_get_their_own() {
         let mut rt = build_runtime(IoBackend::Uring, 256).unwrap();
         rt.block_on(async {
-            let (mut a1, mut b1) = pair().await;
-            let (mut a2, mut b2) = pair().await;
-            let one: Vec<u8> = (0..100_000u32).map(|i| (i % 241) as u8).collect();
-            let two: Vec<u8> = (0..100_000u32).map(|i| (i % 239) as u8 ^ 0x5a).collect();
-            a1.write_all(&one).await.unwrap();
-            a2.write_all(&two).await.unwrap();
-            // Let both arrive whole, so the first read of each reads ahead.
+            let mut conns = Vec::new();
+            for (len, salt) in [(100_000u32, 0u8), (100_000, 0x5a), (70_000, 0xa5)] {
+                let (mut a, b) = pair().await;
+                let want: Vec<u8> = (0..len).map(|i| (i % 241) as u8 ^ salt).collect();
+                a.write_all(&want).await.unwrap();
+                conns.push((a, b, want, Vec::new()));
+            }
+            // Let all arrive whole, so the first read of each reads ahead.
             monoio::time::sleep(Duration::from_millis(50)).await;
-            let (mut got1, mut got2) = (Vec::new(), Vec::new());
             let mut piece = [0u8; 1000];
-            while got1.len() < one.len() || got2.len() < two.len() {
-                for (b, got, want) in [(&mut b1, &mut got1, &one), (&mut b2, &mut got2, &two)] {
+            while conns.iter().any(|(_, _, want, got)| got.len() < want.len()) {
+                for (_, b, want, got) in conns.iter_mut() {
                     if got.len() < want.len() {
                         b.read_exact(&mut piece).await.unwrap();
                         got.extend_from_slice(&piece);
                     }
                 }
             }
-            assert!(got1 == one, "the first connection's bytes differ");
-            assert!(got2 == two, "the second connection's bytes differ");
+            for (i, (_, _, want, got)) in conns.iter().enumerate() {
+                assert!(got == want, "connection {i}'s bytes differ");
+            }
         });
     }
 }
