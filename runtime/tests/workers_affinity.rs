@@ -8,27 +8,7 @@ use zring_runtime::{sys, BackendChoice, Pinning, ShutdownTrigger, WorkerConfig, 
 fn each_worker_is_pinned_to_exactly_one_cpu() {
     let allowed = sys::thread_affinity().unwrap();
     for io in [BackendChoice::Uring, BackendChoice::Epoll] {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let s = seen.clone();
-        let trigger = ShutdownTrigger::new();
-        let cfg = WorkerConfig {
-            workers: Some(allowed.len()),
-            io,
-            ..WorkerConfig::default()
-        };
-        let workers = Workers::start(&cfg, &trigger, move |ctx| {
-            let s = s.clone();
-            async move {
-                s.lock()
-                    .unwrap()
-                    .push((ctx.index, ctx.cpu, sys::thread_affinity()?));
-                Ok::<(), std::io::Error>(())
-            }
-        })
-        .unwrap();
-        workers.join().unwrap();
-        let mut seen = seen.lock().unwrap().clone();
-        seen.sort();
+        let seen = affinities(allowed.len(), Pinning::Auto, io);
         assert_eq!(seen.len(), allowed.len());
         for (index, cpu, affinity) in seen {
             let cpu = cpu.expect("pinned");
@@ -42,14 +22,20 @@ fn each_worker_is_pinned_to_exactly_one_cpu() {
     }
 }
 
-/// Start `workers` workers with `pin` and return what each saw: (index, ctx.cpu, affinity).
-fn affinities(workers: usize, pin: Pinning) -> Vec<(usize, Option<usize>, Vec<usize>)> {
+/// Start `workers` workers with `pin` on `io` and return what each saw: (index, ctx.cpu,
+/// affinity), by index.
+fn affinities(
+    workers: usize,
+    pin: Pinning,
+    io: BackendChoice,
+) -> Vec<(usize, Option<usize>, Vec<usize>)> {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     let trigger = ShutdownTrigger::new();
     let cfg = WorkerConfig {
         workers: Some(workers),
         pin,
+        io,
         ..WorkerConfig::default()
     };
     let started = Workers::start(&cfg, &trigger, move |ctx| {
@@ -82,7 +68,7 @@ fn unpinned_workers_keep_every_allowed_cpu() {
         (allowed.len(), Pinning::Off),
         (fewer_or_more, Pinning::Auto),
     ] {
-        let seen = affinities(workers, pin);
+        let seen = affinities(workers, pin, BackendChoice::Auto);
         assert_eq!(seen.len(), workers);
         for (index, cpu, affinity) in seen {
             assert_eq!(cpu, None, "worker {index} with {pin} and {workers} workers");
@@ -90,7 +76,7 @@ fn unpinned_workers_keep_every_allowed_cpu() {
         }
     }
     // On pins even when the counts differ.
-    for (index, cpu, affinity) in affinities(fewer_or_more, Pinning::On) {
+    for (index, cpu, affinity) in affinities(fewer_or_more, Pinning::On, BackendChoice::Auto) {
         let cpu = cpu.expect("pinned");
         assert_eq!(cpu, allowed[index % allowed.len()]);
         assert_eq!(affinity, vec![cpu]);
