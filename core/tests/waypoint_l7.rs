@@ -669,6 +669,164 @@ fn a_dead_endpoint_is_retried_elsewhere_and_all_dead_is_503() {
     );
 }
 
+/// Write `text` as the only resource file `name` of a test's own folder.
+fn resource(tag: &str, name: &str, text: &str) -> PathBuf {
+    let dir = tmp(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A DestinationRule's `outlierDetection`: an endpoint answering 500 is ejected after two in a
+/// row and the rest of the requests go to the healthy one; without the rule the failing
+/// endpoint keeps getting its share.
+#[test]
+fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
+    let dr = resource(
+        "wp-outlier-res",
+        "reviews-dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n    outlierDetection:\n      consecutive5xxErrors: 2\n      interval: 1s\n      baseEjectionTime: 60s\n      maxEjectionPercent: 100\n",
+    );
+    let lab = Lab::start(74, "wp-outlier", &[("reviews-dr.yaml", &dr)]);
+    let n = lab.n;
+    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
+    server(SocketAddr::new(ip(n, 12), 9080), "reviews-v2");
+    // reviews-v2 answers 500 to `/fail` (500 is not in the default retry conditions).
+    let served = |c: &mut Client, count: usize| {
+        let mut failed = 0;
+        for _ in 0..count {
+            let r = c.request("GET", "/fail?reviews-v2=500", b"");
+            match (r.status, r.header("x-served-by")) {
+                (200, Some("reviews-v1")) => {}
+                (500, Some("reviews-v2")) => failed += 1,
+                other => panic!("unexpected {other:?}: {}", r.text()),
+            }
+        }
+        failed
+    };
+    let mut c = lab.client(2, lab.vip(101));
+    assert_eq!(
+        served(&mut c, 30),
+        2,
+        "two 500s in a row eject reviews-v2 for 60 s\n{}",
+        lab.w.proc.log()
+    );
+    let m = lab.w.metrics();
+    assert_eq!(
+        metric(&m, "zring_waypoint_ejections_total", &[]),
+        Some(1),
+        "{m}"
+    );
+    assert!(lab
+        .w
+        .proc
+        .log()
+        .contains("endpoint ejected by outlier detection"));
+    assert!(
+        config_dump(&lab).contains("\"consecutive5xxErrors\": 2"),
+        "{}",
+        config_dump(&lab)
+    );
+
+    // The same rule without outlier detection (reloaded while running): nothing keeps
+    // reviews-v2 out any more, so it gets its round-robin share of the requests again.
+    std::fs::write(
+        lab.resources.join("reviews-dr.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  trafficPolicy:\n    tls: {mode: ISTIO_MUTUAL}\n",
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || !config_dump(&lab).contains("consecutive5xxErrors"),
+        || config_dump(&lab),
+    );
+    let failed = served(&mut c, 30);
+    assert!(
+        (10..=20).contains(&failed),
+        "{failed} of 30 failed without outlier detection"
+    );
+}
+
+/// A DestinationRule's `connectionPool` (Istio's circuit-breaking example): one request in
+/// flight, one waiting, the third refused at once with 503 `UO`; and an upstream connection
+/// per request with `maxRequestsPerConnection: 1`.
+#[test]
+fn connection_pool_limits_queue_then_refuse_and_retire_connections() {
+    let dr = resource(
+        "wp-pool-res",
+        "productpage-dr.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: productpage, namespace: default}\nspec:\n  host: productpage\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1, connectTimeout: 2s}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}\n",
+    );
+    let lab = Lab::start(75, "wp-pool", &[("productpage-dr.yaml", &dr)]);
+    let n = lab.n;
+    server(SocketAddr::new(ip(n, 10), 9080), "productpage-v1");
+    let opened = || {
+        metric(
+            &lab.b.metrics(),
+            "istio_tcp_connections_opened_total",
+            &["source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-waypoint\""],
+        )
+        .unwrap_or(0)
+    };
+
+    // Three clients at once, each asking for an answer that takes 1.5 s.
+    let clients: Vec<Client> = (0..3).map(|_| lab.client(2, lab.vip(100))).collect();
+    let t0 = std::time::Instant::now();
+    let handles: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut c)| {
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200 * i as u64));
+                let r = c.request("GET", "/slow?ms=1500", b"");
+                (r.status, r.text(), t0.elapsed())
+            })
+        })
+        .collect();
+    let mut results: Vec<(u16, String, Duration)> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    results.sort_by_key(|r| r.2);
+    let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
+    assert_eq!(
+        statuses,
+        [503, 200, 200],
+        "{results:?}\n{}",
+        lab.w.proc.log()
+    );
+    assert!(
+        results[0].1.contains("overflow") && results[0].2 < Duration::from_millis(1200),
+        "refused at once: {results:?}"
+    );
+    assert!(
+        results[2].2 >= Duration::from_millis(2900),
+        "the second request waited for the first: {results:?}"
+    );
+    let m = lab.w.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &["response_code=\"503\"", "response_flags=\"UO\""]
+        ),
+        Some(1),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "zring_waypoint_overflows_total", &[]), Some(1));
+
+    // maxRequestsPerConnection: 1: each request opens its own upstream connection.
+    let before = opened();
+    let mut c = lab.client(2, lab.vip(100));
+    for _ in 0..4 {
+        assert_eq!(c.request("GET", "/p", b"").status, 200);
+    }
+    wait_until(
+        Duration::from_secs(5),
+        || opened() == before + 4,
+        || format!("opened {} (before {before})\n{}", opened(), lab.b.metrics()),
+    );
+}
+
 #[test]
 fn http1_edge_cases_websocket_and_h2c_pass_byte_exact() {
     let lab = Lab::start(79, "wp-edge", &[]);

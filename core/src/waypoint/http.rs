@@ -34,6 +34,7 @@ use zring_runtime::net::{self, ConnectOptions};
 use super::{
     policy::{self, Decision, RequestContext},
     resources::{Backend, L7Config, RequestView, RetryPolicy},
+    traffic::{Outcome, Outlier, Overflow, Permit},
     Waypoint,
 };
 use crate::{
@@ -221,6 +222,13 @@ impl Sender {
             Sender::H2(s) => s.is_closed(),
         }
     }
+    /// Another handle on an HTTP/2 connection (HTTP/1.1 senders are not shared).
+    fn clone_h2(&self) -> Option<Sender> {
+        match self {
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+            Sender::H1(_) => None,
+        }
+    }
     async fn send(&mut self, req: Request<Body>) -> hyper::Result<Response<Incoming>> {
         match self {
             Sender::H1(s) => {
@@ -241,40 +249,56 @@ const MAX_IDLE_PER_ENDPOINT: usize = 64;
 /// What a route's `timeout: 0s` stands for: no limit (a year, beyond any real request).
 const NO_LIMIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// Upstream HTTP connections by (endpoint, h2), each with the requests it has carried.
+type SenderPool = HashMap<(SocketAddr, bool), Vec<(Sender, u32)>>;
+
 thread_local! {
-    /// This worker's upstream HTTP connections: (endpoint, h2) -> senders.
-    static SENDERS: RefCell<HashMap<(SocketAddr, bool), Vec<Sender>>> = RefCell::new(HashMap::new());
+    /// This worker's upstream HTTP connections: (endpoint, h2) -> senders, each with the
+    /// requests it has carried.
+    static SENDERS: RefCell<SenderPool> = RefCell::new(HashMap::new());
     /// Endpoints that failed recently, and until when they are skipped.
     static EJECTED: RefCell<HashMap<SocketAddr, Instant>> = RefCell::new(HashMap::new());
     /// Per-worker round robin over endpoints.
     static RR: Cell<usize> = const { Cell::new(0) };
 }
 
-fn take_sender(addr: SocketAddr, h2: bool) -> Option<Sender> {
+/// A pooled sender to `addr` and the requests it carried before this one. An HTTP/2 sender
+/// stays pooled (shared) until it has carried `max_uses` requests (0: no limit); an HTTP/1.1
+/// one is taken out until its response, then put back with [`put_sender`].
+fn take_sender(addr: SocketAddr, h2: bool, max_uses: u32) -> Option<(Sender, u32)> {
     SENDERS.with(|m| {
         let mut m = m.borrow_mut();
         let v = m.get_mut(&(addr, h2))?;
-        v.retain(|s| !s.closed());
-        match h2 {
-            true => v.iter().find_map(|s| match s {
-                Sender::H2(s) if s.is_ready() || !s.is_closed() => Some(Sender::H2(s.clone())),
-                _ => None,
-            }),
-            false => {
-                let i = v.iter().position(Sender::usable)?;
-                Some(v.swap_remove(i))
-            }
+        v.retain(|(s, _)| !s.closed());
+        let i = v.iter().position(|(s, _)| match s {
+            Sender::H2(_) => h2,
+            Sender::H1(_) => !h2 && s.usable(),
+        })?;
+        if !h2 {
+            return Some(v.swap_remove(i));
         }
+        let (s, uses) = &mut v[i];
+        let taken = (s.clone_h2()?, *uses);
+        *uses += 1;
+        if max_uses > 0 && *uses >= max_uses {
+            // Retired: no new streams; it closes once its last stream ends.
+            v.swap_remove(i);
+        }
+        Some(taken)
     })
 }
 
-fn put_sender(addr: SocketAddr, s: Sender) {
+/// Pool a sender that has carried `uses` requests, unless that reached `max_uses`.
+fn put_sender(addr: SocketAddr, s: Sender, uses: u32, max_uses: u32) {
+    if max_uses > 0 && uses >= max_uses {
+        return;
+    }
     SENDERS.with(|m| {
         let mut m = m.borrow_mut();
         let v = m.entry((addr, matches!(s, Sender::H2(_)))).or_default();
-        v.retain(|s| !s.closed());
+        v.retain(|(s, _)| !s.closed());
         if v.len() < MAX_IDLE_PER_ENDPOINT {
-            v.push(s);
+            v.push((s, uses));
         }
     })
 }
@@ -565,6 +589,29 @@ fn endpoints<'a>(
     Ok((svc, eps))
 }
 
+/// Count a try's outcome at `addr` (one of `peers`) under outlier detection `o`; an ejection
+/// is counted and logged.
+fn record_outcome(
+    wp: &Waypoint,
+    o: &Outlier,
+    addr: SocketAddr,
+    peers: &[SocketAddr],
+    outcome: Outcome,
+) {
+    if let Some(d) = wp.health.record(addr, outcome, o, peers, Instant::now()) {
+        wp.metrics.ejected();
+        tracing::info!(endpoint = %addr, secs = d.as_secs_f64(), "waypoint: endpoint ejected by outlier detection");
+    }
+}
+
+/// The connection-pool gate of a backend: its service, and subset if any.
+fn gate_key(b: &Backend) -> String {
+    match &b.subset {
+        Some(sub) => format!("{}#{sub}", b.service),
+        None => b.service.clone(),
+    }
+}
+
 /// A backend by weight.
 fn pick_backend(backends: &[Backend]) -> Option<&Backend> {
     let total: u64 = backends.iter().map(|b| b.weight as u64).sum();
@@ -581,19 +628,27 @@ fn pick_backend(backends: &[Backend]) -> Option<&Backend> {
     backends.last()
 }
 
-/// An endpoint not tried yet, preferring those not ejected; round robin per worker.
+/// The address of endpoint `e` (its first IP, the target port).
+fn endpoint_addr((w, p): &(&Workload, u16)) -> Option<SocketAddr> {
+    Some(SocketAddr::new(*w.workload_ips.first()?, *p))
+}
+
+/// An endpoint not tried yet, preferring those not ejected (by the built-in ejection, or by
+/// `outlier` detection: `up` holds the endpoints it leaves in); round robin per worker.
 fn pick_endpoint<'a>(
     eps: &[(&'a Workload, u16)],
     tried: &[SocketAddr],
+    up: Option<&[SocketAddr]>,
 ) -> Option<(&'a Workload, SocketAddr)> {
-    let addr = |(w, p): &(&Workload, u16)| Some(SocketAddr::new(*w.workload_ips.first()?, *p));
     let fresh: Vec<(&Workload, SocketAddr)> = eps
         .iter()
-        .filter_map(|e| Some((e.0, addr(e)?)))
+        .filter_map(|e| Some((e.0, endpoint_addr(e)?)))
         .filter(|(_, a)| !tried.contains(a))
         .collect();
-    let healthy: Vec<&(&Workload, SocketAddr)> =
-        fresh.iter().filter(|(_, a)| !ejected(*a)).collect();
+    let healthy: Vec<&(&Workload, SocketAddr)> = fresh
+        .iter()
+        .filter(|(_, a)| !ejected(*a) && up.is_none_or(|up| up.contains(a)))
+        .collect();
     let n = RR.with(|r| {
         let v = r.get();
         r.set(v.wrapping_add(1));
@@ -659,14 +714,16 @@ async fn dial(
     Ok(UpIo::Tcp(tcp))
 }
 
-/// A sender to `addr`: a pooled one if free, else a new connection.
+/// A sender to `addr` and the requests it carried before: a pooled one if free, else a new
+/// connection.
 async fn sender(
     ctx: &ConnCtx,
     w: &Workload,
     addr: SocketAddr,
     host: Option<&str>,
-) -> Result<Sender, String> {
-    if let Some(s) = take_sender(addr, ctx.h2) {
+    max_uses: u32,
+) -> Result<(Sender, u32), String> {
+    if let Some(s) = take_sender(addr, ctx.h2, max_uses) {
         return Ok(s);
     }
     let io = TokioIo::new(dial(ctx, w, addr, host).await?);
@@ -677,8 +734,8 @@ async fn sender(
         MonoioExecutor.spawn(Box::pin(async move {
             let _ = conn.await;
         }));
-        put_sender(addr, Sender::H2(send.clone()));
-        Ok(Sender::H2(send))
+        put_sender(addr, Sender::H2(send.clone()), 1, max_uses);
+        Ok((Sender::H2(send), 0))
     } else {
         let (send, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(io)
@@ -687,7 +744,7 @@ async fn sender(
         MonoioExecutor.spawn(Box::pin(async move {
             let _ = conn.await;
         }));
-        Ok(Sender::H1(send))
+        Ok((Sender::H1(send), 0))
     }
 }
 
@@ -830,6 +887,8 @@ struct Counted<B> {
     on_end: Option<Box<dyn FnOnce(u64, BodyEnd)>>,
     counter: Option<Rc<Cell<u64>>>,
     deadline: Option<Pin<Box<monoio::time::Sleep>>>,
+    /// Room under a connection-pool limit, held until the body ends.
+    _permit: Option<Permit>,
 }
 
 impl<B> Counted<B> {
@@ -1087,6 +1146,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         on_end: None,
         counter: Some(req_bytes.clone()),
         deadline: None,
+        _permit: None,
     });
     let deadline = start + timeout;
     let attempts = 1 + retry.attempts;
@@ -1098,7 +1158,10 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             ctx.wp.metrics.retried();
             monoio::time::sleep(retry.backoff).await;
         }
-        // Where to: a weighted backend's endpoint, or the workload the client dialed.
+        // Where to: a weighted backend's endpoint, or the workload the client dialed, and the
+        // traffic policy of its DestinationRule.
+        let mut traffic = None;
+        let mut peers: Vec<SocketAddr> = Vec::new();
         let (w, addr, svc_host) = if let Some(w) = workload.filter(|_| backends.is_empty()) {
             let addr = ctx.target;
             if attempt > 0 && tried.contains(&addr) && !replayable {
@@ -1117,12 +1180,28 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                     break;
                 }
             };
-            let Some((w, addr)) = pick_endpoint(&eps, &tried) else {
+            traffic = rules
+                .traffic_for(&b.service, b.subset.as_deref())
+                .map(|t| (t.clone(), gate_key(b)));
+            let outlier = traffic.as_ref().and_then(|(t, _)| t.outlier.as_ref());
+            let up = outlier.map(|o| {
+                peers = eps.iter().filter_map(endpoint_addr).collect();
+                ctx.wp.health.healthy(&peers, o, Instant::now())
+            });
+            let Some((w, addr)) = pick_endpoint(&eps, &tried, up.as_deref()) else {
                 log.error
                     .get_or_insert_with(|| format!("no endpoint of {} left to try", svc.hostname));
                 break;
             };
             (w, addr, Some(svc.hostname.as_str()))
+        };
+        let pool = traffic.as_ref().and_then(|(t, _)| t.pool.as_ref());
+        let outlier = traffic.as_ref().and_then(|(t, _)| t.outlier.as_ref());
+        // What this try came to, for outlier detection.
+        let record = |outcome: Outcome| {
+            if let Some(o) = outlier {
+                record_outcome(&ctx.wp, o, addr, &peers, outcome);
+            }
         };
         tried.push(addr);
         log.upstream = Some(addr);
@@ -1131,31 +1210,79 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             // Not retried: the upgrade's bytes are the client's from here on.
             return upgrade(&ctx, log, &parts, &authority, down, w, addr, svc_host).await;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut send = match monoio::time::timeout(left, sender(&ctx, w, addr, svc_host)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                log.error = Some(e);
-                eject(&ctx.wp, addr);
-                last = (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UF",
-                    "upstream connect error",
-                );
-                if retry.on_connect_failure {
-                    continue;
+        // Room under the destination's connection-pool limits (circuit breaking).
+        let permit = match (pool, &traffic) {
+            (Some(p), Some((_, key))) => {
+                match ctx
+                    .wp
+                    .gates
+                    .acquire(key, p.limit(ctx.h2), p.max_pending, deadline)
+                    .await
+                {
+                    Ok(permit) => Some(permit),
+                    Err(why) => {
+                        ctx.wp.metrics.overflowed();
+                        log.error = Some(match why {
+                            Overflow::Full => format!("{key}: connection pool full"),
+                            Overflow::TimedOut => format!("{key}: no room in the connection pool before the request's deadline"),
+                        });
+                        last = (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "UO",
+                            "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+                        );
+                        break;
+                    }
                 }
-                break;
             }
-            Err(_) => {
-                last = (
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "UT",
-                    "upstream request timeout",
-                );
-                break;
-            }
+            _ => None,
         };
+        let max_uses = pool.map_or(0, |p| p.max_requests_per_connection);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let connect_limit = pool
+            .and_then(|p| p.connect_timeout)
+            .map_or(left, |c| c.min(left));
+        let (mut send, uses) =
+            match monoio::time::timeout(connect_limit, sender(&ctx, w, addr, svc_host, max_uses))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    log.error = Some(e);
+                    eject(&ctx.wp, addr);
+                    record(Outcome::Failed);
+                    last = (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF",
+                        "upstream connect error",
+                    );
+                    if retry.on_connect_failure {
+                        continue;
+                    }
+                    break;
+                }
+                Err(_) if connect_limit < left => {
+                    log.error = Some(format!("no connection within {connect_limit:?}"));
+                    record(Outcome::Failed);
+                    last = (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "UF",
+                        "upstream connect error",
+                    );
+                    if retry.on_connect_failure {
+                        continue;
+                    }
+                    break;
+                }
+                Err(_) => {
+                    last = (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "UT",
+                        "upstream request timeout",
+                    );
+                    break;
+                }
+            };
         let b = match body.take() {
             Some(b) => boxed(b),
             None if replayable => boxed(http_body_util::Empty::<Bytes>::new()),
@@ -1196,6 +1323,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         let resp = match result {
             Err(_) => {
                 log.error = Some(format!("no response within {per_try:?}"));
+                record(Outcome::Failed);
                 last = (
                     StatusCode::GATEWAY_TIMEOUT,
                     "UT",
@@ -1209,6 +1337,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             Ok(Err(e)) => {
                 log.error = Some(format!("upstream {addr}: {e}"));
                 eject(&ctx.wp, addr);
+                record(Outcome::Failed);
                 last = (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "URX",
@@ -1223,9 +1352,13 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         };
         log.upstream_ms = Some(sent_at.elapsed().as_secs_f64() * 1e3);
         if !ctx.h2 {
-            put_sender(addr, send);
+            put_sender(addr, send, uses + 1, max_uses);
         }
         let status = resp.status();
+        record(match status.as_u16() {
+            c @ 500.. => Outcome::Status(c),
+            _ => Outcome::Success,
+        });
         if retry.codes.contains(&status.as_u16()) && attempt + 1 < attempts && replayable {
             log.error = Some(format!("upstream {addr} answered {status}"));
             continue;
@@ -1253,6 +1386,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                     deadline.saturating_duration_since(Instant::now()),
                 ))
             }),
+            _permit: permit,
         };
         return Response::from_parts(rparts, boxed(counted));
     }
@@ -1457,6 +1591,11 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
     if let Decision::Deny(reason) = policy::decide(&rules.policies, &pctx) {
         return log.close(&ctx.state, "DENY", 0, 0, Some(reason));
     }
+    // The service's outlier detection applies to TCP too: a failed connection counts as a 5xx.
+    let outlier = service_key
+        .and_then(|k| rules.traffic_for(k, None))
+        .and_then(|t| t.outlier.clone());
+    let mut peers: Vec<SocketAddr> = Vec::new();
     let (w, addr, host) = match (workload, service_key) {
         (Some(w), _) => (w, ctx.target, None),
         (None, Some(k)) => {
@@ -1469,7 +1608,12 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
             let picked = endpoints(&index, &rules, &b, ctx.target.port())
                 .ok()
                 .and_then(|(svc, eps)| {
-                    pick_endpoint(&eps, &[]).map(|(w, a)| (w, a, Some(svc.hostname.as_str())))
+                    let up = outlier.as_ref().map(|o| {
+                        peers = eps.iter().filter_map(endpoint_addr).collect();
+                        ctx.wp.health.healthy(&peers, o, Instant::now())
+                    });
+                    pick_endpoint(&eps, &[], up.as_deref())
+                        .map(|(w, a)| (w, a, Some(svc.hostname.as_str())))
                 });
             match picked {
                 Some(p) => p,
@@ -1481,7 +1625,15 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
     log.dst = addr;
     log.dst_identity = w.identity().ok();
     log.labels.destination = w.peer();
-    let up = match Box::pin(dial(&ctx, w, addr, host)).await {
+    let dialed = Box::pin(dial(&ctx, w, addr, host)).await;
+    if let Some(o) = &outlier {
+        let outcome = match dialed {
+            Ok(_) => Outcome::Success,
+            Err(_) => Outcome::Failed,
+        };
+        record_outcome(&ctx.wp, o, addr, &peers, outcome);
+    }
+    let up = match dialed {
         Ok(u) => u,
         Err(e) => {
             eject(&ctx.wp, addr);

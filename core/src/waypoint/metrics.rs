@@ -71,6 +71,7 @@ pub struct RequestMetrics {
     reload_failed: AtomicU64,
     retries: AtomicU64,
     ejections: AtomicU64,
+    overflows: AtomicU64,
 }
 
 impl RequestMetrics {
@@ -103,6 +104,11 @@ impl RequestMetrics {
     /// An endpoint was skipped for a while after failing.
     pub fn ejected(&self) {
         self.ejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request found no room under a DestinationRule's connection-pool limits.
+    pub fn overflowed(&self) {
+        self.overflows.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Append the Prometheus text.
@@ -174,9 +180,10 @@ impl RequestMetrics {
         );
         let _ = writeln!(
             out,
-            "# HELP zring_waypoint_retries_total Requests tried again on another endpoint.\n# TYPE zring_waypoint_retries_total counter\nzring_waypoint_retries_total {}\n# HELP zring_waypoint_ejections_total Endpoints skipped for a while after a failure.\n# TYPE zring_waypoint_ejections_total counter\nzring_waypoint_ejections_total {}",
+            "# HELP zring_waypoint_retries_total Requests tried again on another endpoint.\n# TYPE zring_waypoint_retries_total counter\nzring_waypoint_retries_total {}\n# HELP zring_waypoint_ejections_total Endpoints skipped for a while after a failure.\n# TYPE zring_waypoint_ejections_total counter\nzring_waypoint_ejections_total {}\n# HELP zring_waypoint_overflows_total Requests refused (503, UO) by a DestinationRule's connection-pool limits.\n# TYPE zring_waypoint_overflows_total counter\nzring_waypoint_overflows_total {}",
             self.retries.load(Ordering::Relaxed),
-            self.ejections.load(Ordering::Relaxed)
+            self.ejections.load(Ordering::Relaxed),
+            self.overflows.load(Ordering::Relaxed)
         );
     }
 }

@@ -24,6 +24,7 @@ pub mod http;
 pub mod metrics;
 pub mod policy;
 pub mod resources;
+pub mod traffic;
 
 use std::{
     path::PathBuf,
@@ -86,6 +87,10 @@ pub struct Waypoint {
     rules: RwLock<Arc<L7Config>>,
     /// Request metrics (`istio_requests_total`...).
     pub metrics: metrics::RequestMetrics,
+    /// Endpoint health under DestinationRules' outlier detection.
+    pub health: traffic::Health,
+    /// Requests in flight per destination, under DestinationRules' connection-pool limits.
+    pub gates: traffic::Gates,
     last_error: Mutex<Option<String>>,
 }
 
@@ -96,6 +101,8 @@ impl Waypoint {
             settings,
             rules: RwLock::new(Arc::new(L7Config::default())),
             metrics: Default::default(),
+            health: Default::default(),
+            gates: Default::default(),
             last_error: Mutex::new(None),
         }
     }
@@ -218,11 +225,26 @@ impl Waypoint {
             })
             .collect();
         routes.sort_by(|a, b| a["service"].as_str().cmp(&b["service"].as_str()));
+        let mut traffic: Vec<_> = r
+            .traffic
+            .iter()
+            .map(|(svc, t)| (svc.as_str(), None, t))
+            .chain(
+                r.subset_traffic
+                    .iter()
+                    .map(|((svc, sub), t)| (svc.as_str(), Some(sub.as_str()), t)),
+            )
+            .map(|(svc, sub, t)| {
+                serde_json::json!({"service": svc, "subset": sub, "policy": t.dump()})
+            })
+            .collect();
+        traffic.sort_by_key(|t| t.to_string());
         serde_json::json!({
             "gatewayName": self.settings.gateway_name,
             "namespace": self.settings.namespace,
             "resources": r.loaded,
             "routes": routes,
+            "trafficPolicies": traffic,
             "policies": r.policies.iter().map(|p| &p.name).collect::<Vec<_>>(),
             "lastError": self.last_error(),
         })

@@ -13,13 +13,17 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use super::policy::{L7Policy, PolicyTarget};
+use super::{
+    policy::{L7Policy, PolicyTarget},
+    traffic::{self, TrafficPolicy},
+};
 
 /// Why a resource file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -239,10 +243,27 @@ pub struct L7Config {
     pub routes: HashMap<String, Vec<Route>>,
     /// (service, subset name) -> the pod labels the subset selects.
     pub subsets: HashMap<(String, String), BTreeMap<String, String>>,
+    /// Service -> its DestinationRule's traffic policy (outlier detection, connection pool).
+    pub traffic: HashMap<String, Arc<TrafficPolicy>>,
+    /// (service, subset name) -> the subset's traffic policy, merged over its rule's.
+    pub subset_traffic: HashMap<(String, String), Arc<TrafficPolicy>>,
     /// Authorization policies attached to this waypoint or a service behind it.
     pub policies: Vec<L7Policy>,
     /// What was read: `Kind namespace/name (file)`.
     pub loaded: Vec<String>,
+}
+
+impl L7Config {
+    /// The traffic policy for requests to `service` (its `subset`), if a DestinationRule sets
+    /// one.
+    pub fn traffic_for(&self, service: &str, subset: Option<&str>) -> Option<&Arc<TrafficPolicy>> {
+        subset
+            .and_then(|sub| {
+                self.subset_traffic
+                    .get(&(service.to_string(), sub.to_string()))
+            })
+            .or_else(|| self.traffic.get(service))
+    }
 }
 
 /// Who the waypoint is, for attaching policies and resolving short host names.
@@ -460,11 +481,8 @@ fn resource(
         }
         "DestinationRule" => {
             let s: DrSpec = typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
-            traffic_policy(&s.traffic_policy).map_err(|(f, m)| err(name.clone(), at(f), m))?;
             let host = me.service_key(&s.host, &ns);
-            for sub in s.subsets {
-                b.cfg.subsets.insert((host.clone(), sub.name), sub.labels);
-            }
+            destination_rule(b, s, host).map_err(|(f, m)| err(name.clone(), at(f), m))?;
         }
         "HTTPRoute" => {
             let s: HrSpec = typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
@@ -817,31 +835,40 @@ struct DrSpec {
     #[serde(default)]
     subsets: Vec<DrSubset>,
     #[serde(default)]
-    traffic_policy: Option<BTreeMap<String, Value>>,
-}
-
-/// A DestinationRule's `trafficPolicy`: `loadBalancer` is accepted (zring balances round robin
-/// per worker, which serves RANDOM, ROUND_ROBIN and LEAST_REQUEST's intent); settings that
-/// change behaviour zring does not implement are refused.
-fn traffic_policy(tp: &Option<BTreeMap<String, Value>>) -> Result<(), (String, String)> {
-    match tp
-        .iter()
-        .flat_map(|m| m.keys())
-        .find(|k| k.as_str() != "loadBalancer")
-    {
-        Some(k) => Err((
-            format!("trafficPolicy.{k}"),
-            "not supported by zring's waypoint (refused rather than ignored)".into(),
-        )),
-        None => Ok(()),
-    }
+    traffic_policy: Option<Value>,
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct DrSubset {
     name: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    traffic_policy: Option<Value>,
+}
+
+/// A DestinationRule: its subsets' labels, and its traffic policies (a subset's over the
+/// rule's).
+fn destination_rule(b: &mut Builder, s: DrSpec, host: String) -> Result<(), (String, String)> {
+    let dr = match s.traffic_policy {
+        Some(v) => traffic::parse("trafficPolicy", v)?,
+        None => TrafficPolicy::default(),
+    };
+    for (i, sub) in s.subsets.into_iter().enumerate() {
+        if let Some(v) = sub.traffic_policy {
+            let own = traffic::parse(&format!("subsets[{i}].trafficPolicy"), v)?;
+            b.cfg.subset_traffic.insert(
+                (host.clone(), sub.name.clone()),
+                Arc::new(dr.overridden_by(&own)),
+            );
+        }
+        b.cfg.subsets.insert((host.clone(), sub.name), sub.labels);
+    }
+    if dr != TrafficPolicy::default() {
+        b.cfg.traffic.insert(host, Arc::new(dr));
+    }
+    Ok(())
 }
 
 // --- Gateway API ------------------------------------------------------------------------
@@ -1227,18 +1254,33 @@ mod tests {
         let fault = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route:\n    - destination: {host: reviews}\n";
         let e = parse(fault, "f.yaml", &me()).unwrap_err().to_string();
         assert!(e.contains("spec.http[0].fault: not supported"), "{e}");
-        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n    outlierDetection: {consecutive5xxErrors: 1}\n";
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n    outlierDetection: {consecutive5xxErrors: 1, splitExternalLocalOriginErrors: true}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n";
         let e = parse(dr, "d.yaml", &me()).unwrap_err().to_string();
         assert!(
-            e.contains("DestinationRule default/reviews: spec.trafficPolicy.outlierDetection: not supported"),
+            e.contains("DestinationRule default/reviews: spec.trafficPolicy.outlierDetection.splitExternalLocalOriginErrors: not supported"),
             "{e}"
         );
-        assert!(parse(
-            &dr.replace("    outlierDetection: {consecutive5xxErrors: 1}\n", ""),
+        let dr = dr.replace(", splitExternalLocalOriginErrors: true", "");
+        let c = parse(&dr, "d.yaml", &me()).unwrap();
+        let svc = "default/reviews.default.svc.cluster.local";
+        let v1 = c.traffic_for(svc, Some("v1")).unwrap();
+        assert_eq!(v1.outlier.as_ref().unwrap().consecutive_5xx, 1);
+        assert_eq!(v1.pool.as_ref().unwrap().max_connections, 1);
+        let other = c.traffic_for(svc, Some("v2")).unwrap();
+        assert!(other.pool.is_none(), "v2 has the rule's policy only");
+        let e = parse(
+            &dr.replace("maxConnections: 1", "maxConnections: 1, maxRetries: 3"),
             "d.yaml",
-            &me()
+            &me(),
         )
-        .is_ok());
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains(
+                "spec.subsets[0].trafficPolicy.connectionPool.tcp.maxRetries: not supported"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

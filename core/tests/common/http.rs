@@ -4,6 +4,7 @@
 //! - `/echo` (any method): the request body back, streamed, with `x-served-by`;
 //! - `/big?n=N`: N bytes of a repeating pattern;
 //! - `/slow?ms=N`: the usual answer, its head sent after N milliseconds;
+//! - `/fail?NAME=CODE`: the usual answer, with status CODE from the server called NAME;
 //! - `/grpc.Echo/Stream` (h2): each request frame echoed back as it arrives, then trailers
 //!   `grpc-status: 0`;
 //! - an `Upgrade: websocket` request: 101, then every byte echoed;
@@ -79,7 +80,19 @@ async fn serve(name: String, mut req: Request<Incoming>) -> Result<Response<Body
     if path == "/slow" {
         tokio::time::sleep(std::time::Duration::from_millis(number("ms"))).await;
     }
-    Ok(resp(full(format!("{name} {} {path}", req.method()))))
+    let mut r = resp(full(format!("{name} {} {path}", req.method())));
+    if path == "/fail" {
+        // `/fail?<name>=<code>`: the server called <name> answers <code>; others as usual.
+        if let Some(code) = req
+            .uri()
+            .query()
+            .and_then(|q| q.strip_prefix(name.as_str())?.strip_prefix('='))
+            .and_then(|c| hyper::StatusCode::from_bytes(c.as_bytes()).ok())
+        {
+            *r.status_mut() = code;
+        }
+    }
+    Ok(r)
 }
 
 /// Echo each data frame; for gRPC end with `grpc-status: 0` trailers.

@@ -1,0 +1,723 @@
+//! A DestinationRule's `trafficPolicy` at the waypoint: outlier detection (ejecting endpoints
+//! that keep failing) and connection-pool limits (circuit breaking), with Istio's field names,
+//! defaults and override rules; `tls.mode: ISTIO_MUTUAL` is accepted as what HBONE already does.
+//!
+//! A subset's `trafficPolicy` overrides the DestinationRule's field by field (`outlierDetection`
+//! and `connectionPool` each replace the rule's whole field, as Istio merges them). Fields the
+//! waypoint does not implement are refused by name rather than ignored.
+//!
+//! State is process-wide, as Envoy's per-cluster state is shared by its workers: endpoint health
+//! in one map, and one gate per destination (service, or service and subset) counting active
+//! and pending requests.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+use serde_yaml_ng::Value;
+
+use super::resources::duration;
+
+/// Fields refused, with the reason given to the user.
+const NOT_SUPPORTED: &str = "not supported by zring's waypoint (refused rather than ignored)";
+
+/// Envoy's cap on one ejection (`max_ejection_time`, 300 s by default).
+const MAX_EJECTION: Duration = Duration::from_secs(300);
+
+/// How often a request waiting for room under a connection-pool limit looks again. Waiters on
+/// other workers cannot be woken from here (a worker's wakers stay on its thread), so they poll.
+const PENDING_POLL: Duration = Duration::from_millis(1);
+
+/// A DestinationRule's (or subset's) traffic policy; `None`: the field was not given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrafficPolicy {
+    /// `outlierDetection`.
+    pub outlier: Option<Outlier>,
+    /// `connectionPool`.
+    pub pool: Option<Pool>,
+}
+
+impl TrafficPolicy {
+    /// For `/config_dump`, in Istio's field names (limits left at "no limit" are left out).
+    pub fn dump(&self) -> serde_json::Value {
+        let mut v = serde_json::Map::new();
+        if let Some(o) = &self.outlier {
+            v.insert(
+                "outlierDetection".into(),
+                serde_json::json!({
+                    "consecutive5xxErrors": o.consecutive_5xx,
+                    "consecutiveGatewayErrors": o.consecutive_gateway,
+                    "baseEjectionTimeMs": o.base_ejection.as_millis() as u64,
+                    "maxEjectionPercent": o.max_ejection_percent,
+                    "minHealthPercent": o.min_health_percent,
+                }),
+            );
+        }
+        if let Some(p) = &self.pool {
+            let limit = |n: u32| (n != u32::MAX).then_some(n);
+            v.insert(
+                "connectionPool".into(),
+                serde_json::json!({
+                    "maxConnections": limit(p.max_connections),
+                    "http1MaxPendingRequests": limit(p.max_pending),
+                    "http2MaxRequests": limit(p.max_requests),
+                    "maxRequestsPerConnection": p.max_requests_per_connection,
+                    "connectTimeoutMs": p.connect_timeout.map(|d| d.as_millis() as u64),
+                }),
+            );
+        }
+        serde_json::Value::Object(v)
+    }
+
+    /// This policy with `over`'s fields in place of its own where `over` sets them (a subset's
+    /// policy over its DestinationRule's).
+    pub fn overridden_by(&self, over: &TrafficPolicy) -> TrafficPolicy {
+        TrafficPolicy {
+            outlier: over.outlier.clone().or_else(|| self.outlier.clone()),
+            pool: over.pool.clone().or_else(|| self.pool.clone()),
+        }
+    }
+}
+
+/// `outlierDetection`, with Istio's defaults for what is not set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outlier {
+    /// Ejected after this many 5xx answers (or connect failures, resets) in a row; 0: off.
+    pub consecutive_5xx: u32,
+    /// Ejected after this many 502/503/504 answers (or connect failures, resets) in a row; 0:
+    /// off.
+    pub consecutive_gateway: u32,
+    /// The first ejection's length; the n-th lasts n times this (at most 300 s).
+    pub base_ejection: Duration,
+    /// At most this share of a destination's endpoints ejected at once (one may always be).
+    pub max_ejection_percent: u32,
+    /// Below this share of healthy endpoints, ejections are ignored and every endpoint serves.
+    pub min_health_percent: u32,
+}
+
+/// `connectionPool`; `u32::MAX`: no limit (Istio's default).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    /// `tcp.maxConnections`: HTTP/1.1 carries one request per connection at a time, so this
+    /// bounds the requests in flight to HTTP/1.1 upstreams.
+    pub max_connections: u32,
+    /// `http.http1MaxPendingRequests`: requests that may wait for room; beyond, 503 `UO`.
+    pub max_pending: u32,
+    /// `http.http2MaxRequests`: requests in flight to the destination, any protocol.
+    pub max_requests: u32,
+    /// `http.maxRequestsPerConnection`: an upstream connection is retired after this many
+    /// requests; 0: no limit.
+    pub max_requests_per_connection: u32,
+    /// `tcp.connectTimeout`.
+    pub connect_timeout: Option<Duration>,
+}
+
+impl Pool {
+    /// Requests allowed in flight at once to an upstream speaking HTTP/2 (`h2`) or HTTP/1.1.
+    pub fn limit(&self, h2: bool) -> u32 {
+        match h2 {
+            true => self.max_requests,
+            false => self.max_requests.min(self.max_connections),
+        }
+    }
+}
+
+/// A field and what is wrong with it (the caller adds file and resource).
+pub type FieldError = (String, String);
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Spec {
+    #[serde(default)]
+    load_balancer: Option<Value>,
+    #[serde(default)]
+    tls: Option<TlsSpec>,
+    #[serde(default)]
+    outlier_detection: Option<OutlierSpec>,
+    #[serde(default)]
+    connection_pool: Option<PoolSpec>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct TlsSpec {
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OutlierSpec {
+    #[serde(default, rename = "consecutive5xxErrors")]
+    consecutive_5xx_errors: Option<u32>,
+    #[serde(default)]
+    consecutive_gateway_errors: Option<u32>,
+    #[serde(default)]
+    interval: Option<String>,
+    #[serde(default)]
+    base_ejection_time: Option<String>,
+    #[serde(default)]
+    max_ejection_percent: Option<u32>,
+    #[serde(default)]
+    min_health_percent: Option<u32>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PoolSpec {
+    #[serde(default)]
+    tcp: Option<TcpPoolSpec>,
+    #[serde(default)]
+    http: Option<HttpPoolSpec>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TcpPoolSpec {
+    #[serde(default)]
+    max_connections: Option<u32>,
+    #[serde(default)]
+    connect_timeout: Option<String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HttpPoolSpec {
+    #[serde(default, rename = "http1MaxPendingRequests")]
+    http1_max_pending_requests: Option<u32>,
+    #[serde(default, rename = "http2MaxRequests")]
+    http2_max_requests: Option<u32>,
+    #[serde(default)]
+    max_requests_per_connection: Option<u32>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+/// Refuse the first field of `rest` (those the waypoint does not implement), under `at`.
+fn refuse_rest(at: &str, rest: &BTreeMap<String, Value>) -> Result<(), FieldError> {
+    match rest.keys().next() {
+        Some(k) => Err((format!("{at}.{k}"), NOT_SUPPORTED.into())),
+        None => Ok(()),
+    }
+}
+
+fn dur(at: String, s: &str) -> Result<Duration, FieldError> {
+    duration(s).map_err(|m| (at, m))
+}
+
+fn percent(at: String, v: u32) -> Result<u32, FieldError> {
+    match v {
+        0..=100 => Ok(v),
+        _ => Err((at, format!("{v} is not a percentage (0-100)"))),
+    }
+}
+
+/// Parse a `trafficPolicy` found at `at` (e.g. `trafficPolicy`, `subsets[1].trafficPolicy`).
+pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
+    let spec: Spec = serde_path_to_error::deserialize(v)
+        .map_err(|e| (format!("{at}.{}", e.path()), e.into_inner().to_string()))?;
+    // `loadBalancer`: zring balances round robin per worker, which serves RANDOM, ROUND_ROBIN
+    // and LEAST_REQUEST's intent.
+    let _ = spec.load_balancer;
+    refuse_rest(at, &spec.rest)?;
+    if let Some(tls) = spec.tls {
+        refuse_rest(&format!("{at}.tls"), &tls.rest)?;
+        match tls.mode.as_deref() {
+            // Mutual TLS with the mesh's identities: what HBONE to an endpoint always is.
+            None | Some("ISTIO_MUTUAL") => {}
+            Some(other) => {
+                return Err((
+                    format!("{at}.tls.mode"),
+                    format!("{other}: not supported by zring's waypoint (only ISTIO_MUTUAL, which HBONE already is)"),
+                ))
+            }
+        }
+    }
+    let outlier = match spec.outlier_detection {
+        None => None,
+        Some(o) => {
+            let at = format!("{at}.outlierDetection");
+            refuse_rest(&at, &o.rest)?;
+            if let Some(i) = &o.interval {
+                // Envoy's sweep interval: consecutive errors eject at once here, and ejections
+                // end by time, so only its syntax matters.
+                dur(format!("{at}.interval"), i)?;
+            }
+            Some(Outlier {
+                consecutive_5xx: o.consecutive_5xx_errors.unwrap_or(5),
+                consecutive_gateway: o.consecutive_gateway_errors.unwrap_or(0),
+                base_ejection: match &o.base_ejection_time {
+                    Some(s) => dur(format!("{at}.baseEjectionTime"), s)?,
+                    None => Duration::from_secs(30),
+                },
+                max_ejection_percent: percent(
+                    format!("{at}.maxEjectionPercent"),
+                    o.max_ejection_percent.unwrap_or(10),
+                )?,
+                min_health_percent: percent(
+                    format!("{at}.minHealthPercent"),
+                    o.min_health_percent.unwrap_or(0),
+                )?,
+            })
+        }
+    };
+    let pool = match spec.connection_pool {
+        None => None,
+        Some(p) => {
+            let at = format!("{at}.connectionPool");
+            refuse_rest(&at, &p.rest)?;
+            let mut pool = Pool {
+                max_connections: u32::MAX,
+                max_pending: u32::MAX,
+                max_requests: u32::MAX,
+                max_requests_per_connection: 0,
+                connect_timeout: None,
+            };
+            // Istio reads 0 (proto3's unset) in these limits as "no limit".
+            let limit = |v: Option<u32>| v.filter(|n| *n > 0).unwrap_or(u32::MAX);
+            if let Some(t) = p.tcp {
+                refuse_rest(&format!("{at}.tcp"), &t.rest)?;
+                pool.max_connections = limit(t.max_connections);
+                if let Some(c) = &t.connect_timeout {
+                    pool.connect_timeout = Some(dur(format!("{at}.tcp.connectTimeout"), c)?);
+                }
+            }
+            if let Some(h) = p.http {
+                refuse_rest(&format!("{at}.http"), &h.rest)?;
+                pool.max_pending = limit(h.http1_max_pending_requests);
+                pool.max_requests = limit(h.http2_max_requests);
+                pool.max_requests_per_connection = h.max_requests_per_connection.unwrap_or(0);
+            }
+            Some(pool)
+        }
+    };
+    Ok(TrafficPolicy { outlier, pool })
+}
+
+/// What one try at an endpoint came to, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer below 500.
+    Success,
+    /// An answer of 500 or more.
+    Status(u16),
+    /// No answer: the connection failed or was reset, or the try timed out.
+    Failed,
+}
+
+#[derive(Debug, Default)]
+struct EndpointState {
+    consecutive_5xx: u32,
+    consecutive_gateway: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+/// Endpoint health under outlier detection, shared by the workers.
+#[derive(Debug, Default)]
+pub struct Health {
+    endpoints: Mutex<HashMap<SocketAddr, EndpointState>>,
+}
+
+impl Health {
+    /// Whether `addr` is ejected now.
+    pub fn ejected(&self, addr: SocketAddr, now: Instant) -> bool {
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&addr)
+            .and_then(|s| s.ejected_until)
+            .is_some_and(|until| until > now)
+    }
+
+    /// Of `eps`, those not ejected now; all of them when fewer than `min_health_percent` are
+    /// healthy (Envoy's panic mode: better a failing endpoint than none).
+    pub fn healthy(&self, eps: &[SocketAddr], o: &Outlier, now: Instant) -> Vec<SocketAddr> {
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let up: Vec<SocketAddr> = eps
+            .iter()
+            .copied()
+            .filter(|a| {
+                map.get(a)
+                    .and_then(|s| s.ejected_until)
+                    .is_none_or(|until| until <= now)
+            })
+            .collect();
+        match (up.len() as u64) * 100 < (o.min_health_percent as u64) * (eps.len() as u64) {
+            true => eps.to_vec(),
+            false => up,
+        }
+    }
+
+    /// Count one try's outcome at `addr` (an endpoint of a destination whose endpoints are
+    /// `eps`); returns how long it was ejected for, if this ejected it.
+    pub fn record(
+        &self,
+        addr: SocketAddr,
+        outcome: Outcome,
+        o: &Outlier,
+        eps: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Duration> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let (fivexx, gateway) = match outcome {
+            Outcome::Success => {
+                if let Some(s) = map.get_mut(&addr) {
+                    s.consecutive_5xx = 0;
+                    s.consecutive_gateway = 0;
+                }
+                return None;
+            }
+            Outcome::Status(c) => (c >= 500, matches!(c, 502..=504)),
+            Outcome::Failed => (true, true),
+        };
+        let already = eps
+            .iter()
+            .filter(|a| **a != addr)
+            .filter(|a| {
+                map.get(a)
+                    .and_then(|s| s.ejected_until)
+                    .is_some_and(|until| until > now)
+            })
+            .count();
+        let s = map.entry(addr).or_default();
+        if s.ejected_until.is_some_and(|until| until > now) {
+            return None;
+        }
+        s.consecutive_5xx = if fivexx { s.consecutive_5xx + 1 } else { 0 };
+        s.consecutive_gateway = if gateway {
+            s.consecutive_gateway + 1
+        } else {
+            0
+        };
+        let tripped = (o.consecutive_5xx > 0 && s.consecutive_5xx >= o.consecutive_5xx)
+            || (o.consecutive_gateway > 0 && s.consecutive_gateway >= o.consecutive_gateway);
+        // Envoy ejects while the share already ejected is below the maximum, so one endpoint
+        // may always be ejected.
+        let room = (already as u64) * 100 < (o.max_ejection_percent as u64) * (eps.len() as u64)
+            || already == 0;
+        if !tripped || !room {
+            return None;
+        }
+        s.ejections += 1;
+        s.consecutive_5xx = 0;
+        s.consecutive_gateway = 0;
+        let d = o
+            .base_ejection
+            .saturating_mul(s.ejections)
+            .min(MAX_EJECTION);
+        s.ejected_until = Some(now + d);
+        Some(d)
+    }
+}
+
+/// Requests active and waiting towards one destination.
+#[derive(Debug, Default)]
+struct Gate {
+    active: AtomicU32,
+    pending: AtomicU32,
+}
+
+/// Room for one request under a destination's connection-pool limits; given back on drop.
+#[derive(Debug)]
+pub struct Permit(Arc<Gate>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Why a request got no room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// The limit was reached and the pending queue was full.
+    Full,
+    /// It waited in the queue until the request's deadline.
+    TimedOut,
+}
+
+/// The connection-pool gates, one per destination, shared by the workers.
+#[derive(Debug, Default)]
+pub struct Gates {
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+impl Gates {
+    fn gate(&self, key: &str) -> Arc<Gate> {
+        let mut g = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(gate) = g.get(key) {
+            return gate.clone();
+        }
+        let gate = Arc::new(Gate::default());
+        g.insert(key.to_string(), gate.clone());
+        gate
+    }
+
+    /// Room for a request to `key` with at most `limit` in flight and `max_pending` waiting;
+    /// a request that finds no room waits (if the queue has room) until `deadline`.
+    pub async fn acquire(
+        &self,
+        key: &str,
+        limit: u32,
+        max_pending: u32,
+        deadline: Instant,
+    ) -> Result<Permit, Overflow> {
+        let gate = self.gate(key);
+        let take = |g: &Gate| {
+            g.active
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < limit).then_some(n + 1)
+                })
+                .is_ok()
+        };
+        if take(&gate) {
+            return Ok(Permit(gate));
+        }
+        if gate
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max_pending).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(Overflow::Full);
+        }
+        let result = loop {
+            if take(&gate) {
+                break Ok(());
+            }
+            if Instant::now() >= deadline {
+                break Err(Overflow::TimedOut);
+            }
+            monoio::time::sleep(PENDING_POLL).await;
+        };
+        gate.pending.fetch_sub(1, Ordering::AcqRel);
+        result.map(|()| Permit(gate))
+    }
+
+    /// Requests in flight to `key` (for tests and the admin dump).
+    pub fn active(&self, key: &str) -> u32 {
+        self.gate(key).active.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(y: &str) -> Result<TrafficPolicy, FieldError> {
+        parse("trafficPolicy", serde_yaml_ng::from_str(y).unwrap())
+    }
+
+    #[test]
+    fn istios_circuit_breaker_example_and_defaults() {
+        // Istio's circuit-breaking task, verbatim.
+        let p = tp("connectionPool:\n  tcp:\n    maxConnections: 1\n  http:\n    http1MaxPendingRequests: 1\n    maxRequestsPerConnection: 1\noutlierDetection:\n  consecutive5xxErrors: 1\n  interval: 1s\n  baseEjectionTime: 3m\n  maxEjectionPercent: 100\n").unwrap();
+        let pool = p.pool.unwrap();
+        assert_eq!(pool.limit(false), 1);
+        assert_eq!(pool.limit(true), u32::MAX);
+        assert_eq!((pool.max_pending, pool.max_requests_per_connection), (1, 1));
+        let o = p.outlier.unwrap();
+        assert_eq!(o.consecutive_5xx, 1);
+        assert_eq!(o.base_ejection, Duration::from_secs(180));
+        assert_eq!(o.max_ejection_percent, 100);
+        // Istio's defaults for what is left out.
+        let o = tp("outlierDetection: {}\n").unwrap().outlier.unwrap();
+        assert_eq!(
+            (
+                o.consecutive_5xx,
+                o.consecutive_gateway,
+                o.base_ejection,
+                o.max_ejection_percent,
+                o.min_health_percent
+            ),
+            (5, 0, Duration::from_secs(30), 10, 0)
+        );
+        // 0 is proto3's "unset": no limit, as Istio reads it.
+        let pool =
+            tp("connectionPool: {tcp: {maxConnections: 0}, http: {http1MaxPendingRequests: 0}}\n")
+                .unwrap()
+                .pool
+                .unwrap();
+        assert_eq!((pool.limit(false), pool.max_pending), (u32::MAX, u32::MAX));
+        // Bookinfo's all-mTLS rules.
+        assert_eq!(
+            tp("tls: {mode: ISTIO_MUTUAL}\nloadBalancer: {simple: RANDOM}\n").unwrap(),
+            TrafficPolicy::default()
+        );
+    }
+
+    #[test]
+    fn unimplemented_fields_are_refused_by_name() {
+        for (y, field) in [
+            ("tls: {mode: SIMPLE}\n", "trafficPolicy.tls.mode"),
+            (
+                "tls: {mode: ISTIO_MUTUAL, sni: x}\n",
+                "trafficPolicy.tls.sni",
+            ),
+            ("portLevelSettings: []\n", "trafficPolicy.portLevelSettings"),
+            (
+                "outlierDetection: {splitExternalLocalOriginErrors: true}\n",
+                "trafficPolicy.outlierDetection.splitExternalLocalOriginErrors",
+            ),
+            (
+                "connectionPool: {http: {idleTimeout: 1s}}\n",
+                "trafficPolicy.connectionPool.http.idleTimeout",
+            ),
+            (
+                "outlierDetection: {maxEjectionPercent: 101}\n",
+                "trafficPolicy.outlierDetection.maxEjectionPercent",
+            ),
+            (
+                "outlierDetection: {baseEjectionTime: soon}\n",
+                "trafficPolicy.outlierDetection.baseEjectionTime",
+            ),
+        ] {
+            let (f, m) = tp(y).unwrap_err();
+            assert_eq!(f, field, "{y}: {m}");
+        }
+        let (f, _) = tp("outlierDetection: {consecutive5xxErrors: many}\n").unwrap_err();
+        assert_eq!(f, "trafficPolicy.outlierDetection.consecutive5xxErrors");
+    }
+
+    #[test]
+    fn a_subset_replaces_whole_fields() {
+        let dr = tp("outlierDetection: {consecutive5xxErrors: 3}\nconnectionPool: {http: {http2MaxRequests: 10}}\n").unwrap();
+        let sub = tp("connectionPool: {tcp: {maxConnections: 2}}\n").unwrap();
+        let m = dr.overridden_by(&sub);
+        assert_eq!(m.outlier.unwrap().consecutive_5xx, 3);
+        let pool = m.pool.unwrap();
+        assert_eq!(
+            (pool.max_connections, pool.max_requests),
+            (2, u32::MAX),
+            "the subset's connectionPool replaces the rule's"
+        );
+    }
+
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n)
+            .map(|i| SocketAddr::from(([127, 0, 0, i], 80)))
+            .collect()
+    }
+
+    fn outlier(n5xx: u32, gw: u32, max_pct: u32) -> Outlier {
+        Outlier {
+            consecutive_5xx: n5xx,
+            consecutive_gateway: gw,
+            base_ejection: Duration::from_secs(10),
+            max_ejection_percent: max_pct,
+            min_health_percent: 0,
+        }
+    }
+
+    #[test]
+    fn consecutive_errors_eject_for_longer_each_time_and_success_resets() {
+        let h = Health::default();
+        let eps = addrs(4);
+        let o = outlier(3, 0, 100);
+        let t0 = Instant::now();
+        assert_eq!(h.record(eps[0], Outcome::Status(500), &o, &eps, t0), None);
+        assert_eq!(h.record(eps[0], Outcome::Status(503), &o, &eps, t0), None);
+        assert_eq!(h.record(eps[0], Outcome::Success, &o, &eps, t0), None);
+        assert_eq!(h.record(eps[0], Outcome::Status(500), &o, &eps, t0), None);
+        assert_eq!(h.record(eps[0], Outcome::Failed, &o, &eps, t0), None);
+        assert_eq!(
+            h.record(eps[0], Outcome::Status(500), &o, &eps, t0),
+            Some(Duration::from_secs(10))
+        );
+        assert!(h.ejected(eps[0], t0));
+        assert_eq!(h.healthy(&eps, &o, t0), eps[1..].to_vec());
+        let t1 = t0 + Duration::from_secs(11);
+        assert!(!h.ejected(eps[0], t1));
+        for _ in 0..2 {
+            assert_eq!(h.record(eps[0], Outcome::Status(500), &o, &eps, t1), None);
+        }
+        assert_eq!(
+            h.record(eps[0], Outcome::Status(500), &o, &eps, t1),
+            Some(Duration::from_secs(20)),
+            "the second ejection is twice the base"
+        );
+        // 4xx answers are not errors; gateway errors count only 502-504 and failures.
+        let g = outlier(0, 2, 100);
+        assert_eq!(h.record(eps[1], Outcome::Status(500), &g, &eps, t0), None);
+        assert_eq!(h.record(eps[1], Outcome::Status(500), &g, &eps, t0), None);
+        assert_eq!(h.record(eps[1], Outcome::Status(502), &g, &eps, t0), None);
+        assert!(h.record(eps[1], Outcome::Failed, &g, &eps, t0).is_some());
+    }
+
+    #[test]
+    fn max_ejection_percent_keeps_endpoints_and_min_health_ignores_ejections() {
+        let h = Health::default();
+        let eps = addrs(4);
+        let o = outlier(1, 0, 10);
+        let t = Instant::now();
+        // 10% of 4: the first ejection is always allowed, the second is not.
+        assert!(h.record(eps[0], Outcome::Failed, &o, &eps, t).is_some());
+        assert!(h.record(eps[1], Outcome::Failed, &o, &eps, t).is_none());
+        let o50 = outlier(1, 0, 50);
+        assert!(h.record(eps[1], Outcome::Failed, &o50, &eps, t).is_some());
+        assert!(h.record(eps[2], Outcome::Failed, &o50, &eps, t).is_none());
+        assert_eq!(h.healthy(&eps, &o50, t).len(), 2);
+        let panic = Outlier {
+            min_health_percent: 75,
+            ..o50
+        };
+        assert_eq!(
+            h.healthy(&eps, &panic, t),
+            eps,
+            "below 75% healthy: all serve"
+        );
+    }
+
+    #[test]
+    fn a_gate_admits_up_to_its_limit_queues_then_overflows() {
+        let gates = Gates::default();
+        let mut rt =
+            zring_runtime::backend::build_runtime(zring_runtime::IoBackend::Epoll, 64).unwrap();
+        rt.block_on(async {
+            let soon = Instant::now() + Duration::from_millis(30);
+            let a = gates.acquire("d", 1, 0, soon).await.unwrap();
+            assert_eq!(gates.active("d"), 1);
+            assert_eq!(
+                gates.acquire("d", 1, 0, soon).await.unwrap_err(),
+                Overflow::Full
+            );
+            // With room in the queue it waits, and gets in once the first is done...
+            let wait = gates.acquire("d", 1, 1, Instant::now() + Duration::from_secs(5));
+            let release = async move {
+                monoio::time::sleep(Duration::from_millis(20)).await;
+                drop(a);
+            };
+            let (b, ()) = monoio::join!(wait, release);
+            let b = b.unwrap();
+            // ...or gives up at its deadline.
+            let t = Instant::now();
+            assert_eq!(
+                gates
+                    .acquire("d", 1, 1, t + Duration::from_millis(20))
+                    .await
+                    .unwrap_err(),
+                Overflow::TimedOut
+            );
+            assert!(t.elapsed() >= Duration::from_millis(20));
+            drop(b);
+            assert_eq!(gates.active("d"), 0);
+            assert!(gates.acquire("other", 1, 0, soon).await.is_ok());
+        });
+    }
+}
