@@ -34,7 +34,7 @@ use zring_runtime::net::{self, ConnectOptions};
 use super::{
     policy::{self, Decision, RequestContext},
     resources::{Backend, L7Config, RequestView, RetryPolicy},
-    traffic::{Outcome, Outlier, Overflow, Permit},
+    traffic::{Outcome, Outlier, Overflow, Permit, TrafficPolicy},
     Waypoint,
 };
 use crate::{
@@ -601,14 +601,6 @@ fn record_outcome(
     if let Some(d) = wp.health.record(addr, outcome, o, peers, Instant::now()) {
         wp.metrics.ejected();
         tracing::info!(endpoint = %addr, secs = d.as_secs_f64(), "waypoint: endpoint ejected by outlier detection");
-    }
-}
-
-/// The connection-pool gate of a backend: its service, and subset if any.
-fn gate_key(b: &Backend) -> String {
-    match &b.subset {
-        Some(sub) => format!("{}#{sub}", b.service),
-        None => b.service.clone(),
     }
 }
 
@@ -1180,10 +1172,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                     break;
                 }
             };
-            traffic = rules
-                .traffic_for(&b.service, b.subset.as_deref())
-                .map(|t| (t.clone(), gate_key(b)));
-            let outlier = traffic.as_ref().and_then(|(t, _)| t.outlier.as_ref());
+            traffic = rules.traffic_for(&b.service, b.subset.as_deref()).cloned();
+            let outlier = traffic.as_ref().and_then(|t| t.outlier.as_ref());
             let up = outlier.map(|o| {
                 peers = eps.iter().filter_map(endpoint_addr).collect();
                 ctx.wp.health.healthy(&peers, o, Instant::now())
@@ -1195,8 +1185,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             };
             (w, addr, Some(svc.hostname.as_str()))
         };
-        let pool = traffic.as_ref().and_then(|(t, _)| t.pool.as_ref());
-        let outlier = traffic.as_ref().and_then(|(t, _)| t.outlier.as_ref());
+        let pool = traffic.as_ref().and_then(|t| t.pool.as_ref());
+        let outlier = traffic.as_ref().and_then(|t| t.outlier.as_ref());
         // What this try came to, for outlier detection.
         let record = |outcome: Outcome| {
             if let Some(o) = outlier {
@@ -1211,8 +1201,13 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             return upgrade(&ctx, log, &parts, &authority, down, w, addr, svc_host).await;
         }
         // Room under the destination's connection-pool limits (circuit breaking).
-        let permit = match (pool, &traffic) {
-            (Some(p), Some((_, key))) => {
+        let permit = match (pool, traffic.as_deref()) {
+            (
+                Some(p),
+                Some(TrafficPolicy {
+                    destination: key, ..
+                }),
+            ) => {
                 match ctx
                     .wp
                     .gates

@@ -229,11 +229,10 @@ impl Waypoint {
             .traffic
             .iter()
             .map(|(svc, t)| (svc.as_str(), None, t))
-            .chain(
-                r.subset_traffic
-                    .iter()
-                    .map(|((svc, sub), t)| (svc.as_str(), Some(sub.as_str()), t)),
-            )
+            .chain(r.subset_traffic.iter().flat_map(|(svc, subs)| {
+                subs.iter()
+                    .map(move |(sub, t)| (svc.as_str(), Some(sub.as_str()), t))
+            }))
             .map(|(svc, sub, t)| {
                 serde_json::json!({"service": svc, "subset": sub, "policy": t.dump()})
             })

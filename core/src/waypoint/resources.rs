@@ -245,8 +245,8 @@ pub struct L7Config {
     pub subsets: HashMap<(String, String), BTreeMap<String, String>>,
     /// Service -> its DestinationRule's traffic policy (outlier detection, connection pool).
     pub traffic: HashMap<String, Arc<TrafficPolicy>>,
-    /// (service, subset name) -> the subset's traffic policy, merged over its rule's.
-    pub subset_traffic: HashMap<(String, String), Arc<TrafficPolicy>>,
+    /// Service -> subset name -> the subset's traffic policy, merged over its rule's.
+    pub subset_traffic: HashMap<String, HashMap<String, Arc<TrafficPolicy>>>,
     /// Authorization policies attached to this waypoint or a service behind it.
     pub policies: Vec<L7Policy>,
     /// What was read: `Kind namespace/name (file)`.
@@ -258,10 +258,7 @@ impl L7Config {
     /// one.
     pub fn traffic_for(&self, service: &str, subset: Option<&str>) -> Option<&Arc<TrafficPolicy>> {
         subset
-            .and_then(|sub| {
-                self.subset_traffic
-                    .get(&(service.to_string(), sub.to_string()))
-            })
+            .and_then(|sub| self.subset_traffic.get(service)?.get(sub))
             .or_else(|| self.traffic.get(service))
     }
 }
@@ -858,14 +855,19 @@ fn destination_rule(b: &mut Builder, s: DrSpec, host: String) -> Result<(), (Str
     for (i, sub) in s.subsets.into_iter().enumerate() {
         if let Some(v) = sub.traffic_policy {
             let own = traffic::parse(&format!("subsets[{i}].trafficPolicy"), v)?;
-            b.cfg.subset_traffic.insert(
-                (host.clone(), sub.name.clone()),
-                Arc::new(dr.overridden_by(&own)),
-            );
+            let mut merged = dr.overridden_by(&own);
+            merged.destination = format!("{host}#{}", sub.name);
+            b.cfg
+                .subset_traffic
+                .entry(host.clone())
+                .or_default()
+                .insert(sub.name.clone(), Arc::new(merged));
         }
         b.cfg.subsets.insert((host.clone(), sub.name), sub.labels);
     }
     if dr != TrafficPolicy::default() {
+        let mut dr = dr;
+        dr.destination = host.clone();
         b.cfg.traffic.insert(host, Arc::new(dr));
     }
     Ok(())
@@ -1266,8 +1268,10 @@ mod tests {
         let v1 = c.traffic_for(svc, Some("v1")).unwrap();
         assert_eq!(v1.outlier.as_ref().unwrap().consecutive_5xx, 1);
         assert_eq!(v1.pool.as_ref().unwrap().max_connections, 1);
+        assert_eq!(v1.destination, format!("{svc}#v1"), "v1 has a gate of its own");
         let other = c.traffic_for(svc, Some("v2")).unwrap();
         assert!(other.pool.is_none(), "v2 has the rule's policy only");
+        assert_eq!(other.destination, svc);
         let e = parse(
             &dr.replace("maxConnections: 1", "maxConnections: 1, maxRetries: 3"),
             "d.yaml",

@@ -42,6 +42,9 @@ pub struct TrafficPolicy {
     pub outlier: Option<Outlier>,
     /// `connectionPool`.
     pub pool: Option<Pool>,
+    /// The destination it applies to (`namespace/host`, `#subset` for a subset's), which
+    /// names its connection-pool gate; set when the policy is put in force.
+    pub destination: String,
 }
 
 impl TrafficPolicy {
@@ -82,6 +85,7 @@ impl TrafficPolicy {
         TrafficPolicy {
             outlier: over.outlier.clone().or_else(|| self.outlier.clone()),
             pool: over.pool.clone().or_else(|| self.pool.clone()),
+            destination: self.destination.clone(),
         }
     }
 }
@@ -307,7 +311,11 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
             Some(pool)
         }
     };
-    Ok(TrafficPolicy { outlier, pool })
+    Ok(TrafficPolicy {
+        outlier,
+        pool,
+        destination: String::new(),
+    })
 }
 
 /// What one try at an endpoint came to, for outlier detection.
