@@ -1237,37 +1237,15 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         let connect_limit = pool
             .and_then(|p| p.connect_timeout)
             .map_or(left, |c| c.min(left));
-        let (mut send, uses) =
+        // A failed connection is ejected by the built-in rule; one that is only slow (the
+        // DestinationRule's `connectTimeout`) counts for outlier detection alone.
+        let connected =
             match monoio::time::timeout(connect_limit, sender(&ctx, w, addr, svc_host, max_uses))
                 .await
             {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    log.error = Some(e);
-                    eject(&ctx.wp, addr);
-                    record(Outcome::Failed);
-                    last = (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UF",
-                        "upstream connect error",
-                    );
-                    if retry.on_connect_failure {
-                        continue;
-                    }
-                    break;
-                }
+                Ok(r) => r.map_err(|e| (e, true)),
                 Err(_) if connect_limit < left => {
-                    log.error = Some(format!("no connection within {connect_limit:?}"));
-                    record(Outcome::Failed);
-                    last = (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "UF",
-                        "upstream connect error",
-                    );
-                    if retry.on_connect_failure {
-                        continue;
-                    }
-                    break;
+                    Err((format!("no connection within {connect_limit:?}"), false))
                 }
                 Err(_) => {
                     last = (
@@ -1278,6 +1256,25 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                     break;
                 }
             };
+        let (mut send, uses) = match connected {
+            Ok(s) => s,
+            Err((e, failed)) => {
+                log.error = Some(e);
+                if failed {
+                    eject(&ctx.wp, addr);
+                }
+                record(Outcome::Failed);
+                last = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "UF",
+                    "upstream connect error",
+                );
+                if retry.on_connect_failure {
+                    continue;
+                }
+                break;
+            }
+        };
         let b = match body.take() {
             Some(b) => boxed(b),
             None if replayable => boxed(http_body_util::Empty::<Bytes>::new()),

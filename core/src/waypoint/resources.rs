@@ -1268,7 +1268,11 @@ mod tests {
         let v1 = c.traffic_for(svc, Some("v1")).unwrap();
         assert_eq!(v1.outlier.as_ref().unwrap().consecutive_5xx, 1);
         assert_eq!(v1.pool.as_ref().unwrap().max_connections, 1);
-        assert_eq!(v1.destination, format!("{svc}#v1"), "v1 has a gate of its own");
+        assert_eq!(
+            v1.destination,
+            format!("{svc}#v1"),
+            "v1 has a gate of its own"
+        );
         let other = c.traffic_for(svc, Some("v2")).unwrap();
         assert!(other.pool.is_none(), "v2 has the rule's policy only");
         assert_eq!(other.destination, svc);
