@@ -13,6 +13,10 @@ use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -163,7 +167,10 @@ pub fn run(trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         token_file: None,
         poll: Duration::from_secs(1),
     };
-    let cp_trigger = trigger.clone();
+    // The control plane outlives the node proxies: stopped with them, it would close their xDS
+    // streams while they drain, and each would log the failure on Ctrl-C.
+    let nodes_done = Arc::new(AtomicBool::new(false));
+    let cp_done = nodes_done.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("zring-control-plane")
@@ -171,7 +178,7 @@ pub fn run(trigger: &ShutdownTrigger) -> anyhow::Result<()> {
         .build()?;
     rt.spawn(async move {
         let stop = async move {
-            while !cp_trigger.is_triggered() {
+            while !cp_done.load(Ordering::Acquire) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
@@ -253,6 +260,8 @@ pub fn run(trigger: &ShutdownTrigger) -> anyhow::Result<()> {
             Err(_) => result = Err(anyhow::anyhow!("a demo proxy panicked")),
         }
     }
+    nodes_done.store(true, Ordering::Release);
+    rt.shutdown_timeout(Duration::from_secs(2));
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
