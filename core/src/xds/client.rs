@@ -182,6 +182,12 @@ pub fn run(
                 Ok(()) => return,
                 Err(e) => {
                     sink.event(Event::Connected(false));
+                    if stop() {
+                        // Shutting down: the control plane (or the stream) going away now is
+                        // expected, not a warning.
+                        tracing::debug!(error = %format!("{e:#}"), "xDS stream ended during shutdown");
+                        return;
+                    }
                     tracing::warn!(address = %settings.upstream.address, error = %format!("{e:#}"), retry_in = ?backoff, "xDS stream failed; the config in force stays");
                 }
             }
