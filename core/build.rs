@@ -37,7 +37,12 @@ fn link_layout() -> Result<(), Box<dyn std::error::Error>> {
     let script = dir.join("hot-text.ld");
     println!("cargo:rerun-if-changed=hot-text.ld");
     if script.exists() {
-        println!("cargo:rustc-link-arg-bin=zring=-Wl,-T,{}", script.display());
+        // Linked from OUT_DIR, not from the checkout: two checkouts sharing one target
+        // directory (scripts/fresh-clone-demo builds a temporary clone into this one's) share
+        // this script's cached output, and a path into a clone that is gone broke the next link.
+        let linked = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("hot-text.ld");
+        std::fs::copy(&script, &linked)?;
+        println!("cargo:rustc-link-arg-bin=zring=-Wl,-T,{}", linked.display());
     }
     if std::env::var("CARGO_CFG_TARGET_ENV")? == "gnu" {
         println!("cargo:rustc-link-arg-bin=zring=-Wl,-z,pack-relative-relocs");
