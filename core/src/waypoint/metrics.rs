@@ -4,7 +4,6 @@
 //! `response_code`, `request_protocol` and `response_flags`.
 
 use std::{
-    collections::HashMap,
     fmt::Write as _,
     sync::{
         atomic::{AtomicU64, Ordering},
@@ -12,6 +11,7 @@ use std::{
     },
 };
 
+use super::FastMap;
 use crate::metrics::{ConnLabels, Reporter};
 
 /// Istio's default latency buckets (ms).
@@ -66,7 +66,7 @@ struct Series {
 /// The waypoint's request metrics.
 #[derive(Debug, Default)]
 pub struct RequestMetrics {
-    series: Mutex<HashMap<RequestLabels, Series>>,
+    series: Mutex<FastMap<RequestLabels, Series>>,
     reload_ok: AtomicU64,
     reload_failed: AtomicU64,
     retries: AtomicU64,

@@ -34,6 +34,11 @@ use std::{
 
 use resources::{L7Config, WaypointIdentity};
 
+/// The maps a request looks up (routes, policies, metrics series, pooled connections), hashed
+/// with foldhash: std's SipHash was a visible share of a request's CPU, and their keys come from
+/// the mesh config and the waypoint's own state, not from the client.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Settings of `zring waypoint`.
 #[derive(Debug, Clone)]
 pub struct WaypointSettings {

@@ -23,6 +23,7 @@ use serde_yaml_ng::Value;
 use super::{
     policy::{L7Policy, PolicyTarget},
     traffic::{self, TrafficPolicy},
+    FastMap,
 };
 
 /// Why a resource file was refused.
@@ -240,13 +241,13 @@ pub struct Route {
 #[derive(Debug, Default)]
 pub struct L7Config {
     /// Service (`namespace/hostname`) -> its rules, in the order they are tried.
-    pub routes: HashMap<String, Vec<Route>>,
+    pub routes: FastMap<String, Vec<Route>>,
     /// (service, subset name) -> the pod labels the subset selects.
     pub subsets: HashMap<(String, String), BTreeMap<String, String>>,
     /// Service -> its DestinationRule's traffic policy (outlier detection, connection pool).
-    pub traffic: HashMap<String, Arc<TrafficPolicy>>,
+    pub traffic: FastMap<String, Arc<TrafficPolicy>>,
     /// Service -> subset name -> the subset's traffic policy, merged over its rule's.
-    pub subset_traffic: HashMap<String, HashMap<String, Arc<TrafficPolicy>>>,
+    pub subset_traffic: FastMap<String, FastMap<String, Arc<TrafficPolicy>>>,
     /// Authorization policies attached to this waypoint or a service behind it.
     pub policies: Vec<L7Policy>,
     /// What was read: `Kind namespace/name (file)`.

@@ -11,7 +11,7 @@
 //! and pending requests.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     net::SocketAddr,
     sync::{
         atomic::{AtomicU32, Ordering},
@@ -23,7 +23,7 @@ use std::{
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 
-use super::resources::duration;
+use super::{resources::duration, FastMap};
 
 /// Fields refused, with the reason given to the user.
 const NOT_SUPPORTED: &str = "not supported by zring's waypoint (refused rather than ignored)";
@@ -340,7 +340,7 @@ struct EndpointState {
 /// Endpoint health under outlier detection, shared by the workers.
 #[derive(Debug, Default)]
 pub struct Health {
-    endpoints: Mutex<HashMap<SocketAddr, EndpointState>>,
+    endpoints: Mutex<FastMap<SocketAddr, EndpointState>>,
 }
 
 impl Health {
@@ -462,7 +462,7 @@ pub enum Overflow {
 /// The connection-pool gates, one per destination, shared by the workers.
 #[derive(Debug, Default)]
 pub struct Gates {
-    gates: Mutex<HashMap<String, Arc<Gate>>>,
+    gates: Mutex<FastMap<String, Arc<Gate>>>,
 }
 
 impl Gates {
@@ -505,6 +505,17 @@ impl Gates {
         {
             return Err(Overflow::Full);
         }
+        // Boxed: the wait is rare, and its timer would otherwise enlarge every request's future.
+        Box::pin(Self::wait(gate, take, deadline)).await
+    }
+
+    /// Wait in `gate`'s queue (already counted in `pending`) until `take` gets room or
+    /// `deadline` passes.
+    async fn wait(
+        gate: Arc<Gate>,
+        take: impl Fn(&Gate) -> bool,
+        deadline: Instant,
+    ) -> Result<Permit, Overflow> {
         let result = loop {
             if take(&gate) {
                 break Ok(());
@@ -518,8 +529,9 @@ impl Gates {
         result.map(|()| Permit(gate))
     }
 
-    /// Requests in flight to `key` (for tests and the admin dump).
-    pub fn active(&self, key: &str) -> u32 {
+    /// Requests in flight to `key`.
+    #[cfg(test)]
+    fn active(&self, key: &str) -> u32 {
         self.gate(key).active.load(Ordering::Acquire)
     }
 }
