@@ -756,7 +756,7 @@ fn connection_pool_limits_queue_then_refuse_and_retire_connections() {
     let dr = resource(
         "wp-pool-res",
         "productpage-dr.yaml",
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: productpage, namespace: default}\nspec:\n  host: productpage\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1, connectTimeout: 2s}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 1}\n",
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: productpage, namespace: default}\nspec:\n  host: productpage\n  trafficPolicy:\n    connectionPool:\n      tcp: {maxConnections: 1, connectTimeout: 2s}\n      http: {http1MaxPendingRequests: 1, maxRequestsPerConnection: 2}\n",
     );
     let lab = Lab::start(75, "wp-pool", &[("productpage-dr.yaml", &dr)]);
     let n = lab.n;
@@ -814,7 +814,8 @@ fn connection_pool_limits_queue_then_refuse_and_retire_connections() {
     );
     assert_eq!(metric(&m, "zring_waypoint_overflows_total", &[]), Some(1));
 
-    // maxRequestsPerConnection: 1: each request opens its own upstream connection.
+    // maxRequestsPerConnection: 2: an upstream connection is retired after its second
+    // request, so four requests open two.
     let before = opened();
     let mut c = lab.client(2, lab.vip(100));
     for _ in 0..4 {
@@ -822,8 +823,46 @@ fn connection_pool_limits_queue_then_refuse_and_retire_connections() {
     }
     wait_until(
         Duration::from_secs(5),
-        || opened() == before + 4,
+        || opened() == before + 2,
         || format!("opened {} (before {before})\n{}", opened(), lab.b.metrics()),
+    );
+
+    // The same over HTTP/2 (h2c from the client, so h2 upstream): the shared upstream
+    // connection takes no new stream after its second, so four requests on one client
+    // connection open two upstream connections.
+    let before = opened();
+    let (code, s) = socks(ip(n, 2), lab.socks5(), lab.vip(100));
+    assert_eq!(code, 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        s.set_nonblocking(true).unwrap();
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(s).unwrap());
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for i in 0..4 {
+            let req = hyper::Request::get(format!("http://productpage:9080/h2/{i}"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), 200, "h2 request {i}");
+        }
+    });
+    wait_until(
+        Duration::from_secs(5),
+        || opened() == before + 2,
+        || {
+            format!(
+                "h2: opened {} (before {before})\n{}",
+                opened(),
+                lab.b.metrics()
+            )
+        },
     );
 }
 
