@@ -751,6 +751,34 @@ fn outlier_detection_ejects_an_endpoint_that_keeps_failing() {
 /// A DestinationRule's `connectionPool` (Istio's circuit-breaking example): one request in
 /// flight, one waiting, the third refused at once with 503 `UO`; and an upstream connection
 /// per request with `maxRequestsPerConnection: 1`.
+/// Runs `f` on a current-thread tokio runtime with an HTTP/2 (h2c, prior knowledge) client
+/// connection from the client pod to `dst` through the source node's SOCKS5 port.
+fn with_h2c<B, F, Fut>(lab: &Lab, dst: SocketAddr, f: F)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: FnOnce(hyper::client::conn::http2::SendRequest<B>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (code, s) = socks(ip(lab.n, 2), lab.socks5(), dst);
+    assert_eq!(code, 0, "SOCKS5 refused:\n{}", lab.a.proc.log());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        s.set_nonblocking(true).unwrap();
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(s).unwrap());
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        f(send).await;
+    });
+}
+
 #[test]
 fn connection_pool_limits_queue_then_refuse_and_retire_connections() {
     let dr = resource(
@@ -831,20 +859,7 @@ fn connection_pool_limits_queue_then_refuse_and_retire_connections() {
     // connection takes no new stream after its second, so four requests on one client
     // connection open two upstream connections.
     let before = opened();
-    let (code, s) = socks(ip(n, 2), lab.socks5(), lab.vip(100));
-    assert_eq!(code, 0);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        s.set_nonblocking(true).unwrap();
-        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(s).unwrap());
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-                .await
-                .unwrap();
-        tokio::spawn(conn);
+    with_h2c(&lab, lab.vip(100), |mut send| async move {
         for i in 0..4 {
             let req = hyper::Request::get(format!("http://productpage:9080/h2/{i}"))
                 .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -986,23 +1001,8 @@ fn http1_edge_cases_websocket_and_h2c_pass_byte_exact() {
     assert_eq!(c.request("GET", "/after", b"").status, 200);
 
     // h2c (prior knowledge), gRPC-style: unary and a stream of messages echoed, trailers kept.
-    let (code, s) = socks(ip(n, 2), lab.socks5(), dst);
-    assert_eq!(code, 0);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    with_h2c(&lab, dst, |mut send| async move {
         use http_body_util::BodyExt;
-        s.set_nonblocking(true).unwrap();
-        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(s).unwrap());
-        let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, _>(
-            hyper_util::rt::TokioExecutor::new(),
-            io,
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
         // Unary.
         let msg = bytes::Bytes::from_static(b"\x00\x00\x00\x00\x05hello");
         let req = hyper::Request::post("http://productpage:9080/grpc.Echo/Unary")
