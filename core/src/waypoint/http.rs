@@ -35,7 +35,7 @@ use zring_runtime::net::{self, ConnectOptions};
 use super::{
     policy::{self, Decision, RequestContext},
     resources::{Backend, L7Config, RequestView, RetryPolicy},
-    traffic::{Outcome, Outlier, Overflow, Permit, TrafficPolicy},
+    traffic::{Outcome, Outlier, Overflow, Permit},
     FastMap, Waypoint,
 };
 use crate::{
@@ -1223,16 +1223,12 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         }
         // Room under the destination's connection-pool limits (circuit breaking).
         let permit = match (pool, traffic.as_deref()) {
-            (
-                Some(p),
-                Some(TrafficPolicy {
-                    destination: key, ..
-                }),
-            ) => {
+            (Some(p), Some(policy)) => {
+                let key = &policy.destination;
                 match ctx
                     .wp
                     .gates
-                    .acquire(key, p.limit(ctx.h2), p.max_pending, deadline)
+                    .acquire(policy, p.limit(ctx.h2), p.max_pending, deadline)
                     .await
                 {
                     Ok(permit) => Some(permit),

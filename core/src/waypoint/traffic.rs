@@ -45,6 +45,26 @@ pub struct TrafficPolicy {
     /// The destination it applies to (`namespace/host`, `#subset` for a subset's), which
     /// names its connection-pool gate; set when the policy is put in force.
     pub destination: String,
+    /// That gate, once a request has looked it up: later requests skip the process-wide map.
+    gate: GateCell,
+}
+
+/// A policy's connection-pool gate, found in [`Gates`] by the first request that needs it.
+/// Gates outlive policies (a reload makes new policies, the counts in flight carry over), so
+/// a copy of a policy starts empty and finds the same gate by its destination.
+#[derive(Debug, Default)]
+struct GateCell(std::sync::OnceLock<Arc<Gate>>);
+
+impl Clone for GateCell {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for GateCell {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl TrafficPolicy {
@@ -86,6 +106,7 @@ impl TrafficPolicy {
             outlier: over.outlier.clone().or_else(|| self.outlier.clone()),
             pool: over.pool.clone().or_else(|| self.pool.clone()),
             destination: self.destination.clone(),
+            gate: GateCell::default(),
         }
     }
 }
@@ -315,6 +336,7 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
         outlier,
         pool,
         destination: String::new(),
+        gate: GateCell::default(),
     })
 }
 
@@ -476,16 +498,21 @@ impl Gates {
         gate
     }
 
-    /// Room for a request to `key` with at most `limit` in flight and `max_pending` waiting;
-    /// a request that finds no room waits (if the queue has room) until `deadline`.
+    /// Room for a request under `policy`'s destination with at most `limit` in flight and
+    /// `max_pending` waiting; a request that finds no room waits (if the queue has room) until
+    /// `deadline`.
     pub async fn acquire(
         &self,
-        key: &str,
+        policy: &TrafficPolicy,
         limit: u32,
         max_pending: u32,
         deadline: Instant,
     ) -> Result<Permit, Overflow> {
-        let gate = self.gate(key);
+        let gate = policy
+            .gate
+            .0
+            .get_or_init(|| self.gate(&policy.destination))
+            .clone();
         let take = |g: &Gate| {
             g.active
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
@@ -707,18 +734,33 @@ mod tests {
     #[test]
     fn a_gate_admits_up_to_its_limit_queues_then_overflows() {
         let gates = Gates::default();
+        let policy = |d: &str| TrafficPolicy {
+            destination: d.into(),
+            ..Default::default()
+        };
+        let d = policy("d");
         let mut rt =
             zring_runtime::backend::build_runtime(zring_runtime::IoBackend::Epoll, 64).unwrap();
         rt.block_on(async {
             let soon = Instant::now() + Duration::from_millis(30);
-            let a = gates.acquire("d", 1, 0, soon).await.unwrap();
+            let a = gates.acquire(&d, 1, 0, soon).await.unwrap();
             assert_eq!(gates.active("d"), 1);
             assert_eq!(
-                gates.acquire("d", 1, 0, soon).await.unwrap_err(),
+                gates.acquire(&d, 1, 0, soon).await.unwrap_err(),
+                Overflow::Full
+            );
+            // A reload makes a new policy for the same destination: it finds the same gate,
+            // with the request in flight counted, and so does a copy.
+            assert_eq!(
+                gates.acquire(&policy("d"), 1, 0, soon).await.unwrap_err(),
+                Overflow::Full
+            );
+            assert_eq!(
+                gates.acquire(&d.clone(), 1, 0, soon).await.unwrap_err(),
                 Overflow::Full
             );
             // With room in the queue it waits, and gets in once the first is done...
-            let wait = gates.acquire("d", 1, 1, Instant::now() + Duration::from_secs(5));
+            let wait = gates.acquire(&d, 1, 1, Instant::now() + Duration::from_secs(5));
             let release = async move {
                 monoio::time::sleep(Duration::from_millis(20)).await;
                 drop(a);
@@ -729,7 +771,7 @@ mod tests {
             let t = Instant::now();
             assert_eq!(
                 gates
-                    .acquire("d", 1, 1, t + Duration::from_millis(20))
+                    .acquire(&d, 1, 1, t + Duration::from_millis(20))
                     .await
                     .unwrap_err(),
                 Overflow::TimedOut
@@ -737,7 +779,7 @@ mod tests {
             assert!(t.elapsed() >= Duration::from_millis(20));
             drop(b);
             assert_eq!(gates.active("d"), 0);
-            assert!(gates.acquire("other", 1, 0, soon).await.is_ok());
+            assert!(gates.acquire(&policy("other"), 1, 0, soon).await.is_ok());
         });
     }
 }
