@@ -1108,3 +1108,175 @@ fn trace_id_of(log: &str, port: &str) -> Option<String> {
             .any(|f| f.starts_with("dst.addr=") && f.trim_end_matches('"').ends_with(port))
     })
 }
+
+/// Header changes in both generations of route: a VirtualService's `headers` on the rule and on
+/// the destination (the rule's `set` wins over the destination's, as Envoy orders them; `host`
+/// rewrites the authority) and an HTTPRoute's header modifier filters on the rule and on the
+/// backendRef; the server sees the changed request, the client the changed response, also on
+/// the waypoint's own 503. A route with a filter zring does not implement is refused by name and
+/// the last good rules stay.
+#[test]
+fn routes_change_request_and_response_headers() {
+    let vs = resource(
+        "wp-headers-res",
+        "reviews.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /headers}}]
+    headers:
+      request:
+        set: {x-env: prod, host: reviews-v1.default.svc.cluster.local}
+        add: {x-tag: route}
+        remove: [x-secret]
+      response:
+        set: {x-route: headers}
+        remove: [x-internal]
+    route:
+    - destination: {host: reviews-v1}
+      headers:
+        request: {set: {x-env: canary, x-dest: v1}}
+        response: {add: {x-dest: v1}}
+  - headers:
+      response: {set: {x-route: fallback}}
+    route:
+    - destination: {host: productpage}
+"#,
+    );
+    let lab = Lab::start(73, "wp-headers", &[("reviews.yaml", &vs)]);
+    let n = lab.n;
+    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
+    let mut c = lab.client(2, lab.vip(101));
+    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-tag: client\r\nx-secret: s3cr3t\r\nx-env: client\r\nx-keep: yes\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
+    let seen = r.text();
+    let lines: Vec<&str> = seen.lines().collect();
+    let all = |name: &str| -> Vec<&str> {
+        lines
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .collect()
+    };
+    assert_eq!(all("x-env"), ["prod"], "the rule's set wins:\n{seen}");
+    assert_eq!(all("x-dest"), ["v1"], "{seen}");
+    assert_eq!(all("x-tag"), ["client", "route"], "{seen}");
+    assert_eq!(all("x-secret"), Vec::<&str>::new(), "{seen}");
+    assert_eq!(all("x-keep"), ["yes"], "{seen}");
+    assert_eq!(
+        all("host"),
+        ["reviews-v1.default.svc.cluster.local"],
+        "{seen}"
+    );
+    assert_eq!(r.header("x-route"), Some("headers"));
+    assert_eq!(r.header("x-dest"), Some("v1"));
+    assert_eq!(r.header("x-internal"), None, "removed from the response");
+    assert_eq!(r.header("x-served-by"), Some("reviews-v1"));
+    let dump = config_dump(&lab);
+    assert!(
+        dump.contains("\"host\": \"reviews-v1.default.svc.cluster.local\"")
+            && dump.contains("\"x-dest\""),
+        "{dump}"
+    );
+    // The second rule goes to productpage, which has no server: the waypoint's own 503 carries
+    // the rule's response header.
+    let r = c.request("GET", "/other", b"");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("x-route"), Some("fallback"));
+
+    // The same through an HTTPRoute's filters, swapped in while running.
+    let hr = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier:
+        set: [{name: x-env, value: gw}]
+        add: [{name: x-tag, value: gw-route}]
+        remove: [x-secret]
+    - type: ResponseHeaderModifier
+      responseHeaderModifier:
+        add: [{name: x-route, value: gw}]
+        remove: [x-internal]
+    backendRefs:
+    - name: reviews-v1
+      port: 9080
+      filters:
+      - type: RequestHeaderModifier
+        requestHeaderModifier: {set: [{name: x-env, value: backend}, {name: x-dest, value: v1}]}
+"#;
+    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
+    std::fs::write(lab.resources.join("reviews-route.yaml"), hr).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let dump = config_dump(&lab);
+            dump.contains("HTTPRoute default/reviews")
+                && !dump.contains("VirtualService default/reviews")
+        },
+        || config_dump(&lab),
+    );
+    let mut c = lab.client(2, lab.vip(101));
+    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-tag: client\r\nx-secret: s\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.text();
+    assert!(
+        seen.contains("x-env: gw\n") && !seen.contains("x-env: backend"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-dest: v1\n"), "{seen}");
+    assert!(seen.contains("x-tag: client\nx-tag: gw-route\n"), "{seen}");
+    assert!(!seen.contains("x-secret"), "{seen}");
+    assert!(seen.contains("host: reviews:9080\n"), "{seen}");
+    assert_eq!(r.header("x-route"), Some("gw"));
+    assert_eq!(r.header("x-internal"), None);
+    // The same changes on an h2c request.
+    with_h2c(&lab, lab.vip(101), |mut send| async move {
+        use http_body_util::BodyExt as _;
+        let req = hyper::Request::get("http://reviews:9080/headers")
+            .header("x-secret", "s")
+            .header("x-tag", "client")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-route"], "gw");
+        assert!(resp.headers().get("x-internal").is_none());
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let seen = String::from_utf8_lossy(&body);
+        assert!(
+            seen.contains("x-env: gw\n") && seen.contains("x-dest: v1\n"),
+            "{seen}"
+        );
+        assert!(
+            seen.contains("x-tag: client\nx-tag: gw-route\n") && !seen.contains("x-secret"),
+            "{seen}"
+        );
+    });
+
+    // A filter zring does not implement: refused by name, the rules in force kept.
+    std::fs::write(
+        lab.resources.join("reviews-route.yaml"),
+        hr.replace(
+            "    - type: ResponseHeaderModifier\n      responseHeaderModifier:\n        add: [{name: x-route, value: gw}]\n        remove: [x-internal]\n",
+            "    - type: URLRewrite\n      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}\n",
+        ),
+    )
+    .unwrap();
+    let want = "HTTPRoute default/reviews: spec.rules[0].filters[1].type: filter \"URLRewrite\" is not supported";
+    wait_until(
+        Duration::from_secs(10),
+        || lab.w.proc.log().contains(want),
+        || lab.w.proc.log(),
+    );
+    let r = c.request("GET", "/headers", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-route"), Some("gw"), "the last good rules stay");
+}

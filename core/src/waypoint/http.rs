@@ -33,6 +33,7 @@ use zring_hbone::{
 use zring_runtime::net::{self, ConnectOptions};
 
 use super::{
+    headers::HeaderRules,
     policy::{self, Decision, RequestContext},
     resources::{Backend, L7Config, RequestView, RetryPolicy},
     traffic::{Outcome, Outlier, Overflow, Permit},
@@ -1118,6 +1119,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 port: None,
                 subset: None,
                 weight: 1,
+                headers: Default::default(),
             });
             (
                 default_backend.as_slice(),
@@ -1126,6 +1128,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             )
         }
     };
+    let route_headers = route.map(|r| &*r.headers);
     if route.is_some() && backends.is_empty() {
         return answer(log, StatusCode::INTERNAL_SERVER_ERROR, "NR", "no backend");
     }
@@ -1172,6 +1175,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         // traffic policy of its DestinationRule.
         let mut traffic = None;
         let mut peers: Vec<SocketAddr> = Vec::new();
+        let mut backend_headers = None;
         let (w, addr, svc_host) = if let Some(w) = workload.filter(|_| backends.is_empty()) {
             let addr = ctx.target;
             if attempt > 0 && tried.contains(&addr) && !replayable {
@@ -1182,6 +1186,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             let Some(b) = pick_backend(backends) else {
                 break;
             };
+            backend_headers = Some(&*b.headers);
             let (svc, eps) = match endpoints(&index, &rules, b, ctx.target.port()) {
                 Ok(v) => v,
                 Err(e) => {
@@ -1216,8 +1221,15 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         log.destination = w.peer();
         if let Some(down) = client_upgrade {
             // Not retried: the upgrade's bytes are the client's from here on.
+            let mut parts = parts.clone();
+            let authority = rewrite_request(
+                &mut parts.headers,
+                backend_headers,
+                route_headers,
+                &authority,
+            );
             return Box::pin(upgrade(
-                &ctx, log, &parts, &authority, down, w, addr, svc_host,
+                &ctx, log, &parts, authority, down, w, addr, svc_host,
             ))
             .await;
         }
@@ -1298,9 +1310,11 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             None => break,
         };
         let mut up = Request::from_parts(parts.clone(), b);
+        let up_authority =
+            rewrite_request(up.headers_mut(), backend_headers, route_headers, &authority);
         if ctx.h2 {
             let uri = format!(
-                "http://{authority}{}",
+                "http://{up_authority}{}",
                 up.uri().path_and_query().map_or("/", |p| p.as_str())
             );
             if let Ok(u) = uri.parse::<Uri>() {
@@ -1317,8 +1331,9 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 *up.uri_mut() = u;
             }
             *up.version_mut() = Version::HTTP_11;
-            if !up.headers().contains_key(header::HOST) {
-                if let Ok(h) = HeaderValue::from_str(&authority) {
+            let rewritten = !std::ptr::eq(up_authority, authority.as_str());
+            if rewritten || !up.headers().contains_key(header::HOST) {
+                if let Ok(h) = HeaderValue::from_str(up_authority) {
                     up.headers_mut().insert(header::HOST, h);
                 }
             }
@@ -1374,6 +1389,9 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         }
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers, false);
+        for h in [backend_headers, route_headers].into_iter().flatten() {
+            h.response.apply(&mut rparts.headers);
+        }
         let code = status.as_u16();
         // A route's own timeout covers the whole response, as Envoy's route timeout does;
         // `--request-timeout` alone bounds the wait for the response head only, so a long
@@ -1400,7 +1418,32 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         return Response::from_parts(rparts, boxed(counted));
     }
     let (status, flags, text) = last;
-    answer(log, status, flags, text)
+    let mut reply = answer(log, status, flags, text);
+    // The route's response changes apply to the waypoint's own answers too, as Envoy's to its
+    // local replies after a route was chosen.
+    if let Some(h) = route_headers {
+        h.response.apply(reply.headers_mut());
+    }
+    reply
+}
+
+/// Apply a request's header changes: the backend's, then the route's (so the route's `set`
+/// wins, as in Envoy). Returns the authority to send upstream: the last rewrite's, else the
+/// client's.
+fn rewrite_request<'a>(
+    h: &mut HeaderMap,
+    backend: Option<&'a HeaderRules>,
+    route: Option<&'a HeaderRules>,
+    authority: &'a str,
+) -> &'a str {
+    let mut out = authority;
+    for r in [backend, route].into_iter().flatten() {
+        r.request.apply(h);
+        if let Some(a) = &r.authority {
+            out = a;
+        }
+    }
+    out
 }
 
 /// An HTTP/1.1 upgrade (websocket): the request head written to a fresh upstream stream by
@@ -1613,6 +1656,7 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
                 port: None,
                 subset: None,
                 weight: 1,
+                headers: Default::default(),
             };
             let picked = endpoints(&index, &rules, &b, ctx.target.port())
                 .ok()

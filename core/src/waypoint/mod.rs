@@ -20,6 +20,7 @@
 //! The L7 resources (`--resources`, a file or folder) are re-read when they change; a bad file
 //! is refused with the file, resource and field named, and the rules in force are kept.
 
+pub mod headers;
 pub mod http;
 pub mod metrics;
 pub mod policy;
@@ -222,7 +223,9 @@ impl Waypoint {
                         "origin": x.origin,
                         "backends": x.backends.iter().map(|b| serde_json::json!({
                             "service": b.service, "port": b.port, "subset": b.subset, "weight": b.weight,
+                            "headers": b.headers.dump(),
                         })).collect::<Vec<_>>(),
+                        "headers": x.headers.dump(),
                         "timeoutMs": x.timeout.map(|d| d.as_millis() as u64),
                         "retries": x.retry.attempts,
                     })).collect::<Vec<_>>(),

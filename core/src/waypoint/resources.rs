@@ -4,8 +4,8 @@
 //! `*.yml`, `*.json`, name order), each any number of YAML documents or a `List`.
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
-//! implement (fault injection, mirroring, rewrites, redirects, filters, JWT principals, CUSTOM
-//! actions) are refused rather than ignored: a rule that silently did less than it says would
+//! implement (fault injection, mirroring, URL rewrites, redirects, filters other than header
+//! modifiers, JWT principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
 //! let traffic through that the user meant to stop. Every error names the file, the resource and
 //! the field, e.g. `routes.yaml: VirtualService default/reviews: spec.http[0].route[1].weight:
 //! invalid type: string "ten", expected u32`.
@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use super::{
+    headers::{self, HeaderRules, VsHeaders},
     policy::{L7Policy, PolicyTarget},
     traffic::{self, TrafficPolicy},
     FastMap,
@@ -189,6 +190,9 @@ pub struct Backend {
     pub subset: Option<String>,
     /// Relative weight.
     pub weight: u32,
+    /// Header changes when this backend is picked (VirtualService destination `headers`,
+    /// backendRef `filters`); applied before the route's.
+    pub headers: Arc<HeaderRules>,
 }
 
 /// When and how often to try again.
@@ -235,6 +239,8 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// Retries.
     pub retry: RetryPolicy,
+    /// Header changes (VirtualService rule `headers`, rule `filters` of an HTTPRoute).
+    pub headers: Arc<HeaderRules>,
 }
 
 /// Everything the waypoint applies at L7.
@@ -553,6 +559,8 @@ struct VsHttp {
     timeout: Option<String>,
     #[serde(default)]
     retries: Option<VsRetries>,
+    #[serde(default)]
+    headers: Option<Value>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -610,6 +618,8 @@ struct VsRoute {
     destination: VsDestination,
     #[serde(default)]
     weight: Option<u32>,
+    #[serde(default)]
+    headers: Option<Value>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -641,7 +651,7 @@ struct VsRetries {
 }
 
 fn unsupported(rest: &BTreeMap<String, Value>, at: &str) -> Result<(), (String, String)> {
-    // Fields that only describe (`name`, `headers` on a route are handled elsewhere).
+    // Fields that only describe, or select what this waypoint never sees.
     const HARMLESS: &[&str] = &[
         "name",
         "sourceLabels",
@@ -745,6 +755,8 @@ fn virtual_service(
                 subset: r.destination.subset,
                 // Istio: a lone destination takes all; otherwise an unset weight is 0.
                 weight: r.weight.unwrap_or(if single { 100 } else { 0 }),
+                headers: vs_headers(r.headers)
+                    .map_err(|(f, e)| (below(&format!("{rat}.headers"), &f), e))?,
             });
         }
         if backends.iter().all(|b| b.weight == 0) {
@@ -760,12 +772,15 @@ fn virtual_service(
             None => RetryPolicy::default(),
             Some(r) => vs_retry(r).map_err(|(f, e)| (format!("{at}.retries.{f}"), e))?,
         };
+        let headers =
+            vs_headers(h.headers).map_err(|(f, e)| (below(&format!("{at}.headers"), &f), e))?;
         routes.push(Route {
             origin: format!("{name} http[{i}]"),
             matches,
             backends,
             timeout,
             retry,
+            headers,
         });
     }
     for h in &s.hosts {
@@ -780,6 +795,23 @@ fn virtual_service(
             .extend(routes.iter().cloned());
     }
     Ok(())
+}
+
+/// `field` below `at` (`at` itself when the error is about the whole block).
+fn below(at: &str, field: &str) -> String {
+    match field {
+        "" => at.to_string(),
+        f => format!("{at}.{f}"),
+    }
+}
+
+/// A VirtualService `headers` block, checked.
+fn vs_headers(v: Option<Value>) -> Result<Arc<HeaderRules>, (String, String)> {
+    let Some(v) = v else {
+        return Ok(Arc::default());
+    };
+    let h: VsHeaders = serde_yaml_ng::from_value(v).map_err(|e| (String::new(), e.to_string()))?;
+    h.rules().map(Arc::new)
 }
 
 fn vs_retry(r: VsRetries) -> Result<RetryPolicy, (String, String)> {
@@ -1017,13 +1049,9 @@ fn http_route(
     }
     for (i, rule) in s.rules.into_iter().enumerate() {
         let at = format!("rules[{i}]");
-        if !rule.filters.is_empty() {
-            return Err((
-                format!("{at}.filters"),
-                "filters are not supported by zring's waypoint (refused rather than ignored)"
-                    .into(),
-            ));
-        }
+        let rule_headers = headers::gateway_filters(&rule.filters)
+            .map(Arc::new)
+            .map_err(|(f, e)| (format!("{at}.filters{f}"), e))?;
         let mut backends = Vec::new();
         for (j, br) in rule.backend_refs.iter().enumerate() {
             let bat = format!("{at}.backendRefs[{j}]");
@@ -1033,15 +1061,15 @@ fn http_route(
                     "only Service backends are supported".into(),
                 ));
             }
-            if !br.filters.is_empty() {
-                return Err((format!("{bat}.filters"), "filters are not supported".into()));
-            }
             let bns = br.namespace.as_deref().unwrap_or(ns);
             backends.push(Backend {
                 service: format!("{bns}/{}.{bns}.svc.{}", br.name, me.domain),
                 port: br.port,
                 subset: None,
                 weight: br.weight.unwrap_or(1),
+                headers: headers::gateway_filters(&br.filters)
+                    .map(Arc::new)
+                    .map_err(|(f, e)| (format!("{bat}.filters{f}"), e))?,
             });
         }
         let timeout = match &rule.timeouts {
@@ -1088,6 +1116,7 @@ fn http_route(
                     backends: backends.clone(),
                     timeout,
                     retry: retry.clone(),
+                    headers: rule_headers.clone(),
                 };
                 let order = b.hr.get(svc).map_or(0, Vec::len);
                 b.hr.entry(svc.clone())
@@ -1257,6 +1286,19 @@ mod tests {
         let fault = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route:\n    - destination: {host: reviews}\n";
         let e = parse(fault, "f.yaml", &me()).unwrap_err().to_string();
         assert!(e.contains("spec.http[0].fault: not supported"), "{e}");
+        let hdr = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews}\n      headers: {request: {set: {connection: close}}}\n";
+        let e = parse(hdr, "h.yaml", &me()).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.http[0].route[0].headers.request.set.connection: header \"connection\" cannot be changed"),
+            "{e}"
+        );
+        let e = parse(&hdr.replace("{request:", "{requests:"), "h.yaml", &me())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("spec.http[0].route[0].headers: unknown field `requests`"),
+            "{e}"
+        );
         let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: RANDOM}\n    outlierDetection: {consecutive5xxErrors: 1, splitExternalLocalOriginErrors: true}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy: {connectionPool: {tcp: {maxConnections: 1}}}\n";
         let e = parse(dr, "d.yaml", &me()).unwrap_err().to_string();
         assert!(

@@ -3,6 +3,7 @@
 //!
 //! - `/echo` (any method): the request body back, streamed, with `x-served-by`;
 //! - `/big?n=N`: N bytes of a repeating pattern;
+//! - `/headers`: the request's headers, a `name: value` line each, and `x-internal: upstream`;
 //! - `/slow?ms=N`: the usual answer, its head sent after N milliseconds;
 //! - `/fail?NAME=CODE`: the usual answer, with status CODE from the server called NAME;
 //! - `/grpc.Echo/Stream` (h2): each request frame echoed back as it arrives, then trailers
@@ -74,6 +75,18 @@ async fn serve(name: String, mut req: Request<Incoming>) -> Result<Response<Body
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
+    if path == "/headers" {
+        // The request's headers as received, one `name: value` line each, in order; and a
+        // header of the server's own that a route may remove.
+        let mut text = String::new();
+        for (k, v) in req.headers() {
+            text += &format!("{k}: {}\n", String::from_utf8_lossy(v.as_bytes()));
+        }
+        let mut r = resp(full(text));
+        r.headers_mut()
+            .insert("x-internal", "upstream".parse().unwrap());
+        return Ok(r);
+    }
     if path == "/big" {
         return Ok(resp(full(pattern(number("n") as usize))));
     }

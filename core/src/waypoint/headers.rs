@@ -1,0 +1,455 @@
+//! Header changes a route makes: VirtualService `headers` (on a rule and on each of its
+//! destinations) and Gateway API `RequestHeaderModifier` / `ResponseHeaderModifier` filters (on
+//! a rule and on each backendRef).
+//!
+//! Applied as Envoy applies the configuration Istio generates from them: within one level,
+//! `remove` first, then `set` (replaces every value), then `add` (appends a value); the
+//! destination's (backend's) changes before the rule's, so for the same header the rule's
+//! `set` wins. Setting `host` or `:authority` on the request rewrites the authority sent
+//! upstream, as Istio turns it into Envoy's host rewrite. Pseudo-headers other than that, and
+//! hop-by-hop headers, are refused: Envoy rejects a configuration that changes them.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Changes to one message's headers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeaderOps {
+    /// Removed first.
+    pub remove: Vec<HeaderName>,
+    /// Then set: every value of the header replaced by this one.
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    /// Then added: one more value.
+    pub add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderOps {
+    /// No change at all.
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+
+    /// Change `h`.
+    pub fn apply(&self, h: &mut HeaderMap) {
+        for n in &self.remove {
+            h.remove(n);
+        }
+        for (n, v) in &self.set {
+            h.insert(n.clone(), v.clone());
+        }
+        for (n, v) in &self.add {
+            h.append(n.clone(), v.clone());
+        }
+    }
+}
+
+/// What a route (or one of its backends) changes in requests and responses.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeaderRules {
+    /// Request headers (`host` excluded: see [`HeaderRules::authority`]).
+    pub request: HeaderOps,
+    /// The authority sent upstream instead of the client's (`set` of `host`/`:authority`).
+    pub authority: Option<String>,
+    /// Response headers, on the upstream's answer.
+    pub response: HeaderOps,
+}
+
+impl HeaderRules {
+    /// No change at all.
+    pub fn is_empty(&self) -> bool {
+        self.request.is_empty() && self.authority.is_none() && self.response.is_empty()
+    }
+
+    /// For `/config_dump`, in VirtualService's shape (null when there is no change).
+    pub fn dump(&self) -> serde_json::Value {
+        fn ops(o: &HeaderOps, authority: Option<&str>) -> serde_json::Value {
+            let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+            let mut set: serde_json::Map<_, _> = o
+                .set
+                .iter()
+                .map(|(n, v)| (n.to_string(), text(v).into()))
+                .collect();
+            if let Some(a) = authority {
+                set.insert("host".into(), a.into());
+            }
+            serde_json::json!({
+                "set": set,
+                "add": o.add.iter().map(|(n, v)| serde_json::json!([n.as_str(), text(v)])).collect::<Vec<_>>(),
+                "remove": o.remove.iter().map(HeaderName::as_str).collect::<Vec<_>>(),
+            })
+        }
+        if self.is_empty() {
+            return serde_json::Value::Null;
+        }
+        serde_json::json!({
+            "request": ops(&self.request, self.authority.as_deref()),
+            "response": ops(&self.response, None),
+        })
+    }
+}
+
+/// A field and what is wrong with it (the caller adds file, resource and the path above).
+type FieldError = (String, String);
+
+/// Headers nobody may change through a route (Envoy refuses them in `request_headers_to_add`
+/// and `_to_remove`, or they describe the connection, not the message).
+const FORBIDDEN: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
+
+/// Which message a name is changed on.
+#[derive(Clone, Copy, PartialEq)]
+enum Side {
+    Request,
+    Response,
+}
+
+/// The name, checked; `Ok(None)` for `host`/`:authority` on a request (an authority rewrite).
+fn name(raw: &str, side: Side, at: &str) -> Result<Option<HeaderName>, FieldError> {
+    let lower = raw.to_ascii_lowercase();
+    if side == Side::Request && (lower == "host" || lower == ":authority") {
+        return Ok(None);
+    }
+    if lower.starts_with(':') || lower == "host" || FORBIDDEN.contains(&lower.as_str()) {
+        return Err((
+            at.to_string(),
+            format!("header {raw:?} cannot be changed by a route"),
+        ));
+    }
+    HeaderName::from_bytes(lower.as_bytes())
+        .map(Some)
+        .map_err(|_| (at.to_string(), format!("{raw:?} is not a header name")))
+}
+
+/// A value, checked. VirtualService values go to Envoy as header formatters, in which `%...%`
+/// names a substitution and `%%` is a literal `%`: the literal kind is taken, substitutions are
+/// refused (a rule that sent the text of the operator would not do what it says).
+fn value(raw: &str, envoy_format: bool, at: &str) -> Result<HeaderValue, FieldError> {
+    let text = if envoy_format {
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c != '%' {
+                out.push(c);
+            } else if chars.peek() == Some(&'%') {
+                chars.next();
+                out.push('%');
+            } else {
+                return Err((
+                    at.to_string(),
+                    format!("{raw:?}: Envoy's %COMMAND% substitutions are not supported by zring's waypoint (write %% for a literal %)"),
+                ));
+            }
+        }
+        out
+    } else {
+        raw.to_string()
+    };
+    HeaderValue::from_str(&text)
+        .map_err(|_| (at.to_string(), format!("{raw:?} is not a header value")))
+}
+
+/// One `set`/`add` entry into `ops` (or the authority).
+fn put(
+    rules: &mut HeaderRules,
+    side: Side,
+    add: bool,
+    (n, v): (&str, &str),
+    envoy_format: bool,
+    at: &str,
+) -> Result<(), FieldError> {
+    let v = value(v, envoy_format, at)?;
+    let ops = match side {
+        Side::Request => &mut rules.request,
+        Side::Response => &mut rules.response,
+    };
+    match name(n, side, at)? {
+        Some(n) if add => ops.add.push((n, v)),
+        Some(n) => ops.set.push((n, v)),
+        None if add => {
+            return Err((
+                at.to_string(),
+                "the authority can be set, not added to".into(),
+            ))
+        }
+        None => {
+            rules.authority = Some(
+                v.to_str()
+                    .map_err(|_| (at.to_string(), "not an authority".to_string()))?
+                    .to_string(),
+            )
+        }
+    }
+    Ok(())
+}
+
+fn remove(rules: &mut HeaderRules, side: Side, n: &str, at: &str) -> Result<(), FieldError> {
+    let ops = match side {
+        Side::Request => &mut rules.request,
+        Side::Response => &mut rules.response,
+    };
+    match name(n, side, at)? {
+        Some(n) => ops.remove.push(n),
+        None => return Err((at.to_string(), "the authority cannot be removed".into())),
+    }
+    Ok(())
+}
+
+// --- VirtualService `headers` ---------------------------------------------------------------
+
+/// `headers` of a VirtualService rule or destination.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct VsHeaders {
+    #[serde(default)]
+    request: Option<VsHeaderOps>,
+    #[serde(default)]
+    response: Option<VsHeaderOps>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VsHeaderOps {
+    #[serde(default)]
+    set: BTreeMap<String, String>,
+    #[serde(default)]
+    add: BTreeMap<String, String>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+impl VsHeaders {
+    /// Checked; errors name the field below `headers` (`request.set.x-foo`).
+    pub(crate) fn rules(self) -> Result<HeaderRules, FieldError> {
+        let mut r = HeaderRules::default();
+        for (side, ops, at) in [
+            (Side::Request, self.request, "request"),
+            (Side::Response, self.response, "response"),
+        ] {
+            let Some(ops) = ops else { continue };
+            for (i, n) in ops.remove.iter().enumerate() {
+                remove(&mut r, side, n, &format!("{at}.remove[{i}]"))?;
+            }
+            for (add, map, what) in [(false, &ops.set, "set"), (true, &ops.add, "add")] {
+                for (n, v) in map {
+                    put(&mut r, side, add, (n, v), true, &format!("{at}.{what}.{n}"))?;
+                }
+            }
+        }
+        Ok(r)
+    }
+}
+
+// --- Gateway API filters --------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HrFilter {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    request_header_modifier: Option<HrModifier>,
+    #[serde(default)]
+    response_header_modifier: Option<HrModifier>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct HrModifier {
+    #[serde(default)]
+    set: Vec<HrHeader>,
+    #[serde(default)]
+    add: Vec<HrHeader>,
+    #[serde(default)]
+    remove: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HrHeader {
+    name: String,
+    value: String,
+}
+
+/// An HTTPRoute rule's or backendRef's `filters`: header modifiers are applied, every other
+/// type is refused by name. Errors name the field below `filters`.
+pub(crate) fn gateway_filters(filters: &[serde_yaml_ng::Value]) -> Result<HeaderRules, FieldError> {
+    let mut r = HeaderRules::default();
+    let mut seen = Vec::new();
+    for (i, f) in filters.iter().enumerate() {
+        let at = format!("[{i}]");
+        let f: HrFilter =
+            serde_yaml_ng::from_value(f.clone()).map_err(|e| (at.clone(), e.to_string()))?;
+        let (side, modifier, field) = match f.kind.as_str() {
+            "RequestHeaderModifier" => (Side::Request, f.request_header_modifier, "requestHeaderModifier"),
+            "ResponseHeaderModifier" => (
+                Side::Response,
+                f.response_header_modifier,
+                "responseHeaderModifier",
+            ),
+            other => {
+                return Err((
+                    format!("{at}.type"),
+                    format!("filter {other:?} is not supported by zring's waypoint (refused rather than ignored)"),
+                ))
+            }
+        };
+        if seen.contains(&f.kind) {
+            return Err((
+                format!("{at}.type"),
+                format!("{} may be used once per rule", f.kind),
+            ));
+        }
+        seen.push(f.kind.clone());
+        let Some(m) = modifier else {
+            return Err((format!("{at}.{field}"), "missing".into()));
+        };
+        let at = format!("{at}.{field}");
+        for (i, n) in m.remove.iter().enumerate() {
+            remove(&mut r, side, n, &format!("{at}.remove[{i}]"))?;
+        }
+        for (add, list, what) in [(false, &m.set, "set"), (true, &m.add, "add")] {
+            for (j, h) in list.iter().enumerate() {
+                put(
+                    &mut r,
+                    side,
+                    add,
+                    (&h.name, &h.value),
+                    false,
+                    &format!("{at}.{what}[{j}]"),
+                )?;
+            }
+        }
+    }
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vs(y: &str) -> Result<HeaderRules, FieldError> {
+        serde_yaml_ng::from_str::<VsHeaders>(y).unwrap().rules()
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn values<'a>(h: &'a HeaderMap, n: &str) -> Vec<&'a str> {
+        h.get_all(n).iter().map(|v| v.to_str().unwrap()).collect()
+    }
+
+    #[test]
+    fn remove_then_set_then_add() {
+        let r = vs("request:\n  set: {x-env: prod, X-Mixed: Case}\n  add: {x-tag: route, x-env: more}\n  remove: [x-secret, x-env]\nresponse:\n  remove: [server]\n").unwrap();
+        let mut h = map(&[
+            ("x-env", "client"),
+            ("x-tag", "client"),
+            ("x-secret", "s"),
+            ("x-keep", "k"),
+        ]);
+        r.request.apply(&mut h);
+        assert_eq!(
+            values(&h, "x-env"),
+            ["prod", "more"],
+            "removed, set, then added to"
+        );
+        assert_eq!(values(&h, "x-tag"), ["client", "route"]);
+        assert_eq!(
+            values(&h, "x-mixed"),
+            ["Case"],
+            "names are case-insensitive, values kept"
+        );
+        assert!(h.get("x-secret").is_none());
+        assert_eq!(values(&h, "x-keep"), ["k"]);
+        let mut resp = map(&[("server", "upstream"), ("x-a", "1")]);
+        r.response.apply(&mut resp);
+        assert!(resp.get("server").is_none());
+        assert_eq!(values(&resp, "x-a"), ["1"]);
+        assert!(r.authority.is_none());
+    }
+
+    #[test]
+    fn host_is_an_authority_rewrite_and_connection_headers_are_refused() {
+        let r = vs("request:\n  set: {Host: reviews-v2.default.svc.cluster.local}\n").unwrap();
+        assert_eq!(
+            r.authority.as_deref(),
+            Some("reviews-v2.default.svc.cluster.local")
+        );
+        assert!(r.request.is_empty());
+        let r = vs("request:\n  set: {':authority': other:9080}\n").unwrap();
+        assert_eq!(r.authority.as_deref(), Some("other:9080"));
+        for (y, field) in [
+            ("request:\n  add: {host: x}\n", "request.add.host"),
+            ("request:\n  remove: [host]\n", "request.remove[0]"),
+            (
+                "request:\n  set: {connection: close}\n",
+                "request.set.connection",
+            ),
+            (
+                "response:\n  set: {transfer-encoding: chunked}\n",
+                "response.set.transfer-encoding",
+            ),
+            ("request:\n  set: {':path': /x}\n", "request.set.:path"),
+            ("response:\n  set: {host: x}\n", "response.set.host"),
+            ("request:\n  set: {'bad name': x}\n", "request.set.bad name"),
+            (
+                "request:\n  set: {x-a: \"line\\nbreak\"}\n",
+                "request.set.x-a",
+            ),
+        ] {
+            let e = vs(y).unwrap_err();
+            assert_eq!(e.0, field, "{y}: {e:?}");
+        }
+        assert!(serde_yaml_ng::from_str::<VsHeaders>("request: {append: {a: b}}\n").is_err());
+    }
+
+    #[test]
+    fn envoy_substitutions_are_refused_and_double_percent_is_a_percent() {
+        let r = vs("request:\n  set: {x-rate: 100%%}\n").unwrap();
+        assert_eq!(r.request.set[0].1, "100%");
+        let e = vs("request:\n  set: {x-peer: '%DOWNSTREAM_REMOTE_ADDRESS%'}\n").unwrap_err();
+        assert_eq!(e.0, "request.set.x-peer");
+        assert!(e.1.contains("substitutions are not supported"), "{}", e.1);
+    }
+
+    #[test]
+    fn gateway_filters_modify_headers_and_refuse_the_rest() {
+        let f: Vec<serde_yaml_ng::Value> = serde_yaml_ng::from_str(
+            "- type: RequestHeaderModifier\n  requestHeaderModifier:\n    set: [{name: x-env, value: '50%'}]\n    add: [{name: x-tag, value: gw}]\n    remove: [x-secret]\n- type: ResponseHeaderModifier\n  responseHeaderModifier:\n    add: [{name: x-route, value: r1}]\n",
+        )
+        .unwrap();
+        let r = gateway_filters(&f).unwrap();
+        assert_eq!(r.request.set[0].1, "50%", "Gateway API values are literal");
+        assert_eq!(r.request.add.len(), 1);
+        assert_eq!(r.request.remove, [HeaderName::from_static("x-secret")]);
+        assert_eq!(r.response.add[0].0, "x-route");
+        for (y, field) in [
+            ("- type: URLRewrite\n  urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /}}\n", "[0].type"),
+            ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}}\n", "[0].type"),
+            ("- type: RequestHeaderModifier\n", "[0].requestHeaderModifier"),
+            ("- type: RequestHeaderModifier\n  requestHeaderModifier: {set: [{name: a, value: b}]}\n- type: RequestHeaderModifier\n  requestHeaderModifier: {remove: [c]}\n", "[1].type"),
+            ("- type: ResponseHeaderModifier\n  responseHeaderModifier: {remove: [content-length]}\n", "[0].responseHeaderModifier.remove[0]"),
+        ] {
+            let f: Vec<serde_yaml_ng::Value> = serde_yaml_ng::from_str(y).unwrap();
+            let e = gateway_filters(&f).unwrap_err();
+            assert_eq!(e.0, field, "{y}: {e:?}");
+        }
+    }
+}
