@@ -35,7 +35,7 @@ use zring_runtime::net::{self, ConnectOptions};
 use super::{
     headers::HeaderRules,
     policy::{self, Decision, RequestContext},
-    resources::{Backend, L7Config, RequestView, RetryPolicy},
+    resources::{Abort, Backend, L7Config, RequestView, RetryPolicy},
     traffic::{Outcome, Outlier, Overflow, Permit},
     FastMap, Waypoint,
 };
@@ -829,10 +829,16 @@ struct ReqLog {
     upstream_ms: Option<f64>,
     req_bytes: Rc<Cell<u64>>,
     error: Option<String>,
+    /// A fault delayed the request (flag `DI` when nothing else went wrong).
+    delayed: bool,
 }
 
 impl ReqLog {
     fn finish(self, status: u16, flags: &'static str, resp_bytes: u64) {
+        let flags = match flags {
+            "-" if self.delayed => "DI",
+            f => f,
+        };
         let duration_ms = self.start.elapsed().as_secs_f64() * 1e3;
         let labels = super::metrics::RequestLabels {
             conn: ConnLabels {
@@ -928,6 +934,12 @@ where
                     if let Some(c) = &this.counter {
                         c.set(c.get() + d.len() as u64);
                     }
+                }
+                // hyper stops polling a body that says it has ended (a response of known
+                // length after its last byte) and drops it: the end is here, not at the drop,
+                // which would read as cut short (`UR`).
+                if this.inner.is_end_stream() {
+                    this.end(BodyEnd::Complete);
                 }
             }
             Poll::Ready(None) => this.end(BodyEnd::Complete),
@@ -1059,6 +1071,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         upstream_ms: None,
         req_bytes: req_bytes.clone(),
         error: None,
+        delayed: false,
     };
     // L7 authorization.
     let principal = ctx.principal.as_deref();
@@ -1129,6 +1142,35 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         }
     };
     let route_headers = route.map(|r| &*r.headers);
+    // Faults (VirtualService `fault`): a delay, then an abort, as Envoy's fault filter.
+    if let Some(f) = route.and_then(|r| r.fault.as_deref()) {
+        if let Some((d, share)) = f.delay {
+            if chance(share) {
+                log.delayed = true;
+                Box::pin(monoio::time::sleep(d)).await;
+            }
+        }
+        if let Some((how, share)) = f.abort {
+            if chance(share) {
+                Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+                let mut reply = match how {
+                    Abort::Http(code) => {
+                        let status =
+                            StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                        answer(log, status, "FI", "fault filter abort")
+                    }
+                    Abort::Grpc(code) => {
+                        log.finish(200, "FI", 0);
+                        grpc_abort(code)
+                    }
+                };
+                if let Some(h) = route_headers {
+                    h.response.apply(reply.headers_mut());
+                }
+                return reply;
+            }
+        }
+    }
     if route.is_some() && backends.is_empty() {
         return answer(log, StatusCode::INTERNAL_SERVER_ERROR, "NR", "no backend");
     }
@@ -1161,7 +1203,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         deadline: None,
         _permit: None,
     });
-    let deadline = start + timeout;
+    // From here: a fault's delay is not part of the route's time, as in Envoy.
+    let deadline = Instant::now() + timeout;
     let attempts = 1 + retry.attempts;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last: (StatusCode, &'static str, &'static str) =
@@ -1425,6 +1468,28 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         h.response.apply(reply.headers_mut());
     }
     reply
+}
+
+/// True for `share` percent of calls.
+fn chance(share: f64) -> bool {
+    share >= 100.0 || (random() % 1_000_000) as f64 / 10_000.0 < share
+}
+
+/// An injected gRPC abort: HTTP 200, `grpc-status` in the head (a trailers-only answer), as
+/// Envoy's fault filter sends it.
+fn grpc_abort(code: u32) -> Response<Body> {
+    let mut r = Response::new(boxed(http_body_util::Empty::<Bytes>::new()));
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert(
+        "grpc-message",
+        HeaderValue::from_static("fault filter abort"),
+    );
+    r
 }
 
 /// Apply a request's header changes: the backend's, then the route's (so the route's `set`

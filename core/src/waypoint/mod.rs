@@ -226,6 +226,7 @@ impl Waypoint {
                             "headers": b.headers.dump(),
                         })).collect::<Vec<_>>(),
                         "headers": x.headers.dump(),
+                        "fault": x.fault.as_deref().map(resources::Fault::dump),
                         "timeoutMs": x.timeout.map(|d| d.as_millis() as u64),
                         "retries": x.retry.attempts,
                     })).collect::<Vec<_>>(),

@@ -4,8 +4,8 @@
 //! `*.yml`, `*.json`, name order), each any number of YAML documents or a `List`.
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
-//! implement (fault injection, mirroring, URL rewrites, redirects, filters other than header
-//! modifiers, JWT principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
+//! implement (mirroring, URL rewrites, redirects, filters other than header modifiers, JWT
+//! principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
 //! let traffic through that the user meant to stop. Every error names the file, the resource and
 //! the field, e.g. `routes.yaml: VirtualService default/reviews: spec.http[0].route[1].weight:
 //! invalid type: string "ten", expected u32`.
@@ -241,6 +241,43 @@ pub struct Route {
     pub retry: RetryPolicy,
     /// Header changes (VirtualService rule `headers`, rule `filters` of an HTTPRoute).
     pub headers: Arc<HeaderRules>,
+    /// Faults injected into the requests this rule matches (VirtualService `fault`).
+    pub fault: Option<Arc<Fault>>,
+}
+
+/// VirtualService `fault`: a delay, then an abort, each for a share of requests, applied after
+/// authorization and before the request goes upstream (Envoy's fault filter runs between RBAC
+/// and the router). The delay does not count against the route's timeout, as in Envoy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    /// `delay.fixedDelay`, and the percentage of requests delayed.
+    pub delay: Option<(Duration, f64)>,
+    /// `abort`, and the percentage of requests aborted.
+    pub abort: Option<(Abort, f64)>,
+}
+
+impl Fault {
+    /// For `/config_dump`, in VirtualService's field names.
+    pub fn dump(&self) -> serde_json::Value {
+        serde_json::json!({
+            "delay": self.delay.map(|(d, p)| serde_json::json!({
+                "fixedDelay": format!("{}ms", d.as_millis()), "percentage": p,
+            })),
+            "abort": self.abort.map(|(a, p)| match a {
+                Abort::Http(c) => serde_json::json!({"httpStatus": c, "percentage": p}),
+                Abort::Grpc(c) => serde_json::json!({"grpcStatus": GRPC_CODES[c as usize], "percentage": p}),
+            }),
+        })
+    }
+}
+
+/// How an injected abort answers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Abort {
+    /// `httpStatus`: that status, body `fault filter abort`.
+    Http(u16),
+    /// `grpcStatus`: HTTP 200 with `grpc-status` (the code's number) and no body.
+    Grpc(u32),
 }
 
 /// Everything the waypoint applies at L7.
@@ -561,6 +598,8 @@ struct VsHttp {
     retries: Option<VsRetries>,
     #[serde(default)]
     headers: Option<Value>,
+    #[serde(default)]
+    fault: Option<Value>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -774,6 +813,12 @@ fn virtual_service(
         };
         let headers =
             vs_headers(h.headers).map_err(|(f, e)| (below(&format!("{at}.headers"), &f), e))?;
+        let fault = h
+            .fault
+            .map(vs_fault)
+            .transpose()
+            .map_err(|(f, e)| (below(&format!("{at}.fault"), &f), e))?
+            .map(Arc::new);
         routes.push(Route {
             origin: format!("{name} http[{i}]"),
             matches,
@@ -781,6 +826,7 @@ fn virtual_service(
             timeout,
             retry,
             headers,
+            fault,
         });
     }
     for h in &s.hosts {
@@ -795,6 +841,151 @@ fn virtual_service(
             .extend(routes.iter().cloned());
     }
     Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VsFault {
+    #[serde(default)]
+    delay: Option<VsDelay>,
+    #[serde(default)]
+    abort: Option<VsAbort>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VsDelay {
+    #[serde(default)]
+    fixed_delay: Option<String>,
+    #[serde(default)]
+    exponential_delay: Option<String>,
+    #[serde(default)]
+    percentage: Option<VsPercentage>,
+    #[serde(default)]
+    percent: Option<i32>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VsAbort {
+    #[serde(default)]
+    http_status: Option<i64>,
+    #[serde(default)]
+    grpc_status: Option<String>,
+    #[serde(default)]
+    http2_error: Option<String>,
+    #[serde(default)]
+    percentage: Option<VsPercentage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsPercentage {
+    #[serde(default)]
+    value: f64,
+}
+
+/// gRPC status codes by the names Istio's `grpcStatus` takes.
+const GRPC_CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// A percentage: `percentage.value` (0-100), else the deprecated integer `percent`; neither
+/// means no request, as Istio reads it.
+fn percentage(
+    p: Option<VsPercentage>,
+    legacy: Option<i32>,
+    at: &str,
+) -> Result<f64, (String, String)> {
+    let v = match (p, legacy) {
+        (Some(p), _) => p.value,
+        (None, Some(n)) => f64::from(n),
+        (None, None) => 0.0,
+    };
+    if !(0.0..=100.0).contains(&v) {
+        return Err((
+            format!("{at}.percentage.value"),
+            format!("{v} is not between 0 and 100"),
+        ));
+    }
+    Ok(v)
+}
+
+/// A VirtualService `fault` block, checked; errors name the field below `fault`.
+fn vs_fault(v: Value) -> Result<Fault, (String, String)> {
+    let f: VsFault = serde_yaml_ng::from_value(v).map_err(|e| (String::new(), e.to_string()))?;
+    let delay = match f.delay {
+        None => None,
+        Some(d) => {
+            if d.exponential_delay.is_some() {
+                return Err((
+                    "delay.exponentialDelay".into(),
+                    "not supported by zring's waypoint (refused rather than ignored)".into(),
+                ));
+            }
+            let Some(fixed) = d.fixed_delay else {
+                return Err(("delay.fixedDelay".into(), "missing".into()));
+            };
+            let fixed = duration(&fixed).map_err(|e| ("delay.fixedDelay".to_string(), e))?;
+            Some((fixed, percentage(d.percentage, d.percent, "delay")?))
+        }
+    };
+    let abort = match f.abort {
+        None => None,
+        Some(a) => {
+            if a.http2_error.is_some() {
+                return Err((
+                    "abort.http2Error".into(),
+                    "not supported by zring's waypoint (refused rather than ignored)".into(),
+                ));
+            }
+            let how = match (a.http_status, a.grpc_status) {
+                (Some(c), None) if (200..=599).contains(&c) => Abort::Http(c as u16),
+                (Some(c), None) => {
+                    return Err((
+                        "abort.httpStatus".into(),
+                        format!("{c} is not an HTTP status (200-599)"),
+                    ))
+                }
+                (None, Some(g)) => match GRPC_CODES.iter().position(|n| *n == g) {
+                    Some(code) => Abort::Grpc(code as u32),
+                    None => {
+                        return Err((
+                            "abort.grpcStatus".into(),
+                            format!("unknown gRPC status {g:?}"),
+                        ))
+                    }
+                },
+                _ => {
+                    return Err((
+                        "abort".into(),
+                        "exactly one of httpStatus, grpcStatus".into(),
+                    ))
+                }
+            };
+            Some((how, percentage(a.percentage, None, "abort")?))
+        }
+    };
+    if delay.is_none() && abort.is_none() {
+        return Err((String::new(), "a delay or an abort".into()));
+    }
+    Ok(Fault { delay, abort })
 }
 
 /// `field` below `at` (`at` itself when the error is about the whole block).
@@ -1117,6 +1308,7 @@ fn http_route(
                     timeout,
                     retry: retry.clone(),
                     headers: rule_headers.clone(),
+                    fault: None,
                 };
                 let order = b.hr.get(svc).map_or(0, Vec::len);
                 b.hr.entry(svc.clone())
@@ -1284,8 +1476,61 @@ mod tests {
             "{e}"
         );
         let fault = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - fault: {abort: {httpStatus: 500}}\n    route:\n    - destination: {host: reviews}\n";
-        let e = parse(fault, "f.yaml", &me()).unwrap_err().to_string();
-        assert!(e.contains("spec.http[0].fault: not supported"), "{e}");
+        let c = parse(fault, "f.yaml", &me()).unwrap();
+        let f = c.routes["default/reviews.default.svc.cluster.local"][0]
+            .fault
+            .clone()
+            .unwrap();
+        assert_eq!(
+            *f,
+            Fault {
+                delay: None,
+                abort: Some((Abort::Http(500), 0.0))
+            },
+            "no percentage: no request, as Istio reads it"
+        );
+        for (bad, want) in [
+            (
+                "{abort: {httpStatus: 500}}",
+                "{delay: {exponentialDelay: 1s, percentage: {value: 5}}}",
+            ),
+            (
+                "{abort: {httpStatus: 500}}",
+                "{abort: {http2Error: REFUSED_STREAM}}",
+            ),
+            ("{abort: {httpStatus: 500}}", "{abort: {httpStatus: 700}}"),
+            ("{abort: {httpStatus: 500}}", "{abort: {grpcStatus: NOPE}}"),
+            (
+                "{abort: {httpStatus: 500}}",
+                "{abort: {httpStatus: 500, grpcStatus: UNAVAILABLE}}",
+            ),
+            (
+                "{abort: {httpStatus: 500}}",
+                "{delay: {fixedDelay: 1s, percentage: {value: 101}}}",
+            ),
+            ("{abort: {httpStatus: 500}}", "{delay: {percent: 5}}"),
+            ("{abort: {httpStatus: 500}}", "{}"),
+            (
+                "{abort: {httpStatus: 500}}",
+                "{abort: {httpStatus: 500}, other: 1}",
+            ),
+        ] {
+            let e = parse(&fault.replace(bad, want), "f.yaml", &me())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("spec.http[0].fault"), "{want}: {e}");
+        }
+        let both = fault.replace(
+            "{abort: {httpStatus: 500}}",
+            "{delay: {fixedDelay: 7s, percent: 10}, abort: {grpcStatus: UNAVAILABLE, percentage: {value: 12.5}}}",
+        );
+        let c = parse(&both, "f.yaml", &me()).unwrap();
+        let f = c.routes["default/reviews.default.svc.cluster.local"][0]
+            .fault
+            .clone()
+            .unwrap();
+        assert_eq!(f.delay, Some((Duration::from_secs(7), 10.0)));
+        assert_eq!(f.abort, Some((Abort::Grpc(14), 12.5)));
         let hdr = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews}\n      headers: {request: {set: {connection: close}}}\n";
         let e = parse(hdr, "h.yaml", &me()).unwrap_err().to_string();
         assert!(
