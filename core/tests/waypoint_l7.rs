@@ -1109,6 +1109,11 @@ fn trace_id_of(log: &str, port: &str) -> Option<String> {
     })
 }
 
+/// A VirtualService for `reviews` with these `http` rules (YAML list items at indent 2).
+fn reviews_vs(http: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n{http}")
+}
+
 /// Header changes in both generations of route: a VirtualService's `headers` on the rule and on
 /// the destination (the rule's `set` wins over the destination's, as Envoy orders them; `host`
 /// rewrites the authority) and an HTTPRoute's header modifier filters on the rule and on the
@@ -1120,13 +1125,8 @@ fn routes_change_request_and_response_headers() {
     let vs = resource(
         "wp-headers-res",
         "reviews.yaml",
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - match: [{uri: {prefix: /headers}}]
+        &reviews_vs(
+            r#"  - match: [{uri: {prefix: /headers}}]
     headers:
       request:
         set: {x-env: prod, host: reviews-v1.default.svc.cluster.local}
@@ -1145,6 +1145,7 @@ spec:
     route:
     - destination: {host: productpage}
 "#,
+        ),
     );
     let lab = Lab::start(73, "wp-headers", &[("reviews.yaml", &vs)]);
     let n = lab.n;
@@ -1290,13 +1291,8 @@ fn faults_delay_and_abort_the_requests_their_rule_matches() {
     let vs = resource(
         "wp-fault-res",
         "reviews.yaml",
-        r#"apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: reviews, namespace: default}
-spec:
-  hosts: [reviews]
-  http:
-  - match:
+        &reviews_vs(
+            r#"  - match:
     - headers:
         end-user:
           exact: jason
@@ -1328,6 +1324,7 @@ spec:
   - route:
     - destination: {host: reviews-v1}
 "#,
+        ),
     );
     let lab = Lab::start(72, "wp-fault", &[("reviews.yaml", &vs)]);
     let n = lab.n;
@@ -1381,56 +1378,24 @@ spec:
     });
 
     let m = lab.w.metrics();
-    assert_eq!(
+    let requests = |code: &str, flags: &str, protocol: &str| {
+        let labels = [
+            format!("response_code=\"{code}\""),
+            format!("response_flags=\"{flags}\""),
+            format!("request_protocol=\"{protocol}\""),
+        ];
         metric(
             &m,
             "istio_requests_total",
-            &["response_code=\"500\"", "response_flags=\"FI\""]
-        ),
-        Some(1),
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "istio_requests_total",
-            &["response_code=\"418\"", "response_flags=\"FI\""]
-        ),
-        Some(aborted),
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "istio_requests_total",
-            &["response_code=\"200\"", "response_flags=\"DI\""]
-        ),
-        Some(1),
-        "{m}"
-    );
+            &labels.each_ref().map(String::as_str),
+        )
+    };
+    assert_eq!(requests("500", "FI", "http"), Some(1), "{m}");
+    assert_eq!(requests("418", "FI", "http"), Some(aborted), "{m}");
+    assert_eq!(requests("200", "DI", "http"), Some(1), "{m}");
     // The answers served in full carry no flag (they were counted as cut short, `UR`, until
     // this test: hyper drops a body of known length after its last byte without polling its
     // end).
-    assert_eq!(
-        metric(
-            &m,
-            "istio_requests_total",
-            &["response_code=\"200\"", "response_flags=\"-\""]
-        ),
-        Some(1 + 200 - aborted),
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "istio_requests_total",
-            &[
-                "request_protocol=\"grpc\"",
-                "response_code=\"200\"",
-                "response_flags=\"FI\""
-            ]
-        ),
-        Some(1),
-        "{m}"
-    );
+    assert_eq!(requests("200", "-", "http"), Some(1 + 200 - aborted), "{m}");
+    assert_eq!(requests("200", "FI", "grpc"), Some(1), "{m}");
 }
