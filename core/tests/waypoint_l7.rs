@@ -1267,11 +1267,11 @@ spec:
         lab.resources.join("reviews-route.yaml"),
         hr.replace(
             "    - type: ResponseHeaderModifier\n      responseHeaderModifier:\n        add: [{name: x-route, value: gw}]\n        remove: [x-internal]\n",
-            "    - type: URLRewrite\n      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}\n",
+            "    - type: RequestMirror\n      requestMirror: {backendRef: {name: reviews-v2, port: 9080}}\n",
         ),
     )
     .unwrap();
-    let want = "HTTPRoute default/reviews: spec.rules[0].filters[1].type: filter \"URLRewrite\" is not supported";
+    let want = "HTTPRoute default/reviews: spec.rules[0].filters[1].type: filter \"RequestMirror\" is not supported";
     wait_until(
         Duration::from_secs(10),
         || lab.w.proc.log().contains(want),
@@ -1398,4 +1398,96 @@ fn faults_delay_and_abort_the_requests_their_rule_matches() {
     // end).
     assert_eq!(requests("200", "-", "http"), Some(1 + 200 - aborted), "{m}");
     assert_eq!(requests("200", "FI", "grpc"), Some(1), "{m}");
+}
+
+/// URL rewrites: a VirtualService `rewrite` (the matched prefix replaced, the authority
+/// changed, the query kept) and an HTTPRoute `URLRewrite` (`ReplacePrefixMatch` on path
+/// segments, `ReplaceFullPath`); the server sees the rewritten request line and Host.
+#[test]
+fn routes_rewrite_the_path_and_authority() {
+    let vs = resource(
+        "wp-rewrite-res",
+        "reviews.yaml",
+        &reviews_vs(
+            r#"  - match: [{uri: {prefix: /old/}}]
+    rewrite: {uri: /new/, authority: reviews-v1.default.svc.cluster.local}
+    route:
+    - destination: {host: reviews-v1}
+  - match: [{uri: {exact: /exact}}]
+    rewrite: {uri: /whole}
+    route:
+    - destination: {host: reviews-v1}
+"#,
+        ),
+    );
+    let lab = Lab::start(71, "wp-rewrite", &[("reviews.yaml", &vs)]);
+    let n = lab.n;
+    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
+    let mut c = lab.client(2, lab.vip(101));
+    // The server answers `<name> <method> <path>` (path without the query).
+    let r = c.request("GET", "/old/page?x=1", b"");
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
+    assert_eq!(r.text(), "reviews-v1 GET /new/page");
+    let r = c.request("GET", "/exact", b"");
+    assert_eq!(r.text(), "reviews-v1 GET /whole");
+    // `/headers` is not rewritten (no rule): the Host the client sent arrives.
+    let r = c.request("GET", "/old/headers", b"");
+    assert_eq!(r.text(), "reviews-v1 GET /new/headers");
+    std::fs::write(
+        lab.resources.join("reviews.yaml"),
+        reviews_vs(
+            r#"  - match: [{uri: {prefix: /old/headers}}]
+    rewrite: {uri: /headers, authority: reviews-v1.default.svc.cluster.local}
+    route:
+    - destination: {host: reviews-v1}
+"#,
+        ),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains(r#"Prefix(\"/headers\")"#),
+        || config_dump(&lab),
+    );
+    let r = c.request("GET", "/old/headers", b"");
+    assert!(
+        r.text()
+            .contains("host: reviews-v1.default.svc.cluster.local\n"),
+        "{}",
+        r.text()
+    );
+
+    let hr = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+    backendRefs: [{name: reviews-v1, port: 9080}]
+  - matches: [{path: {type: PathPrefix, value: /all}}]
+    filters:
+    - type: URLRewrite
+      urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /fixed}}
+    backendRefs: [{name: reviews-v1, port: 9080}]
+"#;
+    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
+    std::fs::write(lab.resources.join("reviews-route.yaml"), hr).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains("HTTPRoute default/reviews"),
+        || config_dump(&lab),
+    );
+    let mut c = lab.client(2, lab.vip(101));
+    for (path, want) in [
+        ("/api/x", "/v2/x"),
+        ("/api", "/v2"),
+        ("/all/of/it?q=1", "/fixed"),
+    ] {
+        let r = c.request("GET", path, b"");
+        assert_eq!(r.text(), format!("reviews-v1 GET {want}"), "{path}");
+    }
 }

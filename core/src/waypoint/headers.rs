@@ -89,6 +89,53 @@ impl HeaderRules {
     }
 }
 
+/// A URL rewrite (VirtualService `rewrite`, HTTPRoute `URLRewrite` filter on a rule).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rewrite {
+    /// The new path (the query is kept).
+    pub path: Option<PathRewrite>,
+    /// The authority sent upstream.
+    pub authority: Option<String>,
+}
+
+/// How a path is rewritten.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathRewrite {
+    /// Replaced whole (HTTPRoute `ReplaceFullPath`).
+    Full(String),
+    /// The matched prefix replaced by this, as Envoy's `prefix_rewrite` that Istio generates for
+    /// `rewrite.uri`: an exact match is the whole path, a rule without a uri match matched `/`.
+    Prefix(String),
+    /// The matched path segments replaced by this (HTTPRoute `ReplacePrefixMatch`).
+    Segments(String),
+}
+
+impl PathRewrite {
+    /// The new path of `path`, whose first `matched` bytes the rule's match matched.
+    pub fn apply(&self, path: &str, matched: usize) -> String {
+        let rest = path.get(matched..).unwrap_or("");
+        match self {
+            PathRewrite::Full(v) => v.clone(),
+            PathRewrite::Prefix(v) => format!("{v}{rest}"),
+            PathRewrite::Segments(v) => match (v.as_str(), rest) {
+                ("", "") => "/".into(),
+                (v, "") => v.into(),
+                (v, rest) if v.ends_with('/') && rest.starts_with('/') => {
+                    format!("{}{rest}", v.trim_end_matches('/'))
+                }
+                (v, rest) => format!("{v}{rest}"),
+            },
+        }
+    }
+}
+
+/// What an HTTPRoute rule's filters do.
+#[derive(Debug, Default)]
+pub(crate) struct GatewayFilters {
+    pub headers: HeaderRules,
+    pub rewrite: Option<Rewrite>,
+}
+
 /// A field and what is wrong with it (the caller adds file, resource and the path above).
 type FieldError = (String, String);
 
@@ -259,6 +306,28 @@ struct HrFilter {
     request_header_modifier: Option<HrModifier>,
     #[serde(default)]
     response_header_modifier: Option<HrModifier>,
+    #[serde(default)]
+    url_rewrite: Option<HrUrlRewrite>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HrUrlRewrite {
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    path: Option<HrPathModifier>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HrPathModifier {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    replace_full_path: Option<String>,
+    #[serde(default)]
+    replace_prefix_match: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -279,15 +348,59 @@ struct HrHeader {
     value: String,
 }
 
-/// An HTTPRoute rule's or backendRef's `filters`: header modifiers are applied, every other
-/// type is refused by name. Errors name the field below `filters`.
-pub(crate) fn gateway_filters(filters: &[serde_yaml_ng::Value]) -> Result<HeaderRules, FieldError> {
-    let mut r = HeaderRules::default();
+/// An HTTPRoute rule's (`rule: true`) or backendRef's `filters`: header modifiers are
+/// applied, and on a rule `URLRewrite`; every other type is refused by name. Errors name the
+/// field below `filters`.
+pub(crate) fn gateway_filters(
+    filters: &[serde_yaml_ng::Value],
+    rule: bool,
+) -> Result<GatewayFilters, FieldError> {
+    let mut out = GatewayFilters::default();
+    let r = &mut out.headers;
     let mut seen = Vec::new();
     for (i, f) in filters.iter().enumerate() {
         let at = format!("[{i}]");
         let f: HrFilter =
             serde_yaml_ng::from_value(f.clone()).map_err(|e| (at.clone(), e.to_string()))?;
+        if seen.contains(&f.kind) {
+            return Err((
+                format!("{at}.type"),
+                format!("{} may be used once per rule", f.kind),
+            ));
+        }
+        seen.push(f.kind.clone());
+        if f.kind == "URLRewrite" && rule {
+            let Some(u) = f.url_rewrite else {
+                return Err((format!("{at}.urlRewrite"), "missing".into()));
+            };
+            let path = match u.path {
+                None => None,
+                Some(p) => Some(match (p.kind.as_str(), p.replace_full_path, p.replace_prefix_match) {
+                    ("ReplaceFullPath", Some(v), None) => PathRewrite::Full(v),
+                    ("ReplacePrefixMatch", None, Some(v)) => PathRewrite::Segments(v),
+                    (kind, _, _) => {
+                        return Err((
+                            format!("{at}.urlRewrite.path"),
+                            format!("type {kind:?} with its one field (ReplaceFullPath: replaceFullPath, ReplacePrefixMatch: replacePrefixMatch)"),
+                        ))
+                    }
+                }),
+            };
+            if let Some(p) = &path {
+                let (PathRewrite::Full(v) | PathRewrite::Segments(v) | PathRewrite::Prefix(v)) = p;
+                if !(v.starts_with('/') || v.is_empty() && matches!(p, PathRewrite::Segments(_))) {
+                    return Err((
+                        format!("{at}.urlRewrite.path"),
+                        format!("{v:?} is not a path"),
+                    ));
+                }
+            }
+            out.rewrite = Some(Rewrite {
+                path,
+                authority: u.hostname,
+            });
+            continue;
+        }
         let (side, modifier, field) = match f.kind.as_str() {
             "RequestHeaderModifier" => (Side::Request, f.request_header_modifier, "requestHeaderModifier"),
             "ResponseHeaderModifier" => (
@@ -302,24 +415,17 @@ pub(crate) fn gateway_filters(filters: &[serde_yaml_ng::Value]) -> Result<Header
                 ))
             }
         };
-        if seen.contains(&f.kind) {
-            return Err((
-                format!("{at}.type"),
-                format!("{} may be used once per rule", f.kind),
-            ));
-        }
-        seen.push(f.kind.clone());
         let Some(m) = modifier else {
             return Err((format!("{at}.{field}"), "missing".into()));
         };
         let at = format!("{at}.{field}");
         for (i, n) in m.remove.iter().enumerate() {
-            remove(&mut r, side, n, &format!("{at}.remove[{i}]"))?;
+            remove(r, side, n, &format!("{at}.remove[{i}]"))?;
         }
         for (add, list, what) in [(false, &m.set, "set"), (true, &m.add, "add")] {
             for (j, h) in list.iter().enumerate() {
                 put(
-                    &mut r,
+                    r,
                     side,
                     add,
                     (&h.name, &h.value),
@@ -329,7 +435,7 @@ pub(crate) fn gateway_filters(filters: &[serde_yaml_ng::Value]) -> Result<Header
             }
         }
     }
-    Ok(r)
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -435,21 +541,65 @@ mod tests {
             "- type: RequestHeaderModifier\n  requestHeaderModifier:\n    set: [{name: x-env, value: '50%'}]\n    add: [{name: x-tag, value: gw}]\n    remove: [x-secret]\n- type: ResponseHeaderModifier\n  responseHeaderModifier:\n    add: [{name: x-route, value: r1}]\n",
         )
         .unwrap();
-        let r = gateway_filters(&f).unwrap();
+        let r = gateway_filters(&f, false).unwrap().headers;
         assert_eq!(r.request.set[0].1, "50%", "Gateway API values are literal");
         assert_eq!(r.request.add.len(), 1);
         assert_eq!(r.request.remove, [HeaderName::from_static("x-secret")]);
         assert_eq!(r.response.add[0].0, "x-route");
         for (y, field) in [
-            ("- type: URLRewrite\n  urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /}}\n", "[0].type"),
+            ("- type: URLRewrite\n  urlRewrite: {path: {type: ReplaceFullPath, replacePrefixMatch: /}}\n", "[0].urlRewrite.path"),
+            ("- type: URLRewrite\n  urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: x}}\n", "[0].urlRewrite.path"),
+            ("- type: RequestRedirect\n  requestRedirect: {statusCode: 301}\n", "[0].type"),
             ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}}\n", "[0].type"),
             ("- type: RequestHeaderModifier\n", "[0].requestHeaderModifier"),
             ("- type: RequestHeaderModifier\n  requestHeaderModifier: {set: [{name: a, value: b}]}\n- type: RequestHeaderModifier\n  requestHeaderModifier: {remove: [c]}\n", "[1].type"),
             ("- type: ResponseHeaderModifier\n  responseHeaderModifier: {remove: [content-length]}\n", "[0].responseHeaderModifier.remove[0]"),
         ] {
             let f: Vec<serde_yaml_ng::Value> = serde_yaml_ng::from_str(y).unwrap();
-            let e = gateway_filters(&f).unwrap_err();
+            let e = gateway_filters(&f, true).unwrap_err();
             assert_eq!(e.0, field, "{y}: {e:?}");
         }
+    }
+
+    #[test]
+    fn path_rewrites_as_envoy_and_gateway_api_define_them() {
+        let prefix = PathRewrite::Prefix("/v2".into());
+        assert_eq!(prefix.apply("/api/x", 4), "/v2/x", "prefix /api");
+        assert_eq!(prefix.apply("/api", 4), "/v2", "exact /api");
+        assert_eq!(
+            prefix.apply("/x", 1),
+            "/v2x",
+            "no uri match: `/` was matched"
+        );
+        let seg = |v: &str, path: &str, matched: usize| {
+            PathRewrite::Segments(v.into()).apply(path, matched)
+        };
+        assert_eq!(seg("/xyz", "/foo/bar", 4), "/xyz/bar");
+        assert_eq!(seg("/xyz", "/foo", 4), "/xyz");
+        assert_eq!(seg("/", "/foo/bar", 4), "/bar");
+        assert_eq!(seg("/", "/foo", 4), "/");
+        assert_eq!(seg("/xyz/", "/foo/bar", 4), "/xyz/bar");
+        assert_eq!(seg("/xyz", "/foo", 0), "/xyz/foo", "prefix `/`");
+        assert_eq!(
+            PathRewrite::Full("/new".into()).apply("/any/thing", 4),
+            "/new"
+        );
+        let f: Vec<serde_yaml_ng::Value> = serde_yaml_ng::from_str(
+            "- type: URLRewrite\n  urlRewrite: {hostname: other.example, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}\n",
+        )
+        .unwrap();
+        let g = gateway_filters(&f, true).unwrap();
+        assert_eq!(
+            g.rewrite,
+            Some(Rewrite {
+                path: Some(PathRewrite::Segments("/v2".into())),
+                authority: Some("other.example".into())
+            })
+        );
+        assert_eq!(
+            gateway_filters(&f, false).unwrap_err().0,
+            "[0].type",
+            "not on a backendRef"
+        );
     }
 }

@@ -35,7 +35,7 @@ use zring_runtime::net::{self, ConnectOptions};
 use super::{
     headers::HeaderRules,
     policy::{self, Decision, RequestContext},
-    resources::{Abort, Backend, L7Config, RequestView, RetryPolicy},
+    resources::{self, Abort, Backend, L7Config, RequestView, RetryPolicy},
     traffic::{Outcome, Outlier, Overflow, Permit},
     FastMap, Waypoint,
 };
@@ -1104,12 +1104,21 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         authority: &authority,
         port: ctx.target.port(),
     };
-    let route = service_key
+    // The first rule that matches, and which of its matches did (for a path rewrite).
+    let (route, matched) = service_key
         .and_then(|k| rules.routes.get(k))
         .and_then(|rs| {
-            rs.iter()
-                .find(|r| r.matches.is_empty() || r.matches.iter().any(|m| m.matches(&view)))
-        });
+            rs.iter().find_map(|r| match r.matches.is_empty() {
+                true => Some((r, None)),
+                false => r
+                    .matches
+                    .iter()
+                    .find(|m| m.matches(&view))
+                    .map(|m| (r, Some(m))),
+            })
+        })
+        .unzip();
+    let matched = matched.flatten();
     let default_backend;
     // A route's own timeout bounds the whole response (body too); `0s` lifts every limit.
     let route_timeout = route.and_then(|r| r.timeout);
@@ -1188,6 +1197,25 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers, upgrading);
+    let rewrite = route.and_then(|r| r.rewrite.as_deref());
+    if let Some(p) = rewrite.and_then(|r| r.path.as_ref()) {
+        let new = p.apply(&path, resources::matched_len(matched, &path, p));
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{new}?{q}"),
+            None => new,
+        };
+        match pq.parse::<Uri>() {
+            Ok(u) => parts.uri = u,
+            Err(_) => {
+                log.error = Some(format!("rewritten path {pq:?} is not a URI"));
+                return answer(log, StatusCode::INTERNAL_SERVER_ERROR, "-", "bad rewrite");
+            }
+        }
+    }
+    // The authority sent upstream before header changes: a rewrite's, else the client's.
+    let base_authority = rewrite
+        .and_then(|r| r.authority.as_deref())
+        .unwrap_or(&authority);
     const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     if !parts.headers.contains_key(X_REQUEST_ID) {
         if let Ok(v) = HeaderValue::from_str(&format!("{:016x}{:016x}", random(), random())) {
@@ -1269,7 +1297,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 &mut parts.headers,
                 backend_headers,
                 route_headers,
-                &authority,
+                base_authority,
             );
             return Box::pin(upgrade(
                 &ctx, log, &parts, authority, down, w, addr, svc_host,
@@ -1353,8 +1381,12 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             None => break,
         };
         let mut up = Request::from_parts(parts.clone(), b);
-        let up_authority =
-            rewrite_request(up.headers_mut(), backend_headers, route_headers, &authority);
+        let up_authority = rewrite_request(
+            up.headers_mut(),
+            backend_headers,
+            route_headers,
+            base_authority,
+        );
         if ctx.h2 {
             let uri = format!(
                 "http://{up_authority}{}",

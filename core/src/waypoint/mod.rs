@@ -227,6 +227,10 @@ impl Waypoint {
                         })).collect::<Vec<_>>(),
                         "headers": x.headers.dump(),
                         "fault": x.fault.as_deref().map(resources::Fault::dump),
+                        "rewrite": x.rewrite.as_deref().map(|r| serde_json::json!({
+                            "path": r.path.as_ref().map(|p| format!("{p:?}")),
+                            "authority": r.authority,
+                        })),
                         "timeoutMs": x.timeout.map(|d| d.as_millis() as u64),
                         "retries": x.retry.attempts,
                     })).collect::<Vec<_>>(),

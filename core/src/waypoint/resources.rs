@@ -4,7 +4,7 @@
 //! `*.yml`, `*.json`, name order), each any number of YAML documents or a `List`.
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
-//! implement (mirroring, URL rewrites, redirects, filters other than header modifiers, JWT
+//! implement (mirroring, redirects, filters other than header modifiers and URL rewrites, JWT
 //! principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
 //! let traffic through that the user meant to stop. Every error names the file, the resource and
 //! the field, e.g. `routes.yaml: VirtualService default/reviews: spec.http[0].route[1].weight:
@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use super::{
-    headers::{self, HeaderRules, VsHeaders},
+    headers::{self, HeaderRules, PathRewrite, Rewrite, VsHeaders},
     policy::{L7Policy, PolicyTarget},
     traffic::{self, TrafficPolicy},
     FastMap,
@@ -84,6 +84,21 @@ impl PathMatch {
                     || (path.starts_with(p) && path.as_bytes().get(p.len()) == Some(&b'/'))
             }
         }
+    }
+}
+
+/// How much of `path` a rule's match matched, for a path rewrite: the prefix of a prefix match,
+/// all of an exact match; without a path condition, `/` for a VirtualService rule (the prefix
+/// match Istio gives it) and nothing for Gateway API segments.
+pub fn matched_len(m: Option<&RequestMatch>, path: &str, rw: &PathRewrite) -> usize {
+    match m.and_then(|m| m.path.as_ref()) {
+        Some(PathMatch::Value(ValueMatch::Prefix(p))) => p.len(),
+        Some(PathMatch::Value(_)) => path.len(),
+        Some(PathMatch::SegmentPrefix(p)) => p.trim_end_matches('/').len(),
+        None => match rw {
+            PathRewrite::Prefix(_) => path.len().min(1),
+            _ => 0,
+        },
     }
 }
 
@@ -243,6 +258,8 @@ pub struct Route {
     pub headers: Arc<HeaderRules>,
     /// Faults injected into the requests this rule matches (VirtualService `fault`).
     pub fault: Option<Arc<Fault>>,
+    /// URL rewrite (VirtualService `rewrite`, HTTPRoute `URLRewrite`).
+    pub rewrite: Option<Arc<Rewrite>>,
 }
 
 /// VirtualService `fault`: a delay, then an abort, each for a share of requests, applied after
@@ -600,6 +617,8 @@ struct VsHttp {
     headers: Option<Value>,
     #[serde(default)]
     fault: Option<Value>,
+    #[serde(default)]
+    rewrite: Option<VsRewrite>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -819,6 +838,32 @@ fn virtual_service(
             .transpose()
             .map_err(|(f, e)| (below(&format!("{at}.fault"), &f), e))?
             .map(Arc::new);
+        let rewrite = match h.rewrite {
+            None => None,
+            Some(r) => {
+                let rat = format!("{at}.rewrite");
+                if r.uri_regex_rewrite.is_some() {
+                    return Err((
+                        format!("{rat}.uriRegexRewrite"),
+                        "not supported by zring's waypoint (refused rather than ignored)".into(),
+                    ));
+                }
+                if r.uri.is_some()
+                    && matches
+                        .iter()
+                        .any(|m| matches!(m.path, Some(PathMatch::Value(ValueMatch::Regex(_)))))
+                {
+                    return Err((
+                        format!("{rat}.uri"),
+                        "a prefix rewrite needs exact or prefix uri matches, not regex".into(),
+                    ));
+                }
+                Some(Arc::new(Rewrite {
+                    path: r.uri.map(PathRewrite::Prefix),
+                    authority: r.authority,
+                }))
+            }
+        };
         routes.push(Route {
             origin: format!("{name} http[{i}]"),
             matches,
@@ -827,6 +872,7 @@ fn virtual_service(
             retry,
             headers,
             fault,
+            rewrite,
         });
     }
     for h in &s.hosts {
@@ -841,6 +887,17 @@ fn virtual_service(
             .extend(routes.iter().cloned());
     }
     Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VsRewrite {
+    #[serde(default)]
+    uri: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    uri_regex_rewrite: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -1240,9 +1297,10 @@ fn http_route(
     }
     for (i, rule) in s.rules.into_iter().enumerate() {
         let at = format!("rules[{i}]");
-        let rule_headers = headers::gateway_filters(&rule.filters)
-            .map(Arc::new)
+        let filters = headers::gateway_filters(&rule.filters, true)
             .map_err(|(f, e)| (format!("{at}.filters{f}"), e))?;
+        let rule_headers = Arc::new(filters.headers);
+        let rewrite = filters.rewrite.map(Arc::new);
         let mut backends = Vec::new();
         for (j, br) in rule.backend_refs.iter().enumerate() {
             let bat = format!("{at}.backendRefs[{j}]");
@@ -1258,8 +1316,8 @@ fn http_route(
                 port: br.port,
                 subset: None,
                 weight: br.weight.unwrap_or(1),
-                headers: headers::gateway_filters(&br.filters)
-                    .map(Arc::new)
+                headers: headers::gateway_filters(&br.filters, false)
+                    .map(|f| Arc::new(f.headers))
                     .map_err(|(f, e)| (format!("{bat}.filters{f}"), e))?,
             });
         }
@@ -1297,6 +1355,15 @@ fn http_route(
         for (j, m) in matches.into_iter().enumerate() {
             let mat = format!("{at}.matches[{j}]");
             let rm = hr_match(m).map_err(|(f, e)| (format!("{mat}.{f}"), e))?;
+            let segments = rewrite
+                .as_ref()
+                .is_some_and(|r| matches!(r.path, Some(PathRewrite::Segments(_))));
+            if segments && !matches!(rm.path, None | Some(PathMatch::SegmentPrefix(_))) {
+                return Err((
+                    format!("{mat}.path"),
+                    "ReplacePrefixMatch needs a PathPrefix match".into(),
+                ));
+            }
             for (svc, port) in &parents {
                 let mut rm = rm.clone();
                 rm.port = *port;
@@ -1309,6 +1376,7 @@ fn http_route(
                     retry: retry.clone(),
                     headers: rule_headers.clone(),
                     fault: None,
+                    rewrite: rewrite.clone(),
                 };
                 let order = b.hr.get(svc).map_or(0, Vec::len);
                 b.hr.entry(svc.clone())
