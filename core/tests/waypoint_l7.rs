@@ -1114,6 +1114,16 @@ fn reviews_vs(http: &str) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n{http}")
 }
 
+/// A lab whose waypoint routes `reviews` by a VirtualService with these `http` rules, with
+/// reviews-v1 serving, and a keep-alive client from sleep to reviews.
+fn reviews_lab(n: u8, tag: &str, http: &str) -> (Lab, Client) {
+    let vs = resource(&format!("{tag}-res"), "reviews.yaml", &reviews_vs(http));
+    let lab = Lab::start(n, tag, &[("reviews.yaml", &vs)]);
+    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
+    let c = lab.client(2, lab.vip(101));
+    (lab, c)
+}
+
 /// Header changes in both generations of route: a VirtualService's `headers` on the rule and on
 /// the destination (the rule's `set` wins over the destination's, as Envoy orders them; `host`
 /// rewrites the authority) and an HTTPRoute's header modifier filters on the rule and on the
@@ -1122,11 +1132,10 @@ fn reviews_vs(http: &str) -> String {
 /// the last good rules stay.
 #[test]
 fn routes_change_request_and_response_headers() {
-    let vs = resource(
-        "wp-headers-res",
-        "reviews.yaml",
-        &reviews_vs(
-            r#"  - match: [{uri: {prefix: /headers}}]
+    let (lab, mut c) = reviews_lab(
+        73,
+        "wp-headers",
+        r#"  - match: [{uri: {prefix: /headers}}]
     headers:
       request:
         set: {x-env: prod, host: reviews-v1.default.svc.cluster.local}
@@ -1145,12 +1154,7 @@ fn routes_change_request_and_response_headers() {
     route:
     - destination: {host: productpage}
 "#,
-        ),
     );
-    let lab = Lab::start(73, "wp-headers", &[("reviews.yaml", &vs)]);
-    let n = lab.n;
-    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
-    let mut c = lab.client(2, lab.vip(101));
     c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-tag: client\r\nx-secret: s3cr3t\r\nx-env: client\r\nx-keep: yes\r\n\r\n");
     let r = c.read();
     assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
@@ -1288,11 +1292,10 @@ spec:
 /// share of requests; a gRPC abort as a trailers-only `grpc-status`.
 #[test]
 fn faults_delay_and_abort_the_requests_their_rule_matches() {
-    let vs = resource(
-        "wp-fault-res",
-        "reviews.yaml",
-        &reviews_vs(
-            r#"  - match:
+    let (lab, mut c) = reviews_lab(
+        72,
+        "wp-fault",
+        r#"  - match:
     - headers:
         end-user:
           exact: jason
@@ -1324,12 +1327,7 @@ fn faults_delay_and_abort_the_requests_their_rule_matches() {
   - route:
     - destination: {host: reviews-v1}
 "#,
-        ),
     );
-    let lab = Lab::start(72, "wp-fault", &[("reviews.yaml", &vs)]);
-    let n = lab.n;
-    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
-    let mut c = lab.client(2, lab.vip(101));
     c.send(b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\nend-user: jason\r\nContent-Length: 0\r\n\r\n");
     let r = c.read();
     assert_eq!(r.status, 500, "{}\n{}", r.text(), lab.w.proc.log());
@@ -1405,11 +1403,10 @@ fn faults_delay_and_abort_the_requests_their_rule_matches() {
 /// segments, `ReplaceFullPath`); the server sees the rewritten request line and Host.
 #[test]
 fn routes_rewrite_the_path_and_authority() {
-    let vs = resource(
-        "wp-rewrite-res",
-        "reviews.yaml",
-        &reviews_vs(
-            r#"  - match: [{uri: {prefix: /old/}}]
+    let (lab, mut c) = reviews_lab(
+        71,
+        "wp-rewrite",
+        r#"  - match: [{uri: {prefix: /old/}}]
     rewrite: {uri: /new/, authority: reviews-v1.default.svc.cluster.local}
     route:
     - destination: {host: reviews-v1}
@@ -1418,12 +1415,7 @@ fn routes_rewrite_the_path_and_authority() {
     route:
     - destination: {host: reviews-v1}
 "#,
-        ),
     );
-    let lab = Lab::start(71, "wp-rewrite", &[("reviews.yaml", &vs)]);
-    let n = lab.n;
-    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
-    let mut c = lab.client(2, lab.vip(101));
     // The server answers `<name> <method> <path>` (path without the query).
     let r = c.request("GET", "/old/page?x=1", b"");
     assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
