@@ -1114,6 +1114,11 @@ fn reviews_vs(http: &str) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n{http}")
 }
 
+/// An HTTPRoute for the `reviews` Service with these `rules` (YAML list items at indent 2).
+fn reviews_route(rules: &str) -> String {
+    format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: reviews, port: 9080}}]\n  rules:\n{rules}")
+}
+
 /// A lab whose waypoint routes `reviews` by a VirtualService with these `http` rules, with
 /// reviews-v1 serving, and a keep-alive client from sleep to reviews.
 fn reviews_lab(n: u8, tag: &str, http: &str) -> (Lab, Client) {
@@ -1193,13 +1198,8 @@ fn routes_change_request_and_response_headers() {
     assert_eq!(r.header("x-route"), Some("fallback"));
 
     // The same through an HTTPRoute's filters, swapped in while running.
-    let hr = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: reviews, namespace: default}
-spec:
-  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
-  rules:
-  - filters:
+    let hr = reviews_route(
+        r#"  - filters:
     - type: RequestHeaderModifier
       requestHeaderModifier:
         set: [{name: x-env, value: gw}]
@@ -1215,9 +1215,10 @@ spec:
       filters:
       - type: RequestHeaderModifier
         requestHeaderModifier: {set: [{name: x-env, value: backend}, {name: x-dest, value: v1}]}
-"#;
+"#,
+    );
     std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
-    std::fs::write(lab.resources.join("reviews-route.yaml"), hr).unwrap();
+    std::fs::write(lab.resources.join("reviews-route.yaml"), &hr).unwrap();
     wait_until(
         Duration::from_secs(10),
         || {
@@ -1449,13 +1450,8 @@ fn routes_rewrite_the_path_and_authority() {
         r.text()
     );
 
-    let hr = r#"apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {name: reviews, namespace: default}
-spec:
-  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
-  rules:
-  - matches: [{path: {type: PathPrefix, value: /api}}]
+    let hr = reviews_route(
+        r#"  - matches: [{path: {type: PathPrefix, value: /api}}]
     filters:
     - type: URLRewrite
       urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
@@ -1465,9 +1461,10 @@ spec:
     - type: URLRewrite
       urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /fixed}}
     backendRefs: [{name: reviews-v1, port: 9080}]
-"#;
+"#,
+    );
     std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
-    std::fs::write(lab.resources.join("reviews-route.yaml"), hr).unwrap();
+    std::fs::write(lab.resources.join("reviews-route.yaml"), &hr).unwrap();
     wait_until(
         Duration::from_secs(10),
         || config_dump(&lab).contains("HTTPRoute default/reviews"),
