@@ -1480,3 +1480,67 @@ fn routes_rewrite_the_path_and_authority() {
         assert_eq!(r.text(), format!("reviews-v1 GET {want}"), "{path}");
     }
 }
+
+/// Redirects answered by the waypoint: a VirtualService `redirect` (the whole path replaced,
+/// the authority and code set, the query kept) and an HTTPRoute `RequestRedirect` (scheme and
+/// host, `ReplacePrefixMatch`, Gateway API's default 302); the server is never reached.
+#[test]
+fn routes_answer_redirects() {
+    let (lab, mut c) = reviews_lab(
+        70,
+        "wp-redirect",
+        r#"  - match: [{uri: {prefix: /old}}]
+    redirect: {uri: /new, authority: "reviews-v2:9080", redirectCode: 308}
+  - route:
+    - destination: {host: reviews-v1}
+"#,
+    );
+    let r = c.request("GET", "/old/page?x=1", b"");
+    assert_eq!(r.status, 308, "{}\n{}", r.text(), lab.w.proc.log());
+    assert_eq!(r.header("location"), Some("http://reviews-v2:9080/new?x=1"));
+    assert_eq!(r.header("x-served-by"), None, "the server is not reached");
+    let r = c.request("POST", "/other", b"body");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "reviews-v1 POST /other");
+
+    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
+    std::fs::write(
+        lab.resources.join("reviews-route.yaml"),
+        reviews_route(
+            r#"  - matches: [{path: {type: PathPrefix, value: /api}}]
+    filters:
+    - type: RequestRedirect
+      requestRedirect:
+        scheme: https
+        hostname: reviews.example.com
+        path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}
+  - backendRefs: [{name: reviews-v1, port: 9080}]
+"#,
+        ),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains("HTTPRoute default/reviews"),
+        || config_dump(&lab),
+    );
+    let mut c = lab.client(2, lab.vip(101));
+    let r = c.request("GET", "/api/items?page=2", b"");
+    assert_eq!(r.status, 302, "{}", r.text());
+    assert_eq!(
+        r.header("location"),
+        Some("https://reviews.example.com/v2/items?page=2")
+    );
+    let r = c.request("GET", "/apis", b"");
+    assert_eq!(r.status, 200, "a segment prefix: /apis is not /api");
+    let m = lab.w.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &["response_code=\"308\"", "response_flags=\"-\""]
+        ),
+        Some(1),
+        "{m}"
+    );
+}

@@ -129,11 +129,73 @@ impl PathRewrite {
     }
 }
 
+/// A redirect answered by the waypoint (VirtualService `redirect`, HTTPRoute
+/// `RequestRedirect`): `Location` is the request's URL with these parts replaced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redirect {
+    /// `http`, `https`; None: the request's (`http` inside the mesh).
+    pub scheme: Option<String>,
+    /// Host (without port); None: the request's.
+    pub host: Option<String>,
+    /// The port in `Location`: keep the request's, drop it, or set one.
+    pub port: RedirectPort,
+    /// The new path; None: the request's. The query is kept.
+    pub path: Option<PathRewrite>,
+    /// 301, 302, 303, 307 or 308.
+    pub code: u16,
+}
+
+/// The port a redirect's `Location` carries.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RedirectPort {
+    /// The request's authority's port, if it had one.
+    Keep,
+    /// None (the scheme's default).
+    Default,
+    /// This one.
+    Set(u16),
+}
+
+impl Redirect {
+    /// `Location` for a request to `authority` with `path` (the new path already applied by
+    /// the caller when `self.path` is set) and `query`.
+    pub fn location(&self, authority: &str, path: &str, query: Option<&str>) -> String {
+        let (req_host, req_port) = match authority.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => {
+                (h, Some(p))
+            }
+            _ => (authority, None),
+        };
+        let host = self.host.as_deref().unwrap_or(req_host);
+        let port = match self.port {
+            RedirectPort::Keep => req_port.map(str::to_string),
+            RedirectPort::Default => None,
+            RedirectPort::Set(p) => Some(p.to_string()),
+        };
+        let scheme = self.scheme.as_deref().unwrap_or("http");
+        let mut out = format!("{scheme}://{host}");
+        if let Some(p) = port {
+            out.push(':');
+            out.push_str(&p);
+        }
+        out.push_str(path);
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
+    }
+}
+
+/// Redirect status codes Istio and Gateway API accept.
+pub const REDIRECT_CODES: [u16; 5] = [301, 302, 303, 307, 308];
+
 /// What an HTTPRoute rule's filters do.
 #[derive(Debug, Default)]
 pub(crate) struct GatewayFilters {
     pub headers: HeaderRules,
     pub rewrite: Option<Rewrite>,
+    pub redirect: Option<Redirect>,
 }
 
 /// A field and what is wrong with it (the caller adds file, resource and the path above).
@@ -308,6 +370,23 @@ struct HrFilter {
     response_header_modifier: Option<HrModifier>,
     #[serde(default)]
     url_rewrite: Option<HrUrlRewrite>,
+    #[serde(default)]
+    request_redirect: Option<HrRedirect>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HrRedirect {
+    #[serde(default)]
+    scheme: Option<String>,
+    #[serde(default)]
+    hostname: Option<String>,
+    #[serde(default)]
+    path: Option<HrPathModifier>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    status_code: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -373,31 +452,52 @@ pub(crate) fn gateway_filters(
             let Some(u) = f.url_rewrite else {
                 return Err((format!("{at}.urlRewrite"), "missing".into()));
             };
-            let path = match u.path {
-                None => None,
-                Some(p) => Some(match (p.kind.as_str(), p.replace_full_path, p.replace_prefix_match) {
-                    ("ReplaceFullPath", Some(v), None) => PathRewrite::Full(v),
-                    ("ReplacePrefixMatch", None, Some(v)) => PathRewrite::Segments(v),
-                    (kind, _, _) => {
-                        return Err((
-                            format!("{at}.urlRewrite.path"),
-                            format!("type {kind:?} with its one field (ReplaceFullPath: replaceFullPath, ReplacePrefixMatch: replacePrefixMatch)"),
-                        ))
-                    }
-                }),
-            };
-            if let Some(p) = &path {
-                let (PathRewrite::Full(v) | PathRewrite::Segments(v) | PathRewrite::Prefix(v)) = p;
-                if !(v.starts_with('/') || v.is_empty() && matches!(p, PathRewrite::Segments(_))) {
-                    return Err((
-                        format!("{at}.urlRewrite.path"),
-                        format!("{v:?} is not a path"),
-                    ));
-                }
-            }
+            let path = u
+                .path
+                .map(|p| path_modifier(p, &format!("{at}.urlRewrite.path")))
+                .transpose()?;
             out.rewrite = Some(Rewrite {
                 path,
                 authority: u.hostname,
+            });
+            continue;
+        }
+        if f.kind == "RequestRedirect" && rule {
+            let Some(r) = f.request_redirect else {
+                return Err((format!("{at}.requestRedirect"), "missing".into()));
+            };
+            let path = r
+                .path
+                .map(|p| path_modifier(p, &format!("{at}.requestRedirect.path")))
+                .transpose()?;
+            let code = r.status_code.unwrap_or(302);
+            if !REDIRECT_CODES.contains(&code) {
+                return Err((
+                    format!("{at}.requestRedirect.statusCode"),
+                    format!("{code} is not one of {REDIRECT_CODES:?}"),
+                ));
+            }
+            if let Some(s) = r
+                .scheme
+                .as_deref()
+                .filter(|s| !matches!(*s, "http" | "https"))
+            {
+                return Err((
+                    format!("{at}.requestRedirect.scheme"),
+                    format!("{s:?}: http or https"),
+                ));
+            }
+            out.redirect = Some(Redirect {
+                // Gateway API: a new scheme without a port drops the port (the scheme's own).
+                port: match (r.port, &r.scheme) {
+                    (Some(p), _) => RedirectPort::Set(p),
+                    (None, Some(_)) => RedirectPort::Default,
+                    (None, None) => RedirectPort::Keep,
+                },
+                scheme: r.scheme,
+                host: r.hostname,
+                path,
+                code,
             });
             continue;
         }
@@ -435,7 +535,32 @@ pub(crate) fn gateway_filters(
             }
         }
     }
+    if out.redirect.is_some() && out.rewrite.is_some() {
+        return Err((
+            String::new(),
+            "RequestRedirect and URLRewrite cannot be used together".into(),
+        ));
+    }
     Ok(out)
+}
+
+/// A Gateway API path modifier (`URLRewrite` or `RequestRedirect` `path`).
+fn path_modifier(p: HrPathModifier, at: &str) -> Result<PathRewrite, FieldError> {
+    let r = match (p.kind.as_str(), p.replace_full_path, p.replace_prefix_match) {
+        ("ReplaceFullPath", Some(v), None) => PathRewrite::Full(v),
+        ("ReplacePrefixMatch", None, Some(v)) => PathRewrite::Segments(v),
+        (kind, _, _) => {
+            return Err((
+                at.to_string(),
+                format!("type {kind:?} with its one field (ReplaceFullPath: replaceFullPath, ReplacePrefixMatch: replacePrefixMatch)"),
+            ))
+        }
+    };
+    let (PathRewrite::Full(v) | PathRewrite::Segments(v) | PathRewrite::Prefix(v)) = &r;
+    if !(v.starts_with('/') || v.is_empty() && matches!(r, PathRewrite::Segments(_))) {
+        return Err((at.to_string(), format!("{v:?} is not a path")));
+    }
+    Ok(r)
 }
 
 #[cfg(test)]
@@ -549,7 +674,8 @@ mod tests {
         for (y, field) in [
             ("- type: URLRewrite\n  urlRewrite: {path: {type: ReplaceFullPath, replacePrefixMatch: /}}\n", "[0].urlRewrite.path"),
             ("- type: URLRewrite\n  urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: x}}\n", "[0].urlRewrite.path"),
-            ("- type: RequestRedirect\n  requestRedirect: {statusCode: 301}\n", "[0].type"),
+            ("- type: RequestRedirect\n  requestRedirect: {statusCode: 200}\n", "[0].requestRedirect.statusCode"),
+            ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}}\n", "[0].type"),
             ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}}\n", "[0].type"),
             ("- type: RequestHeaderModifier\n", "[0].requestHeaderModifier"),
             ("- type: RequestHeaderModifier\n  requestHeaderModifier: {set: [{name: a, value: b}]}\n- type: RequestHeaderModifier\n  requestHeaderModifier: {remove: [c]}\n", "[1].type"),
@@ -600,6 +726,56 @@ mod tests {
             gateway_filters(&f, false).unwrap_err().0,
             "[0].type",
             "not on a backendRef"
+        );
+    }
+
+    #[test]
+    fn redirect_locations_keep_what_they_do_not_replace() {
+        let r = |scheme: Option<&str>, host: Option<&str>, port, code| Redirect {
+            scheme: scheme.map(Into::into),
+            host: host.map(Into::into),
+            port,
+            path: None,
+            code,
+        };
+        let keep = r(None, None, RedirectPort::Keep, 301);
+        assert_eq!(
+            keep.location("reviews:9080", "/a", Some("x=1")),
+            "http://reviews:9080/a?x=1"
+        );
+        assert_eq!(keep.location("reviews", "/a", None), "http://reviews/a");
+        assert_eq!(
+            keep.location("[fd00::1]:80", "/", None),
+            "http://[fd00::1]:80/"
+        );
+        let moved = r(
+            Some("https"),
+            Some("example.com"),
+            RedirectPort::Default,
+            302,
+        );
+        assert_eq!(
+            moved.location("reviews:9080", "/a", None),
+            "https://example.com/a"
+        );
+        let port = r(None, Some("v2"), RedirectPort::Set(8080), 308);
+        assert_eq!(
+            port.location("reviews:9080", "/a", None),
+            "http://v2:8080/a"
+        );
+        let f: Vec<serde_yaml_ng::Value> = serde_yaml_ng::from_str(
+            "- type: RequestRedirect\n  requestRedirect: {scheme: https, hostname: example.com, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}\n- type: URLRewrite\n  urlRewrite: {hostname: x}\n",
+        )
+        .unwrap();
+        assert!(gateway_filters(&f, true)
+            .unwrap_err()
+            .1
+            .contains("cannot be used together"));
+        let g = gateway_filters(&f[..1], true).unwrap().redirect.unwrap();
+        assert_eq!(
+            (g.code, g.port),
+            (302, RedirectPort::Default),
+            "Gateway API's default code"
         );
     }
 }

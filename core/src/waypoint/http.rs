@@ -1180,6 +1180,24 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             }
         }
     }
+    // A redirect rule answers here, after faults (Envoy's router answers it).
+    if let Some(rd) = route.and_then(|r| r.redirect.as_deref()) {
+        let new_path = match &rd.path {
+            Some(p) => p.apply(&path, resources::matched_len(matched, &path, p)),
+            None => path.clone(),
+        };
+        let location = rd.location(&authority, &new_path, req.uri().query());
+        Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+        let status = StatusCode::from_u16(rd.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+        let mut reply = answer(log, status, "-", "");
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            reply.headers_mut().insert(header::LOCATION, v);
+        }
+        if let Some(h) = route_headers {
+            h.response.apply(reply.headers_mut());
+        }
+        return reply;
+    }
     if route.is_some() && backends.is_empty() {
         return answer(log, StatusCode::INTERNAL_SERVER_ERROR, "NR", "no backend");
     }

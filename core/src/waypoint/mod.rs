@@ -227,6 +227,7 @@ impl Waypoint {
                         })).collect::<Vec<_>>(),
                         "headers": x.headers.dump(),
                         "fault": x.fault.as_deref().map(resources::Fault::dump),
+                        "redirect": x.redirect.as_deref().map(|r| format!("{r:?}")),
                         "rewrite": x.rewrite.as_deref().map(|r| serde_json::json!({
                             "path": r.path.as_ref().map(|p| format!("{p:?}")),
                             "authority": r.authority,

@@ -4,8 +4,8 @@
 //! `*.yml`, `*.json`, name order), each any number of YAML documents or a `List`.
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
-//! implement (mirroring, redirects, filters other than header modifiers and URL rewrites, JWT
-//! principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
+//! implement (mirroring, Gateway filters other than header modifiers, URL rewrites and
+//! redirects, JWT principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
 //! let traffic through that the user meant to stop. Every error names the file, the resource and
 //! the field, e.g. `routes.yaml: VirtualService default/reviews: spec.http[0].route[1].weight:
 //! invalid type: string "ten", expected u32`.
@@ -21,7 +21,9 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use super::{
-    headers::{self, HeaderRules, PathRewrite, Rewrite, VsHeaders},
+    headers::{
+        self, HeaderRules, PathRewrite, Redirect, RedirectPort, Rewrite, VsHeaders, REDIRECT_CODES,
+    },
     policy::{L7Policy, PolicyTarget},
     traffic::{self, TrafficPolicy},
     FastMap,
@@ -260,6 +262,9 @@ pub struct Route {
     pub fault: Option<Arc<Fault>>,
     /// URL rewrite (VirtualService `rewrite`, HTTPRoute `URLRewrite`).
     pub rewrite: Option<Arc<Rewrite>>,
+    /// Answered with a redirect instead of routed (VirtualService `redirect`, HTTPRoute
+    /// `RequestRedirect`).
+    pub redirect: Option<Arc<Redirect>>,
 }
 
 /// VirtualService `fault`: a delay, then an abort, each for a share of requests, applied after
@@ -619,6 +624,8 @@ struct VsHttp {
     fault: Option<Value>,
     #[serde(default)]
     rewrite: Option<VsRewrite>,
+    #[serde(default)]
+    redirect: Option<VsRedirect>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -789,8 +796,25 @@ fn virtual_service(
                 port: m.port,
             });
         }
-        if h.route.is_empty() {
-            return Err((format!("{at}.route"), "at least one destination".into()));
+        let redirect = match h.redirect {
+            None => None,
+            Some(r) => {
+                Some(Arc::new(vs_redirect(r).map_err(|(f, e)| {
+                    (below(&format!("{at}.redirect"), &f), e)
+                })?))
+            }
+        };
+        match (h.route.is_empty(), redirect.is_some()) {
+            (true, false) => {
+                return Err((format!("{at}.route"), "at least one destination".into()))
+            }
+            (false, true) => {
+                return Err((
+                    format!("{at}.redirect"),
+                    "a rule has a route or a redirect, not both".into(),
+                ))
+            }
+            _ => {}
         }
         let single = h.route.len() == 1;
         let mut backends = Vec::new();
@@ -817,7 +841,7 @@ fn virtual_service(
                     .map_err(|(f, e)| (below(&format!("{rat}.headers"), &f), e))?,
             });
         }
-        if backends.iter().all(|b| b.weight == 0) {
+        if redirect.is_none() && backends.iter().all(|b| b.weight == 0) {
             return Err((format!("{at}.route"), "the weights add up to 0".into()));
         }
         let timeout = h
@@ -873,6 +897,7 @@ fn virtual_service(
             headers,
             fault,
             rewrite,
+            redirect,
         });
     }
     for h in &s.hosts {
@@ -887,6 +912,73 @@ fn virtual_service(
             .extend(routes.iter().cloned());
     }
     Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VsRedirect {
+    #[serde(default)]
+    uri: Option<String>,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+    #[serde(default)]
+    derive_port: Option<String>,
+    #[serde(default)]
+    scheme: Option<String>,
+    #[serde(default)]
+    redirect_code: Option<u16>,
+}
+
+/// A VirtualService `redirect`: `uri` replaces the whole path (Istio), `authority` the host and
+/// port, `port` or `derivePort` the port; default code 301.
+fn vs_redirect(r: VsRedirect) -> Result<Redirect, (String, String)> {
+    let code = r.redirect_code.unwrap_or(301);
+    if !REDIRECT_CODES.contains(&code) {
+        return Err((
+            "redirectCode".into(),
+            format!("{code} is not one of {REDIRECT_CODES:?}"),
+        ));
+    }
+    if let Some(p) = r.uri.as_deref().filter(|p| !p.starts_with('/')) {
+        return Err(("uri".into(), format!("{p:?} is not a path")));
+    }
+    // `authority` may carry a port; `port` / `derivePort` override it.
+    let (host, auth_port) = match r.authority.as_deref().map(|a| a.rsplit_once(':')) {
+        Some(Some((h, p))) if p.parse::<u16>().is_ok() => (Some(h.to_string()), p.parse().ok()),
+        _ => (r.authority.clone(), None),
+    };
+    let port = match (r.port, r.derive_port.as_deref(), auth_port) {
+        (Some(p), None, _) => RedirectPort::Set(p),
+        (None, Some("FROM_PROTOCOL_DEFAULT"), _) => RedirectPort::Default,
+        (None, Some("FROM_REQUEST_PORT") | None, None) => RedirectPort::Keep,
+        (None, None, Some(p)) => RedirectPort::Set(p),
+        (None, Some("FROM_REQUEST_PORT"), Some(_)) => RedirectPort::Keep,
+        (Some(_), Some(_), _) => {
+            return Err(("port".into(), "port and derivePort are exclusive".into()))
+        }
+        (None, Some(other), _) => {
+            return Err((
+                "derivePort".into(),
+                format!("{other:?}: FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT"),
+            ))
+        }
+    };
+    if let Some(s) = r
+        .scheme
+        .as_deref()
+        .filter(|s| !matches!(*s, "http" | "https"))
+    {
+        return Err(("scheme".into(), format!("{s:?}: http or https")));
+    }
+    Ok(Redirect {
+        scheme: r.scheme,
+        host,
+        port,
+        path: r.uri.map(PathRewrite::Full),
+        code,
+    })
 }
 
 #[derive(Deserialize)]
@@ -1301,6 +1393,7 @@ fn http_route(
             .map_err(|(f, e)| (format!("{at}.filters{f}"), e))?;
         let rule_headers = Arc::new(filters.headers);
         let rewrite = filters.rewrite.map(Arc::new);
+        let redirect = filters.redirect.map(Arc::new);
         let mut backends = Vec::new();
         for (j, br) in rule.backend_refs.iter().enumerate() {
             let bat = format!("{at}.backendRefs[{j}]");
@@ -1357,7 +1450,10 @@ fn http_route(
             let rm = hr_match(m).map_err(|(f, e)| (format!("{mat}.{f}"), e))?;
             let segments = rewrite
                 .as_ref()
-                .is_some_and(|r| matches!(r.path, Some(PathRewrite::Segments(_))));
+                .is_some_and(|r| matches!(r.path, Some(PathRewrite::Segments(_))))
+                || redirect
+                    .as_ref()
+                    .is_some_and(|r| matches!(r.path, Some(PathRewrite::Segments(_))));
             if segments && !matches!(rm.path, None | Some(PathMatch::SegmentPrefix(_))) {
                 return Err((
                     format!("{mat}.path"),
@@ -1377,6 +1473,7 @@ fn http_route(
                     headers: rule_headers.clone(),
                     fault: None,
                     rewrite: rewrite.clone(),
+                    redirect: redirect.clone(),
                 };
                 let order = b.hr.get(svc).map_or(0, Vec::len);
                 b.hr.entry(svc.clone())
@@ -1588,6 +1685,38 @@ mod tests {
                 .to_string();
             assert!(e.contains("spec.http[0].fault"), "{want}: {e}");
         }
+        let vs = |rule: &str| {
+            format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  http:\n  - {rule}\n")
+        };
+        for (rule, field) in [
+            (
+                "redirect: {uri: /x, redirectCode: 200}",
+                "spec.http[0].redirect.redirectCode",
+            ),
+            ("redirect: {uri: x}", "spec.http[0].redirect.uri"),
+            (
+                "redirect: {derivePort: NOPE}",
+                "spec.http[0].redirect.derivePort",
+            ),
+            ("redirect: {uri: /x, other: 1}", "spec.http[0].redirect"),
+            (
+                "redirect: {uri: /x}\n    route: [{destination: {host: reviews}}]",
+                "spec.http[0].redirect: a rule has a route or a redirect",
+            ),
+        ] {
+            let e = parse(&vs(rule), "f.yaml", &me()).unwrap_err().to_string();
+            assert!(e.contains(field), "{rule}: {e}");
+        }
+        let redirect = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - redirect: {authority: \"v2:8080\", derivePort: FROM_PROTOCOL_DEFAULT}\n";
+        let c = parse(redirect, "r.yaml", &me()).unwrap();
+        let rd = c.routes["default/reviews.default.svc.cluster.local"][0]
+            .redirect
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (rd.code, rd.port, rd.host.as_deref()),
+            (301, RedirectPort::Default, Some("v2"))
+        );
         let both = fault.replace(
             "{abort: {httpStatus: 500}}",
             "{delay: {fixedDelay: 7s, percent: 10}, abort: {grpcStatus: UNAVAILABLE, percentage: {value: 12.5}}}",
