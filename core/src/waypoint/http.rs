@@ -1162,21 +1162,21 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         if let Some((how, share)) = f.abort {
             if chance(share) {
                 Box::pin(drain_small(req.into_body(), &req_bytes)).await;
-                let mut reply = match how {
+                return match how {
                     Abort::Http(code) => {
                         let status =
                             StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                        answer(log, status, "FI", "fault filter abort")
+                        answer_routed(log, status, "FI", "fault filter abort", route_headers)
                     }
                     Abort::Grpc(code) => {
                         log.finish(200, "FI", 0);
-                        grpc_abort(code)
+                        let mut reply = grpc_abort(code);
+                        if let Some(h) = route_headers {
+                            h.response.apply(reply.headers_mut());
+                        }
+                        reply
                     }
                 };
-                if let Some(h) = route_headers {
-                    h.response.apply(reply.headers_mut());
-                }
-                return reply;
             }
         }
     }
@@ -1189,12 +1189,9 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         let location = rd.location(&authority, &new_path, req.uri().query());
         Box::pin(drain_small(req.into_body(), &req_bytes)).await;
         let status = StatusCode::from_u16(rd.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
-        let mut reply = answer(log, status, "-", "");
+        let mut reply = answer_routed(log, status, "-", "", route_headers);
         if let Ok(v) = HeaderValue::from_str(&location) {
             reply.headers_mut().insert(header::LOCATION, v);
-        }
-        if let Some(h) = route_headers {
-            h.response.apply(reply.headers_mut());
         }
         return reply;
     }
@@ -1230,10 +1227,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             }
         }
     }
-    // The authority sent upstream before header changes: a rewrite's, else the client's.
-    let base_authority = rewrite
-        .and_then(|r| r.authority.as_deref())
-        .unwrap_or(&authority);
+    // A URL rewrite's authority, which header changes may replace in turn.
+    let rewritten_authority = rewrite.and_then(|r| r.authority.as_deref());
     const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
     if !parts.headers.contains_key(X_REQUEST_ID) {
         if let Ok(v) = HeaderValue::from_str(&format!("{:016x}{:016x}", random(), random())) {
@@ -1311,12 +1306,9 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         if let Some(down) = client_upgrade {
             // Not retried: the upgrade's bytes are the client's from here on.
             let mut parts = parts.clone();
-            let authority = rewrite_request(
-                &mut parts.headers,
-                backend_headers,
-                route_headers,
-                base_authority,
-            );
+            let authority = rewrite_request(&mut parts.headers, backend_headers, route_headers)
+                .or(rewritten_authority)
+                .unwrap_or(&authority);
             return Box::pin(upgrade(
                 &ctx, log, &parts, authority, down, w, addr, svc_host,
             ))
@@ -1399,12 +1391,9 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             None => break,
         };
         let mut up = Request::from_parts(parts.clone(), b);
-        let up_authority = rewrite_request(
-            up.headers_mut(),
-            backend_headers,
-            route_headers,
-            base_authority,
-        );
+        let rewritten = rewrite_request(up.headers_mut(), backend_headers, route_headers)
+            .or(rewritten_authority);
+        let up_authority = rewritten.unwrap_or(&authority);
         if ctx.h2 {
             let uri = format!(
                 "http://{up_authority}{}",
@@ -1424,8 +1413,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 *up.uri_mut() = u;
             }
             *up.version_mut() = Version::HTTP_11;
-            let rewritten = !std::ptr::eq(up_authority, authority.as_str());
-            if rewritten || !up.headers().contains_key(header::HOST) {
+            if rewritten.is_some() || !up.headers().contains_key(header::HOST) {
                 if let Ok(h) = HeaderValue::from_str(up_authority) {
                     up.headers_mut().insert(header::HOST, h);
                 }
@@ -1511,10 +1499,20 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         return Response::from_parts(rparts, boxed(counted));
     }
     let (status, flags, text) = last;
+    answer_routed(log, status, flags, text, route_headers)
+}
+
+/// [`answer`] after a rule was chosen: the rule's response changes apply to the waypoint's own
+/// answers too, as Envoy's to its local replies.
+fn answer_routed(
+    log: ReqLog,
+    status: StatusCode,
+    flags: &'static str,
+    text: &'static str,
+    route: Option<&HeaderRules>,
+) -> Response<Body> {
     let mut reply = answer(log, status, flags, text);
-    // The route's response changes apply to the waypoint's own answers too, as Envoy's to its
-    // local replies after a route was chosen.
-    if let Some(h) = route_headers {
+    if let Some(h) = route {
         h.response.apply(reply.headers_mut());
     }
     reply
@@ -1543,20 +1541,16 @@ fn grpc_abort(code: u32) -> Response<Body> {
 }
 
 /// Apply a request's header changes: the backend's, then the route's (so the route's `set`
-/// wins, as in Envoy). Returns the authority to send upstream: the last rewrite's, else the
-/// client's.
+/// wins, as in Envoy). Returns the authority they set (the last one), if any.
 fn rewrite_request<'a>(
     h: &mut HeaderMap,
     backend: Option<&'a HeaderRules>,
     route: Option<&'a HeaderRules>,
-    authority: &'a str,
-) -> &'a str {
-    let mut out = authority;
+) -> Option<&'a str> {
+    let mut out = None;
     for r in [backend, route].into_iter().flatten() {
         r.request.apply(h);
-        if let Some(a) = &r.authority {
-            out = a;
-        }
+        out = r.authority.as_deref().or(out);
     }
     out
 }
