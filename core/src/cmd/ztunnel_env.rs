@@ -191,6 +191,10 @@ pub fn setup(env: &BTreeMap<String, String>) -> anyhow::Result<ZtunnelSetup> {
         CertSource::Ca(dir.into())
     } else if flag("FAKE_CA") == Some(true) {
         let dir = std::env::temp_dir().join(format!("zring-fake-ca-{}", std::process::id()));
+        // One CA per process, made once even when set up from several threads at a time
+        // (tests do): checking and creating under one lock.
+        static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = MAKING.lock().unwrap_or_else(|p| p.into_inner());
         if !dir.join("root-key.pem").exists() {
             zring_hbone::ca::LocalCa::init_dir(&dir, crate::config::DEFAULT_TRUST_DOMAIN)
                 .with_context(|| format!("FAKE_CA: creating a CA in {}", dir.display()))?;
