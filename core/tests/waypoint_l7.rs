@@ -12,7 +12,7 @@ use std::{
 
 use common::{
     ca_init, echo_at,
-    http::{pattern, server},
+    http::{checksum, pattern, seen, server},
     logged_trace_id,
     mesh::{http_get, metric, socks, Node},
     tmp, wait_until, Proc,
@@ -1272,11 +1272,11 @@ fn routes_change_request_and_response_headers() {
         lab.resources.join("reviews-route.yaml"),
         hr.replace(
             "    - type: ResponseHeaderModifier\n      responseHeaderModifier:\n        add: [{name: x-route, value: gw}]\n        remove: [x-internal]\n",
-            "    - type: RequestMirror\n      requestMirror: {backendRef: {name: reviews-v2, port: 9080}}\n",
+            "    - type: ExtensionRef\n      extensionRef: {group: example.io, kind: Filter, name: x}\n",
         ),
     )
     .unwrap();
-    let want = "HTTPRoute default/reviews: spec.rules[0].filters[1].type: filter \"RequestMirror\" is not supported";
+    let want = "HTTPRoute default/reviews: spec.rules[0].filters[1].type: filter \"ExtensionRef\" is not supported";
     wait_until(
         Duration::from_secs(10),
         || lab.w.proc.log().contains(want),
@@ -1542,5 +1542,145 @@ fn routes_answer_redirects() {
         ),
         Some(1),
         "{m}"
+    );
+}
+
+/// Request mirroring: a VirtualService `mirror` copies each request (body byte-exact, authority
+/// `-shadow`) to reviews-v2 while the client is answered by reviews-v1 alone; `mirrors` with a
+/// percentage copies about that share; a mirror with no server fails without touching the main
+/// request; an HTTPRoute `RequestMirror` does the same on h2c. Copies are counted by result.
+#[test]
+fn routes_mirror_requests_and_drop_the_copies_answers() {
+    let (lab, mut c) = reviews_lab(
+        69,
+        "wp-mirror",
+        r#"  - match: [{uri: {prefix: /sink}}]
+    route:
+    - destination: {host: reviews-v1}
+    mirror: {host: reviews-v2}
+  - match: [{uri: {prefix: /half}}]
+    route:
+    - destination: {host: reviews-v1}
+    mirrors:
+    - destination: {host: reviews-v2}
+      percentage: {value: 50}
+  - route:
+    - destination: {host: reviews-v1}
+    mirror: {host: productpage}
+"#,
+    );
+    let v1 = SocketAddr::new(ip(lab.n, 11), 9080);
+    let v2 = SocketAddr::new(ip(lab.n, 12), 9080);
+    server(v2, "reviews-v2");
+    let mirrored = |result: &str| {
+        metric(
+            &lab.w.metrics(),
+            "zring_waypoint_mirrored_requests_total",
+            &[&format!("result=\"{result}\"")],
+        )
+        .unwrap_or(0)
+    };
+    // A body larger than one read, copied whole while the client is answered by v1.
+    let body = pattern(300 * 1024);
+    let r = c.request("POST", "/sink?q=1", &body);
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
+    assert_eq!(r.text(), format!("reviews-v1 {}", body.len()));
+    let want = common::http::Seen {
+        method: "POST".into(),
+        authority: "reviews-shadow:9080".into(),
+        path: "/sink?q=1".into(),
+        body: Some((body.len(), checksum(&body))),
+    };
+    wait_until(
+        Duration::from_secs(10),
+        || seen(v2) == [want.clone()],
+        || format!("{:?}\n{}", seen(v2), lab.w.proc.log()),
+    );
+    assert_eq!(
+        seen(v1)[0].authority,
+        "reviews:9080",
+        "the main request is unmarked"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        || mirrored("success") == 1,
+        || lab.w.metrics(),
+    );
+
+    // Half of the requests copied.
+    for _ in 0..200 {
+        let r = c.request("GET", "/half", b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-served-by"), Some("reviews-v1"));
+    }
+    wait_until(
+        Duration::from_secs(10),
+        || mirrored("success") == seen(v2).len() as u64,
+        || lab.w.metrics(),
+    );
+    let copies = seen(v2).len() - 1;
+    assert!(
+        (60..=140).contains(&copies),
+        "{copies} of 200 copied at 50%"
+    );
+
+    // A mirror nobody serves: the copy fails, the client does not notice.
+    let r = c.request("GET", "/other", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "reviews-v1 GET /other");
+    wait_until(
+        Duration::from_secs(10),
+        || mirrored("failure") == 1,
+        || lab.w.metrics(),
+    );
+    let m = lab.w.metrics();
+    assert_eq!(
+        metric(&m, "istio_requests_total", &["reporter=\"waypoint\""]),
+        Some(202),
+        "copies are not requests of the mesh's clients:\n{m}"
+    );
+    assert!(config_dump(&lab).contains("\"mirrors\""));
+
+    // The HTTPRoute form, on h2c.
+    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
+    std::fs::write(
+        lab.resources.join("reviews-route.yaml"),
+        reviews_route(
+            r#"  - filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: reviews-v2, port: 9080}}
+    backendRefs:
+    - {name: reviews-v1, port: 9080}
+"#,
+        ),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains("HTTPRoute default/reviews"),
+        || config_dump(&lab),
+    );
+    let before = seen(v2).len();
+    with_h2c(&lab, lab.vip(101), |mut send| async move {
+        use http_body_util::BodyExt as _;
+        let req = hyper::Request::post("http://reviews:9080/sink")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"h2 body",
+            )))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"reviews-v1 7");
+    });
+    wait_until(
+        Duration::from_secs(10),
+        || seen(v2).len() > before,
+        || lab.w.proc.log(),
+    );
+    let copy = seen(v2)[before].clone();
+    assert_eq!(
+        (copy.authority.as_str(), copy.body),
+        ("reviews-shadow:9080", Some((7, checksum(b"h2 body"))))
     );
 }

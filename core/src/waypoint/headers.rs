@@ -156,27 +156,44 @@ pub enum RedirectPort {
     Set(u16),
 }
 
+/// An authority's host and port: `host:80` -> (`host`, 80), `[::1]:80` -> (`[::1]`, 80);
+/// `host`, `[::1]` and a bare IPv6 address have no port.
+pub fn split_authority(a: &str) -> (&str, Option<u16>) {
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') || h.starts_with('[') && h.ends_with(']') => {
+            match p.parse() {
+                Ok(port) => (h, Some(port)),
+                Err(_) => (a, None),
+            }
+        }
+        _ => (a, None),
+    }
+}
+
+/// The authority of a mirrored copy: `-shadow` after the host, as Envoy marks them
+/// (`reviews:9080` -> `reviews-shadow:9080`).
+pub fn shadow_authority(a: &str) -> String {
+    match split_authority(a) {
+        (h, Some(p)) => format!("{h}-shadow:{p}"),
+        (h, None) => format!("{h}-shadow"),
+    }
+}
+
 impl Redirect {
     /// `Location` for a request to `authority` with `path` (the new path already applied by
     /// the caller when `self.path` is set) and `query`.
     pub fn location(&self, authority: &str, path: &str, query: Option<&str>) -> String {
-        let (req_host, req_port) = match authority.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() && (!h.contains(':') || h.ends_with(']')) => {
-                (h, Some(p))
-            }
-            _ => (authority, None),
-        };
+        let (req_host, req_port) = split_authority(authority);
         let host = self.host.as_deref().unwrap_or(req_host);
         let port = match self.port {
-            RedirectPort::Keep => req_port.map(str::to_string),
+            RedirectPort::Keep => req_port,
             RedirectPort::Default => None,
-            RedirectPort::Set(p) => Some(p.to_string()),
+            RedirectPort::Set(p) => Some(p),
         };
         let scheme = self.scheme.as_deref().unwrap_or("http");
         let mut out = format!("{scheme}://{host}");
         if let Some(p) = port {
-            out.push(':');
-            out.push_str(&p);
+            out.push_str(&format!(":{p}"));
         }
         out.push_str(path);
         if let Some(q) = query {
@@ -196,6 +213,18 @@ pub(crate) struct GatewayFilters {
     pub headers: HeaderRules,
     pub rewrite: Option<Rewrite>,
     pub redirect: Option<Redirect>,
+    /// `RequestMirror` filters, in order.
+    pub mirrors: Vec<MirrorRef>,
+}
+
+/// A `RequestMirror` filter as written: the Service its copies go to and the share of requests
+/// copied (percent).
+#[derive(Debug)]
+pub(crate) struct MirrorRef {
+    pub name: String,
+    pub namespace: Option<String>,
+    pub port: Option<u16>,
+    pub share: f64,
 }
 
 /// A field and what is wrong with it (the caller adds file, resource and the path above).
@@ -372,6 +401,40 @@ struct HrFilter {
     url_rewrite: Option<HrUrlRewrite>,
     #[serde(default)]
     request_redirect: Option<HrRedirect>,
+    #[serde(default)]
+    request_mirror: Option<HrMirror>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HrMirror {
+    backend_ref: HrBackendObject,
+    #[serde(default)]
+    percent: Option<u32>,
+    #[serde(default)]
+    fraction: Option<HrFraction>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HrBackendObject {
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    name: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HrFraction {
+    numerator: u32,
+    #[serde(default)]
+    denominator: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -441,6 +504,14 @@ pub(crate) fn gateway_filters(
         let at = format!("[{i}]");
         let f: HrFilter =
             serde_yaml_ng::from_value(f.clone()).map_err(|e| (at.clone(), e.to_string()))?;
+        if f.kind == "RequestMirror" && rule {
+            let Some(m) = f.request_mirror else {
+                return Err((format!("{at}.requestMirror"), "missing".into()));
+            };
+            out.mirrors
+                .push(mirror_filter(m, &format!("{at}.requestMirror"))?);
+            continue;
+        }
         if seen.contains(&f.kind) {
             return Err((
                 format!("{at}.type"),
@@ -542,6 +613,52 @@ pub(crate) fn gateway_filters(
         ));
     }
     Ok(out)
+}
+
+/// A `RequestMirror` filter, checked: a core Service, and `percent` or `fraction` (neither:
+/// every request).
+fn mirror_filter(m: HrMirror, at: &str) -> Result<MirrorRef, FieldError> {
+    let b = m.backend_ref;
+    if !(matches!(b.group.as_deref(), None | Some("") | Some("core"))
+        && matches!(b.kind.as_deref(), None | Some("Service")))
+    {
+        return Err((
+            format!("{at}.backendRef.kind"),
+            "only Service backends are supported".into(),
+        ));
+    }
+    let share = match (m.percent, m.fraction) {
+        (None, None) => 100.0,
+        (Some(p), None) if p <= 100 => f64::from(p),
+        (None, Some(f)) => {
+            let d = f.denominator.unwrap_or(100);
+            if d == 0 || f.numerator > d {
+                return Err((
+                    format!("{at}.fraction"),
+                    format!(
+                        "{}/{d}: the numerator must not exceed a denominator above 0",
+                        f.numerator
+                    ),
+                ));
+            }
+            f64::from(f.numerator) * 100.0 / f64::from(d)
+        }
+        (Some(p), None) => {
+            return Err((
+                format!("{at}.percent"),
+                format!("{p} is not between 0 and 100"),
+            ))
+        }
+        (Some(_), Some(_)) => {
+            return Err((at.to_string(), "percent and fraction are exclusive".into()))
+        }
+    };
+    Ok(MirrorRef {
+        name: b.name,
+        namespace: b.namespace,
+        port: b.port,
+        share,
+    })
 }
 
 /// A Gateway API path modifier (`URLRewrite` or `RequestRedirect` `path`).
@@ -675,8 +792,11 @@ mod tests {
             ("- type: URLRewrite\n  urlRewrite: {path: {type: ReplaceFullPath, replacePrefixMatch: /}}\n", "[0].urlRewrite.path"),
             ("- type: URLRewrite\n  urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: x}}\n", "[0].urlRewrite.path"),
             ("- type: RequestRedirect\n  requestRedirect: {statusCode: 200}\n", "[0].requestRedirect.statusCode"),
-            ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}}\n", "[0].type"),
-            ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}}\n", "[0].type"),
+            ("- type: ExtensionRef\n  extensionRef: {group: example.io, kind: Filter, name: x}\n", "[0].type"),
+            ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}, percent: 101}\n", "[0].requestMirror.percent"),
+            ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}, percent: 5, fraction: {numerator: 1}}\n", "[0].requestMirror"),
+            ("- type: RequestMirror\n  requestMirror: {backendRef: {name: m}, fraction: {numerator: 3, denominator: 2}}\n", "[0].requestMirror.fraction"),
+            ("- type: RequestMirror\n  requestMirror: {backendRef: {kind: ServiceImport, name: m}}\n", "[0].requestMirror.backendRef.kind"),
             ("- type: RequestHeaderModifier\n", "[0].requestHeaderModifier"),
             ("- type: RequestHeaderModifier\n  requestHeaderModifier: {set: [{name: a, value: b}]}\n- type: RequestHeaderModifier\n  requestHeaderModifier: {remove: [c]}\n", "[1].type"),
             ("- type: ResponseHeaderModifier\n  responseHeaderModifier: {remove: [content-length]}\n", "[0].responseHeaderModifier.remove[0]"),
@@ -685,6 +805,52 @@ mod tests {
             let e = gateway_filters(&f, true).unwrap_err();
             assert_eq!(e.0, field, "{y}: {e:?}");
         }
+    }
+
+    #[test]
+    fn authorities_split_and_take_the_shadow_suffix_before_the_port() {
+        for (a, want) in [
+            ("reviews:9080", ("reviews", Some(9080))),
+            ("reviews", ("reviews", None)),
+            ("[::1]:80", ("[::1]", Some(80))),
+            ("[::1]", ("[::1]", None)),
+            ("::1", ("::1", None)),
+            ("host:http", ("host:http", None)),
+        ] {
+            assert_eq!(split_authority(a), want, "{a}");
+        }
+        assert_eq!(shadow_authority("reviews:9080"), "reviews-shadow:9080");
+        assert_eq!(
+            shadow_authority("reviews.default.svc"),
+            "reviews.default.svc-shadow"
+        );
+        assert_eq!(shadow_authority("[fd00::1]:80"), "[fd00::1]-shadow:80");
+    }
+
+    #[test]
+    fn gateway_mirrors_may_repeat_and_take_a_percent_or_a_fraction() {
+        let f: Vec<serde_yaml_ng::Value> = serde_yaml_ng::from_str(
+            "- type: RequestMirror\n  requestMirror: {backendRef: {name: a, port: 80}}\n- type: RequestMirror\n  requestMirror: {backendRef: {group: '', kind: Service, name: b, namespace: other}, fraction: {numerator: 1, denominator: 8}}\n- type: RequestMirror\n  requestMirror: {backendRef: {name: c}, percent: 30}\n",
+        )
+        .unwrap();
+        let m = gateway_filters(&f, true).unwrap().mirrors;
+        let got: Vec<_> = m
+            .iter()
+            .map(|m| (m.name.as_str(), m.namespace.as_deref(), m.port, m.share))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", None, Some(80), 100.0),
+                ("b", Some("other"), None, 12.5),
+                ("c", None, None, 30.0)
+            ]
+        );
+        assert_eq!(
+            gateway_filters(&f, false).unwrap_err().0,
+            "[0].type",
+            "not on a backendRef"
+        );
     }
 
     #[test]

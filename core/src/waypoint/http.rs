@@ -33,9 +33,10 @@ use zring_hbone::{
 use zring_runtime::net::{self, ConnectOptions};
 
 use super::{
-    headers::HeaderRules,
+    headers::{self, HeaderRules},
+    mirror,
     policy::{self, Decision, RequestContext},
-    resources::{self, Abort, Backend, L7Config, RequestView, RetryPolicy},
+    resources::{self, Abort, Backend, L7Config, Mirror, RequestView, RetryPolicy},
     traffic::{Outcome, Outlier, Overflow, Permit},
     FastMap, Waypoint,
 };
@@ -977,6 +978,18 @@ impl<B> Drop for Counted<B> {
     }
 }
 
+/// A request body that counts its bytes into `counter`.
+fn counting<B>(inner: B, counter: &Rc<Cell<u64>>) -> Counted<B> {
+    Counted {
+        inner,
+        bytes: 0,
+        on_end: None,
+        counter: Some(counter.clone()),
+        deadline: None,
+        _permit: None,
+    }
+}
+
 fn boxed<B>(b: B) -> Body
 where
     B: hyper::body::Body<Data = Bytes> + 'static,
@@ -1039,11 +1052,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| ctx.target.to_string());
-    let host = authority
-        .rsplit_once(':')
-        .filter(|(_, p)| p.parse::<u16>().is_ok())
-        .map_or(authority.as_str(), |(h, _)| h)
-        .to_string();
+    let host = headers::split_authority(&authority).0.to_string();
     let path = req.uri().path().to_string();
     let grpc = req
         .headers()
@@ -1236,16 +1245,39 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         }
     }
     let replayable = body.is_end_stream();
-    let mut body = Some(Counted {
-        inner: body,
-        bytes: 0,
-        on_end: None,
-        counter: Some(req_bytes.clone()),
-        deadline: None,
-        _permit: None,
-    });
+    // Mirrors (each for its share of requests): copies of the request as it goes upstream,
+    // sent on their own; the body is teed to them as the main upstream reads it.
+    let mirrors: Vec<&Mirror> = match (route, &client_upgrade) {
+        (Some(r), None) => r.mirrors.iter().filter(|m| chance(m.share)).collect(),
+        _ => Vec::new(),
+    };
+    let (body, copies) = match mirrors.is_empty() || replayable {
+        true => (boxed(counting(body, &req_bytes)), Vec::new()),
+        false => {
+            let (tee, copies) = mirror::tee(body, mirrors.len());
+            (boxed(counting(tee, &req_bytes)), copies)
+        }
+    };
+    let mut body = Some(body);
     // From here: a fault's delay is not part of the route's time, as in Envoy.
     let deadline = Instant::now() + timeout;
+    if !mirrors.is_empty() {
+        let mut shadow_parts = parts.clone();
+        let up_authority = rewrite_request(&mut shadow_parts.headers, None, route_headers)
+            .or(rewritten_authority)
+            .unwrap_or(&authority);
+        let shadow_authority = headers::shadow_authority(up_authority);
+        let mut copies = copies.into_iter();
+        for m in mirrors {
+            let b = match copies.next() {
+                Some(c) => boxed(c),
+                None => boxed(http_body_util::Empty::<Bytes>::new()),
+            };
+            let mut req = Request::from_parts(shadow_parts.clone(), b);
+            aim(&mut req, ctx.h2, &shadow_authority, true);
+            shadow(&ctx, &index, &rules, m, req, deadline);
+        }
+    }
     let attempts = 1 + retry.attempts;
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last: (StatusCode, &'static str, &'static str) =
@@ -1386,39 +1418,19 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             }
         };
         let b = match body.take() {
-            Some(b) => boxed(b),
+            Some(b) => b,
             None if replayable => boxed(http_body_util::Empty::<Bytes>::new()),
             None => break,
         };
         let mut up = Request::from_parts(parts.clone(), b);
         let rewritten = rewrite_request(up.headers_mut(), backend_headers, route_headers)
             .or(rewritten_authority);
-        let up_authority = rewritten.unwrap_or(&authority);
-        if ctx.h2 {
-            let uri = format!(
-                "http://{up_authority}{}",
-                up.uri().path_and_query().map_or("/", |p| p.as_str())
-            );
-            if let Ok(u) = uri.parse::<Uri>() {
-                *up.uri_mut() = u;
-            }
-            *up.version_mut() = Version::HTTP_2;
-        } else {
-            let pq = up
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            if let Ok(u) = pq.parse::<Uri>() {
-                *up.uri_mut() = u;
-            }
-            *up.version_mut() = Version::HTTP_11;
-            if rewritten.is_some() || !up.headers().contains_key(header::HOST) {
-                if let Ok(h) = HeaderValue::from_str(up_authority) {
-                    up.headers_mut().insert(header::HOST, h);
-                }
-            }
-        }
+        aim(
+            &mut up,
+            ctx.h2,
+            rewritten.unwrap_or(&authority),
+            rewritten.is_some(),
+        );
         let per_try = retry
             .per_try_timeout
             .map_or(left, |p| p.min(left))
@@ -1500,6 +1512,75 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     }
     let (status, flags, text) = last;
     answer_routed(log, status, flags, text, route_headers)
+}
+
+/// Point `up` at `authority` in the upstream's protocol: the URI's authority on h2; on
+/// HTTP/1.1 an origin-form URI, and `Host` when `set_host` or the client sent none.
+fn aim(up: &mut Request<Body>, h2: bool, authority: &str, set_host: bool) {
+    let pq = up.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uri = match h2 {
+        true => format!("http://{authority}{pq}"),
+        false => pq.to_string(),
+    };
+    if let Ok(u) = uri.parse::<Uri>() {
+        *up.uri_mut() = u;
+    }
+    *up.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    if !h2 && (set_host || !up.headers().contains_key(header::HOST)) {
+        if let Ok(h) = HeaderValue::from_str(authority) {
+            up.headers_mut().insert(header::HOST, h);
+        }
+    }
+}
+
+/// Send a mirror's copy of a request on a task of its own (the main request never waits for
+/// it) and read its answer to the end, so the connection can carry the next; bounded by the
+/// main request's deadline, counted by result.
+fn shadow(
+    ctx: &Rc<ConnCtx>,
+    index: &Arc<MeshIndex>,
+    rules: &Arc<L7Config>,
+    m: &Mirror,
+    req: Request<Body>,
+    deadline: Instant,
+) {
+    let (ctx, index, rules) = (ctx.clone(), index.clone(), rules.clone());
+    let backend = m.backend.clone();
+    monoio::spawn(async move {
+        let send = async {
+            let (svc, eps) = endpoints(&index, &rules, &backend, ctx.target.port())?;
+            let (w, addr) = pick_endpoint(&eps, &[], None)
+                .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
+            let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0).await?;
+            let resp = send.send(req).await.map_err(|e| format!("{addr}: {e}"))?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            while let Some(f) = body.frame().await {
+                f.map_err(|e| format!("{addr}: {e}"))?;
+            }
+            if !ctx.h2 {
+                put_sender(addr, send, uses + 1, 0);
+            }
+            Ok::<_, String>((addr, status))
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        let r = monoio::time::timeout(left, send)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {left:?}")));
+        ctx.wp.metrics.mirrored(r.is_ok());
+        match r {
+            Ok((addr, status)) => {
+                tracing::debug!(mirror = %backend.service, upstream = %addr, status = status.as_u16(), "waypoint: mirrored request answered")
+            }
+            Err(e) => {
+                tracing::debug!(mirror = %backend.service, error = %e, "waypoint: mirrored request failed")
+            }
+        }
+    });
 }
 
 /// [`answer`] after a rule was chosen: the rule's response changes apply to the waypoint's own

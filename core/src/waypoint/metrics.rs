@@ -72,6 +72,8 @@ pub struct RequestMetrics {
     retries: AtomicU64,
     ejections: AtomicU64,
     overflows: AtomicU64,
+    mirrored_ok: AtomicU64,
+    mirrored_failed: AtomicU64,
 }
 
 impl RequestMetrics {
@@ -109,6 +111,14 @@ impl RequestMetrics {
     /// A request found no room under a DestinationRule's connection-pool limits.
     pub fn overflowed(&self) {
         self.overflows.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A mirrored copy of a request was answered (`ok`), or failed.
+    pub fn mirrored(&self, ok: bool) {
+        match ok {
+            true => self.mirrored_ok.fetch_add(1, Ordering::Relaxed),
+            false => self.mirrored_failed.fetch_add(1, Ordering::Relaxed),
+        };
     }
 
     /// Append the Prometheus text.
@@ -184,6 +194,12 @@ impl RequestMetrics {
             self.retries.load(Ordering::Relaxed),
             self.ejections.load(Ordering::Relaxed),
             self.overflows.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP zring_waypoint_mirrored_requests_total Mirrored copies of requests by result (success: the mirror answered, any status).\n# TYPE zring_waypoint_mirrored_requests_total counter\nzring_waypoint_mirrored_requests_total{{result=\"success\"}} {}\nzring_waypoint_mirrored_requests_total{{result=\"failure\"}} {}",
+            self.mirrored_ok.load(Ordering::Relaxed),
+            self.mirrored_failed.load(Ordering::Relaxed)
         );
     }
 }

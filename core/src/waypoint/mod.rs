@@ -23,6 +23,7 @@
 pub mod headers;
 pub mod http;
 pub mod metrics;
+pub(crate) mod mirror;
 pub mod policy;
 pub mod resources;
 pub mod traffic;
@@ -228,6 +229,10 @@ impl Waypoint {
                         "headers": x.headers.dump(),
                         "fault": x.fault.as_deref().map(resources::Fault::dump),
                         "redirect": x.redirect.as_deref().map(|r| format!("{r:?}")),
+                        "mirrors": x.mirrors.iter().map(|m| serde_json::json!({
+                            "service": m.backend.service, "port": m.backend.port,
+                            "subset": m.backend.subset, "percent": m.share,
+                        })).collect::<Vec<_>>(),
                         "rewrite": x.rewrite.as_deref().map(|r| serde_json::json!({
                             "path": r.path.as_ref().map(|p| format!("{p:?}")),
                             "authority": r.authority,

@@ -4,8 +4,8 @@
 //! `*.yml`, `*.json`, name order), each any number of YAML documents or a `List`.
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
-//! implement (mirroring, Gateway filters other than header modifiers, URL rewrites and
-//! redirects, JWT principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
+//! implement (Gateway filters other than header modifiers, URL rewrites, redirects and
+//! mirrors; JWT principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
 //! let traffic through that the user meant to stop. Every error names the file, the resource and
 //! the field, e.g. `routes.yaml: VirtualService default/reviews: spec.http[0].route[1].weight:
 //! invalid type: string "ten", expected u32`.
@@ -265,6 +265,35 @@ pub struct Route {
     /// Answered with a redirect instead of routed (VirtualService `redirect`, HTTPRoute
     /// `RequestRedirect`).
     pub redirect: Option<Arc<Redirect>>,
+    /// Copies of the request sent elsewhere, their answers dropped (VirtualService `mirror` /
+    /// `mirrors`, HTTPRoute `RequestMirror`).
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A copy of (a share of) the requests a rule routes, sent to another destination with its
+/// answer dropped: Envoy's request mirroring ("shadowing"). The copy's authority carries a
+/// `-shadow` suffix, as Envoy's.
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    /// Where: service, port and subset (the weight is unused).
+    pub backend: Backend,
+    /// Percent of requests copied.
+    pub share: f64,
+}
+
+impl Mirror {
+    fn to(service: String, port: Option<u16>, subset: Option<String>, share: f64) -> Mirror {
+        Mirror {
+            backend: Backend {
+                service,
+                port,
+                subset,
+                weight: 0,
+                headers: Default::default(),
+            },
+            share,
+        }
+    }
 }
 
 /// VirtualService `fault`: a delay, then an abort, each for a share of requests, applied after
@@ -626,8 +655,24 @@ struct VsHttp {
     rewrite: Option<VsRewrite>,
     #[serde(default)]
     redirect: Option<VsRedirect>,
+    #[serde(default)]
+    mirror: Option<VsDestination>,
+    #[serde(default)]
+    mirror_percentage: Option<VsPercentage>,
+    #[serde(default)]
+    mirror_percent: Option<u32>,
+    #[serde(default)]
+    mirrors: Vec<VsMirror>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsMirror {
+    destination: VsDestination,
+    #[serde(default)]
+    percentage: Option<VsPercentage>,
 }
 
 #[derive(Deserialize)]
@@ -888,6 +933,19 @@ fn virtual_service(
                 }))
             }
         };
+        let mirrors = vs_mirrors(
+            me,
+            ns,
+            (h.mirror, h.mirror_percentage, h.mirror_percent),
+            h.mirrors,
+        )
+        .map_err(|(f, e)| (below(&at, &f), e))?;
+        if redirect.is_some() && !mirrors.is_empty() {
+            return Err((
+                format!("{at}.redirect"),
+                "a redirect goes nowhere to mirror from".into(),
+            ));
+        }
         routes.push(Route {
             origin: format!("{name} http[{i}]"),
             matches,
@@ -898,6 +956,7 @@ fn virtual_service(
             fault,
             rewrite,
             redirect,
+            mirrors,
         });
     }
     for h in &s.hosts {
@@ -912,6 +971,65 @@ fn virtual_service(
             .extend(routes.iter().cloned());
     }
     Ok(())
+}
+
+/// A VirtualService rule's `mirror` (with `mirrorPercentage`, or the deprecated integer
+/// `mirrorPercent`; neither: every request, as Istio reads it) or its `mirrors` list.
+fn vs_mirrors(
+    me: &WaypointIdentity,
+    ns: &str,
+    (one, share, legacy): (Option<VsDestination>, Option<VsPercentage>, Option<u32>),
+    list: Vec<VsMirror>,
+) -> Result<Vec<Mirror>, (String, String)> {
+    let checked = |p: Option<VsPercentage>, at: &str| -> Result<f64, (String, String)> {
+        let v = p.map_or(100.0, |p| p.value);
+        match (0.0..=100.0).contains(&v) {
+            true => Ok(v),
+            false => Err((at.into(), format!("{v} is not between 0 and 100"))),
+        }
+    };
+    let mirror = |d: VsDestination, share: f64| {
+        Mirror::to(
+            me.service_key(&d.host, ns),
+            d.port.map(|p| p.number),
+            d.subset,
+            share,
+        )
+    };
+    match one {
+        Some(_) if !list.is_empty() => {
+            Err(("mirrors".into(), "mirror and mirrors are exclusive".into()))
+        }
+        Some(d) => {
+            let share = match (share, legacy) {
+                (None, Some(n)) => checked(
+                    Some(VsPercentage {
+                        value: f64::from(n),
+                    }),
+                    "mirrorPercent",
+                )?,
+                (p, _) => checked(p, "mirrorPercentage.value")?,
+            };
+            Ok(vec![mirror(d, share)])
+        }
+        None if share.is_some() || legacy.is_some() => Err((
+            if share.is_some() {
+                "mirrorPercentage"
+            } else {
+                "mirrorPercent"
+            }
+            .into(),
+            "a share of requests with no mirror to send them to".into(),
+        )),
+        None => list
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let share = checked(m.percentage, &format!("mirrors[{i}].percentage.value"))?;
+                Ok(mirror(m.destination, share))
+            })
+            .collect(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -945,9 +1063,9 @@ fn vs_redirect(r: VsRedirect) -> Result<Redirect, (String, String)> {
         return Err(("uri".into(), format!("{p:?} is not a path")));
     }
     // `authority` may carry a port; `port` / `derivePort` override it.
-    let (host, auth_port) = match r.authority.as_deref().map(|a| a.rsplit_once(':')) {
-        Some(Some((h, p))) if p.parse::<u16>().is_ok() => (Some(h.to_string()), p.parse().ok()),
-        _ => (r.authority.clone(), None),
+    let (host, auth_port) = match r.authority.as_deref().map(headers::split_authority) {
+        Some((h, p)) => (Some(h.to_string()), p),
+        None => (None, None),
     };
     let port = match (r.port, r.derive_port.as_deref(), auth_port) {
         (Some(p), None, _) => RedirectPort::Set(p),
@@ -1394,6 +1512,25 @@ fn http_route(
         let rule_headers = Arc::new(filters.headers);
         let rewrite = filters.rewrite.map(Arc::new);
         let redirect = filters.redirect.map(Arc::new);
+        if redirect.is_some() && !filters.mirrors.is_empty() {
+            return Err((
+                format!("{at}.filters"),
+                "a redirect goes nowhere to mirror from".into(),
+            ));
+        }
+        let mirrors: Vec<Mirror> = filters
+            .mirrors
+            .into_iter()
+            .map(|m| {
+                let mns = m.namespace.as_deref().unwrap_or(ns);
+                Mirror::to(
+                    format!("{mns}/{}.{mns}.svc.{}", m.name, me.domain),
+                    m.port,
+                    None,
+                    m.share,
+                )
+            })
+            .collect();
         let mut backends = Vec::new();
         for (j, br) in rule.backend_refs.iter().enumerate() {
             let bat = format!("{at}.backendRefs[{j}]");
@@ -1474,6 +1611,7 @@ fn http_route(
                     fault: None,
                     rewrite: rewrite.clone(),
                     redirect: redirect.clone(),
+                    mirrors: mirrors.clone(),
                 };
                 let order = b.hr.get(svc).map_or(0, Vec::len);
                 b.hr.entry(svc.clone())
@@ -1703,10 +1841,55 @@ mod tests {
                 "redirect: {uri: /x}\n    route: [{destination: {host: reviews}}]",
                 "spec.http[0].redirect: a rule has a route or a redirect",
             ),
+            (
+                "redirect: {uri: /x}\n    mirror: {host: reviews}",
+                "spec.http[0].redirect: a redirect goes nowhere to mirror from",
+            ),
+            (
+                "route: [{destination: {host: reviews}}]\n    mirror: {host: v2}\n    mirrors: [{destination: {host: v3}}]",
+                "spec.http[0].mirrors: mirror and mirrors are exclusive",
+            ),
+            (
+                "route: [{destination: {host: reviews}}]\n    mirror: {host: v2}\n    mirrorPercentage: {value: 150}",
+                "spec.http[0].mirrorPercentage.value: 150 is not between 0 and 100",
+            ),
+            (
+                "route: [{destination: {host: reviews}}]\n    mirrorPercentage: {value: 5}",
+                "spec.http[0].mirrorPercentage: a share of requests with no mirror",
+            ),
+            (
+                "route: [{destination: {host: reviews}}]\n    mirrors: [{destination: {host: v2}, percentage: {value: -1}}]",
+                "spec.http[0].mirrors[0].percentage.value",
+            ),
         ] {
             let e = parse(&vs(rule), "f.yaml", &me()).unwrap_err().to_string();
             assert!(e.contains(field), "{rule}: {e}");
         }
+        let mirrored = |rule: &str| -> Vec<(String, Option<u16>, Option<String>, f64)> {
+            parse(&vs(rule), "m.yaml", &me()).unwrap().routes
+                ["default/reviews.default.svc.cluster.local"][0]
+                .mirrors
+                .iter()
+                .map(|m| {
+                    let b = &m.backend;
+                    (b.service.clone(), b.port, b.subset.clone(), m.share)
+                })
+                .collect()
+        };
+        let v2 = "default/reviews-v2.default.svc.cluster.local".to_string();
+        assert_eq!(
+            mirrored("route: [{destination: {host: reviews}}]\n    mirror: {host: reviews-v2, subset: s, port: {number: 80}}"),
+            [(v2.clone(), Some(80), Some("s".into()), 100.0)],
+            "no percentage: every request, as Istio reads it"
+        );
+        assert_eq!(
+            mirrored("route: [{destination: {host: reviews}}]\n    mirror: {host: reviews-v2}\n    mirrorPercent: 7"),
+            [(v2.clone(), None, None, 7.0)]
+        );
+        assert_eq!(
+            mirrored("route: [{destination: {host: reviews}}]\n    mirrors: [{destination: {host: reviews-v2}, percentage: {value: 2.5}}, {destination: {host: reviews-v2, subset: b}}]"),
+            [(v2.clone(), None, None, 2.5), (v2, None, Some("b".into()), 100.0)]
+        );
         let redirect = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - redirect: {authority: \"v2:8080\", derivePort: FROM_PROTOCOL_DEFAULT}\n";
         let c = parse(redirect, "r.yaml", &me()).unwrap();
         let rd = c.routes["default/reviews.default.svc.cluster.local"][0]

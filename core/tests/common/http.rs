@@ -4,14 +4,23 @@
 //! - `/echo` (any method): the request body back, streamed, with `x-served-by`;
 //! - `/big?n=N`: N bytes of a repeating pattern;
 //! - `/headers`: the request's headers, a `name: value` line each, and `x-internal: upstream`;
+//! - `/sink` (any method): reads the whole body, answers `<name> <length>`;
 //! - `/slow?ms=N`: the usual answer, its head sent after N milliseconds;
 //! - `/fail?NAME=CODE`: the usual answer, with status CODE from the server called NAME;
 //! - `/grpc.Echo/Stream` (h2): each request frame echoed back as it arrives, then trailers
 //!   `grpc-status: 0`;
 //! - an `Upgrade: websocket` request: 101, then every byte echoed;
 //! - anything else: `<name> <method> <path>`.
+//!
+//! Every server keeps what it was asked ([`seen`]): method, authority, path, and for `/sink`
+//! the body's length and checksum.
 
-use std::{convert::Infallible, net::SocketAddr, pin::Pin};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -32,8 +41,74 @@ pub fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i % 251) as u8).collect()
 }
 
-async fn serve(name: String, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// A request as a test server saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub method: String,
+    /// The URI's authority (h2), else `Host`.
+    pub authority: String,
+    /// Path and query.
+    pub path: String,
+    /// `/sink`: the body's length and FNV-1a checksum.
+    pub body: Option<(usize, u64)>,
+}
+
+type Log = Arc<Mutex<Vec<Seen>>>;
+
+static SEEN: Mutex<Vec<(SocketAddr, Log)>> = Mutex::new(Vec::new());
+
+/// What the server on `addr` was asked so far, in order of arrival.
+pub fn seen(addr: SocketAddr) -> Vec<Seen> {
+    let all = SEEN.lock().unwrap();
+    all.iter()
+        .find(|(a, _)| *a == addr)
+        .map(|(_, l)| l.lock().unwrap().clone())
+        .unwrap_or_default()
+}
+
+/// FNV-1a of `b`.
+pub fn checksum(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf29ce484222325, |h, x| {
+        (h ^ u64::from(*x)).wrapping_mul(0x100000001b3)
+    })
+}
+
+async fn serve(
+    name: String,
+    log: Log,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_string();
+    let mut seen = Seen {
+        method: req.method().to_string(),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                req.headers()
+                    .get("host")
+                    .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            })
+            .unwrap_or_default(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| path.clone(), |p| p.to_string()),
+        body: None,
+    };
+    if path == "/sink" {
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return Ok(Response::new(full("cut"))),
+        };
+        seen.body = Some((body.len(), checksum(&body)));
+        log.lock().unwrap().push(seen);
+        let mut r = Response::new(full(format!("{name} {}", body.len())));
+        r.headers_mut().insert("x-served-by", name.parse().unwrap());
+        return Ok(r);
+    }
+    log.lock().unwrap().push(seen);
     let resp = |b: Body| {
         let mut r = Response::new(b);
         r.headers_mut().insert("x-served-by", name.parse().unwrap());
@@ -141,6 +216,8 @@ pub fn server(addr: SocketAddr, name: &str) {
     let std = std::net::TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     std.set_nonblocking(true).unwrap();
     let name = name.to_string();
+    let log = Log::default();
+    SEEN.lock().unwrap().push((addr, log.clone()));
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -153,10 +230,12 @@ pub fn server(addr: SocketAddr, name: &str) {
                     continue;
                 };
                 let name = name.clone();
+                let log = log.clone();
                 tokio::spawn(async move {
                     let mut first = [0u8; 3];
                     let h2 = matches!(s.peek(&mut first).await, Ok(3) if &first == b"PRI");
-                    let svc = hyper::service::service_fn(move |r| serve(name.clone(), r));
+                    let svc =
+                        hyper::service::service_fn(move |r| serve(name.clone(), log.clone(), r));
                     let io = TokioIo::new(s);
                     if h2 {
                         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
