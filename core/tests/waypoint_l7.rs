@@ -1483,14 +1483,20 @@ fn routes_rewrite_the_path_and_authority() {
 
 /// Redirects answered by the waypoint: a VirtualService `redirect` (the whole path replaced,
 /// the authority and code set, the query kept) and an HTTPRoute `RequestRedirect` (scheme and
-/// host, `ReplacePrefixMatch`, Gateway API's default 302); the server is never reached.
+/// host, `ReplacePrefixMatch`, Gateway API's default 302); a VirtualService `directResponse`
+/// (status, body, the rule's response headers); the server is never reached.
 #[test]
-fn routes_answer_redirects() {
+fn routes_answer_redirects_and_direct_responses() {
     let (lab, mut c) = reviews_lab(
         70,
         "wp-redirect",
         r#"  - match: [{uri: {prefix: /old}}]
     redirect: {uri: /new, authority: "reviews-v2:9080", redirectCode: 308}
+  - match: [{uri: {exact: /maintenance}}]
+    directResponse: {status: 503, body: {string: "down for maintenance"}}
+    headers: {response: {set: {retry-after: "120"}}}
+  - match: [{uri: {exact: /teapot}}]
+    directResponse: {status: 418, body: {bytes: "AAH/"}}
   - route:
     - destination: {host: reviews-v1}
 "#,
@@ -1499,9 +1505,22 @@ fn routes_answer_redirects() {
     assert_eq!(r.status, 308, "{}\n{}", r.text(), lab.w.proc.log());
     assert_eq!(r.header("location"), Some("http://reviews-v2:9080/new?x=1"));
     assert_eq!(r.header("x-served-by"), None, "the server is not reached");
+    let r = c.request("POST", "/maintenance", b"a body to drain");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.text(), "down for maintenance");
+    assert_eq!(r.header("retry-after"), Some("120"));
+    assert_eq!(r.header("content-type"), Some("text/plain"));
+    let r = c.request("GET", "/teapot", b"");
+    assert_eq!((r.status, &r.body[..]), (418, &[0u8, 1, 0xff][..]));
     let r = c.request("POST", "/other", b"body");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), "reviews-v1 POST /other");
+    let v1 = seen(SocketAddr::new(ip(lab.n, 11), 9080));
+    assert_eq!(
+        v1.iter().map(|s| s.path.as_str()).collect::<Vec<_>>(),
+        ["/other"],
+        "only the routed request reached the server"
+    );
 
     std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
     std::fs::write(

@@ -1204,6 +1204,22 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         }
         return reply;
     }
+    // A directResponse rule answers here too, as Envoy's router does.
+    if let Some(d) = route.and_then(|r| r.direct.as_deref()) {
+        Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+        log.finish(d.status, "-", d.body.len() as u64);
+        let mut reply = Response::new(boxed(Full::new(d.body.clone())));
+        *reply.status_mut() = StatusCode::from_u16(d.status).unwrap_or(StatusCode::OK);
+        if !d.body.is_empty() {
+            reply
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        if let Some(h) = route_headers {
+            h.response.apply(reply.headers_mut());
+        }
+        return reply;
+    }
     if route.is_some() && backends.is_empty() {
         return answer(log, StatusCode::INTERNAL_SERVER_ERROR, "NR", "no backend");
     }

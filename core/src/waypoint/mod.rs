@@ -229,6 +229,9 @@ impl Waypoint {
                         "headers": x.headers.dump(),
                         "fault": x.fault.as_deref().map(resources::Fault::dump),
                         "redirect": x.redirect.as_deref().map(|r| format!("{r:?}")),
+                        "directResponse": x.direct.as_deref().map(|d| serde_json::json!({
+                            "status": d.status, "bodyBytes": d.body.len(),
+                        })),
                         "mirrors": x.mirrors.iter().map(|m| serde_json::json!({
                             "service": m.backend.service, "port": m.backend.port,
                             "subset": m.backend.subset, "percent": m.share,

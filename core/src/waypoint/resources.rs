@@ -265,10 +265,24 @@ pub struct Route {
     /// Answered with a redirect instead of routed (VirtualService `redirect`, HTTPRoute
     /// `RequestRedirect`).
     pub redirect: Option<Arc<Redirect>>,
+    /// Answered with a fixed status and body instead of routed (VirtualService
+    /// `directResponse`).
+    pub direct: Option<Arc<DirectResponse>>,
     /// Copies of the request sent elsewhere, their answers dropped (VirtualService `mirror` /
     /// `mirrors`, HTTPRoute `RequestMirror`).
     pub mirrors: Vec<Mirror>,
 }
+
+/// A VirtualService `directResponse`: the waypoint answers the rule's requests itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectResponse {
+    pub status: u16,
+    /// `body.string`, or `body.bytes` decoded; empty without a body.
+    pub body: bytes::Bytes,
+}
+
+/// The largest `directResponse` body taken.
+const DIRECT_BODY_LIMIT: usize = 1 << 20;
 
 /// A copy of (a share of) the requests a rule routes, sent to another destination with its
 /// answer dropped: Envoy's request mirroring ("shadowing"). The copy's authority carries a
@@ -663,8 +677,63 @@ struct VsHttp {
     mirror_percent: Option<u32>,
     #[serde(default)]
     mirrors: Vec<VsMirror>,
+    #[serde(default)]
+    direct_response: Option<VsDirect>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsDirect {
+    status: u16,
+    #[serde(default)]
+    body: Option<VsBody>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsBody {
+    #[serde(default)]
+    string: Option<String>,
+    #[serde(default)]
+    bytes: Option<String>,
+}
+
+/// A `directResponse`, checked; errors name the field below it.
+fn vs_direct(d: VsDirect) -> Result<DirectResponse, (String, String)> {
+    use base64::Engine as _;
+    if !(200..=599).contains(&d.status) {
+        return Err((
+            "status".into(),
+            format!("{} is not between 200 and 599", d.status),
+        ));
+    }
+    let body = match d.body {
+        None => bytes::Bytes::new(),
+        Some(VsBody {
+            string: Some(s),
+            bytes: None,
+        }) => s.into(),
+        Some(VsBody {
+            string: None,
+            bytes: Some(b),
+        }) => base64::engine::general_purpose::STANDARD
+            .decode(b.trim())
+            .map_err(|e| ("body.bytes".to_string(), format!("not base64: {e}")))?
+            .into(),
+        Some(_) => return Err(("body".into(), "exactly one of string, bytes".into())),
+    };
+    if body.len() > DIRECT_BODY_LIMIT {
+        return Err((
+            "body".into(),
+            format!("{} bytes; at most {DIRECT_BODY_LIMIT}", body.len()),
+        ));
+    }
+    Ok(DirectResponse {
+        status: d.status,
+        body,
+    })
 }
 
 #[derive(Deserialize)]
@@ -849,14 +918,28 @@ fn virtual_service(
                 })?))
             }
         };
-        match (h.route.is_empty(), redirect.is_some()) {
-            (true, false) => {
+        let direct = match h.direct_response {
+            None => None,
+            Some(d) => {
+                Some(Arc::new(vs_direct(d).map_err(|(f, e)| {
+                    (below(&format!("{at}.directResponse"), &f), e)
+                })?))
+            }
+        };
+        match (!h.route.is_empty(), redirect.is_some(), direct.is_some()) {
+            (false, false, false) => {
                 return Err((format!("{at}.route"), "at least one destination".into()))
             }
-            (false, true) => {
+            (true, true, _) => {
                 return Err((
                     format!("{at}.redirect"),
                     "a rule has a route or a redirect, not both".into(),
+                ))
+            }
+            (true, _, true) | (_, true, true) => {
+                return Err((
+                    format!("{at}.directResponse"),
+                    "a rule with a directResponse has no route or redirect".into(),
                 ))
             }
             _ => {}
@@ -886,7 +969,7 @@ fn virtual_service(
                     .map_err(|(f, e)| (below(&format!("{rat}.headers"), &f), e))?,
             });
         }
-        if redirect.is_none() && backends.iter().all(|b| b.weight == 0) {
+        if redirect.is_none() && direct.is_none() && backends.iter().all(|b| b.weight == 0) {
             return Err((format!("{at}.route"), "the weights add up to 0".into()));
         }
         let timeout = h
@@ -940,10 +1023,17 @@ fn virtual_service(
             h.mirrors,
         )
         .map_err(|(f, e)| (below(&at, &f), e))?;
-        if redirect.is_some() && !mirrors.is_empty() {
+        if (redirect.is_some() || direct.is_some()) && !mirrors.is_empty() {
             return Err((
-                format!("{at}.redirect"),
-                "a redirect goes nowhere to mirror from".into(),
+                format!(
+                    "{at}.{}",
+                    if direct.is_some() {
+                        "directResponse"
+                    } else {
+                        "redirect"
+                    }
+                ),
+                "a local answer goes nowhere to mirror from".into(),
             ));
         }
         routes.push(Route {
@@ -956,6 +1046,7 @@ fn virtual_service(
             fault,
             rewrite,
             redirect,
+            direct,
             mirrors,
         });
     }
@@ -1515,7 +1606,7 @@ fn http_route(
         if redirect.is_some() && !filters.mirrors.is_empty() {
             return Err((
                 format!("{at}.filters"),
-                "a redirect goes nowhere to mirror from".into(),
+                "a local answer goes nowhere to mirror from".into(),
             ));
         }
         let mirrors: Vec<Mirror> = filters
@@ -1611,6 +1702,7 @@ fn http_route(
                     fault: None,
                     rewrite: rewrite.clone(),
                     redirect: redirect.clone(),
+                    direct: None,
                     mirrors: mirrors.clone(),
                 };
                 let order = b.hr.get(svc).map_or(0, Vec::len);
@@ -1843,7 +1935,7 @@ mod tests {
             ),
             (
                 "redirect: {uri: /x}\n    mirror: {host: reviews}",
-                "spec.http[0].redirect: a redirect goes nowhere to mirror from",
+                "spec.http[0].redirect: a local answer goes nowhere to mirror from",
             ),
             (
                 "route: [{destination: {host: reviews}}]\n    mirror: {host: v2}\n    mirrors: [{destination: {host: v3}}]",
@@ -1861,10 +1953,41 @@ mod tests {
                 "route: [{destination: {host: reviews}}]\n    mirrors: [{destination: {host: v2}, percentage: {value: -1}}]",
                 "spec.http[0].mirrors[0].percentage.value",
             ),
+            (
+                "directResponse: {status: 99}",
+                "spec.http[0].directResponse.status: 99 is not between 200 and 599",
+            ),
+            (
+                "directResponse: {status: 200, body: {string: a, bytes: YQ==}}",
+                "spec.http[0].directResponse.body: exactly one of string, bytes",
+            ),
+            (
+                "directResponse: {status: 200, body: {bytes: '!!'}}",
+                "spec.http[0].directResponse.body.bytes: not base64",
+            ),
+            (
+                "directResponse: {status: 200}\n    route: [{destination: {host: reviews}}]",
+                "spec.http[0].directResponse: a rule with a directResponse has no route",
+            ),
+            (
+                "directResponse: {status: 200}\n    mirror: {host: reviews}",
+                "spec.http[0].directResponse: a local answer goes nowhere to mirror from",
+            ),
         ] {
             let e = parse(&vs(rule), "f.yaml", &me()).unwrap_err().to_string();
             assert!(e.contains(field), "{rule}: {e}");
         }
+        let direct = parse(
+            &vs("directResponse: {status: 200, body: {bytes: aGVsbG8=}}"),
+            "d.yaml",
+            &me(),
+        )
+        .unwrap()
+        .routes["default/reviews.default.svc.cluster.local"][0]
+            .direct
+            .clone()
+            .unwrap();
+        assert_eq!((direct.status, &direct.body[..]), (200, &b"hello"[..]));
         let mirrored = |rule: &str| -> Vec<(String, Option<u16>, Option<String>, f64)> {
             parse(&vs(rule), "m.yaml", &me()).unwrap().routes
                 ["default/reviews.default.svc.cluster.local"][0]
