@@ -1703,3 +1703,95 @@ fn routes_mirror_requests_and_drop_the_copies_answers() {
         ("reviews-shadow:9080", Some((7, checksum(b"h2 body"))))
     );
 }
+
+/// CORS as Envoy's filter applies a VirtualService `corsPolicy`: a preflight from an allowed
+/// origin is answered by the waypoint (the server never sees it), an allowed origin's request
+/// is answered with the allow headers, another origin's request and preflight pass untouched;
+/// an HTTPRoute `CORS` filter with a wildcard origin and Gateway API's default max age.
+#[test]
+fn routes_answer_cors_preflights_and_mark_allowed_answers() {
+    let (lab, mut c) = reviews_lab(
+        68,
+        "wp-cors",
+        r#"  - corsPolicy:
+      allowOrigins: [{exact: "https://app.example.com"}, {regex: "https://.*[.]test[.]io"}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-token]
+      exposeHeaders: [x-trace]
+      maxAge: 24h
+      allowCredentials: true
+    route:
+    - destination: {host: reviews-v1}
+"#,
+    );
+    let v1 = SocketAddr::new(ip(lab.n, 11), 9080);
+    let preflight = |origin: &str| {
+        format!("OPTIONS /api HTTP/1.1\r\nHost: reviews:9080\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\n\r\n")
+    };
+    c.send(preflight("https://a.test.io").as_bytes());
+    let r = c.read();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://a.test.io")
+    );
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET,POST"));
+    assert_eq!(r.header("access-control-allow-headers"), Some("x-token"));
+    assert_eq!(r.header("access-control-max-age"), Some("86400"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    assert_eq!(r.header("x-served-by"), None, "answered by the waypoint");
+    c.send(b"GET /api HTTP/1.1\r\nHost: reviews:9080\r\nOrigin: https://app.example.com\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-served-by"), Some("reviews-v1"));
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.header("access-control-expose-headers"), Some("x-trace"));
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"));
+    c.send(b"GET /api HTTP/1.1\r\nHost: reviews:9080\r\nOrigin: https://evil.example\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    c.send(preflight("https://evil.example").as_bytes());
+    let r = c.read();
+    assert_eq!(
+        r.text(),
+        "reviews-v1 OPTIONS /api",
+        "forwarded, not answered"
+    );
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    let methods: Vec<String> = seen(v1).into_iter().map(|s| s.method).collect();
+    assert_eq!(methods, ["GET", "GET", "OPTIONS"]);
+
+    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
+    std::fs::write(
+        lab.resources.join("reviews-route.yaml"),
+        reviews_route(
+            r#"  - filters:
+    - type: CORS
+      cors: {allowOrigins: ["https://*.example.com"], allowMethods: [GET]}
+    backendRefs: [{name: reviews-v1, port: 9080}]
+"#,
+        ),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains("HTTPRoute default/reviews"),
+        || config_dump(&lab),
+    );
+    let mut c = lab.client(2, lab.vip(101));
+    c.send(preflight("https://app.example.com").as_bytes());
+    let r = c.read();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://app.example.com")
+    );
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET"));
+    assert_eq!(r.header("access-control-max-age"), Some("5"));
+    assert_eq!(r.header("access-control-allow-credentials"), None);
+    assert_eq!(seen(v1).len(), 3, "the server never saw the preflight");
+}

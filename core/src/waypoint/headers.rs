@@ -215,6 +215,8 @@ pub(crate) struct GatewayFilters {
     pub redirect: Option<Redirect>,
     /// `RequestMirror` filters, in order.
     pub mirrors: Vec<MirrorRef>,
+    /// A `CORS` filter.
+    pub cors: Option<super::cors::Cors>,
 }
 
 /// A `RequestMirror` filter as written: the Service its copies go to and the share of requests
@@ -403,6 +405,25 @@ struct HrFilter {
     request_redirect: Option<HrRedirect>,
     #[serde(default)]
     request_mirror: Option<HrMirror>,
+    #[serde(default)]
+    cors: Option<HrCors>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct HrCors {
+    #[serde(default)]
+    allow_origins: Vec<String>,
+    #[serde(default)]
+    allow_credentials: Option<bool>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    #[serde(default)]
+    max_age: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -533,6 +554,13 @@ pub(crate) fn gateway_filters(
             });
             continue;
         }
+        if f.kind == "CORS" && rule {
+            let Some(c) = f.cors else {
+                return Err((format!("{at}.cors"), "missing".into()));
+            };
+            out.cors = Some(gateway_cors(c, &format!("{at}.cors"))?);
+            continue;
+        }
         if f.kind == "RequestRedirect" && rule {
             let Some(r) = f.request_redirect else {
                 return Err((format!("{at}.requestRedirect"), "missing".into()));
@@ -613,6 +641,27 @@ pub(crate) fn gateway_filters(
         ));
     }
     Ok(out)
+}
+
+/// A `CORS` filter (Gateway API's `HTTPCORSFilter`): origins may hold `*` wildcards;
+/// `maxAge` defaults to 5 seconds, as the spec says.
+fn gateway_cors(c: HrCors, at: &str) -> Result<super::cors::Cors, FieldError> {
+    use super::cors;
+    let mut origins = Vec::new();
+    for (i, o) in c.allow_origins.iter().enumerate() {
+        origins.push(cors::wildcard_origin(o).map_err(|e| (format!("{at}.allowOrigins[{i}]"), e))?);
+    }
+    let list =
+        |items: &[String], name: &str| cors::list(items).map_err(|e| (format!("{at}.{name}"), e));
+    Ok(cors::Cors {
+        origins,
+        methods: list(&c.allow_methods, "allowMethods")?,
+        headers: list(&c.allow_headers, "allowHeaders")?,
+        expose: list(&c.expose_headers, "exposeHeaders")?,
+        max_age: Some(HeaderValue::from(c.max_age.unwrap_or(5))),
+        credentials: c.allow_credentials.unwrap_or(false),
+        ignore_unmatched: false,
+    })
 }
 
 /// A `RequestMirror` filter, checked: a core Service, and `percent` or `fraction` (neither:
@@ -825,6 +874,23 @@ mod tests {
             "reviews.default.svc-shadow"
         );
         assert_eq!(shadow_authority("[fd00::1]:80"), "[fd00::1]-shadow:80");
+    }
+
+    #[test]
+    fn a_gateway_cors_filter_takes_wildcard_origins_and_a_default_max_age() {
+        let f: Vec<serde_yaml_ng::Value> = serde_yaml_ng::from_str(
+            "- type: CORS\n  cors: {allowOrigins: ['https://*.example.com'], allowMethods: [GET, PUT], allowCredentials: true}\n",
+        )
+        .unwrap();
+        let c = gateway_filters(&f, true).unwrap().cors.unwrap();
+        assert!(c.origins[0].matches("https://app.example.com"));
+        assert!(!c.origins[0].matches("https://example.com"));
+        assert_eq!(c.methods.unwrap(), "GET,PUT");
+        assert_eq!(c.max_age.unwrap(), "5");
+        assert!(c.credentials);
+        let twice = [f[0].clone(), f[0].clone()];
+        assert_eq!(gateway_filters(&twice, true).unwrap_err().0, "[1].type");
+        assert_eq!(gateway_filters(&f, false).unwrap_err().0, "[0].type");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use zring_hbone::{
 use zring_runtime::net::{self, ConnectOptions};
 
 use super::{
+    cors::{self, Cors},
     headers::{self, HeaderRules},
     mirror,
     policy::{self, Decision, RequestContext},
@@ -1160,6 +1161,10 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         }
     };
     let route_headers = route.map(|r| &*r.headers);
+    let before_cors = Outgoing {
+        route: route_headers,
+        cors: None,
+    };
     // Faults (VirtualService `fault`): a delay, then an abort, as Envoy's fault filter.
     if let Some(f) = route.and_then(|r| r.fault.as_deref()) {
         if let Some((d, share)) = f.delay {
@@ -1175,20 +1180,35 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                     Abort::Http(code) => {
                         let status =
                             StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                        answer_routed(log, status, "FI", "fault filter abort", route_headers)
+                        answer_routed(log, status, "FI", "fault filter abort", before_cors)
                     }
                     Abort::Grpc(code) => {
                         log.finish(200, "FI", 0);
                         let mut reply = grpc_abort(code);
-                        if let Some(h) = route_headers {
-                            h.response.apply(reply.headers_mut());
-                        }
+                        before_cors.apply(reply.headers_mut());
                         reply
                     }
                 };
             }
         }
     }
+    // CORS, after faults as Envoy's filters are ordered: a preflight may be answered here.
+    let route_cors = route.and_then(|r| r.cors.as_deref());
+    let origin = match route_cors.map(|c| c.check(req.method(), req.headers())) {
+        None | Some(cors::Step::Pass) => None,
+        Some(cors::Step::Allowed(o)) => Some(o),
+        Some(cors::Step::Answer(h)) => {
+            Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+            log.finish(200, "-", 0);
+            let mut reply = Response::new(boxed(http_body_util::Empty::<Bytes>::new()));
+            reply.headers_mut().extend(h);
+            return reply;
+        }
+    };
+    let out = Outgoing {
+        route: route_headers,
+        cors: route_cors.zip(origin.as_ref()),
+    };
     // A redirect rule answers here, after faults (Envoy's router answers it).
     if let Some(rd) = route.and_then(|r| r.redirect.as_deref()) {
         let new_path = match &rd.path {
@@ -1198,7 +1218,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         let location = rd.location(&authority, &new_path, req.uri().query());
         Box::pin(drain_small(req.into_body(), &req_bytes)).await;
         let status = StatusCode::from_u16(rd.code).unwrap_or(StatusCode::MOVED_PERMANENTLY);
-        let mut reply = answer_routed(log, status, "-", "", route_headers);
+        let mut reply = answer_routed(log, status, "-", "", out);
         if let Ok(v) = HeaderValue::from_str(&location) {
             reply.headers_mut().insert(header::LOCATION, v);
         }
@@ -1215,9 +1235,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 .headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
-        if let Some(h) = route_headers {
-            h.response.apply(reply.headers_mut());
-        }
+        out.apply(reply.headers_mut());
         return reply;
     }
     if route.is_some() && backends.is_empty() {
@@ -1498,9 +1516,10 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         }
         let (mut rparts, rbody) = resp.into_parts();
         strip_hop_by_hop(&mut rparts.headers, false);
-        for h in [backend_headers, route_headers].into_iter().flatten() {
+        if let Some(h) = backend_headers {
             h.response.apply(&mut rparts.headers);
         }
+        out.apply(&mut rparts.headers);
         let code = status.as_u16();
         // A route's own timeout covers the whole response, as Envoy's route timeout does;
         // `--request-timeout` alone bounds the wait for the response head only, so a long
@@ -1527,7 +1546,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         return Response::from_parts(rparts, boxed(counted));
     }
     let (status, flags, text) = last;
-    answer_routed(log, status, flags, text, route_headers)
+    answer_routed(log, status, flags, text, out)
 }
 
 /// Point `up` at `authority` in the upstream's protocol: the URI's authority on h2; on
@@ -1599,19 +1618,36 @@ fn shadow(
     });
 }
 
-/// [`answer`] after a rule was chosen: the rule's response changes apply to the waypoint's own
-/// answers too, as Envoy's to its local replies.
+/// What the answer to a routed request gets on its way out: the rule's response header
+/// changes, then CORS's allow headers when the request came from an allowed origin.
+#[derive(Clone, Copy)]
+struct Outgoing<'a> {
+    route: Option<&'a HeaderRules>,
+    cors: Option<(&'a Cors, &'a HeaderValue)>,
+}
+
+impl Outgoing<'_> {
+    fn apply(&self, h: &mut HeaderMap) {
+        if let Some(r) = self.route {
+            r.response.apply(h);
+        }
+        if let Some((c, origin)) = self.cors {
+            c.apply(origin, h);
+        }
+    }
+}
+
+/// [`answer`] after a rule was chosen: the rule's response changes (and CORS) apply to the
+/// waypoint's own answers too, as Envoy's to its local replies.
 fn answer_routed(
     log: ReqLog,
     status: StatusCode,
     flags: &'static str,
     text: &'static str,
-    route: Option<&HeaderRules>,
+    out: Outgoing<'_>,
 ) -> Response<Body> {
     let mut reply = answer(log, status, flags, text);
-    if let Some(h) = route {
-        h.response.apply(reply.headers_mut());
-    }
+    out.apply(reply.headers_mut());
     reply
 }
 

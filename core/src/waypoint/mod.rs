@@ -20,6 +20,7 @@
 //! The L7 resources (`--resources`, a file or folder) are re-read when they change; a bad file
 //! is refused with the file, resource and field named, and the rules in force are kept.
 
+pub mod cors;
 pub mod headers;
 pub mod http;
 pub mod metrics;
@@ -229,6 +230,11 @@ impl Waypoint {
                         "headers": x.headers.dump(),
                         "fault": x.fault.as_deref().map(resources::Fault::dump),
                         "redirect": x.redirect.as_deref().map(|r| format!("{r:?}")),
+                        "cors": x.cors.as_deref().map(|c| serde_json::json!({
+                            "origins": c.origins.iter().map(|o| format!("{o:?}")).collect::<Vec<_>>(),
+                            "methods": c.methods.as_ref().and_then(|v| v.to_str().ok()),
+                            "credentials": c.credentials,
+                        })),
                         "directResponse": x.direct.as_deref().map(|d| serde_json::json!({
                             "status": d.status, "bodyBytes": d.body.len(),
                         })),

@@ -21,6 +21,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use super::{
+    cors::{self, Cors},
     headers::{
         self, HeaderRules, PathRewrite, Redirect, RedirectPort, Rewrite, VsHeaders, REDIRECT_CODES,
     },
@@ -271,6 +272,8 @@ pub struct Route {
     /// Copies of the request sent elsewhere, their answers dropped (VirtualService `mirror` /
     /// `mirrors`, HTTPRoute `RequestMirror`).
     pub mirrors: Vec<Mirror>,
+    /// CORS (VirtualService `corsPolicy`, HTTPRoute `CORS`).
+    pub cors: Option<Arc<Cors>>,
 }
 
 /// A VirtualService `directResponse`: the waypoint answers the rule's requests itself.
@@ -679,8 +682,72 @@ struct VsHttp {
     mirrors: Vec<VsMirror>,
     #[serde(default)]
     direct_response: Option<VsDirect>,
+    #[serde(default)]
+    cors_policy: Option<VsCors>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VsCors {
+    #[serde(default)]
+    allow_origin: Vec<String>,
+    #[serde(default)]
+    allow_origins: Vec<IstioString>,
+    #[serde(default)]
+    allow_methods: Vec<String>,
+    #[serde(default)]
+    allow_headers: Vec<String>,
+    #[serde(default)]
+    expose_headers: Vec<String>,
+    #[serde(default)]
+    max_age: Option<String>,
+    #[serde(default)]
+    allow_credentials: Option<bool>,
+    #[serde(default)]
+    unmatched_preflights: Option<String>,
+}
+
+/// A `corsPolicy`, checked; errors name the field below it. The deprecated `allowOrigin`
+/// strings are exact origins, as Istio reads them.
+fn vs_cors(c: VsCors) -> Result<Cors, (String, String)> {
+    let mut origins: Vec<ValueMatch> = c.allow_origin.into_iter().map(ValueMatch::Exact).collect();
+    for (i, o) in c.allow_origins.into_iter().enumerate() {
+        origins.push(
+            o.into_match()
+                .map_err(|e| (format!("allowOrigins[{i}]"), e))?,
+        );
+    }
+    let max_age = match c.max_age.as_deref() {
+        None => None,
+        Some(d) => {
+            let secs = duration(d)
+                .map_err(|e| ("maxAge".to_string(), e))?
+                .as_secs();
+            Some(http::HeaderValue::from(secs))
+        }
+    };
+    let ignore_unmatched = match c.unmatched_preflights.as_deref() {
+        None | Some("UNSPECIFIED") | Some("FORWARD") => false,
+        Some("IGNORE") => true,
+        Some(other) => {
+            return Err((
+                "unmatchedPreflights".into(),
+                format!("{other:?}: FORWARD or IGNORE"),
+            ))
+        }
+    };
+    let list = |items: &[String], name: &str| cors::list(items).map_err(|e| (name.to_string(), e));
+    Ok(Cors {
+        origins,
+        methods: list(&c.allow_methods, "allowMethods")?,
+        headers: list(&c.allow_headers, "allowHeaders")?,
+        expose: list(&c.expose_headers, "exposeHeaders")?,
+        max_age,
+        credentials: c.allow_credentials.unwrap_or(false),
+        ignore_unmatched,
+    })
 }
 
 #[derive(Deserialize)]
@@ -1036,6 +1103,12 @@ fn virtual_service(
                 "a local answer goes nowhere to mirror from".into(),
             ));
         }
+        let cors = h
+            .cors_policy
+            .map(vs_cors)
+            .transpose()
+            .map_err(|(f, e)| (below(&format!("{at}.corsPolicy"), &f), e))?
+            .map(Arc::new);
         routes.push(Route {
             origin: format!("{name} http[{i}]"),
             matches,
@@ -1048,6 +1121,7 @@ fn virtual_service(
             redirect,
             direct,
             mirrors,
+            cors,
         });
     }
     for h in &s.hosts {
@@ -1603,6 +1677,7 @@ fn http_route(
         let rule_headers = Arc::new(filters.headers);
         let rewrite = filters.rewrite.map(Arc::new);
         let redirect = filters.redirect.map(Arc::new);
+        let cors = filters.cors.map(Arc::new);
         if redirect.is_some() && !filters.mirrors.is_empty() {
             return Err((
                 format!("{at}.filters"),
@@ -1704,6 +1779,7 @@ fn http_route(
                     redirect: redirect.clone(),
                     direct: None,
                     mirrors: mirrors.clone(),
+                    cors: cors.clone(),
                 };
                 let order = b.hr.get(svc).map_or(0, Vec::len);
                 b.hr.entry(svc.clone())
@@ -1952,6 +2028,22 @@ mod tests {
             (
                 "route: [{destination: {host: reviews}}]\n    mirrors: [{destination: {host: v2}, percentage: {value: -1}}]",
                 "spec.http[0].mirrors[0].percentage.value",
+            ),
+            (
+                "corsPolicy: {maxAge: soon}\n    route: [{destination: {host: reviews}}]",
+                "spec.http[0].corsPolicy.maxAge",
+            ),
+            (
+                "corsPolicy: {unmatchedPreflights: DROP}\n    route: [{destination: {host: reviews}}]",
+                "spec.http[0].corsPolicy.unmatchedPreflights: \"DROP\": FORWARD or IGNORE",
+            ),
+            (
+                "corsPolicy: {allowOrigins: [{exact: a, prefix: b}]}\n    route: [{destination: {host: reviews}}]",
+                "spec.http[0].corsPolicy.allowOrigins[0]: exactly one of exact, prefix, regex",
+            ),
+            (
+                "corsPolicy: {allowOrigin: [a], allowMethod: [GET]}\n    route: [{destination: {host: reviews}}]",
+                "spec.http[0].corsPolicy.allowMethod: unknown field `allowMethod`",
             ),
             (
                 "directResponse: {status: 99}",
