@@ -1795,3 +1795,96 @@ fn routes_answer_cors_preflights_and_mark_allowed_answers() {
     assert_eq!(r.header("access-control-allow-credentials"), None);
     assert_eq!(seen(v1).len(), 3, "the server never saw the preflight");
 }
+
+/// Istio's sample JWKS and `demo.jwt` (istio/istio `security/tools/jwt/samples`): RS256,
+/// issuer and subject `testing@secure.istio.io`, expiring in 2118.
+const ISTIO_JWKS: &str = r#"{"keys":[{"e":"AQAB","kid":"DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ","kty":"RSA","n":"xAE7eB6qugXyCAG3yhh7pkDkT65pHymX-P7KfIupjf59vsdo91bSP9C8H07pSAGQO1MV_xFj9VswgsCg4R6otmg5PV2He95lZdHtOcU5DXIg_pbhLdKXbi66GlVeK6ABZOUW3WYtnNHD-91gVuoeJT_DwtGGcp4ignkgXfkiEm4sw-4sfb4qdt5oLbyVpmW6x9cfa7vs2WTfURiCrBoUqgBo_-4WTiULmmHSGZHOjzwa8WtrtOQGsAFjIbno85jp6MnGGGZPYZbDAa_b3y5u-YpW7ypZrvD8BgtKVjgtQgZhLAGezMt0ua3DRrWnKqTZ0BJ_EyxOGuHJrLsn00fnMQ"}]}"#;
+const ISTIO_DEMO_JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6IkRIRmJwb0lVcXJZOHQyenBBMnFYZkNtcjVWTzVaRXI0UnpIVV8tZW52dlEiLCJ0eXAiOiJKV1QifQ.eyJleHAiOjQ2ODU5ODk3MDAsImZvbyI6ImJhciIsImlhdCI6MTUzMjM4OTcwMCwiaXNzIjoidGVzdGluZ0BzZWN1cmUuaXN0aW8uaW8iLCJzdWIiOiJ0ZXN0aW5nQHNlY3VyZS5pc3Rpby5pbyJ9.CfNnxWP2tcnR9q0vxyxweaF3ovQYHYZl82hAUsn21bwQd9zP7c-LS9qd_vpdLG4Tn1A15NxfCjp5f7QNBUo-KC9PJqYpgGbaXhaGx7bEdFWjcwv3nZzvc7M__ZpaCERdwU7igUmJqYGBYQ51vr2njU9ZimyKkfDe3axcyiBZde7G6dabliUosJvvKOPcKIWPccCgefSj_GNfwIip3-SsFdlR7BtbVUcqR-yv-XOxJ3Uc1MI0tz3uMiiZcyPV7sNCU4KRnemRIMHVOfuvHsU60_GhGbiSFzgPTAa9WTltbnarTbxudb_YEOx12JiwYToeX0DCPb43W1tzIBxgm8NxUg";
+
+/// Istio's "JWT authentication with a waypoint" task as written, with the issuer's keys inline
+/// (`jwks`) where the task points `jwksUri` at them: a RequestAuthentication and an
+/// AuthorizationPolicy requiring its request principal, both attached to the waypoint's Gateway.
+/// No token: 403; the demo token: 200, the token not forwarded; a forged token: 401 with
+/// `WWW-Authenticate`, counted with its code.
+#[test]
+fn jwt_request_authentication_and_request_principals() {
+    let res = resource(
+        "wp-jwt-res",
+        "jwt.yaml",
+        &format!(
+            r#"apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {{name: jwt, namespace: default}}
+spec:
+  targetRefs:
+  - {{kind: Gateway, group: gateway.networking.k8s.io, name: bookinfo-productpage}}
+  jwtRules:
+  - issuer: "testing@secure.istio.io"
+    jwks: '{ISTIO_JWKS}'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: require-jwt, namespace: default}}
+spec:
+  targetRefs:
+  - {{kind: Gateway, group: gateway.networking.k8s.io, name: bookinfo-productpage}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        requestPrincipals: ["testing@secure.istio.io/testing@secure.istio.io"]
+"#
+        ),
+    );
+    let lab = Lab::start(67, "wp-jwt", &[("jwt.yaml", &res)]);
+    server(SocketAddr::new(ip(lab.n, 11), 9080), "reviews-v1");
+    server(SocketAddr::new(ip(lab.n, 12), 9080), "reviews-v2");
+    let mut c = lab.client(2, lab.vip(101));
+    let r = c.request("GET", "/headers", b"");
+    assert_eq!(
+        r.status,
+        403,
+        "no token, no request principal: {}\n{}",
+        r.text(),
+        lab.w.proc.log()
+    );
+    assert_eq!(r.text(), "RBAC: access denied");
+    c.send(format!("GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nAuthorization: Bearer {ISTIO_DEMO_JWT}\r\n\r\n").as_bytes());
+    let r = c.read();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
+    assert!(r
+        .header("x-served-by")
+        .is_some_and(|s| s.starts_with("reviews-v")));
+    assert!(
+        !r.text().to_ascii_lowercase().contains("authorization"),
+        "the token stays at the waypoint: {}",
+        r.text()
+    );
+    let forged = ISTIO_DEMO_JWT.replacen("eyJleHAiOjQ2ODU5ODk3MDAs", "eyJleHAiOjQ2ODU5ODk3MDEs", 1);
+    assert_ne!(forged, ISTIO_DEMO_JWT);
+    c.send(
+        format!(
+            "GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nAuthorization: Bearer {forged}\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    let r = c.read();
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.text(), "Jwt verification fails");
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some("Bearer realm=\"http://reviews:9080/headers\", error=\"invalid_token\"")
+    );
+    let m = lab.w.metrics();
+    for code in ["401", "403", "200"] {
+        assert_eq!(
+            metric(
+                &m,
+                "istio_requests_total",
+                &[&format!("response_code=\"{code}\"")]
+            ),
+            Some(1),
+            "{code}:\n{m}"
+        );
+    }
+}

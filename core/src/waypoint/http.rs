@@ -35,7 +35,7 @@ use zring_runtime::net::{self, ConnectOptions};
 use super::{
     cors::{self, Cors},
     headers::{self, HeaderRules},
-    mirror,
+    jwt, mirror,
     policy::{self, Decision, RequestContext},
     resources::{self, Abort, Backend, L7Config, Mirror, RequestView, RetryPolicy},
     traffic::{Outcome, Outlier, Overflow, Permit},
@@ -1083,6 +1083,39 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         error: None,
         delayed: false,
     };
+    // Request authentication (RequestAuthentication's JWT rules), before authorization as
+    // Envoy's jwt_authn runs before RBAC.
+    let auth = match rules.authn.is_empty() {
+        true => None,
+        false => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let query = req.uri().query().map(str::to_string);
+            match jwt::authenticate(
+                &rules.authn,
+                service_key,
+                req.headers_mut(),
+                query.as_deref(),
+                now,
+            ) {
+                jwt::Outcome::Missing => None,
+                jwt::Outcome::Verified(a) => Some(a),
+                jwt::Outcome::Failed(why) => {
+                    log.error = Some(format!("JWT: {why}"));
+                    Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+                    let mut reply = answer(log, StatusCode::UNAUTHORIZED, "-", why);
+                    let realm = format!(
+                        "Bearer realm=\"http://{authority}{path}\", error=\"invalid_token\""
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&realm) {
+                        reply.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                    }
+                    return reply;
+                }
+            }
+        }
+    };
     // L7 authorization.
     let principal = ctx.principal.as_deref();
     let pctx = RequestContext {
@@ -1095,6 +1128,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         path: &path,
         host: &host,
         headers: req.headers(),
+        auth: auth.as_ref(),
         tcp: false,
     };
     match policy::decide(&rules.policies, &pctx) {
@@ -1880,6 +1914,7 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
         path: "",
         host: "",
         headers: &headers,
+        auth: None,
         tcp: true,
     };
     if let Decision::Deny(reason) = policy::decide(&rules.policies, &pctx) {

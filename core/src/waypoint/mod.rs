@@ -23,6 +23,7 @@
 pub mod cors;
 pub mod headers;
 pub mod http;
+pub mod jwt;
 pub mod metrics;
 pub(crate) mod mirror;
 pub mod policy;
@@ -273,6 +274,9 @@ impl Waypoint {
             "routes": routes,
             "trafficPolicies": traffic,
             "policies": r.policies.iter().map(|p| &p.name).collect::<Vec<_>>(),
+            "requestAuthentications": r.authn.iter().map(|a| serde_json::json!({
+                "name": a.name, "issuers": a.rules.iter().map(|r| &r.issuer).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
             "lastError": self.last_error(),
         })
     }

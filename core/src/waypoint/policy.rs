@@ -58,6 +58,8 @@ struct Rule {
 struct Source {
     principals: Vec<String>,
     not_principals: Vec<String>,
+    request_principals: Vec<String>,
+    not_request_principals: Vec<String>,
     namespaces: Vec<String>,
     not_namespaces: Vec<String>,
     ip_blocks: Vec<ipnet::IpNet>,
@@ -84,6 +86,10 @@ enum Key {
     SourcePrincipal,
     DestinationPort,
     DestinationIp,
+    /// `request.auth.principal`: the verified JWT's `iss/sub`.
+    RequestPrincipal,
+    /// `request.auth.claims[a][b]...`, and `audiences` (`aud`) and `presenter` (`azp`).
+    Claim(Vec<String>),
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +120,8 @@ pub struct RequestContext<'a> {
     pub host: &'a str,
     /// Request headers.
     pub headers: &'a http::HeaderMap,
+    /// The request's verified JWT, if it carried one (RequestAuthentication).
+    pub auth: Option<&'a super::jwt::Authenticated>,
     /// Not HTTP (relayed as TCP): HTTP-only fields cannot be evaluated. As Istio, an ALLOW rule
     /// that needs them does not match, a DENY rule that has them matches on its other fields.
     pub tcp: bool,
@@ -159,9 +167,22 @@ fn field(values: &[String], not: &[String], v: Option<&str>, ignore_case: bool) 
 }
 
 impl Source {
-    fn matches(&self, c: &RequestContext<'_>) -> bool {
+    fn matches(&self, c: &RequestContext<'_>, deny: bool) -> bool {
         let ip_in = |blocks: &[ipnet::IpNet]| blocks.iter().any(|b| b.contains(&c.source_ip));
-        field(&self.principals, &self.not_principals, c.principal, false)
+        let jwt = !(self.request_principals.is_empty() && self.not_request_principals.is_empty());
+        // Request principals are HTTP-only: ignored for DENY, never matching for ALLOW on TCP.
+        let request_principal = match (c.tcp && jwt, deny) {
+            (true, true) => true,
+            (true, false) => false,
+            (false, _) => field(
+                &self.request_principals,
+                &self.not_request_principals,
+                c.auth.map(|a| a.principal.as_str()),
+                false,
+            ),
+        };
+        request_principal
+            && field(&self.principals, &self.not_principals, c.principal, false)
             && field(&self.namespaces, &self.not_namespaces, c.namespace, false)
             && (self.ip_blocks.is_empty() || ip_in(&self.ip_blocks))
             && (self.not_ip_blocks.is_empty() || !ip_in(&self.not_ip_blocks))
@@ -196,8 +217,25 @@ impl Operation {
 
 impl Condition {
     fn matches(&self, c: &RequestContext<'_>, deny: bool) -> bool {
-        if c.tcp && matches!(self.key, Key::Header(_)) {
+        if c.tcp
+            && matches!(
+                self.key,
+                Key::Header(_) | Key::RequestPrincipal | Key::Claim(_)
+            )
+        {
             return deny;
+        }
+        if let Key::Claim(path) = &self.key {
+            let vals = c
+                .auth
+                .map(|a| super::jwt::claim_values(&a.claims, path))
+                .unwrap_or_default();
+            let any = |list: &[String]| {
+                vals.iter()
+                    .any(|v| list.iter().any(|p| value_matches(p, v, false)))
+            };
+            return (self.values.is_empty() || any(&self.values))
+                && (self.not_values.is_empty() || !any(&self.not_values));
         }
         let owned;
         let v: Option<&str> = match &self.key {
@@ -208,6 +246,8 @@ impl Condition {
             }
             Key::SourceNamespace => c.namespace,
             Key::SourcePrincipal => c.principal,
+            Key::RequestPrincipal => c.auth.map(|a| a.principal.as_str()),
+            Key::Claim(_) => None,
             Key::DestinationPort => {
                 owned = c.destination.port().to_string();
                 Some(&owned)
@@ -238,7 +278,7 @@ impl Condition {
 
 impl Rule {
     fn matches(&self, c: &RequestContext<'_>, deny: bool) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(c)))
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(c, deny)))
             && (self.to.is_empty() || self.to.iter().any(|o| o.matches(c, deny)))
             && self.when.iter().all(|w| w.matches(c, deny))
     }
@@ -282,12 +322,6 @@ impl L7Policy {
             let mut rule = Rule::default();
             for (j, f) in r.from.into_iter().enumerate() {
                 let src = f.source;
-                if !src.request_principals.is_empty() || !src.not_request_principals.is_empty() {
-                    return Err((
-                        at(format!("from[{j}].source.requestPrincipals")),
-                        "JWT principals are not supported (no RequestAuthentication)".into(),
-                    ));
-                }
                 let blocks = |v: Vec<String>, what: &str| {
                     v.iter()
                         .map(|b| {
@@ -309,6 +343,8 @@ impl L7Policy {
                 rule.from.push(Source {
                     principals: src.principals,
                     not_principals: src.not_principals,
+                    request_principals: src.request_principals,
+                    not_request_principals: src.not_request_principals,
                     namespaces: src.namespaces,
                     not_namespaces: src.not_namespaces,
                     ip_blocks,
@@ -347,6 +383,17 @@ impl L7Policy {
                     "source.principal" => Key::SourcePrincipal,
                     "destination.port" => Key::DestinationPort,
                     "destination.ip" => Key::DestinationIp,
+                    "request.auth.principal" => Key::RequestPrincipal,
+                    "request.auth.audiences" => Key::Claim(vec!["aud".into()]),
+                    "request.auth.presenter" => Key::Claim(vec!["azp".into()]),
+                    k if k.starts_with("request.auth.claims[") => {
+                        claim_path(&k["request.auth.claims".len()..]).ok_or_else(|| {
+                            (
+                                at(format!("when[{j}].key")),
+                                format!("{k:?}: request.auth.claims[name] or [name][nested]"),
+                            )
+                        })?
+                    }
                     k => match k
                         .strip_prefix("request.headers[")
                         .and_then(|h| h.strip_suffix(']'))
@@ -382,6 +429,21 @@ impl L7Policy {
             rules,
         })
     }
+}
+
+/// `[a][b]` -> a claim path.
+fn claim_path(s: &str) -> Option<Key> {
+    let mut path = Vec::new();
+    let mut rest = s;
+    while !rest.is_empty() {
+        let (name, after) = rest.strip_prefix('[')?.split_once(']')?;
+        if name.is_empty() {
+            return None;
+        }
+        path.push(name.to_string());
+        rest = after;
+    }
+    (!path.is_empty()).then_some(Key::Claim(path))
 }
 
 /// Decide one request against `policies`.
@@ -546,8 +608,70 @@ mod tests {
             path: "/productpage",
             host: "productpage",
             headers: h,
+            auth: None,
             tcp: false,
         }
+    }
+
+    #[test]
+    fn request_principals_and_claims_come_from_the_verified_token() {
+        let auth = super::super::jwt::Authenticated {
+            principal: "testing@secure.istio.io/alice".into(),
+            claims: serde_json::from_str(
+                r#"{"groups":["dev","ops"],"aud":"bookinfo","org":{"team":"reviews"}}"#,
+            )
+            .unwrap(),
+        };
+        let h = http::HeaderMap::new();
+        let with = |a| RequestContext {
+            auth: a,
+            ..ctx("cluster.local/ns/default/sa/sleep", "GET", &h)
+        };
+        let any_token = [policy(
+            "rules:\n- from:\n  - source:\n      requestPrincipals: [\"*\"]\n",
+            PolicyTarget::All,
+        )];
+        assert_eq!(
+            decide(&any_token, &with(Some(&auth))),
+            Decision::Allow { audit: false }
+        );
+        assert!(
+            matches!(decide(&any_token, &with(None)), Decision::Deny(_)),
+            "no token"
+        );
+        let no_token = [policy(
+            "action: DENY\nrules:\n- from:\n  - source:\n      notRequestPrincipals: [\"*\"]\n",
+            PolicyTarget::All,
+        )];
+        assert!(matches!(decide(&no_token, &with(None)), Decision::Deny(_)));
+        assert_eq!(
+            decide(&no_token, &with(Some(&auth))),
+            Decision::Allow { audit: false }
+        );
+        let claims = [policy(
+            "rules:\n- when:\n  - key: request.auth.claims[groups]\n    values: [ops]\n  - key: request.auth.claims[org][team]\n    values: [rev*]\n  - key: request.auth.audiences\n    values: [bookinfo]\n  - key: request.auth.principal\n    values: [\"testing@secure.istio.io/*\"]\n",
+            PolicyTarget::All,
+        )];
+        assert_eq!(
+            decide(&claims, &with(Some(&auth))),
+            Decision::Allow { audit: false }
+        );
+        assert!(matches!(decide(&claims, &with(None)), Decision::Deny(_)));
+        let admins = [policy(
+            "rules:\n- when:\n  - key: request.auth.claims[groups]\n    values: [admin]\n",
+            PolicyTarget::All,
+        )];
+        assert!(matches!(
+            decide(&admins, &with(Some(&auth))),
+            Decision::Deny(_)
+        ));
+        let s: ApSpec = serde_yaml_ng::from_str(
+            "rules:\n- when:\n  - key: request.auth.claims[]\n    values: [x]\n",
+        )
+        .unwrap();
+        let e =
+            L7Policy::from_spec("p".into(), "default".into(), PolicyTarget::All, s).unwrap_err();
+        assert_eq!(e.0, "rules[0].when[0].key");
     }
 
     #[test]

@@ -1,12 +1,13 @@
 //! The L7 resources a waypoint reads, in the shapes users `kubectl apply`: Istio's
-//! `VirtualService`, `DestinationRule` and `AuthorizationPolicy` (the seeds' forms), and Gateway
-//! API's `HTTPRoute` (today's recommended form). One file or a folder of files (`*.yaml`,
-//! `*.yml`, `*.json`, name order), each any number of YAML documents or a `List`.
+//! `VirtualService`, `DestinationRule`, `AuthorizationPolicy` and `RequestAuthentication` (the
+//! seeds' forms), and Gateway API's `HTTPRoute` (today's recommended form). One file or a folder
+//! of files (`*.yaml`, `*.yml`, `*.json`, name order), each any number of YAML documents or a
+//! `List`.
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
-//! implement (Gateway filters other than header modifiers, URL rewrites, redirects and
-//! mirrors; JWT principals, CUSTOM actions) are refused rather than ignored: a rule that silently did less than it says would
-//! let traffic through that the user meant to stop. Every error names the file, the resource and
+//! implement (Gateway filters other than header modifiers, URL rewrites, redirects, mirrors and
+//! CORS; `jwksUri`, CUSTOM actions) are refused rather than ignored: a rule that silently did
+//! less than it says would let traffic through that the user meant to stop. Every error names the file, the resource and
 //! the field, e.g. `routes.yaml: VirtualService default/reviews: spec.http[0].route[1].weight:
 //! invalid type: string "ten", expected u32`.
 
@@ -361,6 +362,8 @@ pub struct L7Config {
     pub subset_traffic: FastMap<String, FastMap<String, Arc<TrafficPolicy>>>,
     /// Authorization policies attached to this waypoint or a service behind it.
     pub policies: Vec<L7Policy>,
+    /// RequestAuthentications attached to this waypoint (JWT rules).
+    pub authn: Vec<super::jwt::RequestAuthn>,
     /// What was read: `Kind namespace/name (file)`.
     pub loaded: Vec<String>,
 }
@@ -559,7 +562,10 @@ fn resource(
     let ours = matches!(
         (group, kind.as_str()),
         ("networking.istio.io", "VirtualService" | "DestinationRule")
-            | ("security.istio.io", "AuthorizationPolicy")
+            | (
+                "security.istio.io",
+                "AuthorizationPolicy" | "RequestAuthentication"
+            )
             | ("gateway.networking.k8s.io", "HTTPRoute")
     );
     if !ours {
@@ -600,7 +606,9 @@ fn resource(
         "AuthorizationPolicy" => {
             let s: super::policy::ApSpec =
                 typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
-            let target = attachment(&s, &ns, me).map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            let refs = s.target_refs.iter().chain(s.target_ref.as_ref()).collect();
+            let target = attachment(s.selector.as_ref(), refs, &ns, me)
+                .map_err(|(f, m)| err(name.clone(), at(f), m))?;
             let Some(target) = target else {
                 tracing::debug!(policy = %name, "policy not attached to this waypoint; skipped");
                 return Ok(());
@@ -608,6 +616,20 @@ fn resource(
             let p = L7Policy::from_spec(name.clone(), ns.clone(), target, s)
                 .map_err(|(f, m)| err(name.clone(), at(f), m))?;
             b.cfg.policies.push(p);
+        }
+        "RequestAuthentication" => {
+            let s: super::jwt::RaSpec =
+                typed(spec).map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            let refs = s.target_refs.iter().chain(s.target_ref.as_ref()).collect();
+            let target = attachment(s.selector.as_ref(), refs, &ns, me)
+                .map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            let Some(target) = target else {
+                tracing::debug!(policy = %name, "RequestAuthentication not attached to this waypoint; skipped");
+                return Ok(());
+            };
+            let a = super::jwt::RequestAuthn::from_spec(name.clone(), target, s)
+                .map_err(|(f, m)| err(name.clone(), at(f), m))?;
+            b.cfg.authn.push(a);
         }
         _ => {}
     }
@@ -1848,20 +1870,19 @@ fn hr_match(m: HrMatch) -> Result<RequestMatch, (String, String)> {
 /// or to a Service (traffic to that service), or the `istio-waypoint` GatewayClass from the
 /// root namespace (every waypoint).
 fn attachment(
-    s: &super::policy::ApSpec,
+    selector: Option<&super::policy::Selector>,
+    refs: Vec<&super::policy::TargetRef>,
     ns: &str,
     me: &WaypointIdentity,
 ) -> Result<Option<PolicyTarget>, (String, String)> {
     let same_ns = ns == me.namespace || ns == me.root_namespace;
-    let refs: Vec<&super::policy::TargetRef> =
-        s.target_refs.iter().chain(s.target_ref.as_ref()).collect();
-    if !refs.is_empty() && s.selector.is_some() {
+    if !refs.is_empty() && selector.is_some() {
         return Err((
             "selector".into(),
             "selector and targetRefs are exclusive".into(),
         ));
     }
-    if let Some(sel) = &s.selector {
+    if let Some(sel) = selector {
         let labels = &sel.match_labels;
         return Ok(match (same_ns, labels.get("istio.io/gateway-name")) {
             (true, Some(g)) if g == &me.gateway_name && labels.len() == 1 => {

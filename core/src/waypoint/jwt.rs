@@ -1,0 +1,726 @@
+//! Request authentication with JWTs, as Istio's `RequestAuthentication` configures Envoy's
+//! `jwt_authn` filter in a waypoint: a request may carry no token (it passes, with no request
+//! principal); a token it carries must verify against a rule of its issuer (signature with the
+//! rule's JWKS, `exp`/`nbf` with 60 s of clock skew, `aud` against the rule's audiences) or the
+//! request is answered 401. A verified token gives the request principal `iss/sub` and its
+//! claims to authorization (`requestPrincipals`, `request.auth.*`).
+//!
+//! Keys come inline (`jwks`); RSA (RS256/384/512, PS256/384/512), EC (ES256, ES384) and
+//! Ed25519 (EdDSA) keys are verified with ring.
+
+use base64::Engine as _;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use super::policy::PolicyTarget;
+
+/// Clock skew allowed on `exp` and `nbf` (Envoy's default).
+const SKEW_SECS: u64 = 60;
+
+fn b64url(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .ok()
+}
+
+#[derive(Debug, Clone)]
+enum KeyKind {
+    Rsa { n: Vec<u8>, e: Vec<u8> },
+    P256(Vec<u8>),
+    P384(Vec<u8>),
+    Ed25519(Vec<u8>),
+}
+
+#[derive(Debug, Clone)]
+struct Key {
+    kid: Option<String>,
+    alg: Option<String>,
+    kind: KeyKind,
+}
+
+impl Key {
+    /// Verify `sig` over `msg` with this key for the token's `alg` (a key only verifies the
+    /// algorithms of its type, so a token cannot pick a weaker one).
+    fn verify(&self, alg: &str, msg: &[u8], sig: &[u8]) -> bool {
+        use ring::signature as s;
+        if self.alg.as_deref().is_some_and(|a| a != alg) {
+            return false;
+        }
+        match (&self.kind, alg) {
+            (KeyKind::Rsa { n, e }, _) => {
+                let params: &s::RsaParameters = match alg {
+                    "RS256" => &s::RSA_PKCS1_2048_8192_SHA256,
+                    "RS384" => &s::RSA_PKCS1_2048_8192_SHA384,
+                    "RS512" => &s::RSA_PKCS1_2048_8192_SHA512,
+                    "PS256" => &s::RSA_PSS_2048_8192_SHA256,
+                    "PS384" => &s::RSA_PSS_2048_8192_SHA384,
+                    "PS512" => &s::RSA_PSS_2048_8192_SHA512,
+                    _ => return false,
+                };
+                s::RsaPublicKeyComponents { n, e }
+                    .verify(params, msg, sig)
+                    .is_ok()
+            }
+            (KeyKind::P256(p), "ES256") => {
+                s::UnparsedPublicKey::new(&s::ECDSA_P256_SHA256_FIXED, p)
+                    .verify(msg, sig)
+                    .is_ok()
+            }
+            (KeyKind::P384(p), "ES384") => {
+                s::UnparsedPublicKey::new(&s::ECDSA_P384_SHA384_FIXED, p)
+                    .verify(msg, sig)
+                    .is_ok()
+            }
+            (KeyKind::Ed25519(p), "EdDSA") => s::UnparsedPublicKey::new(&s::ED25519, p)
+                .verify(msg, sig)
+                .is_ok(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+#[derive(Deserialize)]
+struct Jwk {
+    kty: String,
+    #[serde(default)]
+    kid: Option<String>,
+    #[serde(default)]
+    alg: Option<String>,
+    #[serde(default, rename = "use")]
+    usage: Option<String>,
+    #[serde(default)]
+    n: Option<String>,
+    #[serde(default)]
+    e: Option<String>,
+    #[serde(default)]
+    crv: Option<String>,
+    #[serde(default)]
+    x: Option<String>,
+    #[serde(default)]
+    y: Option<String>,
+}
+
+/// The signing keys of a JWKS document; errors name the key.
+fn parse_jwks(text: &str) -> Result<Vec<Key>, String> {
+    let set: Jwks = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = Vec::new();
+    for (i, k) in set.keys.into_iter().enumerate() {
+        if k.usage.as_deref().is_some_and(|u| u != "sig") {
+            continue;
+        }
+        let part = |v: &Option<String>, name: &str| {
+            v.as_deref()
+                .and_then(b64url)
+                .ok_or_else(|| format!("keys[{i}].{name}: missing or not base64url"))
+        };
+        let kind = match (k.kty.as_str(), k.crv.as_deref()) {
+            ("RSA", _) => KeyKind::Rsa {
+                n: part(&k.n, "n")?,
+                e: part(&k.e, "e")?,
+            },
+            ("EC", Some(crv @ ("P-256" | "P-384"))) => {
+                let mut point = vec![4u8];
+                point.extend(part(&k.x, "x")?);
+                point.extend(part(&k.y, "y")?);
+                match crv {
+                    "P-256" => KeyKind::P256(point),
+                    _ => KeyKind::P384(point),
+                }
+            }
+            ("OKP", Some("Ed25519")) => KeyKind::Ed25519(part(&k.x, "x")?),
+            (kty, crv) => {
+                return Err(format!(
+                "keys[{i}]: key type {kty:?}{} is not supported (RSA, EC P-256/P-384, OKP Ed25519)",
+                crv.map(|c| format!(" curve {c:?}")).unwrap_or_default()
+            ))
+            }
+        };
+        keys.push(Key {
+            kid: k.kid,
+            alg: k.alg,
+            kind,
+        });
+    }
+    if keys.is_empty() {
+        return Err("no signing key".into());
+    }
+    Ok(keys)
+}
+
+/// Where a token is looked for.
+#[derive(Debug, Clone, PartialEq)]
+enum Location {
+    /// A header, the token after `prefix`.
+    Header(HeaderName, String),
+    /// A query parameter.
+    Param(String),
+}
+
+/// One `jwtRules` entry.
+#[derive(Debug, Clone)]
+pub struct JwtRule {
+    pub issuer: String,
+    audiences: Vec<String>,
+    keys: Vec<Key>,
+    locations: Vec<Location>,
+    forward_original_token: bool,
+    output_payload_to_header: Option<HeaderName>,
+    output_claim_to_headers: Vec<(HeaderName, String)>,
+}
+
+/// A `RequestAuthentication` attached to this waypoint.
+#[derive(Debug, Clone)]
+pub struct RequestAuthn {
+    /// `RequestAuthentication ns/name`.
+    pub name: String,
+    pub target: PolicyTarget,
+    pub rules: Vec<JwtRule>,
+}
+
+/// `spec` of a RequestAuthentication.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RaSpec {
+    #[serde(default)]
+    pub(super) selector: Option<super::policy::Selector>,
+    #[serde(default)]
+    pub(super) target_ref: Option<super::policy::TargetRef>,
+    #[serde(default)]
+    pub(super) target_refs: Vec<super::policy::TargetRef>,
+    #[serde(default)]
+    pub(super) jwt_rules: Vec<RaRule>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct RaRule {
+    issuer: String,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default)]
+    jwks_uri: Option<String>,
+    #[serde(default)]
+    jwks: Option<String>,
+    #[serde(default)]
+    from_headers: Vec<RaHeader>,
+    #[serde(default)]
+    from_params: Vec<String>,
+    #[serde(default)]
+    from_cookies: Vec<String>,
+    #[serde(default)]
+    output_payload_to_header: Option<String>,
+    #[serde(default)]
+    forward_original_token: bool,
+    #[serde(default)]
+    output_claim_to_headers: Vec<RaClaimHeader>,
+    #[serde(default)]
+    timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RaHeader {
+    name: String,
+    #[serde(default)]
+    prefix: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RaClaimHeader {
+    header: String,
+    claim: String,
+}
+
+fn header_name(n: &str, at: &str) -> Result<HeaderName, (String, String)> {
+    HeaderName::from_bytes(n.as_bytes())
+        .map_err(|_| (at.to_string(), format!("{n:?} is not a header name")))
+}
+
+impl RequestAuthn {
+    /// Build from a parsed spec; errors name the field below `spec`.
+    pub(super) fn from_spec(
+        name: String,
+        target: PolicyTarget,
+        s: RaSpec,
+    ) -> Result<Self, (String, String)> {
+        let mut rules = Vec::new();
+        for (i, r) in s.jwt_rules.into_iter().enumerate() {
+            let at = |f: &str| format!("jwtRules[{i}].{f}");
+            if r.issuer.is_empty() {
+                return Err((at("issuer"), "required".into()));
+            }
+            if !r.from_cookies.is_empty() {
+                return Err((
+                    at("fromCookies"),
+                    "not supported by zring's waypoint (refused rather than ignored)".into(),
+                ));
+            }
+            let keys = match (r.jwks, r.jwks_uri) {
+                (Some(j), _) => parse_jwks(&j).map_err(|e| (at("jwks"), e))?,
+                (None, Some(_)) => {
+                    return Err((
+                        at("jwksUri"),
+                        "zring's waypoint does not fetch keys; give them inline in jwks (istiod inlines them the same way)".into(),
+                    ))
+                }
+                (None, None) => return Err((at("jwks"), "required (the issuer's keys)".into())),
+            };
+            if let Some(t) = r.timeout.as_deref() {
+                super::resources::duration(t).map_err(|e| (at("timeout"), e))?;
+            }
+            let mut locations = Vec::new();
+            for (j, h) in r.from_headers.iter().enumerate() {
+                let n = header_name(
+                    &h.name.to_ascii_lowercase(),
+                    &at(&format!("fromHeaders[{j}].name")),
+                )?;
+                locations.push(Location::Header(n, h.prefix.clone()));
+            }
+            locations.extend(r.from_params.into_iter().map(Location::Param));
+            if locations.is_empty() {
+                // Envoy's defaults: `Authorization: Bearer <token>`, or `?access_token=`.
+                locations.push(Location::Header(
+                    http::header::AUTHORIZATION,
+                    "Bearer ".into(),
+                ));
+                locations.push(Location::Param("access_token".into()));
+            }
+            let output_payload_to_header = r
+                .output_payload_to_header
+                .as_deref()
+                .map(|h| header_name(&h.to_ascii_lowercase(), &at("outputPayloadToHeader")))
+                .transpose()?;
+            let mut output_claim_to_headers = Vec::new();
+            for (j, c) in r.output_claim_to_headers.into_iter().enumerate() {
+                let n = header_name(
+                    &c.header.to_ascii_lowercase(),
+                    &at(&format!("outputClaimToHeaders[{j}].header")),
+                )?;
+                output_claim_to_headers.push((n, c.claim));
+            }
+            rules.push(JwtRule {
+                issuer: r.issuer,
+                audiences: r.audiences,
+                keys,
+                locations,
+                forward_original_token: r.forward_original_token,
+                output_payload_to_header,
+                output_claim_to_headers,
+            });
+        }
+        Ok(RequestAuthn {
+            name,
+            target,
+            rules,
+        })
+    }
+
+    fn applies(&self, service: Option<&str>) -> bool {
+        match &self.target {
+            PolicyTarget::All => true,
+            PolicyTarget::Services(s) => service.is_some_and(|svc| s.iter().any(|x| x == svc)),
+        }
+    }
+}
+
+/// A verified token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Authenticated {
+    /// `iss/sub`, as authorization policies name request principals.
+    pub principal: String,
+    /// The payload's claims.
+    pub claims: Map<String, Value>,
+}
+
+/// The outcome of request authentication.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// No token: the request goes on without a request principal.
+    Missing,
+    Verified(Authenticated),
+    /// A token that did not verify: answer 401 with this reason (Envoy's wording).
+    Failed(&'static str),
+}
+
+fn find_token(loc: &Location, h: &HeaderMap, query: Option<&str>) -> Option<String> {
+    match loc {
+        Location::Header(n, prefix) => h.get_all(n).iter().find_map(|v| {
+            let v = v.to_str().ok()?;
+            let t = match prefix.is_empty() {
+                true => Some(v),
+                false => v
+                    .get(..prefix.len())
+                    .filter(|p| p.eq_ignore_ascii_case(prefix))
+                    .map(|_| &v[prefix.len()..]),
+            }?;
+            Some(t.trim().to_string()).filter(|t| !t.is_empty())
+        }),
+        Location::Param(p) => query?.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == p && !v.is_empty()).then(|| v.to_string())
+        }),
+    }
+}
+
+/// Check `token` against the rules of its issuer, at `now` (seconds since the epoch).
+fn verify<'a>(
+    rules: &[&'a JwtRule],
+    token: &str,
+    now: u64,
+) -> Result<(&'a JwtRule, Map<String, Value>, String), &'static str> {
+    const MALFORMED: &str =
+        "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections";
+    let mut parts = token.split('.');
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(MALFORMED);
+    };
+    let json = |s: &str| -> Option<Map<String, Value>> { serde_json::from_slice(&b64url(s)?).ok() };
+    let (Some(header), Some(claims), Some(sig)) = (json(h), json(p), b64url(s)) else {
+        return Err("Jwt header or payload is an invalid JSON");
+    };
+    let Some(iss) = claims.get("iss").and_then(Value::as_str) else {
+        return Err("Jwt issuer is not configured");
+    };
+    let alg = header.get("alg").and_then(Value::as_str).unwrap_or("");
+    let kid = header.get("kid").and_then(Value::as_str);
+    let msg = &token.as_bytes()[..h.len() + 1 + p.len()];
+    let mut of_issuer = rules.iter().filter(|r| r.issuer == iss).peekable();
+    if of_issuer.peek().is_none() {
+        return Err("Jwt issuer is not configured");
+    }
+    for rule in of_issuer {
+        let signed = rule
+            .keys
+            .iter()
+            .filter(|k| kid.is_none() || k.kid.is_none() || k.kid.as_deref() == kid)
+            .any(|k| k.verify(alg, msg, &sig));
+        if !signed {
+            continue;
+        }
+        let time = |name: &str| claims.get(name).and_then(Value::as_u64);
+        if time("exp").is_some_and(|exp| now > exp.saturating_add(SKEW_SECS)) {
+            return Err("Jwt is expired");
+        }
+        if time("nbf").is_some_and(|nbf| now.saturating_add(SKEW_SECS) < nbf) {
+            return Err("Jwt not yet valid");
+        }
+        if !rule.audiences.is_empty() {
+            let ok = match claims.get("aud") {
+                Some(Value::String(a)) => rule.audiences.contains(a),
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .any(|a| rule.audiences.iter().any(|x| x == a)),
+                _ => false,
+            };
+            if !ok {
+                return Err("Audiences in Jwt are not allowed");
+            }
+        }
+        let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
+        let principal = format!("{iss}/{sub}");
+        return Ok((rule, claims, principal));
+    }
+    Err("Jwt verification fails")
+}
+
+/// Authenticate a request to `service` with the RequestAuthentications in force: find its
+/// token, verify it, and on success apply the rule's header changes to `h` (the token's header
+/// removed unless `forwardOriginalToken`, the payload or claims copied to headers).
+pub fn authenticate(
+    policies: &[RequestAuthn],
+    service: Option<&str>,
+    h: &mut HeaderMap,
+    query: Option<&str>,
+    now: u64,
+) -> Outcome {
+    let rules: Vec<&JwtRule> = policies
+        .iter()
+        .filter(|p| p.applies(service))
+        .flat_map(|p| &p.rules)
+        .collect();
+    if rules.is_empty() {
+        return Outcome::Missing;
+    }
+    // Every token the rules' locations hold; each must verify (Envoy's requires_any with
+    // allow_missing: a missing token passes, a bad one does not).
+    let mut found: Vec<(String, &Location)> = Vec::new();
+    for r in &rules {
+        for loc in &r.locations {
+            if let Some(t) = find_token(loc, h, query) {
+                if !found.iter().any(|(f, _)| *f == t) {
+                    found.push((t, loc));
+                }
+            }
+        }
+    }
+    let Some((token, loc)) = found.first() else {
+        return Outcome::Missing;
+    };
+    let loc = (*loc).clone();
+    let (rule, claims, principal) = match verify(&rules, token, now) {
+        Ok(v) => v,
+        Err(why) => return Outcome::Failed(why),
+    };
+    if !rule.forward_original_token {
+        if let Location::Header(n, _) = &loc {
+            h.remove(n);
+        }
+    }
+    if let Some(n) = &rule.output_payload_to_header {
+        if let Some(v) = token
+            .split('.')
+            .nth(1)
+            .and_then(|p| HeaderValue::from_str(p).ok())
+        {
+            h.insert(n.clone(), v);
+        }
+    }
+    for (n, claim) in &rule.output_claim_to_headers {
+        let v = match claims.get(claim) {
+            Some(Value::String(s)) => s.clone(),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+            _ => continue,
+        };
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(n.clone(), v);
+        }
+    }
+    Outcome::Verified(Authenticated { principal, claims })
+}
+
+/// The values of claim path `path` (`["groups"]`, `["a", "b"]` for nested), as strings: a
+/// string claim's value, an array's string items.
+pub fn claim_values<'a>(claims: &'a Map<String, Value>, path: &[String]) -> Vec<&'a str> {
+    let mut v = match path.first().and_then(|k| claims.get(k)) {
+        Some(v) => v,
+        None => return Vec::new(),
+    };
+    for k in &path[1..] {
+        match v.get(k) {
+            Some(x) => v = x,
+            None => return Vec::new(),
+        }
+    }
+    match v {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Istio's sample JWKS and its `demo.jwt` (RS256, issuer and subject
+    /// `testing@secure.istio.io`, `foo: bar`, expiring in 2118), from istio/istio's
+    /// `security/tools/jwt/samples`.
+    pub(crate) const ISTIO_JWKS: &str = r#"{"keys":[{"e":"AQAB","kid":"DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ","kty":"RSA","n":"xAE7eB6qugXyCAG3yhh7pkDkT65pHymX-P7KfIupjf59vsdo91bSP9C8H07pSAGQO1MV_xFj9VswgsCg4R6otmg5PV2He95lZdHtOcU5DXIg_pbhLdKXbi66GlVeK6ABZOUW3WYtnNHD-91gVuoeJT_DwtGGcp4ignkgXfkiEm4sw-4sfb4qdt5oLbyVpmW6x9cfa7vs2WTfURiCrBoUqgBo_-4WTiULmmHSGZHOjzwa8WtrtOQGsAFjIbno85jp6MnGGGZPYZbDAa_b3y5u-YpW7ypZrvD8BgtKVjgtQgZhLAGezMt0ua3DRrWnKqTZ0BJ_EyxOGuHJrLsn00fnMQ"}]}"#;
+    pub(crate) const ISTIO_DEMO_JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6IkRIRmJwb0lVcXJZOHQyenBBMnFYZkNtcjVWTzVaRXI0UnpIVV8tZW52dlEiLCJ0eXAiOiJKV1QifQ.eyJleHAiOjQ2ODU5ODk3MDAsImZvbyI6ImJhciIsImlhdCI6MTUzMjM4OTcwMCwiaXNzIjoidGVzdGluZ0BzZWN1cmUuaXN0aW8uaW8iLCJzdWIiOiJ0ZXN0aW5nQHNlY3VyZS5pc3Rpby5pbyJ9.CfNnxWP2tcnR9q0vxyxweaF3ovQYHYZl82hAUsn21bwQd9zP7c-LS9qd_vpdLG4Tn1A15NxfCjp5f7QNBUo-KC9PJqYpgGbaXhaGx7bEdFWjcwv3nZzvc7M__ZpaCERdwU7igUmJqYGBYQ51vr2njU9ZimyKkfDe3axcyiBZde7G6dabliUosJvvKOPcKIWPccCgefSj_GNfwIip3-SsFdlR7BtbVUcqR-yv-XOxJ3Uc1MI0tz3uMiiZcyPV7sNCU4KRnemRIMHVOfuvHsU60_GhGbiSFzgPTAa9WTltbnarTbxudb_YEOx12JiwYToeX0DCPb43W1tzIBxgm8NxUg";
+
+    fn authn(rule_yaml: &str) -> Vec<RequestAuthn> {
+        let s: RaSpec = serde_yaml_ng::from_str(rule_yaml).unwrap();
+        vec![RequestAuthn::from_spec(
+            "RequestAuthentication default/jwt".into(),
+            PolicyTarget::All,
+            s,
+        )
+        .unwrap()]
+    }
+
+    fn istio_rule(extra: &str) -> Vec<RequestAuthn> {
+        authn(&format!(
+            "jwtRules:\n- issuer: testing@secure.istio.io\n  jwks: '{ISTIO_JWKS}'\n{extra}"
+        ))
+    }
+
+    fn bearer(t: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("authorization", format!("Bearer {t}").parse().unwrap());
+        h
+    }
+
+    const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn istios_demo_token_verifies_with_its_jwks_and_tampering_fails() {
+        let p = istio_rule("");
+        let mut h = bearer(ISTIO_DEMO_JWT);
+        let Outcome::Verified(a) = authenticate(&p, None, &mut h, None, NOW) else {
+            panic!("verified")
+        };
+        assert_eq!(
+            a.principal,
+            "testing@secure.istio.io/testing@secure.istio.io"
+        );
+        assert_eq!(claim_values(&a.claims, &["foo".into()]), ["bar"]);
+        assert!(
+            h.get("authorization").is_none(),
+            "the token is not forwarded by default"
+        );
+        // The same token from the default query parameter.
+        let q = format!("x=1&access_token={ISTIO_DEMO_JWT}");
+        assert!(matches!(
+            authenticate(&p, None, &mut HeaderMap::new(), Some(&q), NOW),
+            Outcome::Verified(_)
+        ));
+        // One byte of the payload changed: the signature no longer holds.
+        let mut parts: Vec<String> = ISTIO_DEMO_JWT.split('.').map(str::to_string).collect();
+        let mut claims: Map<String, Value> =
+            serde_json::from_slice(&b64url(&parts[1]).unwrap()).unwrap();
+        claims.insert("foo".into(), "baz".into());
+        parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(&claims).unwrap());
+        let forged = parts.join(".");
+        assert_eq!(
+            authenticate(&p, None, &mut bearer(&forged), None, NOW),
+            Outcome::Failed("Jwt verification fails")
+        );
+        assert_eq!(
+            authenticate(&p, None, &mut bearer("abc.def"), None, NOW),
+            Outcome::Failed(
+                "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
+            )
+        );
+        assert_eq!(
+            authenticate(&p, None, &mut HeaderMap::new(), None, NOW),
+            Outcome::Missing
+        );
+        assert_eq!(
+            authenticate(
+                &p,
+                None,
+                &mut bearer(ISTIO_DEMO_JWT),
+                None,
+                4_685_989_700 + 61
+            ),
+            Outcome::Failed("Jwt is expired")
+        );
+    }
+
+    #[test]
+    fn issuers_audiences_locations_and_outputs_follow_the_rule() {
+        let other = authn(&format!(
+            "jwtRules:\n- issuer: someone-else\n  jwks: '{ISTIO_JWKS}'\n"
+        ));
+        assert_eq!(
+            authenticate(&other, None, &mut bearer(ISTIO_DEMO_JWT), None, NOW),
+            Outcome::Failed("Jwt issuer is not configured")
+        );
+        let aud = istio_rule("  audiences: [bookinfo]\n");
+        assert_eq!(
+            authenticate(&aud, None, &mut bearer(ISTIO_DEMO_JWT), None, NOW),
+            Outcome::Failed("Audiences in Jwt are not allowed")
+        );
+        let custom = istio_rule(
+            "  fromHeaders: [{name: X-Jwt, prefix: 'Token '}]\n  forwardOriginalToken: true\n  outputPayloadToHeader: x-jwt-payload\n  outputClaimToHeaders: [{header: x-foo, claim: foo}]\n",
+        );
+        let mut h = HeaderMap::new();
+        h.insert("x-jwt", format!("token {ISTIO_DEMO_JWT}").parse().unwrap());
+        assert!(matches!(
+            authenticate(&custom, None, &mut h, None, NOW),
+            Outcome::Verified(_)
+        ));
+        assert!(h.contains_key("x-jwt"), "forwarded");
+        assert_eq!(h["x-foo"], "bar");
+        assert_eq!(
+            h["x-jwt-payload"],
+            ISTIO_DEMO_JWT.split('.').nth(1).unwrap()
+        );
+        assert_eq!(
+            authenticate(&custom, None, &mut bearer(ISTIO_DEMO_JWT), None, NOW),
+            Outcome::Missing,
+            "Authorization is not one of this rule's locations"
+        );
+    }
+
+    #[test]
+    fn es256_and_eddsa_tokens_verify_and_alg_confusion_fails() {
+        use ring::signature::{
+            EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
+        };
+        let rng = ring::rand::SystemRandom::new();
+        let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let ec = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let pt = ec.public_key().as_ref();
+        let ed8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let ed = Ed25519KeyPair::from_pkcs8(ed8.as_ref()).unwrap();
+        let jwks = format!(
+            r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"ec","x":"{}","y":"{}"}},{{"kty":"OKP","crv":"Ed25519","kid":"ed","x":"{}"}}]}}"#,
+            enc(&pt[1..33]),
+            enc(&pt[33..]),
+            enc(ed.public_key().as_ref())
+        );
+        let p = authn(&format!("jwtRules:\n- issuer: me\n  jwks: '{jwks}'\n"));
+        let token = |alg: &str, kid: &str, sign: &dyn Fn(&[u8]) -> Vec<u8>| {
+            let head = enc(format!(r#"{{"alg":"{alg}","kid":"{kid}"}}"#).as_bytes());
+            let body =
+                enc(br#"{"iss":"me","sub":"alice","groups":["dev","ops"],"exp":1900000000}"#);
+            let msg = format!("{head}.{body}");
+            format!("{msg}.{}", enc(&sign(msg.as_bytes())))
+        };
+        let es = token("ES256", "ec", &|m| {
+            ec.sign(&rng, m).unwrap().as_ref().to_vec()
+        });
+        let Outcome::Verified(a) = authenticate(&p, None, &mut bearer(&es), None, NOW) else {
+            panic!("ES256")
+        };
+        assert_eq!(a.principal, "me/alice");
+        assert_eq!(claim_values(&a.claims, &["groups".into()]), ["dev", "ops"]);
+        let eddsa = token("EdDSA", "ed", &|m| ed.sign(m).as_ref().to_vec());
+        assert!(matches!(
+            authenticate(&p, None, &mut bearer(&eddsa), None, NOW),
+            Outcome::Verified(_)
+        ));
+        // An EC signature presented as EdDSA, or with no algorithm at all.
+        let confused = token("EdDSA", "ec", &|m| {
+            ec.sign(&rng, m).unwrap().as_ref().to_vec()
+        });
+        let none = token("none", "ec", &|_| Vec::new());
+        for t in [confused, none] {
+            assert_eq!(
+                authenticate(&p, None, &mut bearer(&t), None, NOW),
+                Outcome::Failed("Jwt verification fails")
+            );
+        }
+        assert_eq!(
+            authenticate(&p, None, &mut bearer(&es), None, 1_900_000_000 + 61),
+            Outcome::Failed("Jwt is expired")
+        );
+    }
+
+    #[test]
+    fn rules_are_checked_when_loaded() {
+        for (y, field) in [
+            (
+                "jwtRules:\n- issuer: a\n  jwksUri: https://example.com/jwks\n",
+                "jwtRules[0].jwksUri",
+            ),
+            ("jwtRules:\n- issuer: a\n", "jwtRules[0].jwks"),
+            (
+                "jwtRules:\n- issuer: a\n  jwks: '{\"keys\":[{\"kty\":\"oct\",\"k\":\"AA\"}]}'\n",
+                "jwtRules[0].jwks",
+            ),
+            (
+                "jwtRules:\n- issuer: a\n  jwks: 'x'\n  fromCookies: [c]\n",
+                "jwtRules[0].fromCookies",
+            ),
+        ] {
+            let s: RaSpec = serde_yaml_ng::from_str(y).unwrap();
+            let e = RequestAuthn::from_spec("r".into(), PolicyTarget::All, s).unwrap_err();
+            assert_eq!(e.0, field, "{y}: {e:?}");
+        }
+    }
+}
