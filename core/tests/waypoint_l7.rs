@@ -1801,13 +1801,27 @@ fn routes_answer_cors_preflights_and_mark_allowed_answers() {
 const ISTIO_JWKS: &str = r#"{"keys":[{"e":"AQAB","kid":"DHFbpoIUqrY8t2zpA2qXfCmr5VO5ZEr4RzHU_-envvQ","kty":"RSA","n":"xAE7eB6qugXyCAG3yhh7pkDkT65pHymX-P7KfIupjf59vsdo91bSP9C8H07pSAGQO1MV_xFj9VswgsCg4R6otmg5PV2He95lZdHtOcU5DXIg_pbhLdKXbi66GlVeK6ABZOUW3WYtnNHD-91gVuoeJT_DwtGGcp4ignkgXfkiEm4sw-4sfb4qdt5oLbyVpmW6x9cfa7vs2WTfURiCrBoUqgBo_-4WTiULmmHSGZHOjzwa8WtrtOQGsAFjIbno85jp6MnGGGZPYZbDAa_b3y5u-YpW7ypZrvD8BgtKVjgtQgZhLAGezMt0ua3DRrWnKqTZ0BJ_EyxOGuHJrLsn00fnMQ"}]}"#;
 const ISTIO_DEMO_JWT: &str = "eyJhbGciOiJSUzI1NiIsImtpZCI6IkRIRmJwb0lVcXJZOHQyenBBMnFYZkNtcjVWTzVaRXI0UnpIVV8tZW52dlEiLCJ0eXAiOiJKV1QifQ.eyJleHAiOjQ2ODU5ODk3MDAsImZvbyI6ImJhciIsImlhdCI6MTUzMjM4OTcwMCwiaXNzIjoidGVzdGluZ0BzZWN1cmUuaXN0aW8uaW8iLCJzdWIiOiJ0ZXN0aW5nQHNlY3VyZS5pc3Rpby5pbyJ9.CfNnxWP2tcnR9q0vxyxweaF3ovQYHYZl82hAUsn21bwQd9zP7c-LS9qd_vpdLG4Tn1A15NxfCjp5f7QNBUo-KC9PJqYpgGbaXhaGx7bEdFWjcwv3nZzvc7M__ZpaCERdwU7igUmJqYGBYQ51vr2njU9ZimyKkfDe3axcyiBZde7G6dabliUosJvvKOPcKIWPccCgefSj_GNfwIip3-SsFdlR7BtbVUcqR-yv-XOxJ3Uc1MI0tz3uMiiZcyPV7sNCU4KRnemRIMHVOfuvHsU60_GhGbiSFzgPTAa9WTltbnarTbxudb_YEOx12JiwYToeX0DCPb43W1tzIBxgm8NxUg";
 
-/// Istio's "JWT authentication with a waypoint" task as written, with the issuer's keys inline
-/// (`jwks`) where the task points `jwksUri` at them: a RequestAuthentication and an
-/// AuthorizationPolicy requiring its request principal, both attached to the waypoint's Gateway.
+/// Istio's "JWT authentication with a waypoint" task as written, its `jwksUri` served on
+/// loopback: a RequestAuthentication and an AuthorizationPolicy requiring its request
+/// principal, both attached to the waypoint's Gateway.
 /// No token: 403; the demo token: 200, the token not forwarded; a forged token: 401 with
 /// `WWW-Authenticate`, counted with its code.
 #[test]
 fn jwt_request_authentication_and_request_principals() {
+    // The issuer's key set, served to every fetch.
+    let keys = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let jwks_uri = format!("http://{}/jwks.json", keys.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for mut s in keys.incoming().flatten() {
+            let mut req = [0u8; 1024];
+            let _ = s.read(&mut req);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{ISTIO_JWKS}",
+                ISTIO_JWKS.len()
+            );
+        }
+    });
     let res = resource(
         "wp-jwt-res",
         "jwt.yaml",
@@ -1820,7 +1834,7 @@ spec:
   - {{kind: Gateway, group: gateway.networking.k8s.io, name: bookinfo-productpage}}
   jwtRules:
   - issuer: "testing@secure.istio.io"
-    jwks: '{ISTIO_JWKS}'
+    jwksUri: "{jwks_uri}"
 ---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy

@@ -5,8 +5,18 @@
 //! request is answered 401. A verified token gives the request principal `iss/sub` and its
 //! claims to authorization (`requestPrincipals`, `request.auth.*`).
 //!
-//! Keys come inline (`jwks`); RSA (RS256/384/512, PS256/384/512), EC (ES256, ES384) and
-//! Ed25519 (EdDSA) keys are verified with ring.
+//! Keys come inline (`jwks`) or from `jwksUri` (http or https, fetched when the rules are read
+//! and again every 5 minutes, as Envoy caches them; a key set that cannot be fetched leaves the
+//! issuer with no keys, so its tokens are refused until a later fetch works: closed, not open).
+//! RSA (RS256/384/512, PS256/384/512), EC (ES256, ES384) and Ed25519 (EdDSA) keys are verified
+//! with ring.
+
+use std::{
+    io::{Read, Write},
+    net::{TcpStream, ToSocketAddrs},
+    sync::Arc,
+    time::Duration,
+};
 
 use base64::Engine as _;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -168,6 +178,8 @@ pub struct JwtRule {
     pub issuer: String,
     audiences: Vec<String>,
     keys: Vec<Key>,
+    /// `jwksUri`, when the keys come from there.
+    remote: Option<String>,
     locations: Vec<Location>,
     forward_original_token: bool,
     output_payload_to_header: Option<HeaderName>,
@@ -262,19 +274,32 @@ impl RequestAuthn {
                     "not supported by zring's waypoint (refused rather than ignored)".into(),
                 ));
             }
-            let keys = match (r.jwks, r.jwks_uri) {
-                (Some(j), _) => parse_jwks(&j).map_err(|e| (at("jwks"), e))?,
-                (None, Some(_)) => {
+            let timeout = match r.timeout.as_deref() {
+                Some(t) => super::resources::duration(t).map_err(|e| (at("timeout"), e))?,
+                None => DEFAULT_FETCH_TIMEOUT,
+            };
+            let (keys, remote) = match (r.jwks, r.jwks_uri) {
+                (Some(j), _) => (parse_jwks(&j).map_err(|e| (at("jwks"), e))?, None),
+                (None, Some(uri)) => {
+                    if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+                        return Err((at("jwksUri"), format!("{uri:?}: an http or https URI")));
+                    }
+                    let keys = match fetch(&uri, timeout, None).and_then(|t| parse_jwks(&t)) {
+                        Ok(k) => k,
+                        Err(e) => {
+                            tracing::warn!(issuer = %r.issuer, uri = %uri, error = %e, "JWKS not fetched: tokens of this issuer are refused until a later fetch works");
+                            Vec::new()
+                        }
+                    };
+                    (keys, Some(uri))
+                }
+                (None, None) => {
                     return Err((
-                        at("jwksUri"),
-                        "zring's waypoint does not fetch keys; give them inline in jwks (istiod inlines them the same way)".into(),
+                        at("jwks"),
+                        "required: jwks or jwksUri (the issuer's keys)".into(),
                     ))
                 }
-                (None, None) => return Err((at("jwks"), "required (the issuer's keys)".into())),
             };
-            if let Some(t) = r.timeout.as_deref() {
-                super::resources::duration(t).map_err(|e| (at("timeout"), e))?;
-            }
             let mut locations = Vec::new();
             for (j, h) in r.from_headers.iter().enumerate() {
                 let n = header_name(
@@ -309,6 +334,7 @@ impl RequestAuthn {
                 issuer: r.issuer,
                 audiences: r.audiences,
                 keys,
+                remote,
                 locations,
                 forward_original_token: r.forward_original_token,
                 output_payload_to_header,
@@ -322,11 +348,146 @@ impl RequestAuthn {
         })
     }
 
+    /// When the rules should be read again for their keys: every 5 minutes when some come
+    /// from a `jwksUri`, every 30 s while one of those could not be fetched; never otherwise.
+    pub fn refetch_after(&self) -> Option<Duration> {
+        self.rules
+            .iter()
+            .filter(|r| r.remote.is_some())
+            .map(|r| match r.keys.is_empty() {
+                true => Duration::from_secs(30),
+                false => Duration::from_secs(300),
+            })
+            .min()
+    }
+
     fn applies(&self, service: Option<&str>) -> bool {
         match &self.target {
             PolicyTarget::All => true,
             PolicyTarget::Services(s) => service.is_some_and(|svc| s.iter().any(|x| x == svc)),
         }
+    }
+}
+
+/// How long a `jwksUri` fetch may take (Envoy's default remote JWKS timeout is 5 s).
+const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest key set read.
+const FETCH_LIMIT: u64 = 1 << 20;
+
+/// Trusted roots for https fetches: `SSL_CERT_FILE`, else the system bundle.
+fn roots(file: Option<&std::path::Path>) -> Result<rustls::RootCertStore, String> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let path = match (file, std::env::var_os("SSL_CERT_FILE")) {
+        (Some(p), _) => p.to_path_buf(),
+        (None, Some(p)) => p.into(),
+        (None, None) => "/etc/ssl/certs/ca-certificates.crt".into(),
+    };
+    let mut store = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(&path)
+        .map_err(|e| format!("trusted roots {}: {e}", path.display()))?;
+    for c in certs.flatten() {
+        let _ = store.add(c);
+    }
+    if store.is_empty() {
+        return Err(format!("no trusted roots in {}", path.display()));
+    }
+    Ok(store)
+}
+
+/// GET `uri` (http or https, HTTP/1.1, `Connection: close`), within `timeout` per step; the
+/// body of a 200 answer. `roots_file` overrides where https finds its trusted roots.
+pub(super) fn fetch(
+    uri: &str,
+    timeout: Duration,
+    roots_file: Option<&std::path::Path>,
+) -> Result<String, String> {
+    let (tls, rest) = match (uri.strip_prefix("https://"), uri.strip_prefix("http://")) {
+        (Some(r), _) => (true, r),
+        (None, Some(r)) => (false, r),
+        _ => return Err(format!("{uri:?} is not an http or https URI")),
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = super::headers::split_authority(authority);
+    let port = port.unwrap_or(if tls { 443 } else { 80 });
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let addr = (bare, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority}: no address"))?;
+    let tcp = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    let _ = tcp.set_read_timeout(Some(timeout));
+    let _ = tcp.set_write_timeout(Some(timeout));
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\nUser-Agent: zring\r\nConnection: close\r\n\r\n"
+    );
+    let mut raw = Vec::new();
+    let read = |s: &mut dyn Read, raw: &mut Vec<u8>| match s.take(FETCH_LIMIT).read_to_end(raw) {
+        // A peer that closes without TLS's close_notify still sent a whole answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => Ok(()),
+        r => r.map(|_| ()),
+    };
+    if tls {
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots(roots_file)?)
+        .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(bare.to_string())
+            .map_err(|e| format!("{bare}: {e}"))?;
+        let conn =
+            rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("{uri}: {e}"))?;
+        read(&mut s, &mut raw).map_err(|e| format!("{uri}: {e}"))?;
+    } else {
+        let mut s = tcp;
+        s.write_all(req.as_bytes())
+            .map_err(|e| format!("{uri}: {e}"))?;
+        read(&mut s, &mut raw).map_err(|e| format!("{uri}: {e}"))?;
+    }
+    let mut heads = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut heads);
+    let head_len = match resp.parse(&raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        _ => return Err(format!("{uri}: not an HTTP answer")),
+    };
+    if resp.code != Some(200) {
+        return Err(format!("{uri}: answered {}", resp.code.unwrap_or(0)));
+    }
+    let chunked = resp.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            && String::from_utf8_lossy(h.value)
+                .to_ascii_lowercase()
+                .contains("chunked")
+    });
+    let body = &raw[head_len..];
+    let body = match chunked {
+        false => body.to_vec(),
+        true => dechunk(body).ok_or_else(|| format!("{uri}: bad chunked body"))?,
+    };
+    String::from_utf8(body).map_err(|_| format!("{uri}: not UTF-8"))
+}
+
+/// A chunked body's bytes.
+fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = b.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&b[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        b = &b[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(b.get(..size)?);
+        b = b.get(size + 2..)?;
     }
 }
 
@@ -701,11 +862,111 @@ mod tests {
         );
     }
 
+    /// Serve `answer` (a whole HTTP response) to one connection, over TLS with `tls`.
+    fn serve_once(answer: Vec<u8>, tls: Option<Arc<rustls::ServerConfig>>) -> std::net::SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut io: Box<dyn ReadWrite> = match tls {
+                Some(cfg) => Box::new(rustls::StreamOwned::new(
+                    rustls::ServerConnection::new(cfg).unwrap(),
+                    s,
+                )),
+                None => Box::new(s),
+            };
+            let mut req = Vec::new();
+            let mut b = [0u8; 1];
+            while !req.ends_with(b"\r\n\r\n") && io.read(&mut b).unwrap_or(0) == 1 {
+                req.push(b[0]);
+            }
+            if !req.starts_with(b"GET /keys/jwks.json HTTP/1.1\r\n") {
+                return; // no answer: the fetch fails
+            }
+            let _ = io.write_all(&answer);
+            let _ = io.flush();
+        });
+        addr
+    }
+
+    trait ReadWrite: Read + Write {}
+    impl<T: Read + Write> ReadWrite for T {}
+
+    #[test]
+    fn keys_are_fetched_from_a_jwks_uri_over_http_and_https() {
+        // Plain HTTP, a chunked answer.
+        let chunked = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{ISTIO_JWKS}\r\n0\r\n\r\n",
+            ISTIO_JWKS.len()
+        );
+        let addr = serve_once(chunked.into_bytes(), None);
+        let p = authn(&format!(
+            "jwtRules:\n- issuer: testing@secure.istio.io\n  jwksUri: http://{addr}/keys/jwks.json\n"
+        ));
+        assert!(matches!(
+            authenticate(&p, None, &mut bearer(ISTIO_DEMO_JWT), None, NOW),
+            Outcome::Verified(_)
+        ));
+        assert_eq!(p[0].refetch_after(), Some(Duration::from_secs(300)));
+        // HTTPS, trusting a self-signed certificate for localhost.
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("zring-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let roots = dir.join("roots.pem");
+        std::fs::write(&roots, cert.cert.pem()).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+        let plain = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{ISTIO_JWKS}",
+            ISTIO_JWKS.len()
+        );
+        let server = Arc::new(server);
+        let addr = serve_once(plain.clone().into_bytes(), Some(server.clone()));
+        let uri = format!("https://localhost:{}/keys/jwks.json", addr.port());
+        let got = fetch(&uri, Duration::from_secs(5), Some(&roots));
+        assert_eq!(got.unwrap(), ISTIO_JWKS);
+        // The same server, checked against roots that do not hold its certificate.
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        std::fs::write(&roots, other.cert.pem()).unwrap();
+        let addr = serve_once(plain.into_bytes(), Some(server));
+        let uri = format!("https://localhost:{}/keys/jwks.json", addr.port());
+        let e = fetch(&uri, Duration::from_secs(5), Some(&roots));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            e.as_ref().is_err_and(|e| e.contains("certificate")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn keys_that_cannot_be_fetched_refuse_the_issuers_tokens() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let p = authn(&format!(
+            "jwtRules:\n- issuer: testing@secure.istio.io\n  jwksUri: http://{addr}/keys/jwks.json\n  timeout: 1s\n"
+        ));
+        assert_eq!(
+            authenticate(&p, None, &mut bearer(ISTIO_DEMO_JWT), None, NOW),
+            Outcome::Failed("Jwt verification fails"),
+            "closed, not open"
+        );
+        assert_eq!(p[0].refetch_after(), Some(Duration::from_secs(30)));
+        assert_eq!(authn("jwtRules:\n- issuer: a\n  jwks: '{\"keys\":[{\"kty\":\"EC\",\"crv\":\"P-256\",\"x\":\"AA\",\"y\":\"AA\"}]}'\n")[0].refetch_after(), None);
+    }
+
     #[test]
     fn rules_are_checked_when_loaded() {
         for (y, field) in [
             (
-                "jwtRules:\n- issuer: a\n  jwksUri: https://example.com/jwks\n",
+                "jwtRules:\n- issuer: a\n  jwksUri: ftp://example.com/jwks\n",
                 "jwtRules[0].jwksUri",
             ),
             ("jwtRules:\n- issuer: a\n", "jwtRules[0].jwks"),

@@ -201,12 +201,22 @@ impl Waypoint {
             .name("zring-waypoint-rules".into())
             .spawn(move || {
                 let mut seen = (wp.fingerprint(), domain());
+                let mut read_at = std::time::Instant::now();
                 while !stop() {
                     std::thread::sleep(Duration::from_millis(200));
                     let now = (wp.fingerprint(), domain());
-                    if now != seen {
+                    // Keys from a `jwksUri` are fetched again after a while (key rotation).
+                    let refetch = wp
+                        .rules()
+                        .authn
+                        .iter()
+                        .filter_map(jwt::RequestAuthn::refetch_after)
+                        .min()
+                        .is_some_and(|d| read_at.elapsed() >= d);
+                    if now != seen || refetch {
                         let _ = wp.reload(&now.1);
                         seen = now;
+                        read_at = std::time::Instant::now();
                     }
                 }
             })?;

@@ -6,10 +6,10 @@
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
 //! implement (Gateway filters other than header modifiers, URL rewrites, redirects, mirrors and
-//! CORS; `jwksUri`, CUSTOM actions) are refused rather than ignored: a rule that silently did
-//! less than it says would let traffic through that the user meant to stop. Every error names the file, the resource and
-//! the field, e.g. `routes.yaml: VirtualService default/reviews: spec.http[0].route[1].weight:
-//! invalid type: string "ten", expected u32`.
+//! CORS; JWT `fromCookies`, CUSTOM actions) are refused rather than ignored: a rule that
+//! silently did less than it says would let traffic through that the user meant to stop. Every
+//! error names the file, the resource and the field, e.g. `routes.yaml: VirtualService
+//! default/reviews: spec.http[0].route[1].weight: invalid type: string "ten", expected u32`.
 
 use std::{
     collections::{BTreeMap, HashMap},
