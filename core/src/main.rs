@@ -167,8 +167,9 @@ struct WaypointArgs {
     #[command(flatten)]
     run: RunArgs,
     /// A file or folder of Kubernetes resources as users `kubectl apply` them: VirtualService,
-    /// DestinationRule, HTTPRoute, AuthorizationPolicy (other kinds are skipped). Re-read when
-    /// it changes; a bad file is refused and the rules in force kept.
+    /// DestinationRule, HTTPRoute, AuthorizationPolicy, RequestAuthentication, and the `istio`
+    /// ConfigMap for its extension providers (other kinds are skipped). Re-read when it
+    /// changes; a bad file is refused and the rules in force kept.
     #[arg(long)]
     resources: Option<std::path::PathBuf>,
     /// The waypoint's Gateway name (`istio.io/gateway-name`): policies select or target it.

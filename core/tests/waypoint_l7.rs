@@ -97,6 +97,15 @@ fn mesh(n: u8) -> String {
         true,
     );
     y += &wl(
+        "ext-authz-v1",
+        "ext-authz",
+        13,
+        "node-b",
+        "v1",
+        &["ext-authz"],
+        false,
+    );
+    y += &wl(
         "waypoint",
         "bookinfo-waypoint",
         20,
@@ -110,6 +119,7 @@ fn mesh(n: u8) -> String {
     y += &svc("reviews", 101, true);
     y += &svc("reviews-v1", 102, false);
     y += &svc("reviews-v2", 103, false);
+    y += &svc("ext-authz", 104, false);
     y
 }
 
@@ -1901,4 +1911,169 @@ spec:
             "{code}:\n{m}"
         );
     }
+}
+
+/// An HTTP authorization server like Istio's ext-authz sample: allows a request carrying
+/// `x-ext-authz: allow`, denies others with 403; both answers say so in
+/// `x-ext-authz-check-result`. Counts the checks it answered.
+fn ext_authz_server(addr: SocketAddr) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let checks = std::sync::Arc::new(AtomicUsize::new(0));
+    let l = std::net::TcpListener::bind(addr).unwrap();
+    let counter = checks.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut w = s;
+                loop {
+                    let mut head = Vec::new();
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push(line.to_ascii_lowercase());
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let allow = head.iter().any(|l| l.trim_end() == "x-ext-authz: allow");
+                    let answer = match allow {
+                        true => "HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nContent-Length: 0\r\n\r\n".to_string(),
+                        false => {
+                            let body = "denied by ext_authz for not found header `x-ext-authz: allow` in the request";
+                            format!("HTTP/1.1 403 Forbidden\r\nx-ext-authz-check-result: denied\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+                        }
+                    };
+                    if w.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    checks
+}
+
+/// External authorization as Istio's ext-authz task sets it up for a waypoint: the provider in
+/// the mesh config (`istio` ConfigMap), a CUSTOM policy on `/headers` attached to the waypoint.
+/// Allowed checks let the request through with the provider's header added; denied ones answer
+/// the client with the provider's 403 (`UAEX`); paths the policy does not name are not checked;
+/// a provider that does not answer gives `statusOnError`.
+#[test]
+fn custom_policies_ask_the_external_authorizer() {
+    let mesh = |service: &str, extra: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: ConfigMap
+metadata: {{name: istio, namespace: istio-system}}
+data:
+  mesh: |-
+    extensionProviders:
+    - name: "sample-ext-authz-http"
+      envoyExtAuthzHttp:
+        service: "{service}"
+        port: "9080"
+        includeRequestHeadersInCheck: ["x-ext-authz"]
+        headersToUpstreamOnAllow: ["x-ext-authz-check-result"]{extra}
+"#
+        )
+    };
+    let cm = resource(
+        "wp-extauthz-res",
+        "mesh.yaml",
+        &mesh("ext-authz.default.svc.cluster.local", ""),
+    );
+    let ap = resource(
+        "wp-extauthz-res",
+        "policy.yaml",
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: default}
+spec:
+  targetRefs:
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: bookinfo-productpage}
+  action: CUSTOM
+  provider:
+    name: sample-ext-authz-http
+  rules:
+  - to:
+    - operation:
+        paths: ["/headers"]
+"#,
+    );
+    let lab = Lab::start(
+        66,
+        "wp-extauthz",
+        &[("mesh.yaml", &cm), ("policy.yaml", &ap)],
+    );
+    server(SocketAddr::new(ip(lab.n, 11), 9080), "reviews-v1");
+    server(SocketAddr::new(ip(lab.n, 12), 9080), "reviews-v2");
+    let checks = ext_authz_server(SocketAddr::new(ip(lab.n, 13), 9080));
+    let asked = || checks.load(std::sync::atomic::Ordering::SeqCst);
+    let mut c = lab.client(2, lab.vip(101));
+    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: allow\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
+    assert!(
+        r.text().contains("x-ext-authz-check-result: allowed\n"),
+        "the provider's header reaches the server: {}",
+        r.text()
+    );
+    assert_eq!(asked(), 1);
+    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: deny\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+    );
+    assert_eq!(r.header("x-ext-authz-check-result"), Some("denied"));
+    assert_eq!(r.header("x-served-by"), None);
+    let r = c.request("GET", "/other", b"");
+    assert_eq!(r.status, 200, "not a path the policy names");
+    assert_eq!(asked(), 2, "and not checked");
+    let m = lab.w.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &["response_code=\"403\"", "response_flags=\"UAEX\""]
+        ),
+        Some(1),
+        "{m}"
+    );
+
+    // A provider nobody serves (productpage has no server here): statusOnError.
+    std::fs::write(
+        lab.resources.join("mesh.yaml"),
+        mesh(
+            "productpage.default.svc.cluster.local",
+            "\n        statusOnError: \"503\"\n        timeout: 2s",
+        ),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            config_dump(&lab).contains("\"lastError\": null") && {
+                let mut c = lab.client(2, lab.vip(101));
+                c.send(
+                    b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: allow\r\n\r\n",
+                );
+                c.read().status == 503
+            }
+        },
+        || format!("{}\n{}", config_dump(&lab), lab.w.proc.log()),
+    );
+    // (The tries before the new provider was in force were checked by the old one.)
+    let before = asked();
+    let mut c = lab.client(2, lab.vip(101));
+    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: allow\r\n\r\n");
+    let r = c.read();
+    assert_eq!((r.status, r.header("x-served-by")), (503, None));
+    assert_eq!(asked(), before, "the old provider is not asked any more");
 }

@@ -34,6 +34,7 @@ use zring_runtime::net::{self, ConnectOptions};
 
 use super::{
     cors::{self, Cors},
+    ext_authz,
     headers::{self, HeaderRules},
     jwt, mirror,
     policy::{self, Decision, RequestContext},
@@ -719,11 +720,23 @@ async fn sender(
     host: Option<&str>,
     max_uses: u32,
 ) -> Result<(Sender, u32), String> {
-    match take_sender(addr, ctx.h2, max_uses) {
+    sender_for(ctx, w, addr, host, max_uses, ctx.h2).await
+}
+
+/// [`sender`] speaking HTTP/2 (`h2`) or HTTP/1.1, whatever the client speaks.
+async fn sender_for(
+    ctx: &ConnCtx,
+    w: &Workload,
+    addr: SocketAddr,
+    host: Option<&str>,
+    max_uses: u32,
+    h2: bool,
+) -> Result<(Sender, u32), String> {
+    match take_sender(addr, h2, max_uses) {
         Some(s) => Ok(s),
         // Boxed: a new connection (dial, TLS, HTTP handshake) is a large future that every
         // request's future would otherwise carry and copy, though it is rarely taken.
-        None => Box::pin(connect(ctx, w, addr, host, max_uses)).await,
+        None => Box::pin(connect(ctx, w, addr, host, max_uses, h2)).await,
     }
 }
 
@@ -734,9 +747,10 @@ async fn connect(
     addr: SocketAddr,
     host: Option<&str>,
     max_uses: u32,
+    h2: bool,
 ) -> Result<(Sender, u32), String> {
     let io = TokioIo::new(dial(ctx, w, addr, host).await?);
-    if ctx.h2 {
+    if h2 {
         let (send, conn) = hyper::client::conn::http2::handshake(LocalExec, io)
             .await
             .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
@@ -1137,7 +1151,47 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             Box::pin(drain_small(req.into_body(), &req_bytes)).await;
             return answer(log, StatusCode::FORBIDDEN, "-", "RBAC: access denied");
         }
-        Decision::Allow { audit } => log.audit = audit,
+        Decision::Allow { audit, check } => {
+            log.audit = audit;
+            if let Some(name) = check {
+                let provider = rules.providers.iter().find_map(|p| match p {
+                    ext_authz::Provider::Http(h) if h.name == name => Some(h),
+                    _ => None,
+                });
+                let Some(p) = provider else {
+                    log.error = Some(format!("extension provider {name} is not configured"));
+                    Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+                    return answer(log, StatusCode::FORBIDDEN, "UAEX", "RBAC: access denied");
+                };
+                let checked =
+                    Box::pin(ext_authz_check(&ctx, &index, &rules, p, &req, &authority)).await;
+                match checked {
+                    Ok(Checked::Allowed(add)) => {
+                        for (k, v) in add {
+                            if let Some(k) = k {
+                                req.headers_mut().insert(k, v);
+                            }
+                        }
+                    }
+                    Ok(Checked::Denied(reply, len)) => {
+                        log.error = Some(format!("denied by extension provider {name}"));
+                        Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+                        log.finish(reply.status().as_u16(), "UAEX", len);
+                        return reply;
+                    }
+                    Err(e) if p.fail_open => {
+                        tracing::debug!(provider = %name, error = %e, "external authorization failed; failOpen lets the request through");
+                    }
+                    Err(e) => {
+                        log.error = Some(format!("extension provider {name}: {e}"));
+                        Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+                        let status = StatusCode::from_u16(p.status_on_error)
+                            .unwrap_or(StatusCode::FORBIDDEN);
+                        return answer(log, status, "UAEX", "");
+                    }
+                }
+            }
+        }
     }
     // Route.
     let view = RequestView {
@@ -1583,6 +1637,104 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     answer_routed(log, status, flags, text, out)
 }
 
+/// What an external authorization check decided.
+enum Checked {
+    /// Go on, with these headers of the check's answer added to the request.
+    Allowed(HeaderMap),
+    /// The check's answer is the client's (with its body's length, for the log).
+    Denied(Response<Body>, u64),
+}
+
+/// Ask HTTP provider `p` about `req` (to `authority`): a request with the same method, the path
+/// under the provider's prefix, the authority, `authorization` and the headers it names, no
+/// body, over the mesh (HBONE to an endpoint of its service) within its timeout.
+async fn ext_authz_check(
+    ctx: &ConnCtx,
+    index: &MeshIndex,
+    rules: &L7Config,
+    p: &ext_authz::HttpProvider,
+    req: &Request<Incoming>,
+    authority: &str,
+) -> Result<Checked, String> {
+    let svc = index
+        .service_by_hostname(&p.service)
+        .ok_or_else(|| format!("service {} is not in the mesh config", p.service))?;
+    let backend = Backend {
+        service: format!("{}/{}", svc.namespace, svc.hostname),
+        port: Some(p.port),
+        subset: None,
+        weight: 1,
+        headers: Default::default(),
+    };
+    let (_, eps) = endpoints(index, rules, &backend, p.port)?;
+    let (w, addr) =
+        pick_endpoint(&eps, &[], None).ok_or_else(|| format!("no endpoint of {}", p.service))?;
+    let pq = req.uri().path_and_query().map_or("/", |x| x.as_str());
+    let mut check = Request::builder()
+        .method(req.method().clone())
+        .uri(format!("{}{pq}", p.path_prefix))
+        .header(header::HOST, authority)
+        .header(header::CONTENT_LENGTH, "0");
+    for (k, v) in req.headers() {
+        if *k == header::AUTHORIZATION || ext_authz::listed(&p.include_headers, k.as_str()) {
+            check = check.header(k, v);
+        }
+    }
+    for (k, v) in &p.additional_headers {
+        check = check.header(k.as_str(), v.as_str());
+    }
+    let check = check
+        .body(boxed(http_body_util::Empty::<Bytes>::new()))
+        .map_err(|e| format!("check request: {e}"))?;
+    let ask = async {
+        let (mut send, uses) = sender_for(ctx, w, addr, Some(&p.service), 0, false).await?;
+        let resp = send.send(check).await.map_err(|e| format!("{addr}: {e}"))?;
+        let (parts, mut body) = resp.into_parts();
+        let mut bytes = BytesMut::new();
+        while let Some(f) = body.frame().await {
+            let f = f.map_err(|e| format!("{addr}: {e}"))?;
+            if let Some(d) = f.data_ref() {
+                if bytes.len() + d.len() > 64 * 1024 {
+                    return Err(format!("{addr}: answer over 64 KiB"));
+                }
+                bytes.extend_from_slice(d);
+            }
+        }
+        put_sender(addr, send, uses + 1, 0);
+        Ok::<_, String>((parts, bytes.freeze()))
+    };
+    let (parts, bytes) = monoio::time::timeout(p.timeout, ask)
+        .await
+        .map_err(|_| format!("no answer within {:?}", p.timeout))??;
+    if parts.status == StatusCode::OK {
+        let mut add = HeaderMap::new();
+        for (k, v) in &parts.headers {
+            if ext_authz::listed(&p.to_upstream_on_allow, k.as_str()) {
+                add.append(k, v.clone());
+            }
+        }
+        return Ok(Checked::Allowed(add));
+    }
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers, false);
+    headers.remove(header::CONTENT_LENGTH);
+    if !p.to_downstream_on_deny.is_empty() {
+        let unlisted: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| !ext_authz::listed(&p.to_downstream_on_deny, k.as_str()))
+            .cloned()
+            .collect();
+        for k in unlisted {
+            headers.remove(k);
+        }
+    }
+    let len = bytes.len() as u64;
+    let mut reply = Response::new(boxed(Full::new(bytes)));
+    *reply.status_mut() = parts.status;
+    *reply.headers_mut() = headers;
+    Ok(Checked::Denied(reply, len))
+}
+
 /// Point `up` at `authority` in the upstream's protocol: the URI's authority on h2; on
 /// HTTP/1.1 an origin-form URI, and `Host` when `set_host` or the client sent none.
 fn aim(up: &mut Request<Body>, h2: bool, authority: &str, set_host: bool) {
@@ -1917,8 +2069,16 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
         auth: None,
         tcp: true,
     };
-    if let Decision::Deny(reason) = policy::decide(&rules.policies, &pctx) {
-        return log.close(&ctx.state, "DENY", 0, 0, Some(reason));
+    match policy::decide(&rules.policies, &pctx) {
+        Decision::Deny(reason) => return log.close(&ctx.state, "DENY", 0, 0, Some(reason)),
+        // An HTTP provider cannot judge a TCP stream: closed, not open.
+        Decision::Allow {
+            check: Some(name), ..
+        } => {
+            let why = format!("CUSTOM policy (provider {name}) on a stream that is not HTTP");
+            return log.close(&ctx.state, "DENY", 0, 0, Some(why));
+        }
+        Decision::Allow { .. } => {}
     }
     // The service's outlier detection applies to TCP too: a failed connection counts as a 5xx.
     let outlier = service_key

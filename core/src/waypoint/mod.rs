@@ -21,6 +21,7 @@
 //! is refused with the file, resource and field named, and the rules in force are kept.
 
 pub mod cors;
+pub mod ext_authz;
 pub mod headers;
 pub mod http;
 pub mod jwt;
@@ -47,7 +48,7 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 #[derive(Debug, Clone)]
 pub struct WaypointSettings {
     /// File or folder of Kubernetes resources (VirtualService, DestinationRule, HTTPRoute,
-    /// AuthorizationPolicy); None: no L7 rules (route to the original destination, no policy).
+    /// AuthorizationPolicy, RequestAuthentication, the `istio` ConfigMap); None: no L7 rules (route to the original destination, no policy).
     pub resources: Option<PathBuf>,
     /// The waypoint's Gateway name (`istio.io/gateway-name`), for policy attachment.
     pub gateway_name: String,

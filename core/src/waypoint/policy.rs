@@ -31,6 +31,8 @@ pub enum Action {
     Deny,
     /// Mark what matches in the access log.
     Audit,
+    /// Ask the extension provider about what matches (external authorization).
+    Custom,
 }
 
 /// One parsed policy.
@@ -44,6 +46,8 @@ pub struct L7Policy {
     pub target: PolicyTarget,
     /// Its action.
     pub action: Action,
+    /// CUSTOM: the extension provider's name.
+    pub provider: Option<String>,
     rules: Vec<Rule>,
 }
 
@@ -130,10 +134,13 @@ pub struct RequestContext<'a> {
 /// The outcome for one request.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Allowed; `audit` when an AUDIT policy matched.
+    /// Allowed here; `audit` when an AUDIT policy matched; `check`: the extension provider a
+    /// CUSTOM policy asks to decide too.
     Allow {
         /// An AUDIT policy matched.
         audit: bool,
+        /// A matching CUSTOM policy's provider.
+        check: Option<String>,
     },
     /// Denied, with the reason for the log.
     Deny(String),
@@ -308,12 +315,7 @@ impl L7Policy {
             "ALLOW" => Action::Allow,
             "DENY" => Action::Deny,
             "AUDIT" => Action::Audit,
-            "CUSTOM" => {
-                return Err((
-                    "action".into(),
-                    "CUSTOM (external authorization) is not supported".into(),
-                ))
-            }
+            "CUSTOM" => Action::Custom,
             a => return Err(("action".into(), format!("unknown action {a:?}"))),
         };
         let mut rules = Vec::new();
@@ -421,11 +423,20 @@ impl L7Policy {
             }
             rules.push(rule);
         }
+        let provider = match (action, s.provider) {
+            (Action::Custom, Some(p)) => Some(p.name),
+            (Action::Custom, None) => {
+                return Err(("provider.name".into(), "required for CUSTOM".into()))
+            }
+            (_, Some(_)) => return Err(("provider".into(), "only for action CUSTOM".into())),
+            (_, None) => None,
+        };
         Ok(Self {
             name,
             namespace,
             target,
             action,
+            provider,
             rules,
         })
     }
@@ -451,8 +462,12 @@ pub fn decide(policies: &[L7Policy], c: &RequestContext<'_>) -> Decision {
     let mut allows = false;
     let mut allowed = false;
     let mut audit = false;
+    let mut check = None;
     for p in policies.iter().filter(|p| p.applies(c.service)) {
         match p.action {
+            // Like ALLOW, HTTP-only fields never match a TCP stream.
+            Action::Custom if check.is_none() && p.matches(c) => check = p.provider.clone(),
+            Action::Custom => {}
             Action::Deny if p.matches(c) => {
                 return Decision::Deny(format!("denied by {}", p.name));
             }
@@ -467,7 +482,7 @@ pub fn decide(policies: &[L7Policy], c: &RequestContext<'_>) -> Decision {
     if allows && !allowed {
         return Decision::Deny("no ALLOW policy matched".into());
     }
-    Decision::Allow { audit }
+    Decision::Allow { audit, check }
 }
 
 // --- The spec as users write it -----------------------------------------------------------
@@ -485,7 +500,15 @@ pub(super) struct ApSpec {
     #[serde(default)]
     action: Option<String>,
     #[serde(default)]
+    provider: Option<ApProvider>,
+    #[serde(default)]
     rules: Option<Vec<ApRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApProvider {
+    name: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -614,6 +637,49 @@ mod tests {
     }
 
     #[test]
+    fn custom_policies_name_the_provider_to_ask_and_deny_still_wins() {
+        let h = http::HeaderMap::new();
+        let c = ctx("cluster.local/ns/default/sa/sleep", "GET", &h);
+        let custom = policy(
+            "action: CUSTOM\nprovider: {name: authz}\nrules:\n- to:\n  - operation:\n      paths: [\"/product*\"]\n",
+            PolicyTarget::All,
+        );
+        assert_eq!(
+            decide(std::slice::from_ref(&custom), &c),
+            Decision::Allow {
+                audit: false,
+                check: Some("authz".into())
+            }
+        );
+        let deny = policy("action: DENY\nrules:\n- {}\n", PolicyTarget::All);
+        assert!(matches!(
+            decide(&[custom.clone(), deny], &c),
+            Decision::Deny(_)
+        ));
+        let tcp = RequestContext {
+            tcp: true,
+            ..ctx("cluster.local/ns/default/sa/sleep", "", &h)
+        };
+        assert_eq!(
+            decide(&[custom], &tcp),
+            Decision::Allow {
+                audit: false,
+                check: None
+            },
+            "paths never match a TCP stream"
+        );
+        for (y, field) in [
+            ("action: CUSTOM\nrules:\n- {}\n", "provider.name"),
+            ("action: ALLOW\nprovider: {name: a}\n", "provider"),
+        ] {
+            let s: ApSpec = serde_yaml_ng::from_str(y).unwrap();
+            let e = L7Policy::from_spec("p".into(), "default".into(), PolicyTarget::All, s)
+                .unwrap_err();
+            assert_eq!(e.0, field, "{y}");
+        }
+    }
+
+    #[test]
     fn request_principals_and_claims_come_from_the_verified_token() {
         let auth = super::super::jwt::Authenticated {
             principal: "testing@secure.istio.io/alice".into(),
@@ -633,7 +699,10 @@ mod tests {
         )];
         assert_eq!(
             decide(&any_token, &with(Some(&auth))),
-            Decision::Allow { audit: false }
+            Decision::Allow {
+                audit: false,
+                check: None
+            }
         );
         assert!(
             matches!(decide(&any_token, &with(None)), Decision::Deny(_)),
@@ -646,7 +715,10 @@ mod tests {
         assert!(matches!(decide(&no_token, &with(None)), Decision::Deny(_)));
         assert_eq!(
             decide(&no_token, &with(Some(&auth))),
-            Decision::Allow { audit: false }
+            Decision::Allow {
+                audit: false,
+                check: None
+            }
         );
         let claims = [policy(
             "rules:\n- when:\n  - key: request.auth.claims[groups]\n    values: [ops]\n  - key: request.auth.claims[org][team]\n    values: [rev*]\n  - key: request.auth.audiences\n    values: [bookinfo]\n  - key: request.auth.principal\n    values: [\"testing@secure.istio.io/*\"]\n",
@@ -654,7 +726,10 @@ mod tests {
         )];
         assert_eq!(
             decide(&claims, &with(Some(&auth))),
-            Decision::Allow { audit: false }
+            Decision::Allow {
+                audit: false,
+                check: None
+            }
         );
         assert!(matches!(decide(&claims, &with(None)), Decision::Deny(_)));
         let admins = [policy(
@@ -684,7 +759,10 @@ mod tests {
         let ps = [p];
         assert_eq!(
             decide(&ps, &ctx("cluster.local/ns/default/sa/sleep", "GET", &h)),
-            Decision::Allow { audit: false }
+            Decision::Allow {
+                audit: false,
+                check: None
+            }
         );
         assert!(matches!(
             decide(&ps, &ctx("cluster.local/ns/default/sa/sleep", "POST", &h)),
@@ -722,12 +800,21 @@ mod tests {
         );
         assert_eq!(
             decide(&[audit, allow_all], &c),
-            Decision::Allow { audit: true }
+            Decision::Allow {
+                audit: true,
+                check: None
+            }
         );
         let other = policy(
             "action: DENY\nrules:\n- {}\n",
             PolicyTarget::Services(vec!["default/reviews.default.svc.cluster.local".into()]),
         );
-        assert_eq!(decide(&[other], &c), Decision::Allow { audit: false });
+        assert_eq!(
+            decide(&[other], &c),
+            Decision::Allow {
+                audit: false,
+                check: None
+            }
+        );
     }
 }

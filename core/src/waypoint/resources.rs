@@ -6,7 +6,7 @@
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
 //! implement (Gateway filters other than header modifiers, URL rewrites, redirects, mirrors and
-//! CORS; JWT `fromCookies`, CUSTOM actions) are refused rather than ignored: a rule that
+//! CORS; JWT `fromCookies`, gRPC ext_authz providers) are refused rather than ignored: a rule that
 //! silently did less than it says would let traffic through that the user meant to stop. Every
 //! error names the file, the resource and the field, e.g. `routes.yaml: VirtualService
 //! default/reviews: spec.http[0].route[1].weight: invalid type: string "ten", expected u32`.
@@ -364,6 +364,8 @@ pub struct L7Config {
     pub policies: Vec<L7Policy>,
     /// RequestAuthentications attached to this waypoint (JWT rules).
     pub authn: Vec<super::jwt::RequestAuthn>,
+    /// The mesh config's extension providers (the `istio` ConfigMap), for CUSTOM policies.
+    pub providers: Vec<super::ext_authz::Provider>,
     /// What was read: `Kind namespace/name (file)`.
     pub loaded: Vec<String>,
 }
@@ -436,14 +438,39 @@ pub fn load(path: &Path, me: &WaypointIdentity) -> Result<L7Config, ResourceErro
         let text = std::fs::read_to_string(&f).map_err(|e| io_error(&f, e))?;
         parse_into(&mut b, &text, &f.display().to_string(), me)?;
     }
-    Ok(b.finish())
+    checked(b.finish(), &path.display().to_string())
 }
 
 /// Parse one file's text.
 pub fn parse(text: &str, file: &str, me: &WaypointIdentity) -> Result<L7Config, ResourceError> {
     let mut b = Builder::default();
     parse_into(&mut b, text, file, me)?;
-    Ok(b.finish())
+    checked(b.finish(), file)
+}
+
+/// Checks across resources: every CUSTOM policy names an HTTP extension provider of the mesh
+/// config (which may come from any file).
+fn checked(cfg: L7Config, file: &str) -> Result<L7Config, ResourceError> {
+    use super::ext_authz::Provider;
+    for p in &cfg.policies {
+        let Some(name) = &p.provider else { continue };
+        let why = match cfg.providers.iter().find(|x| x.name() == name) {
+            Some(Provider::Http(_)) => continue,
+            Some(Provider::Other { kind, .. }) => {
+                format!("provider {name:?} is {kind}; zring's waypoint calls envoyExtAuthzHttp providers only")
+            }
+            None => format!(
+                "no extension provider {name:?} in the mesh config (ConfigMap istio, data.mesh, extensionProviders)"
+            ),
+        };
+        return Err(ResourceError {
+            file: file.into(),
+            resource: p.name.clone(),
+            field: "spec.provider.name".into(),
+            message: why,
+        });
+    }
+    Ok(cfg)
 }
 
 fn io_error(p: &Path, e: std::io::Error) -> ResourceError {
@@ -559,6 +586,9 @@ fn resource(
         ));
     }
     let group = api.split('/').next().unwrap_or("");
+    if api == "v1" && kind == "ConfigMap" {
+        return mesh_config(b, &v, file, doc, me);
+    }
     let ours = matches!(
         (group, kind.as_str()),
         ("networking.istio.io", "VirtualService" | "DestinationRule")
@@ -633,6 +663,43 @@ fn resource(
         }
         _ => {}
     }
+    b.cfg.loaded.push(format!("{name} ({file})"));
+    Ok(())
+}
+
+/// Istio's mesh config ConfigMap (`istio` in the root namespace): its extension providers.
+/// Other ConfigMaps are skipped.
+fn mesh_config(
+    b: &mut Builder,
+    v: &Value,
+    file: &str,
+    doc: usize,
+    me: &WaypointIdentity,
+) -> Result<(), ResourceError> {
+    let meta = |k: &str| {
+        v.get("metadata")
+            .and_then(|m| m.get(k))
+            .and_then(Value::as_str)
+    };
+    let ours =
+        meta("name") == Some("istio") && meta("namespace").is_none_or(|n| n == me.root_namespace);
+    if !ours {
+        tracing::debug!(file, doc, "ConfigMap skipped: not Istio's mesh config");
+        return Ok(());
+    }
+    let name = format!("ConfigMap {}/istio", me.root_namespace);
+    let mesh = v
+        .get("data")
+        .and_then(|d| d.get("mesh"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let providers = super::ext_authz::providers(mesh).map_err(|(f, m)| ResourceError {
+        file: file.into(),
+        resource: name.clone(),
+        field: format!("data.mesh.{f}"),
+        message: m,
+    })?;
+    b.cfg.providers = providers;
     b.cfg.loaded.push(format!("{name} ({file})"));
     Ok(())
 }
@@ -1956,6 +2023,34 @@ mod tests {
         assert_eq!(
             m.service_key("ratings.other", "default"),
             "other/ratings.other.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn custom_policies_need_an_http_provider_of_the_mesh_config() {
+        let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz, namespace: default}\nspec:\n  selector: {matchLabels: {istio.io/gateway-name: bookinfo-reviews}}\n  action: CUSTOM\n  provider: {name: sample-ext-authz-http}\n  rules:\n  - to: [{operation: {paths: [/headers]}}]\n";
+        let e = parse(policy, "p.yaml", &me()).unwrap_err().to_string();
+        assert!(
+            e.contains("AuthorizationPolicy default/ext-authz: spec.provider.name: no extension provider \"sample-ext-authz-http\""),
+            "{e}"
+        );
+        let mesh = |provider: &str| {
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    extensionProviders:\n    - name: sample-ext-authz-http\n      {provider}:\n        service: ext-authz.foo.svc.cluster.local\n        port: \"8000\"\n---\n{policy}")
+        };
+        let c = parse(&mesh("envoyExtAuthzHttp"), "p.yaml", &me()).unwrap();
+        assert_eq!(c.providers.len(), 1);
+        assert_eq!(
+            c.policies[0].provider.as_deref(),
+            Some("sample-ext-authz-http")
+        );
+        let e = parse(&mesh("envoyExtAuthzGrpc"), "p.yaml", &me())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is envoyExtAuthzGrpc"), "{e}");
+        let other = mesh("envoyExtAuthzHttp").replace("name: istio,", "name: other,");
+        assert!(
+            parse(&other, "p.yaml", &me()).is_err(),
+            "only the istio ConfigMap counts"
         );
     }
 
