@@ -1425,6 +1425,11 @@ fn routes_rewrite_the_path_and_authority() {
     rewrite: {uri: /whole}
     route:
     - destination: {host: reviews-v1}
+  - match: [{uri: {prefix: /service/}}]
+    rewrite:
+      uriRegexRewrite: {match: "^/service/([^/]+)(/.*)$", rewrite: "\\2/instance/\\1"}
+    route:
+    - destination: {host: reviews-v1}
 "#,
     );
     // The server answers `<name> <method> <path>` (path without the query).
@@ -1433,6 +1438,8 @@ fn routes_rewrite_the_path_and_authority() {
     assert_eq!(r.text(), "reviews-v1 GET /new/page");
     let r = c.request("GET", "/exact", b"");
     assert_eq!(r.text(), "reviews-v1 GET /whole");
+    let r = c.request("GET", "/service/foo/v1/api?q=2", b"");
+    assert_eq!(r.text(), "reviews-v1 GET /v1/api/instance/foo");
     // `/headers` is not rewritten (no rule): the Host the client sent arrives.
     let r = c.request("GET", "/old/headers", b"");
     assert_eq!(r.text(), "reviews-v1 GET /new/headers");

@@ -108,6 +108,43 @@ pub enum PathRewrite {
     Prefix(String),
     /// The matched path segments replaced by this (HTTPRoute `ReplacePrefixMatch`).
     Segments(String),
+    /// Every match of a regular expression replaced (VirtualService `uriRegexRewrite`, Envoy's
+    /// `regex_rewrite`).
+    Regex(RegexRewrite),
+}
+
+/// A regular expression and what replaces each of its matches (`$1` for a capture group).
+#[derive(Debug, Clone)]
+pub struct RegexRewrite {
+    re: regex::Regex,
+    with: String,
+}
+
+impl PartialEq for RegexRewrite {
+    fn eq(&self, o: &Self) -> bool {
+        self.re.as_str() == o.re.as_str() && self.with == o.with
+    }
+}
+
+impl RegexRewrite {
+    /// From Istio's form: RE2 `match`, and `rewrite` with `\1` for capture groups.
+    pub fn new(pattern: &str, rewrite: &str) -> Result<Self, String> {
+        let re = regex::Regex::new(pattern)
+            .map_err(|e| format!("bad regular expression {pattern:?}: {e}"))?;
+        let mut with = String::new();
+        let mut chars = rewrite.chars().peekable();
+        while let Some(c) = chars.next() {
+            match (c, chars.peek()) {
+                ('\\', Some(d)) if d.is_ascii_digit() => {
+                    with.push_str(&format!("${{{d}}}"));
+                    chars.next();
+                }
+                ('$', _) => with.push_str("$$"),
+                (c, _) => with.push(c),
+            }
+        }
+        Ok(Self { re, with })
+    }
 }
 
 impl PathRewrite {
@@ -125,6 +162,7 @@ impl PathRewrite {
                 }
                 (v, rest) => format!("{v}{rest}"),
             },
+            PathRewrite::Regex(r) => r.re.replace_all(path, r.with.as_str()).into_owned(),
         }
     }
 }
@@ -722,7 +760,10 @@ fn path_modifier(p: HrPathModifier, at: &str) -> Result<PathRewrite, FieldError>
             ))
         }
     };
-    let (PathRewrite::Full(v) | PathRewrite::Segments(v) | PathRewrite::Prefix(v)) = &r;
+    let v = match &r {
+        PathRewrite::Full(v) | PathRewrite::Segments(v) | PathRewrite::Prefix(v) => v,
+        PathRewrite::Regex(_) => return Ok(r),
+    };
     if !(v.starts_with('/') || v.is_empty() && matches!(r, PathRewrite::Segments(_))) {
         return Err((at.to_string(), format!("{v:?} is not a path")));
     }
@@ -917,6 +958,21 @@ mod tests {
             "[0].type",
             "not on a backendRef"
         );
+    }
+
+    #[test]
+    fn regex_rewrites_replace_every_match_with_capture_groups() {
+        let r = PathRewrite::Regex(
+            RegexRewrite::new("^/service/([^/]+)(/.*)$", "\\2/instance/\\1").unwrap(),
+        );
+        assert_eq!(r.apply("/service/foo/v1/api", 0), "/v1/api/instance/foo");
+        let all = PathRewrite::Regex(RegexRewrite::new("one", "two$").unwrap());
+        assert_eq!(
+            all.apply("/one/one", 0),
+            "/two$/two$",
+            "every match; `$` is literal"
+        );
+        assert!(RegexRewrite::new("(", "x").is_err());
     }
 
     #[test]

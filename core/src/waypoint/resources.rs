@@ -1150,12 +1150,19 @@ fn virtual_service(
             None => None,
             Some(r) => {
                 let rat = format!("{at}.rewrite");
-                if r.uri_regex_rewrite.is_some() {
-                    return Err((
-                        format!("{rat}.uriRegexRewrite"),
-                        "not supported by zring's waypoint (refused rather than ignored)".into(),
-                    ));
-                }
+                let regex = match r.uri_regex_rewrite {
+                    None => None,
+                    Some(_) if r.uri.is_some() => {
+                        return Err((
+                            format!("{rat}.uriRegexRewrite"),
+                            "uri and uriRegexRewrite are exclusive".into(),
+                        ))
+                    }
+                    Some(x) => Some(PathRewrite::Regex(
+                        headers::RegexRewrite::new(&x.pattern, &x.rewrite)
+                            .map_err(|e| (format!("{rat}.uriRegexRewrite.match"), e))?,
+                    )),
+                };
                 if r.uri.is_some()
                     && matches
                         .iter()
@@ -1167,7 +1174,7 @@ fn virtual_service(
                     ));
                 }
                 Some(Arc::new(Rewrite {
-                    path: r.uri.map(PathRewrite::Prefix),
+                    path: r.uri.map(PathRewrite::Prefix).or(regex),
                     authority: r.authority,
                 }))
             }
@@ -1361,7 +1368,15 @@ struct VsRewrite {
     #[serde(default)]
     authority: Option<String>,
     #[serde(default)]
-    uri_regex_rewrite: Option<Value>,
+    uri_regex_rewrite: Option<VsRegexRewrite>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct VsRegexRewrite {
+    #[serde(rename = "match")]
+    pattern: String,
+    rewrite: String,
 }
 
 #[derive(Deserialize)]
