@@ -1129,6 +1129,23 @@ fn reviews_route(rules: &str) -> String {
     format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: reviews, port: 9080}}]\n  rules:\n{rules}")
 }
 
+/// Replace the lab's VirtualService for `reviews` by `route` (an HTTPRoute's file text) and wait
+/// until the HTTPRoute alone is in force.
+fn swap_to_route(lab: &Lab, route: &str) {
+    let _ = std::fs::remove_file(lab.resources.join("reviews.yaml"));
+    std::fs::write(lab.resources.join("reviews-route.yaml"), route).unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || {
+            let dump = config_dump(lab);
+            dump.contains("HTTPRoute default/reviews")
+                && !dump.contains("VirtualService default/reviews")
+                && dump.contains("\"lastError\": null")
+        },
+        || config_dump(lab),
+    );
+}
+
 /// A lab whose waypoint routes `reviews` by a VirtualService with these `http` rules, with
 /// reviews-v1 serving, and a keep-alive client from sleep to reviews.
 fn reviews_lab(n: u8, tag: &str, http: &str) -> (Lab, Client) {
@@ -1227,17 +1244,7 @@ fn routes_change_request_and_response_headers() {
         requestHeaderModifier: {set: [{name: x-env, value: backend}, {name: x-dest, value: v1}]}
 "#,
     );
-    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
-    std::fs::write(lab.resources.join("reviews-route.yaml"), &hr).unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        || {
-            let dump = config_dump(&lab);
-            dump.contains("HTTPRoute default/reviews")
-                && !dump.contains("VirtualService default/reviews")
-        },
-        || config_dump(&lab),
-    );
+    swap_to_route(&lab, &hr);
     let mut c = lab.client(2, lab.vip(101));
     c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-tag: client\r\nx-secret: s\r\n\r\n");
     let r = c.read();
@@ -1539,10 +1546,9 @@ fn routes_answer_redirects_and_direct_responses() {
         "only the routed request reached the server"
     );
 
-    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
-    std::fs::write(
-        lab.resources.join("reviews-route.yaml"),
-        reviews_route(
+    swap_to_route(
+        &lab,
+        &reviews_route(
             r#"  - matches: [{path: {type: PathPrefix, value: /api}}]
     filters:
     - type: RequestRedirect
@@ -1553,12 +1559,6 @@ fn routes_answer_redirects_and_direct_responses() {
   - backendRefs: [{name: reviews-v1, port: 9080}]
 "#,
         ),
-    )
-    .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        || config_dump(&lab).contains("HTTPRoute default/reviews"),
-        || config_dump(&lab),
     );
     let mut c = lab.client(2, lab.vip(101));
     let r = c.request("GET", "/api/items?page=2", b"");
@@ -1678,10 +1678,9 @@ fn routes_mirror_requests_and_drop_the_copies_answers() {
     assert!(config_dump(&lab).contains("\"mirrors\""));
 
     // The HTTPRoute form, on h2c.
-    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
-    std::fs::write(
-        lab.resources.join("reviews-route.yaml"),
-        reviews_route(
+    swap_to_route(
+        &lab,
+        &reviews_route(
             r#"  - filters:
     - type: RequestMirror
       requestMirror: {backendRef: {name: reviews-v2, port: 9080}}
@@ -1689,12 +1688,6 @@ fn routes_mirror_requests_and_drop_the_copies_answers() {
     - {name: reviews-v1, port: 9080}
 "#,
         ),
-    )
-    .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        || config_dump(&lab).contains("HTTPRoute default/reviews"),
-        || config_dump(&lab),
     );
     let before = seen(v2).len();
     with_h2c(&lab, lab.vip(101), |mut send| async move {
@@ -1782,22 +1775,15 @@ fn routes_answer_cors_preflights_and_mark_allowed_answers() {
     let methods: Vec<String> = seen(v1).into_iter().map(|s| s.method).collect();
     assert_eq!(methods, ["GET", "GET", "OPTIONS"]);
 
-    std::fs::remove_file(lab.resources.join("reviews.yaml")).unwrap();
-    std::fs::write(
-        lab.resources.join("reviews-route.yaml"),
-        reviews_route(
+    swap_to_route(
+        &lab,
+        &reviews_route(
             r#"  - filters:
     - type: CORS
       cors: {allowOrigins: ["https://*.example.com"], allowMethods: [GET]}
     backendRefs: [{name: reviews-v1, port: 9080}]
 "#,
         ),
-    )
-    .unwrap();
-    wait_until(
-        Duration::from_secs(10),
-        || config_dump(&lab).contains("HTTPRoute default/reviews"),
-        || config_dump(&lab),
     );
     let mut c = lab.client(2, lab.vip(101));
     c.send(preflight("https://app.example.com").as_bytes());

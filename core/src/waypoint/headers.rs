@@ -467,25 +467,11 @@ struct HrCors {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct HrMirror {
-    backend_ref: HrBackendObject,
+    backend_ref: super::resources::ObjectRef,
     #[serde(default)]
     percent: Option<u32>,
     #[serde(default)]
     fraction: Option<HrFraction>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HrBackendObject {
-    #[serde(default)]
-    group: Option<String>,
-    #[serde(default)]
-    kind: Option<String>,
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    port: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -706,9 +692,7 @@ fn gateway_cors(c: HrCors, at: &str) -> Result<super::cors::Cors, FieldError> {
 /// every request).
 fn mirror_filter(m: HrMirror, at: &str) -> Result<MirrorRef, FieldError> {
     let b = m.backend_ref;
-    if !(matches!(b.group.as_deref(), None | Some("") | Some("core"))
-        && matches!(b.kind.as_deref(), None | Some("Service")))
-    {
+    if !super::resources::core_service(&b.group, &b.kind) {
         return Err((
             format!("{at}.backendRef.kind"),
             "only Service backends are supported".into(),

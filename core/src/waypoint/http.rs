@@ -711,20 +711,9 @@ async fn dial(
     Ok(UpIo::Tcp(tcp))
 }
 
-/// A sender to `addr` and the requests it carried before: a pooled one if free, else a new
-/// connection.
+/// A sender to `addr` speaking HTTP/2 (`h2`) or HTTP/1.1, and the requests it carried before:
+/// a pooled one if free, else a new connection.
 async fn sender(
-    ctx: &ConnCtx,
-    w: &Workload,
-    addr: SocketAddr,
-    host: Option<&str>,
-    max_uses: u32,
-) -> Result<(Sender, u32), String> {
-    sender_for(ctx, w, addr, host, max_uses, ctx.h2).await
-}
-
-/// [`sender`] speaking HTTP/2 (`h2`) or HTTP/1.1, whatever the client speaks.
-async fn sender_for(
     ctx: &ConnCtx,
     w: &Workload,
     addr: SocketAddr,
@@ -1503,23 +1492,25 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             .map_or(left, |c| c.min(left));
         // A failed connection is ejected by the built-in rule; one that is only slow (the
         // DestinationRule's `connectTimeout`) counts for outlier detection alone.
-        let connected =
-            match monoio::time::timeout(connect_limit, sender(&ctx, w, addr, svc_host, max_uses))
-                .await
-            {
-                Ok(r) => r.map_err(|e| (e, true)),
-                Err(_) if connect_limit < left => {
-                    Err((format!("no connection within {connect_limit:?}"), false))
-                }
-                Err(_) => {
-                    last = (
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "UT",
-                        "upstream request timeout",
-                    );
-                    break;
-                }
-            };
+        let connected = match monoio::time::timeout(
+            connect_limit,
+            sender(&ctx, w, addr, svc_host, max_uses, ctx.h2),
+        )
+        .await
+        {
+            Ok(r) => r.map_err(|e| (e, true)),
+            Err(_) if connect_limit < left => {
+                Err((format!("no connection within {connect_limit:?}"), false))
+            }
+            Err(_) => {
+                last = (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "UT",
+                    "upstream request timeout",
+                );
+                break;
+            }
+        };
         let (mut send, uses) = match connected {
             Ok(s) => s,
             Err((e, failed)) => {
@@ -1687,7 +1678,7 @@ async fn ext_authz_check(
         .body(boxed(http_body_util::Empty::<Bytes>::new()))
         .map_err(|e| format!("check request: {e}"))?;
     let ask = async {
-        let (mut send, uses) = sender_for(ctx, w, addr, Some(&p.service), 0, false).await?;
+        let (mut send, uses) = sender(ctx, w, addr, Some(&p.service), 0, false).await?;
         let resp = send.send(check).await.map_err(|e| format!("{addr}: {e}"))?;
         let (parts, mut body) = resp.into_parts();
         let mut bytes = BytesMut::new();
@@ -1776,7 +1767,7 @@ fn shadow(
             let (svc, eps) = endpoints(&index, &rules, &backend, ctx.target.port())?;
             let (w, addr) = pick_endpoint(&eps, &[], None)
                 .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
-            let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0).await?;
+            let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0, ctx.h2).await?;
             let resp = send.send(req).await.map_err(|e| format!("{addr}: {e}"))?;
             let status = resp.status();
             let mut body = resp.into_body();

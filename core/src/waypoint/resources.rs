@@ -1639,23 +1639,24 @@ fn destination_rule(b: &mut Builder, s: DrSpec, host: String) -> Result<(), (Str
 #[serde(rename_all = "camelCase")]
 struct HrSpec {
     #[serde(default)]
-    parent_refs: Vec<ParentRef>,
+    parent_refs: Vec<ObjectRef>,
     #[serde(default)]
     rules: Vec<HrRule>,
 }
 
+/// A Gateway API reference to an object (a `parentRef`, a `RequestMirror`'s `backendRef`).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ParentRef {
+pub(crate) struct ObjectRef {
     #[serde(default)]
-    group: Option<String>,
+    pub group: Option<String>,
     #[serde(default)]
-    kind: Option<String>,
-    name: String,
+    pub kind: Option<String>,
+    pub name: String,
     #[serde(default)]
-    namespace: Option<String>,
+    pub namespace: Option<String>,
     #[serde(default)]
-    port: Option<u16>,
+    pub port: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -1740,7 +1741,8 @@ struct HrRetry {
     backoff: Option<String>,
 }
 
-fn core_service(group: &Option<String>, kind: &Option<String>) -> bool {
+/// Whether a reference's group and kind name a core `Service` (both may be left out).
+pub(crate) fn core_service(group: &Option<String>, kind: &Option<String>) -> bool {
     matches!(group.as_deref(), None | Some("") | Some("core"))
         && matches!(kind.as_deref(), None | Some("Service"))
 }
