@@ -1,0 +1,8 @@
+#!/bin/bash
+cd /work/main
+for r in 4 5; do
+  for v in new base; do
+    env -u RUST_BACKTRACE /tmp/ab/zring-bench run --paths no-mesh,waypoint --scenarios max-rps --zring /tmp/ab/zring-$v --loadgen /work/main/target/release/zring-loadgen --out /tmp/ab2/$v-$r > /tmp/ab2/$v-$r.log 2>&1
+  done
+done
+echo done > /tmp/ab2/DONE2
