@@ -1212,6 +1212,19 @@ fn routes_change_request_and_response_headers() {
     assert_eq!(r.header("x-dest"), Some("v1"));
     assert_eq!(r.header("x-internal"), None, "removed from the response");
     assert_eq!(r.header("x-served-by"), Some("reviews-v1"));
+    // A websocket upgrade on the same rule: the 101's head gets the response changes too, and
+    // the bytes still flow both ways.
+    let mut ws = lab.client(2, lab.vip(101));
+    ws.send(b"GET /headers/ws HTTP/1.1\r\nHost: reviews:9080\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n");
+    let r = ws.read();
+    assert_eq!(r.status, 101, "{}", lab.w.proc.log());
+    assert_eq!(r.header("x-route"), Some("headers"));
+    assert_eq!(r.header("x-dest"), Some("v1"));
+    assert_eq!(r.header("upgrade"), Some("websocket"));
+    ws.send(b"ping");
+    let mut echo = [0u8; 4];
+    ws.r.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"ping");
     let dump = config_dump(&lab);
     assert!(
         dump.contains("\"host\": \"reviews-v1.default.svc.cluster.local\"")

@@ -1452,10 +1452,16 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             let authority = rewrite_request(&mut parts.headers, backend_headers, route_headers)
                 .or(rewritten_authority)
                 .unwrap_or(&authority);
-            return Box::pin(upgrade(
+            let mut reply = Box::pin(upgrade(
                 &ctx, log, &parts, authority, down, w, addr, svc_host,
             ))
             .await;
+            // The answer's head (101 or a refusal) gets the response changes as any other.
+            if let Some(h) = backend_headers {
+                h.response.apply(reply.headers_mut());
+            }
+            out.apply(reply.headers_mut());
+            return reply;
         }
         // Room under the destination's connection-pool limits (circuit breaking).
         let permit = match (pool, traffic.as_deref()) {
