@@ -50,17 +50,12 @@ pub struct HttpProvider {
     pub status_on_error: u16,
 }
 
-/// Whether header `name` is one of `patterns` (exact, `prefix*`, `*suffix`, case-insensitive).
+/// Whether header `name` is one of `patterns`, in Istio's value forms (exact, `prefix*`,
+/// `*suffix`, `*`), case-insensitive.
 pub fn listed(patterns: &[String], name: &str) -> bool {
-    patterns.iter().any(|p| {
-        if let Some(pre) = p.strip_suffix('*') {
-            name.starts_with(pre)
-        } else if let Some(suf) = p.strip_prefix('*') {
-            name.ends_with(suf)
-        } else {
-            p == name
-        }
-    })
+    patterns
+        .iter()
+        .any(|p| super::policy::value_matches(p, name, true))
 }
 
 #[derive(Deserialize)]

@@ -360,13 +360,6 @@ impl RequestAuthn {
             })
             .min()
     }
-
-    fn applies(&self, service: Option<&str>) -> bool {
-        match &self.target {
-            PolicyTarget::All => true,
-            PolicyTarget::Services(s) => service.is_some_and(|svc| s.iter().any(|x| x == svc)),
-        }
-    }
 }
 
 /// How long a `jwksUri` fetch may take (Envoy's default remote JWKS timeout is 5 s).
@@ -606,7 +599,7 @@ pub fn authenticate(
 ) -> Outcome {
     let rules: Vec<&JwtRule> = policies
         .iter()
-        .filter(|p| p.applies(service))
+        .filter(|p| p.target.covers(service))
         .flat_map(|p| &p.rules)
         .collect();
     if rules.is_empty() {

@@ -22,6 +22,16 @@ pub enum PolicyTarget {
     Services(Vec<String>),
 }
 
+impl PolicyTarget {
+    /// Whether a request to `service` is governed.
+    pub fn covers(&self, service: Option<&str>) -> bool {
+        match self {
+            PolicyTarget::All => true,
+            PolicyTarget::Services(s) => service.is_some_and(|svc| s.iter().any(|x| x == svc)),
+        }
+    }
+}
+
 /// The action.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -147,7 +157,7 @@ pub enum Decision {
 }
 
 /// Istio's value match: exact, `prefix*`, `*suffix`, `*`.
-fn value_matches(pattern: &str, v: &str, ignore_case: bool) -> bool {
+pub(super) fn value_matches(pattern: &str, v: &str, ignore_case: bool) -> bool {
     let eq = |a: &str, b: &str| match ignore_case {
         true => a.eq_ignore_ascii_case(b),
         false => a == b,
@@ -292,13 +302,6 @@ impl Rule {
 }
 
 impl L7Policy {
-    fn applies(&self, service: Option<&str>) -> bool {
-        match &self.target {
-            PolicyTarget::All => true,
-            PolicyTarget::Services(s) => service.is_some_and(|svc| s.iter().any(|x| x == svc)),
-        }
-    }
-
     fn matches(&self, c: &RequestContext<'_>) -> bool {
         let deny = self.action == Action::Deny;
         self.rules.iter().any(|r| r.matches(c, deny))
@@ -463,7 +466,7 @@ pub fn decide(policies: &[L7Policy], c: &RequestContext<'_>) -> Decision {
     let mut allowed = false;
     let mut audit = false;
     let mut check = None;
-    for p in policies.iter().filter(|p| p.applies(c.service)) {
+    for p in policies.iter().filter(|p| p.target.covers(c.service)) {
         match p.action {
             // Like ALLOW, HTTP-only fields never match a TCP stream.
             Action::Custom if check.is_none() && p.matches(c) => check = p.provider.clone(),
