@@ -1,5 +1,6 @@
 //! Compiles the in-repo protobuf files (Istio's workload, authorization and certificate APIs,
-//! and the subset of Envoy's discovery API ztunnel speaks) with protox (no protoc needed) and
+//! the subset of Envoy's discovery API ztunnel speaks, and Envoy's external authorization API
+//! the waypoint calls) with protox (no protoc needed) and
 //! tonic-prost-build.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -8,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/workload.proto",
         "proto/authorization.proto",
         "proto/citadel.proto",
+        "proto/ext_authz.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

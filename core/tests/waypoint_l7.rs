@@ -2083,3 +2083,226 @@ spec:
     assert_eq!((r.status, r.header("x-served-by")), (503, None));
     assert_eq!(asked(), before, "the old provider is not asked any more");
 }
+
+/// What the test's gRPC authorizer saw: the checks, the last one's request attributes.
+#[derive(Default)]
+struct GrpcChecks {
+    count: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<Option<zring_core::xds::proto::envoy::service::auth::v3::CheckRequest>>,
+}
+
+/// A gRPC authorization server like Istio's ext-authz sample (`envoy.service.auth.v3`): allows
+/// a request carrying `x-ext-authz: allow` (setting `x-ext-authz-check-result: allowed`,
+/// removing `authorization`, adding `x-ext-authz-said` to the response), denies others with
+/// 403 and its reason; `x-ext-authz: fail` makes the call itself fail (UNAVAILABLE).
+fn grpc_ext_authz_server(addr: SocketAddr) -> std::sync::Arc<GrpcChecks> {
+    use zring_core::xds::proto::envoy::service::auth::v3 as pb;
+    struct Authz(std::sync::Arc<GrpcChecks>);
+    fn opt(k: &str, v: &str) -> pb::HeaderValueOption {
+        pb::HeaderValueOption {
+            header: Some(pb::HeaderValue {
+                key: k.into(),
+                value: v.into(),
+                raw_value: vec![],
+            }),
+            append: Some(pb::BoolValue { value: false }),
+            ..Default::default()
+        }
+    }
+    #[tonic::async_trait]
+    impl pb::authorization_server::Authorization for Authz {
+        async fn check(
+            &self,
+            r: tonic::Request<pb::CheckRequest>,
+        ) -> Result<tonic::Response<pb::CheckResponse>, tonic::Status> {
+            let r = r.into_inner();
+            self.0
+                .count
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let said = r
+                .attributes
+                .as_ref()
+                .and_then(|a| a.request.as_ref())
+                .and_then(|q| q.http.as_ref())
+                .and_then(|h| h.headers.get("x-ext-authz").cloned())
+                .unwrap_or_default();
+            *self.0.last.lock().unwrap() = Some(r);
+            use pb::check_response::HttpResponse;
+            let answer = match said.as_str() {
+                "fail" => return Err(tonic::Status::unavailable("asked to fail")),
+                "allow" => pb::CheckResponse {
+                    status: Some(pb::RpcStatus::default()),
+                    http_response: Some(HttpResponse::OkResponse(pb::OkHttpResponse {
+                        headers: vec![opt("x-ext-authz-check-result", "allowed")],
+                        headers_to_remove: vec!["authorization".into()],
+                        response_headers_to_add: vec![opt("x-ext-authz-said", "yes")],
+                        ..Default::default()
+                    })),
+                },
+                _ => pb::CheckResponse {
+                    status: Some(pb::RpcStatus {
+                        code: 7,
+                        message: "PERMISSION_DENIED".into(),
+                    }),
+                    http_response: Some(HttpResponse::DeniedResponse(pb::DeniedHttpResponse {
+                        status: Some(pb::HttpStatus { code: 403 }),
+                        headers: vec![opt("x-ext-authz-check-result", "denied")],
+                        body: "denied by ext_authz for not found header `x-ext-authz: allow` in the request".into(),
+                    })),
+                },
+            };
+            Ok(tonic::Response::new(answer))
+        }
+    }
+    let checks = std::sync::Arc::new(GrpcChecks::default());
+    let svc = pb::authorization_server::AuthorizationServer::new(Authz(checks.clone()));
+    let l = std::net::TcpListener::bind(addr).unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l))
+                .await
+                .unwrap();
+        });
+    });
+    checks
+}
+
+/// External authorization by a gRPC provider (`envoyExtAuthzGrpc`, Envoy's
+/// `Authorization/Check`): the check carries the request's attributes and both peers'
+/// identities; an allowed request reaches the server with the provider's header changes and
+/// its answer gets the provider's response header; a denial is the provider's (`UAEX`); a
+/// failed call gives `statusOnError`.
+#[test]
+fn custom_policies_ask_a_grpc_external_authorizer() {
+    let cm = resource(
+        "wp-extauthz-grpc-res",
+        "mesh.yaml",
+        r#"apiVersion: v1
+kind: ConfigMap
+metadata: {name: istio, namespace: istio-system}
+data:
+  mesh: |-
+    extensionProviders:
+    - name: "sample-ext-authz-grpc"
+      envoyExtAuthzGrpc:
+        service: "ext-authz.default.svc.cluster.local"
+        port: "9080"
+        statusOnError: "503"
+        timeout: 5s
+"#,
+    );
+    let ap = resource(
+        "wp-extauthz-grpc-res",
+        "policy.yaml",
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext-authz, namespace: default}
+spec:
+  targetRefs:
+  - {kind: Gateway, group: gateway.networking.k8s.io, name: bookinfo-productpage}
+  action: CUSTOM
+  provider:
+    name: sample-ext-authz-grpc
+  rules:
+  - to:
+    - operation:
+        paths: ["/headers"]
+"#,
+    );
+    let lab = Lab::start(
+        65,
+        "wp-extauthz-grpc",
+        &[("mesh.yaml", &cm), ("policy.yaml", &ap)],
+    );
+    server(SocketAddr::new(ip(lab.n, 11), 9080), "reviews-v1");
+    server(SocketAddr::new(ip(lab.n, 12), 9080), "reviews-v2");
+    let checks = grpc_ext_authz_server(SocketAddr::new(ip(lab.n, 13), 9080));
+    let asked = || checks.count.load(std::sync::atomic::Ordering::SeqCst);
+    let mut c = lab.client(2, lab.vip(101));
+    c.send(b"GET /headers?q=1 HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: allow\r\nx-ext-authz-check-result: forged\r\nauthorization: Bearer secret\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), lab.w.proc.log());
+    let seen = r.text();
+    assert!(
+        seen.contains("x-ext-authz-check-result: allowed\n") && !seen.contains("forged"),
+        "the provider's header replaces the client's: {seen}"
+    );
+    assert!(
+        !seen.contains("authorization:"),
+        "the provider removed authorization: {seen}"
+    );
+    assert_eq!(r.header("x-ext-authz-said"), Some("yes"));
+    assert_eq!(asked(), 1);
+    {
+        let last = checks.last.lock().unwrap();
+        let a = last.as_ref().unwrap().attributes.as_ref().unwrap();
+        let h = a.request.as_ref().unwrap().http.as_ref().unwrap();
+        assert_eq!(
+            (h.method.as_str(), h.path.as_str(), h.host.as_str()),
+            ("GET", "/headers?q=1", "reviews:9080")
+        );
+        assert_eq!(
+            h.headers.get(":path").map(String::as_str),
+            Some("/headers?q=1")
+        );
+        assert_eq!(
+            h.headers.get("authorization").map(String::as_str),
+            Some("Bearer secret"),
+            "every header is in the check"
+        );
+        assert_eq!(
+            a.source.as_ref().unwrap().principal,
+            "spiffe://cluster.local/ns/default/sa/sleep"
+        );
+        assert_eq!(
+            a.destination.as_ref().unwrap().principal,
+            "spiffe://cluster.local/ns/default/sa/bookinfo-waypoint"
+        );
+    }
+    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: deny\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(
+        r.text(),
+        "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
+    );
+    assert_eq!(r.header("x-ext-authz-check-result"), Some("denied"));
+    assert_eq!(r.header("x-served-by"), None);
+    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: fail\r\n\r\n");
+    let r = c.read();
+    assert_eq!(
+        (r.status, r.header("x-served-by")),
+        (503, None),
+        "a failed call: statusOnError"
+    );
+    let r = c.request("GET", "/other", b"");
+    assert_eq!(r.status, 200, "not a path the policy names");
+    assert_eq!(asked(), 3, "and not checked");
+    let m = lab.w.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &["response_code=\"403\"", "response_flags=\"UAEX\""]
+        ),
+        Some(1),
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "istio_requests_total",
+            &["response_code=\"503\"", "response_flags=\"UAEX\""]
+        ),
+        Some(1),
+        "{m}"
+    );
+}

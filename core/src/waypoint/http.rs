@@ -1134,6 +1134,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         auth: auth.as_ref(),
         tcp: false,
     };
+    // The response changes an external authorizer asked for (boxed: rarely any).
+    let mut authz_response: Option<Box<ext_authz::Changes>> = None;
     match policy::decide(&rules.policies, &pctx) {
         Decision::Deny(reason) => {
             log.error = Some(reason);
@@ -1143,11 +1145,12 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         Decision::Allow { audit, check } => {
             log.audit = audit;
             if let Some(name) = check {
-                let provider = rules.providers.iter().find_map(|p| match p {
-                    ext_authz::Provider::Http(h) if h.name == name => Some(h),
-                    _ => None,
+                let provider = rules.providers.iter().find_map(|p| {
+                    p.call()
+                        .filter(|_| p.name() == name.as_str())
+                        .map(|call| (p, call))
                 });
-                let Some(p) = provider else {
+                let Some((p, call)) = provider else {
                     log.error = Some(format!("extension provider {name} is not configured"));
                     Box::pin(drain_small(req.into_body(), &req_bytes)).await;
                     return answer(log, StatusCode::FORBIDDEN, "UAEX", "RBAC: access denied");
@@ -1155,11 +1158,13 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 let checked =
                     Box::pin(ext_authz_check(&ctx, &index, &rules, p, &req, &authority)).await;
                 match checked {
-                    Ok(Checked::Allowed(add)) => {
-                        for (k, v) in add {
-                            if let Some(k) = k {
-                                req.headers_mut().insert(k, v);
-                            }
+                    Ok(Checked::Allowed(a)) => {
+                        a.request.apply(req.headers_mut());
+                        for k in &a.remove {
+                            req.headers_mut().remove(k);
+                        }
+                        if !a.response.is_empty() {
+                            authz_response = Some(Box::new(a.response));
                         }
                     }
                     Ok(Checked::Denied(reply, len)) => {
@@ -1168,13 +1173,13 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                         log.finish(reply.status().as_u16(), "UAEX", len);
                         return reply;
                     }
-                    Err(e) if p.fail_open => {
+                    Err(e) if call.fail_open => {
                         tracing::debug!(provider = %name, error = %e, "external authorization failed; failOpen lets the request through");
                     }
                     Err(e) => {
                         log.error = Some(format!("extension provider {name}: {e}"));
                         Box::pin(drain_small(req.into_body(), &req_bytes)).await;
-                        let status = StatusCode::from_u16(p.status_on_error)
+                        let status = StatusCode::from_u16(call.status_on_error)
                             .unwrap_or(StatusCode::FORBIDDEN);
                         return answer(log, status, "UAEX", "");
                     }
@@ -1241,6 +1246,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     let before_cors = Outgoing {
         route: route_headers,
         cors: None,
+        authz: authz_response.as_deref(),
     };
     // Faults (VirtualService `fault`): a delay, then an abort, as Envoy's fault filter.
     if let Some(f) = route.and_then(|r| r.fault.as_deref()) {
@@ -1285,6 +1291,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     let out = Outgoing {
         route: route_headers,
         cors: route_cors.zip(origin.as_ref()),
+        authz: authz_response.as_deref(),
     };
     // A redirect rule answers here, after faults (Envoy's router answers it).
     if let Some(rd) = route.and_then(|r| r.redirect.as_deref()) {
@@ -1637,35 +1644,87 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
 /// What an external authorization check decided.
 enum Checked {
     /// Go on, with these headers of the check's answer added to the request.
-    Allowed(HeaderMap),
+    Allowed(ext_authz::Allowed),
     /// The check's answer is the client's (with its body's length, for the log).
     Denied(Response<Body>, u64),
 }
 
-/// Ask HTTP provider `p` about `req` (to `authority`): a request with the same method, the path
-/// under the provider's prefix, the authority, `authorization` and the headers it names, no
-/// body, over the mesh (HBONE to an endpoint of its service) within its timeout.
+/// Ask provider `p` about `req` (to `authority`), over the mesh (HBONE to an endpoint of its
+/// service) within its timeout: [`http_check`] or [`grpc_check`].
 async fn ext_authz_check(
     ctx: &ConnCtx,
     index: &MeshIndex,
     rules: &L7Config,
-    p: &ext_authz::HttpProvider,
+    p: &ext_authz::Provider,
     req: &Request<Incoming>,
     authority: &str,
 ) -> Result<Checked, String> {
+    let call = p.call().ok_or("not an external authorization provider")?;
     let svc = index
-        .service_by_hostname(&p.service)
-        .ok_or_else(|| format!("service {} is not in the mesh config", p.service))?;
+        .service_by_hostname(&call.service)
+        .ok_or_else(|| format!("service {} is not in the mesh config", call.service))?;
     let backend = Backend {
         service: format!("{}/{}", svc.namespace, svc.hostname),
-        port: Some(p.port),
+        port: Some(call.port),
         subset: None,
         weight: 1,
         headers: Default::default(),
     };
-    let (_, eps) = endpoints(index, rules, &backend, p.port)?;
+    let (_, eps) = endpoints(index, rules, &backend, call.port)?;
     let (w, addr) =
-        pick_endpoint(&eps, &[], None).ok_or_else(|| format!("no endpoint of {}", p.service))?;
+        pick_endpoint(&eps, &[], None).ok_or_else(|| format!("no endpoint of {}", call.service))?;
+    let asked = async {
+        match p {
+            ext_authz::Provider::Grpc(_) => grpc_check(ctx, call, w, addr, req, authority).await,
+            ext_authz::Provider::Http(h) => http_check(ctx, h, w, addr, req, authority).await,
+            ext_authz::Provider::Other { .. } => Err("not callable".into()),
+        }
+    };
+    monoio::time::timeout(call.timeout, asked)
+        .await
+        .map_err(|_| format!("no answer within {:?}", call.timeout))?
+}
+
+/// Send `check` on a pooled connection to `addr` and read the answer (head, at most
+/// [`ext_authz::MAX_ANSWER`] of body, trailers).
+async fn ask(
+    ctx: &ConnCtx,
+    w: &Workload,
+    addr: SocketAddr,
+    host: &str,
+    h2: bool,
+    check: Request<Body>,
+) -> Result<(http::response::Parts, Bytes, Option<HeaderMap>), String> {
+    let (mut send, uses) = sender(ctx, w, addr, Some(host), 0, h2).await?;
+    let resp = send.send(check).await.map_err(|e| format!("{addr}: {e}"))?;
+    let (parts, mut body) = resp.into_parts();
+    let mut bytes = BytesMut::new();
+    let mut trailers = None;
+    while let Some(f) = body.frame().await {
+        let f = f.map_err(|e| format!("{addr}: {e}"))?;
+        if let Some(d) = f.data_ref() {
+            if bytes.len() + d.len() > ext_authz::MAX_ANSWER {
+                return Err(format!("{addr}: answer over 64 KiB"));
+            }
+            bytes.extend_from_slice(d);
+        } else if let Ok(t) = f.into_trailers() {
+            trailers = Some(t);
+        }
+    }
+    put_sender(addr, send, uses + 1, 0);
+    Ok((parts, bytes.freeze(), trailers))
+}
+
+/// An HTTP provider's check: a request with the same method, the path under the provider's
+/// prefix, the authority, `authorization` and the headers it names, no body.
+async fn http_check(
+    ctx: &ConnCtx,
+    p: &ext_authz::HttpProvider,
+    w: &Workload,
+    addr: SocketAddr,
+    req: &Request<Incoming>,
+    authority: &str,
+) -> Result<Checked, String> {
     let pq = req.uri().path_and_query().map_or("/", |x| x.as_str());
     let mut check = Request::builder()
         .method(req.method().clone())
@@ -1683,34 +1742,16 @@ async fn ext_authz_check(
     let check = check
         .body(boxed(http_body_util::Empty::<Bytes>::new()))
         .map_err(|e| format!("check request: {e}"))?;
-    let ask = async {
-        let (mut send, uses) = sender(ctx, w, addr, Some(&p.service), 0, false).await?;
-        let resp = send.send(check).await.map_err(|e| format!("{addr}: {e}"))?;
-        let (parts, mut body) = resp.into_parts();
-        let mut bytes = BytesMut::new();
-        while let Some(f) = body.frame().await {
-            let f = f.map_err(|e| format!("{addr}: {e}"))?;
-            if let Some(d) = f.data_ref() {
-                if bytes.len() + d.len() > 64 * 1024 {
-                    return Err(format!("{addr}: answer over 64 KiB"));
-                }
-                bytes.extend_from_slice(d);
-            }
-        }
-        put_sender(addr, send, uses + 1, 0);
-        Ok::<_, String>((parts, bytes.freeze()))
-    };
-    let (parts, bytes) = monoio::time::timeout(p.timeout, ask)
-        .await
-        .map_err(|_| format!("no answer within {:?}", p.timeout))??;
+    let (parts, bytes, _) = ask(ctx, w, addr, &p.call.service, false, check).await?;
     if parts.status == StatusCode::OK {
-        let mut add = HeaderMap::new();
+        let mut allowed = ext_authz::Allowed::default();
         for (k, v) in &parts.headers {
             if ext_authz::listed(&p.to_upstream_on_allow, k.as_str()) {
-                add.append(k, v.clone());
+                let set = ext_authz::Action::Set;
+                allowed.request.0.push((k.clone(), v.clone(), set));
             }
         }
-        return Ok(Checked::Allowed(add));
+        return Ok(Checked::Allowed(allowed));
     }
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers, false);
@@ -1730,6 +1771,72 @@ async fn ext_authz_check(
     *reply.status_mut() = parts.status;
     *reply.headers_mut() = headers;
     Ok(Checked::Denied(reply, len))
+}
+
+/// A gRPC provider's check: `Authorization/Check` over HTTP/2 with the request's attributes.
+async fn grpc_check(
+    ctx: &ConnCtx,
+    call: &ext_authz::Call,
+    w: &Workload,
+    addr: SocketAddr,
+    req: &Request<Incoming>,
+    authority: &str,
+) -> Result<Checked, String> {
+    let attrs = ext_authz::Attributes {
+        method: req.method().as_str(),
+        path: req.uri().path_and_query().map_or("/", |x| x.as_str()),
+        authority,
+        headers: req.headers(),
+        protocol: match req.version() {
+            Version::HTTP_2 => "HTTP/2",
+            Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        },
+        size: req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok()),
+        source: ctx.client,
+        source_principal: ctx.principal.as_ref().map(|p| format!("spiffe://{p}")),
+        destination: ctx.target,
+        destination_principal: ctx.my_id.to_string(),
+    };
+    let body = ext_authz::check_request(&attrs, std::time::SystemTime::now());
+    let ms = call.timeout.as_millis().clamp(1, 99_999_999);
+    let check = Request::builder()
+        .method(http::Method::POST)
+        .uri(format!(
+            "http://{}:{}{}",
+            call.service,
+            call.port,
+            ext_authz::GRPC_CHECK_PATH
+        ))
+        .version(Version::HTTP_2)
+        .header(header::CONTENT_TYPE, "application/grpc")
+        .header(header::TE, "trailers")
+        .header("grpc-timeout", format!("{ms}m"))
+        .body(boxed(Full::new(body)))
+        .map_err(|e| format!("check request: {e}"))?;
+    let (parts, bytes, trailers) = ask(ctx, w, addr, &call.service, true, check).await?;
+    if parts.status != StatusCode::OK {
+        return Err(format!("the check call answered HTTP {}", parts.status));
+    }
+    // The call's status: in the trailers, or in the head of a trailers-only answer.
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| parts.headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok());
+    match ext_authz::verdict(status, &bytes)? {
+        Ok(allowed) => Ok(Checked::Allowed(allowed)),
+        Err(d) => {
+            let len = d.body.len() as u64;
+            let mut reply = Response::new(boxed(Full::new(d.body)));
+            *reply.status_mut() = StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN);
+            *reply.headers_mut() = d.headers;
+            Ok(Checked::Denied(reply, len))
+        }
+    }
 }
 
 /// Point `up` at `authority` in the upstream's protocol: the URI's authority on h2; on
@@ -1807,12 +1914,17 @@ fn shadow(
 struct Outgoing<'a> {
     route: Option<&'a HeaderRules>,
     cors: Option<(&'a Cors, &'a HeaderValue)>,
+    /// An external authorizer's `response_headers_to_add`.
+    authz: Option<&'a ext_authz::Changes>,
 }
 
 impl Outgoing<'_> {
     fn apply(&self, h: &mut HeaderMap) {
         if let Some(r) = self.route {
             r.response.apply(h);
+        }
+        if let Some(a) = self.authz {
+            a.apply(h);
         }
         if let Some((c, origin)) = self.cors {
             c.apply(origin, h);

@@ -170,6 +170,8 @@ enum Location {
     Header(HeaderName, String),
     /// A query parameter.
     Param(String),
+    /// A cookie (`Cookie: name=token`).
+    Cookie(String),
 }
 
 /// One `jwtRules` entry.
@@ -268,12 +270,6 @@ impl RequestAuthn {
             if r.issuer.is_empty() {
                 return Err((at("issuer"), "required".into()));
             }
-            if !r.from_cookies.is_empty() {
-                return Err((
-                    at("fromCookies"),
-                    "not supported by zring's waypoint (refused rather than ignored)".into(),
-                ));
-            }
             let timeout = match r.timeout.as_deref() {
                 Some(t) => super::resources::duration(t).map_err(|e| (at("timeout"), e))?,
                 None => DEFAULT_FETCH_TIMEOUT,
@@ -309,6 +305,7 @@ impl RequestAuthn {
                 locations.push(Location::Header(n, h.prefix.clone()));
             }
             locations.extend(r.from_params.into_iter().map(Location::Param));
+            locations.extend(r.from_cookies.into_iter().map(Location::Cookie));
             if locations.is_empty() {
                 // Envoy's defaults: `Authorization: Bearer <token>`, or `?access_token=`.
                 locations.push(Location::Header(
@@ -519,6 +516,14 @@ fn find_token(loc: &Location, h: &HeaderMap, query: Option<&str>) -> Option<Stri
         Location::Param(p) => query?.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=')?;
             (k == p && !v.is_empty()).then(|| v.to_string())
+        }),
+        // `Cookie: a=1; name=token` (several Cookie headers on HTTP/2).
+        Location::Cookie(c) => h.get_all(http::header::COOKIE).iter().find_map(|v| {
+            v.to_str().ok()?.split(';').find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                let v = v.trim_matches('"');
+                (k == c && !v.is_empty()).then(|| v.to_string())
+            })
         }),
     }
 }
@@ -799,6 +804,61 @@ mod tests {
     }
 
     #[test]
+    fn a_token_in_a_cookie_verifies_where_the_rule_names_the_cookie() {
+        let p = istio_rule("  fromCookies: [session]\n");
+        let mut h = HeaderMap::new();
+        h.append("cookie", "theme=dark; session=".parse().unwrap());
+        h.append(
+            "cookie",
+            format!("a=1; session={ISTIO_DEMO_JWT}; b=2")
+                .parse()
+                .unwrap(),
+        );
+        let Outcome::Verified(a) = authenticate(&p, None, &mut h, None, NOW) else {
+            panic!("verified")
+        };
+        assert_eq!(
+            a.principal,
+            "testing@secure.istio.io/testing@secure.istio.io"
+        );
+        assert_eq!(
+            h.get_all("cookie").iter().count(),
+            2,
+            "cookies are left as they were"
+        );
+        let mut quoted = HeaderMap::new();
+        quoted.insert(
+            "cookie",
+            format!("session=\"{ISTIO_DEMO_JWT}\"").parse().unwrap(),
+        );
+        assert!(matches!(
+            authenticate(&p, None, &mut quoted, None, NOW),
+            Outcome::Verified(_)
+        ));
+        let mut bad = HeaderMap::new();
+        bad.insert("cookie", "session=a.b.c".parse().unwrap());
+        assert!(matches!(
+            authenticate(&p, None, &mut bad, None, NOW),
+            Outcome::Failed(_)
+        ));
+        let mut other = HeaderMap::new();
+        other.insert(
+            "cookie",
+            format!("sessionx={ISTIO_DEMO_JWT}").parse().unwrap(),
+        );
+        assert_eq!(
+            authenticate(&p, None, &mut other, None, NOW),
+            Outcome::Missing,
+            "only the named cookie"
+        );
+        assert_eq!(
+            authenticate(&p, None, &mut bearer(ISTIO_DEMO_JWT), None, NOW),
+            Outcome::Missing,
+            "naming a cookie replaces the default locations"
+        );
+    }
+
+    #[test]
     fn es256_and_eddsa_tokens_verify_and_alg_confusion_fails() {
         use ring::signature::{
             EcdsaKeyPair, Ed25519KeyPair, KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING,
@@ -966,10 +1026,6 @@ mod tests {
             (
                 "jwtRules:\n- issuer: a\n  jwks: '{\"keys\":[{\"kty\":\"oct\",\"k\":\"AA\"}]}'\n",
                 "jwtRules[0].jwks",
-            ),
-            (
-                "jwtRules:\n- issuer: a\n  jwks: 'x'\n  fromCookies: [c]\n",
-                "jwtRules[0].fromCookies",
             ),
         ] {
             let s: RaSpec = serde_yaml_ng::from_str(y).unwrap();

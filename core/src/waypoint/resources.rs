@@ -6,7 +6,7 @@
 //!
 //! Other kinds (`Gateway`, `Service`, ...) are skipped. Fields zring's waypoint does not
 //! implement (Gateway filters other than header modifiers, URL rewrites, redirects, mirrors and
-//! CORS; JWT `fromCookies`, gRPC ext_authz providers) are refused rather than ignored: a rule that
+//! CORS; a check request's body for external authorization) are refused rather than ignored: a rule that
 //! silently did less than it says would let traffic through that the user meant to stop. Every
 //! error names the file, the resource and the field, e.g. `routes.yaml: VirtualService
 //! default/reviews: spec.http[0].route[1].weight: invalid type: string "ten", expected u32`.
@@ -448,16 +448,16 @@ pub fn parse(text: &str, file: &str, me: &WaypointIdentity) -> Result<L7Config, 
     checked(b.finish(), file)
 }
 
-/// Checks across resources: every CUSTOM policy names an HTTP extension provider of the mesh
-/// config (which may come from any file).
+/// Checks across resources: every CUSTOM policy names an external authorization provider of
+/// the mesh config (which may come from any file).
 fn checked(cfg: L7Config, file: &str) -> Result<L7Config, ResourceError> {
     use super::ext_authz::Provider;
     for p in &cfg.policies {
         let Some(name) = &p.provider else { continue };
         let why = match cfg.providers.iter().find(|x| x.name() == name) {
-            Some(Provider::Http(_)) => continue,
+            Some(Provider::Http(_) | Provider::Grpc(_)) => continue,
             Some(Provider::Other { kind, .. }) => {
-                format!("provider {name:?} is {kind}; zring's waypoint calls envoyExtAuthzHttp providers only")
+                format!("provider {name:?} is {kind}, not an envoyExtAuthzHttp or envoyExtAuthzGrpc provider")
             }
             None => format!(
                 "no extension provider {name:?} in the mesh config (ConfigMap istio, data.mesh, extensionProviders)"
@@ -2044,7 +2044,7 @@ mod tests {
     }
 
     #[test]
-    fn custom_policies_need_an_http_provider_of_the_mesh_config() {
+    fn custom_policies_need_an_ext_authz_provider_of_the_mesh_config() {
         let policy = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext-authz, namespace: default}\nspec:\n  selector: {matchLabels: {istio.io/gateway-name: bookinfo-reviews}}\n  action: CUSTOM\n  provider: {name: sample-ext-authz-http}\n  rules:\n  - to: [{operation: {paths: [/headers]}}]\n";
         let e = parse(policy, "p.yaml", &me()).unwrap_err().to_string();
         assert!(
@@ -2060,10 +2060,11 @@ mod tests {
             c.policies[0].provider.as_deref(),
             Some("sample-ext-authz-http")
         );
-        let e = parse(&mesh("envoyExtAuthzGrpc"), "p.yaml", &me())
+        assert!(parse(&mesh("envoyExtAuthzGrpc"), "p.yaml", &me()).is_ok());
+        let e = parse(&mesh("envoyOtelAls"), "p.yaml", &me())
             .unwrap_err()
             .to_string();
-        assert!(e.contains("is envoyExtAuthzGrpc"), "{e}");
+        assert!(e.contains("is envoyOtelAls, not an"), "{e}");
         let other = mesh("envoyExtAuthzHttp").replace("name: istio,", "name: other,");
         assert!(
             parse(&other, "p.yaml", &me()).is_err(),

@@ -19,6 +19,12 @@ pub mod proto {
                     tonic::include_proto!("envoy.service.discovery.v3");
                 }
             }
+            /// External authorization (the waypoint's `envoyExtAuthzGrpc` providers).
+            pub mod auth {
+                pub mod v3 {
+                    tonic::include_proto!("envoy.service.auth.v3");
+                }
+            }
         }
     }
     pub mod istio {
