@@ -622,19 +622,25 @@ pub fn authenticate(
             }
         }
     }
-    let Some((token, loc)) = found.first() else {
+    if found.is_empty() {
         return Outcome::Missing;
-    };
-    let loc = (*loc).clone();
-    let (rule, claims, principal) = match verify(&rules, token, now) {
-        Ok(v) => v,
-        Err(why) => return Outcome::Failed(why),
-    };
-    if !rule.forward_original_token {
-        if let Location::Header(n, _) = &loc {
+    }
+    // Every token must verify, as in Envoy: a good token beside a bad one must not carry the
+    // bad one to a backend that may read it. The first one found gives the principal.
+    let mut verified = Vec::with_capacity(found.len());
+    for (t, loc) in &found {
+        match verify(&rules, t, now) {
+            Ok(v) => verified.push((v, *loc)),
+            Err(why) => return Outcome::Failed(why),
+        }
+    }
+    for ((rule, _, _), loc) in &verified {
+        if let (false, Location::Header(n, _)) = (rule.forward_original_token, loc) {
             h.remove(n);
         }
     }
+    let token = &found[0].0;
+    let ((rule, claims, principal), _) = verified.swap_remove(0);
     if let Some(n) = &rule.output_payload_to_header {
         if let Some(v) = token
             .split('.')
@@ -800,6 +806,34 @@ mod tests {
             authenticate(&custom, None, &mut bearer(ISTIO_DEMO_JWT), None, NOW),
             Outcome::Missing,
             "Authorization is not one of this rule's locations"
+        );
+    }
+
+    #[test]
+    fn every_token_a_request_carries_must_verify() {
+        let p = istio_rule("");
+        let mut h = bearer(ISTIO_DEMO_JWT);
+        // The demo token with another signature.
+        let forged = format!("{}AAAA", &ISTIO_DEMO_JWT[..ISTIO_DEMO_JWT.len() - 4]);
+        let q = format!("access_token={forged}");
+        assert_eq!(
+            authenticate(&p, None, &mut h, Some(&q), NOW),
+            Outcome::Failed("Jwt verification fails"),
+            "a good header token does not carry a bad query token"
+        );
+        assert!(
+            h.contains_key("authorization"),
+            "nothing removed on failure"
+        );
+        let mut h = bearer(ISTIO_DEMO_JWT);
+        let q = format!("x=1&access_token={ISTIO_DEMO_JWT}");
+        assert!(matches!(
+            authenticate(&p, None, &mut h, Some(&q), NOW),
+            Outcome::Verified(_)
+        ));
+        assert!(
+            !h.contains_key("authorization"),
+            "the verified header token is removed"
         );
     }
 
