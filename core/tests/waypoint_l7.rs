@@ -1380,6 +1380,9 @@ fn faults_delay_and_abort_the_requests_their_rule_matches() {
         r.text()
     );
     assert!(took >= Duration::from_millis(500), "not delayed: {took:?}");
+    // Delayed, then the server outlasts the route's timeout: both flags, in Envoy's order.
+    let r = c.request("GET", "/slow?ms=600", b"");
+    assert_eq!(r.status, 504, "{}", r.text());
 
     let mut aborted = 0;
     for i in 0..200 {
@@ -1422,6 +1425,7 @@ fn faults_delay_and_abort_the_requests_their_rule_matches() {
     assert_eq!(requests("500", "FI", "http"), Some(1), "{m}");
     assert_eq!(requests("418", "FI", "http"), Some(aborted), "{m}");
     assert_eq!(requests("200", "DI", "http"), Some(1), "{m}");
+    assert_eq!(requests("504", "UT,DI", "http"), Some(1), "{m}");
     // The answers served in full carry no flag (they were counted as cut short, `UR`, until
     // this test: hyper drops a body of known length after its last byte without polling its
     // end).

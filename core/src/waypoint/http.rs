@@ -834,15 +834,15 @@ struct ReqLog {
     upstream_ms: Option<f64>,
     req_bytes: Rc<Cell<u64>>,
     error: Option<String>,
-    /// A fault delayed the request (flag `DI` when nothing else went wrong).
+    /// A fault delayed the request (flag `DI`, beside any other).
     delayed: bool,
 }
 
 impl ReqLog {
     fn finish(self, status: u16, flags: &'static str, resp_bytes: u64) {
-        let flags = match flags {
-            "-" if self.delayed => "DI",
-            f => f,
+        let flags = match self.delayed {
+            true => with_delay(flags),
+            false => flags,
         };
         let duration_ms = self.start.elapsed().as_secs_f64() * 1e3;
         let labels = super::metrics::RequestLabels {
@@ -885,6 +885,24 @@ impl ReqLog {
             error = self.error.as_deref().unwrap_or(""),
             "request complete"
         );
+    }
+}
+
+/// `flags` with `DI` (a fault's delay) added, in Envoy's order of flags (`UT,DI`, `DI,FI`).
+fn with_delay(flags: &'static str) -> &'static str {
+    match flags {
+        "-" => "DI",
+        "UH" => "UH,DI",
+        "UT" => "UT,DI",
+        "UR" => "UR,DI",
+        "UF" => "UF,DI",
+        "UO" => "UO,DI",
+        "NR" => "NR,DI",
+        "FI" => "DI,FI",
+        "UAEX" => "DI,UAEX",
+        "DC" => "DI,DC",
+        "URX" => "DI,URX",
+        f => f,
     }
 }
 
