@@ -2310,3 +2310,74 @@ spec:
         "{m}"
     );
 }
+
+/// A DestinationRule's `consistentHash`: requests with the same header value go to the same
+/// endpoint (and different values spread over both); without the header, round robin; on a
+/// cookie with a ttl, a request without it gets a `Set-Cookie` and sticks once it sends it back.
+#[test]
+fn consistent_hash_sends_a_key_to_one_endpoint_and_makes_up_a_cookie() {
+    let dr = |lb: &str| {
+        format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {lb}\n")
+    };
+    let res = resource(
+        "wp-hash-res",
+        "reviews-dr.yaml",
+        &dr("{httpHeaderName: x-user}"),
+    );
+    let lab = Lab::start(64, "wp-hash", &[("reviews-dr.yaml", &res)]);
+    let n = lab.n;
+    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
+    server(SocketAddr::new(ip(n, 12), 9080), "reviews-v2");
+    let mut c = lab.client(2, lab.vip(101));
+    let mut get = |extra: &str| {
+        c.send(format!("GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n{extra}\r\n").as_bytes());
+        let r = c.read();
+        assert_eq!(r.status, 200, "{}", r.text());
+        (
+            r.header("x-served-by").unwrap_or_default().to_string(),
+            r.header("set-cookie").map(str::to_string),
+        )
+    };
+    let mut by_user = std::collections::BTreeMap::new();
+    for u in 0..16 {
+        let served: std::collections::BTreeSet<String> = (0..4)
+            .map(|_| get(&format!("x-user: user-{u}\r\n")).0)
+            .collect();
+        assert_eq!(served.len(), 1, "user-{u} went to {served:?}");
+        by_user.insert(u, served.into_iter().next().unwrap());
+    }
+    let both: std::collections::BTreeSet<&String> = by_user.values().collect();
+    assert_eq!(
+        both.len(),
+        2,
+        "16 keys spread over both endpoints: {by_user:?}"
+    );
+    let unkeyed: std::collections::BTreeSet<String> = (0..6).map(|_| get("").0).collect();
+    assert_eq!(unkeyed.len(), 2, "no key: round robin");
+
+    std::fs::write(
+        lab.resources.join("reviews-dr.yaml"),
+        dr("{httpCookie: {name: user, path: /, ttl: 60s}}"),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains("httpCookie"),
+        || config_dump(&lab),
+    );
+    let (_, cookie) = get("");
+    let cookie = cookie.expect("a made-up cookie");
+    assert!(
+        cookie.starts_with("user=\"") && cookie.ends_with("\"; Max-Age=60; Path=/; HttpOnly"),
+        "{cookie}"
+    );
+    let value = cookie.split(';').next().unwrap().to_string();
+    let served: std::collections::BTreeSet<String> = (0..6)
+        .map(|_| {
+            let (s, again) = get(&format!("Cookie: a=1; {value}\r\n"));
+            assert_eq!(again, None, "a request with the cookie gets no new one");
+            s
+        })
+        .collect();
+    assert_eq!(served.len(), 1, "the cookie sticks: {served:?}");
+}

@@ -39,7 +39,7 @@ use super::{
     jwt, mirror,
     policy::{self, Decision, RequestContext},
     resources::{self, Abort, Backend, L7Config, Mirror, RequestView, RetryPolicy},
-    traffic::{Outcome, Outlier, Overflow, Permit},
+    traffic::{self, Outcome, Outlier, Overflow, Permit},
     FastMap, Waypoint,
 };
 use crate::{
@@ -636,6 +636,7 @@ fn pick_endpoint<'a>(
     eps: &[(&'a Workload, u16)],
     tried: &[SocketAddr],
     up: Option<&[SocketAddr]>,
+    key: Option<&[u8]>,
 ) -> Option<(&'a Workload, SocketAddr)> {
     let fresh: Vec<(&Workload, SocketAddr)> = eps
         .iter()
@@ -646,6 +647,15 @@ fn pick_endpoint<'a>(
         .iter()
         .filter(|(_, a)| !ejected(*a) && up.is_none_or(|up| up.contains(a)))
         .collect();
+    // A consistent hash's key: the same endpoint for the same key while it is there.
+    if let Some(key) = key {
+        let pool: Vec<(&Workload, SocketAddr)> = match healthy.is_empty() {
+            true => fresh.clone(),
+            false => healthy.iter().map(|e| **e).collect(),
+        };
+        let addrs: Vec<SocketAddr> = pool.iter().map(|e| e.1).collect();
+        return traffic::rendezvous(key, &addrs).map(|i| pool[i]);
+    }
     let n = RR.with(|r| {
         let v = r.get();
         r.set(v.wrapping_add(1));
@@ -655,6 +665,68 @@ fn pick_endpoint<'a>(
         // All ejected: try one anyway (as Envoy's panic threshold does) rather than fail.
         true => fresh.get(n % fresh.len().max(1)).copied(),
         false => Some(*healthy[n % healthy.len()]),
+    }
+}
+
+/// A consistent hash's key for a request (`None`: it has none, and round robin picks), and the
+/// `Set-Cookie` to answer with when the key is a cookie with a ttl that the request lacks (a
+/// new random value, as Envoy makes one up, so the client's next requests stick).
+fn hash_key(
+    k: &traffic::HashKey,
+    parts: &http::request::Parts,
+    client: IpAddr,
+) -> (Option<Vec<u8>>, Option<HeaderValue>) {
+    use traffic::HashKey;
+    match k {
+        HashKey::Header(h) => {
+            let mut all = parts.headers.get_all(h).iter();
+            let first = all.next().map(|v| v.as_bytes().to_vec());
+            // Repeated headers hash together, in order.
+            let key = first.map(|mut k| {
+                for v in all {
+                    k.push(b',');
+                    k.extend_from_slice(v.as_bytes());
+                }
+                k
+            });
+            (key, None)
+        }
+        HashKey::Cookie { name, path, ttl } => {
+            let found = parts
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == name).then(|| v.trim_matches('"').as_bytes().to_vec())
+                });
+            match (found, ttl) {
+                (Some(v), _) => (Some(v), None),
+                (None, None) => (None, None),
+                (None, Some(ttl)) => {
+                    let value = format!("{:016x}", random());
+                    let mut c = format!("{name}=\"{value}\"; Max-Age={}", ttl.as_secs().max(1));
+                    if let Some(p) = path {
+                        c.push_str("; Path=");
+                        c.push_str(p);
+                    }
+                    c.push_str("; HttpOnly");
+                    (Some(value.into_bytes()), HeaderValue::from_str(&c).ok())
+                }
+            }
+        }
+        HashKey::SourceIp => (Some(client.to_string().into_bytes()), None),
+        HashKey::Query(q) => {
+            let key = parts.uri.query().and_then(|query| {
+                query.split('&').find_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == q).then(|| v.as_bytes().to_vec())
+                })
+            });
+            (key, None)
+        }
     }
 }
 
@@ -1416,6 +1488,9 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     }
     let attempts = 1 + retry.attempts;
     let mut tried: Vec<SocketAddr> = Vec::new();
+    // A sticky-session cookie made up for this request (consistent hash on a cookie with a
+    // ttl), for its answer.
+    let mut set_cookie: Option<Box<HeaderValue>> = None;
     let mut last: (StatusCode, &'static str, &'static str) =
         (StatusCode::SERVICE_UNAVAILABLE, "UH", "no healthy upstream");
     for attempt in 0..attempts {
@@ -1453,7 +1528,18 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 peers = eps.iter().filter_map(endpoint_addr).collect();
                 ctx.wp.health.healthy(&peers, o, Instant::now())
             });
-            let Some((w, addr)) = pick_endpoint(&eps, &tried, up.as_deref()) else {
+            // A consistent hash's key (a cookie to set when it makes one up).
+            let key = match traffic.as_ref().and_then(|t| t.balance.as_ref()) {
+                Some(traffic::Balance::Hash(k)) => {
+                    let (key, cookie) = hash_key(k, &parts, ctx.client.ip());
+                    if let Some(c) = cookie {
+                        set_cookie = Some(Box::new(c));
+                    }
+                    key
+                }
+                _ => None,
+            };
+            let Some((w, addr)) = pick_endpoint(&eps, &tried, up.as_deref(), key.as_deref()) else {
                 log.error
                     .get_or_insert_with(|| format!("no endpoint of {} left to try", svc.hostname));
                 break;
@@ -1630,6 +1716,9 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             h.response.apply(&mut rparts.headers);
         }
         out.apply(&mut rparts.headers);
+        if let Some(c) = set_cookie.take() {
+            rparts.headers.append(header::SET_COOKIE, *c);
+        }
         let code = status.as_u16();
         // A route's own timeout covers the whole response, as Envoy's route timeout does;
         // `--request-timeout` alone bounds the wait for the response head only, so a long
@@ -1689,8 +1778,8 @@ async fn ext_authz_check(
         headers: Default::default(),
     };
     let (_, eps) = endpoints(index, rules, &backend, call.port)?;
-    let (w, addr) =
-        pick_endpoint(&eps, &[], None).ok_or_else(|| format!("no endpoint of {}", call.service))?;
+    let (w, addr) = pick_endpoint(&eps, &[], None, None)
+        .ok_or_else(|| format!("no endpoint of {}", call.service))?;
     let asked = async {
         match p {
             ext_authz::Provider::Grpc(_) => grpc_check(ctx, call, w, addr, req, authority).await,
@@ -1896,7 +1985,7 @@ fn shadow(
     monoio::spawn(async move {
         let send = async {
             let (svc, eps) = endpoints(&index, &rules, &backend, ctx.target.port())?;
-            let (w, addr) = pick_endpoint(&eps, &[], None)
+            let (w, addr) = pick_endpoint(&eps, &[], None, None)
                 .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
             let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0, ctx.h2).await?;
             let resp = send.send(req).await.map_err(|e| format!("{addr}: {e}"))?;
@@ -2207,10 +2296,15 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
         }
         Decision::Allow { .. } => {}
     }
-    // The service's outlier detection applies to TCP too: a failed connection counts as a 5xx.
-    let outlier = service_key
-        .and_then(|k| rules.traffic_for(k, None))
-        .and_then(|t| t.outlier.clone());
+    // The service's outlier detection applies to TCP too: a failed connection counts as a 5xx;
+    // so does a consistent hash on the client's address (the only key a stream has).
+    let traffic = service_key.and_then(|k| rules.traffic_for(k, None));
+    let outlier = traffic.and_then(|t| t.outlier.clone());
+    let by_source = matches!(
+        traffic.and_then(|t| t.balance.as_ref()),
+        Some(traffic::Balance::Hash(traffic::HashKey::SourceIp))
+    )
+    .then(|| ctx.client.ip().to_string());
     let mut peers: Vec<SocketAddr> = Vec::new();
     let (w, addr, host) = match (workload, service_key) {
         (Some(w), _) => (w, ctx.target, None),
@@ -2229,7 +2323,8 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
                         peers = eps.iter().filter_map(endpoint_addr).collect();
                         ctx.wp.health.healthy(&peers, o, Instant::now())
                     });
-                    pick_endpoint(&eps, &[], up.as_deref())
+                    let key = by_source.as_deref().map(str::as_bytes);
+                    pick_endpoint(&eps, &[], up.as_deref(), key)
                         .map(|(w, a)| (w, a, Some(svc.hostname.as_str())))
                 });
             match picked {

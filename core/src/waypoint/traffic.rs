@@ -1,9 +1,11 @@
 //! A DestinationRule's `trafficPolicy` at the waypoint: outlier detection (ejecting endpoints
-//! that keep failing) and connection-pool limits (circuit breaking), with Istio's field names,
-//! defaults and override rules; `tls.mode: ISTIO_MUTUAL` is accepted as what HBONE already does.
+//! that keep failing), connection-pool limits (circuit breaking) and the load balancer (round
+//! robin, or a consistent hash of a header, cookie, query parameter or the client's address),
+//! with Istio's field names, defaults and override rules; `tls.mode: ISTIO_MUTUAL` is accepted
+//! as what HBONE already does.
 //!
-//! A subset's `trafficPolicy` overrides the DestinationRule's field by field (`outlierDetection`
-//! and `connectionPool` each replace the rule's whole field, as Istio merges them). Fields the
+//! A subset's `trafficPolicy` overrides the DestinationRule's field by field (`outlierDetection`,
+//! `connectionPool` and `loadBalancer` each replace the rule's whole field, as Istio merges them). Fields the
 //! waypoint does not implement are refused by name rather than ignored.
 //!
 //! State is process-wide, as Envoy's per-cluster state is shared by its workers: endpoint health
@@ -40,6 +42,8 @@ const PENDING_POLL: Duration = Duration::from_millis(1);
 pub struct TrafficPolicy {
     /// `outlierDetection`.
     pub outlier: Option<Outlier>,
+    /// `loadBalancer`.
+    pub balance: Option<Balance>,
     /// `connectionPool`.
     pub pool: Option<Pool>,
     /// The destination it applies to (`namespace/host`, `#subset` for a subset's), which
@@ -96,6 +100,26 @@ impl TrafficPolicy {
                 }),
             );
         }
+        if let Some(b) = &self.balance {
+            let lb = match b {
+                Balance::RoundRobin => serde_json::json!({"simple": "ROUND_ROBIN"}),
+                Balance::Hash(HashKey::Header(h)) => {
+                    serde_json::json!({"consistentHash": {"httpHeaderName": h.as_str()}})
+                }
+                Balance::Hash(HashKey::Cookie { name, path, ttl }) => serde_json::json!({
+                    "consistentHash": {"httpCookie": {
+                        "name": name, "path": path, "ttlMs": ttl.map(|t| t.as_millis() as u64),
+                    }}
+                }),
+                Balance::Hash(HashKey::SourceIp) => {
+                    serde_json::json!({"consistentHash": {"useSourceIp": true}})
+                }
+                Balance::Hash(HashKey::Query(q)) => {
+                    serde_json::json!({"consistentHash": {"httpQueryParameterName": q}})
+                }
+            };
+            v.insert("loadBalancer".into(), lb);
+        }
         serde_json::Value::Object(v)
     }
 
@@ -104,11 +128,58 @@ impl TrafficPolicy {
     pub fn overridden_by(&self, over: &TrafficPolicy) -> TrafficPolicy {
         TrafficPolicy {
             outlier: over.outlier.clone().or_else(|| self.outlier.clone()),
+            balance: over.balance.clone().or_else(|| self.balance.clone()),
             pool: over.pool.clone().or_else(|| self.pool.clone()),
             destination: self.destination.clone(),
             gate: GateCell::default(),
         }
     }
+}
+
+/// `loadBalancer`: how an endpoint is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Balance {
+    /// `simple` (`ROUND_ROBIN`, `RANDOM`, `LEAST_REQUEST`, `LEAST_CONN`, `UNSPECIFIED`): round
+    /// robin per worker, which serves each of their intents over a waypoint's few endpoints.
+    RoundRobin,
+    /// `consistentHash`: requests with the same key go to the same endpoint while it stays.
+    Hash(HashKey),
+}
+
+/// What a consistent hash is of.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HashKey {
+    /// `httpHeaderName`.
+    Header(http::HeaderName),
+    /// `httpCookie`: with a `ttl`, a request without the cookie gets one (`Set-Cookie`), as
+    /// Envoy does, so its next requests stick.
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<Duration>,
+    },
+    /// `useSourceIp`.
+    SourceIp,
+    /// `httpQueryParameterName`.
+    Query(String),
+}
+
+/// The endpoint of `candidates` that `key` goes to: rendezvous (highest random weight) hashing,
+/// so a key moves only when its endpoint leaves or one joins that outranks it. Stable across
+/// workers and restarts (a fixed hash function, no per-process seed).
+pub fn rendezvous(key: &[u8], candidates: &[SocketAddr]) -> Option<usize> {
+    use std::hash::{Hash, Hasher};
+    let k = {
+        let mut h = std::hash::DefaultHasher::new();
+        key.hash(&mut h);
+        h.finish()
+    };
+    (0..candidates.len()).max_by_key(|&i| {
+        let mut h = std::hash::DefaultHasher::new();
+        k.hash(&mut h);
+        candidates[i].hash(&mut h);
+        h.finish()
+    })
 }
 
 /// `outlierDetection`, with Istio's defaults for what is not set.
@@ -161,13 +232,58 @@ pub type FieldError = (String, String);
 #[serde(rename_all = "camelCase")]
 struct Spec {
     #[serde(default)]
-    load_balancer: Option<Value>,
+    load_balancer: Option<LbSpec>,
     #[serde(default)]
     tls: Option<TlsSpec>,
     #[serde(default)]
     outlier_detection: Option<OutlierSpec>,
     #[serde(default)]
     connection_pool: Option<PoolSpec>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LbSpec {
+    #[serde(default)]
+    simple: Option<String>,
+    #[serde(default)]
+    consistent_hash: Option<HashSpec>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HashSpec {
+    #[serde(default)]
+    http_header_name: Option<String>,
+    #[serde(default)]
+    http_cookie: Option<CookieSpec>,
+    #[serde(default)]
+    use_source_ip: Option<bool>,
+    #[serde(default)]
+    http_query_parameter_name: Option<String>,
+    /// How Envoy lays out its hash (`ringHash`, `maglev`, `minimumRingSize`): the choice of
+    /// endpoint is rendezvous hashing here whatever they say, with the same stickiness.
+    #[serde(default)]
+    ring_hash: Option<Value>,
+    #[serde(default)]
+    maglev: Option<Value>,
+    #[serde(default)]
+    minimum_ring_size: Option<Value>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct CookieSpec {
+    name: String,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    ttl: Option<String>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -242,6 +358,68 @@ fn refuse_rest(at: &str, rest: &BTreeMap<String, Value>) -> Result<(), FieldErro
     }
 }
 
+/// A `loadBalancer` at `at`.
+fn balance(at: &str, lb: LbSpec) -> Result<Balance, FieldError> {
+    refuse_rest(at, &lb.rest)?;
+    match (lb.simple.as_deref(), lb.consistent_hash) {
+        (Some(_), Some(_)) => Err((
+            format!("{at}.consistentHash"),
+            "simple and consistentHash are one choice: give one".into(),
+        )),
+        (None, None) => Ok(Balance::RoundRobin),
+        (Some("UNSPECIFIED" | "ROUND_ROBIN" | "RANDOM" | "LEAST_REQUEST" | "LEAST_CONN"), None) => {
+            Ok(Balance::RoundRobin)
+        }
+        (Some(other), None) => Err((
+            format!("{at}.simple"),
+            format!("{other}: not supported by zring's waypoint (ROUND_ROBIN, RANDOM, LEAST_REQUEST and LEAST_CONN are round robin here)"),
+        )),
+        (None, Some(h)) => {
+            let at = format!("{at}.consistentHash");
+            refuse_rest(&at, &h.rest)?;
+            let _ = (h.ring_hash, h.maglev, h.minimum_ring_size);
+            let mut keys = Vec::new();
+            if let Some(name) = h.http_header_name {
+                let n = http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| {
+                        (
+                            format!("{at}.httpHeaderName"),
+                            format!("{name:?} is not a header name"),
+                        )
+                    })?;
+                keys.push(HashKey::Header(n));
+            }
+            if let Some(c) = h.http_cookie {
+                let at = format!("{at}.httpCookie");
+                refuse_rest(&at, &c.rest)?;
+                if c.name.is_empty() {
+                    return Err((format!("{at}.name"), "required".into()));
+                }
+                let ttl = match c.ttl.as_deref() {
+                    Some(t) => Some(dur(format!("{at}.ttl"), t)?).filter(|t| !t.is_zero()),
+                    None => None,
+                };
+                keys.push(HashKey::Cookie {
+                    name: c.name,
+                    path: c.path.filter(|p| !p.is_empty()),
+                    ttl,
+                });
+            }
+            if h.use_source_ip == Some(true) {
+                keys.push(HashKey::SourceIp);
+            }
+            if let Some(q) = h.http_query_parameter_name {
+                keys.push(HashKey::Query(q));
+            }
+            match keys.len() {
+                1 => Ok(Balance::Hash(keys.remove(0))),
+                0 => Err((at, "one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName".into())),
+                _ => Err((at, "httpHeaderName, httpCookie, useSourceIp and httpQueryParameterName are one choice: give one".into())),
+            }
+        }
+    }
+}
+
 fn dur(at: String, s: &str) -> Result<Duration, FieldError> {
     duration(s).map_err(|m| (at, m))
 }
@@ -257,10 +435,11 @@ fn percent(at: String, v: u32) -> Result<u32, FieldError> {
 pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
     let spec: Spec = serde_path_to_error::deserialize(v)
         .map_err(|e| (format!("{at}.{}", e.path()), e.into_inner().to_string()))?;
-    // `loadBalancer`: zring balances round robin per worker, which serves RANDOM, ROUND_ROBIN
-    // and LEAST_REQUEST's intent.
-    let _ = spec.load_balancer;
     refuse_rest(at, &spec.rest)?;
+    let balance = match spec.load_balancer {
+        None => None,
+        Some(lb) => Some(balance(&format!("{at}.loadBalancer"), lb)?),
+    };
     if let Some(tls) = spec.tls {
         refuse_rest(&format!("{at}.tls"), &tls.rest)?;
         match tls.mode.as_deref() {
@@ -334,6 +513,7 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
     };
     Ok(TrafficPolicy {
         outlier,
+        balance,
         pool,
         destination: String::new(),
         gate: GateCell::default(),
@@ -572,6 +752,114 @@ mod tests {
     }
 
     #[test]
+    fn load_balancers_are_read_and_a_subsets_replaces_the_rules() {
+        let lb = |y: &str| tp(&format!("loadBalancer: {y}\n")).map(|p| p.balance.unwrap());
+        for simple in [
+            "ROUND_ROBIN",
+            "RANDOM",
+            "LEAST_REQUEST",
+            "LEAST_CONN",
+            "UNSPECIFIED",
+        ] {
+            assert_eq!(
+                lb(&format!("{{simple: {simple}}}")).unwrap(),
+                Balance::RoundRobin
+            );
+        }
+        assert_eq!(
+            lb("{consistentHash: {httpHeaderName: X-User}}").unwrap(),
+            Balance::Hash(HashKey::Header(http::HeaderName::from_static("x-user")))
+        );
+        assert_eq!(
+            lb("{consistentHash: {httpCookie: {name: user, path: /, ttl: 0s}, ringHash: {minimumRingSize: 1024}}}").unwrap(),
+            Balance::Hash(HashKey::Cookie { name: "user".into(), path: Some("/".into()), ttl: None })
+        );
+        assert_eq!(
+            lb("{consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}").unwrap(),
+            Balance::Hash(HashKey::SourceIp)
+        );
+        assert_eq!(
+            lb("{consistentHash: {httpQueryParameterName: user}}").unwrap(),
+            Balance::Hash(HashKey::Query("user".into()))
+        );
+        for (y, field) in [
+            ("{simple: PASSTHROUGH}", "trafficPolicy.loadBalancer.simple"),
+            (
+                "{simple: RANDOM, consistentHash: {useSourceIp: true}}",
+                "trafficPolicy.loadBalancer.consistentHash",
+            ),
+            (
+                "{consistentHash: {}}",
+                "trafficPolicy.loadBalancer.consistentHash",
+            ),
+            (
+                "{consistentHash: {useSourceIp: false}}",
+                "trafficPolicy.loadBalancer.consistentHash",
+            ),
+            (
+                "{consistentHash: {useSourceIp: true, httpHeaderName: x}}",
+                "trafficPolicy.loadBalancer.consistentHash",
+            ),
+            (
+                "{consistentHash: {httpCookie: {name: a, ttl: soon}}}",
+                "trafficPolicy.loadBalancer.consistentHash.httpCookie.ttl",
+            ),
+            (
+                "{consistentHash: {httpHeaderName: 'bad name'}}",
+                "trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
+            ),
+            (
+                "{localityLbSetting: {enabled: true}}",
+                "trafficPolicy.loadBalancer.localityLbSetting",
+            ),
+            (
+                "{simple: RANDOM, warmupDurationSecs: 10s}",
+                "trafficPolicy.loadBalancer.warmupDurationSecs",
+            ),
+        ] {
+            assert_eq!(lb(y).unwrap_err().0, field, "{y}");
+        }
+        let rule = tp("loadBalancer: {consistentHash: {useSourceIp: true}}\n").unwrap();
+        let subset = tp("loadBalancer: {simple: ROUND_ROBIN}\n").unwrap();
+        assert_eq!(
+            rule.overridden_by(&subset).balance,
+            Some(Balance::RoundRobin)
+        );
+        let other = tp("outlierDetection: {consecutive5xxErrors: 1}\n").unwrap();
+        assert_eq!(
+            rule.overridden_by(&other).balance,
+            Some(Balance::Hash(HashKey::SourceIp))
+        );
+        assert!(rule.dump()["loadBalancer"]["consistentHash"]["useSourceIp"] == true);
+    }
+
+    #[test]
+    fn rendezvous_keeps_a_key_on_its_endpoint_and_spreads_keys() {
+        let eps: Vec<SocketAddr> = (1..=4)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 9080)))
+            .collect();
+        let mut count = [0; 4];
+        for k in 0..400 {
+            let key = format!("user-{k}");
+            let i = rendezvous(key.as_bytes(), &eps).unwrap();
+            assert_eq!(rendezvous(key.as_bytes(), &eps), Some(i), "stable");
+            count[i] += 1;
+            // Another endpoint leaving does not move this key.
+            let gone = (i + 1) % 4;
+            let rest: Vec<SocketAddr> = eps
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != gone)
+                .map(|(_, a)| *a)
+                .collect();
+            let j = rendezvous(key.as_bytes(), &rest).unwrap();
+            assert_eq!(rest[j], eps[i], "{key} moved when {} left", eps[gone]);
+        }
+        assert!(count.iter().all(|c| (60..=140).contains(c)), "{count:?}");
+        assert_eq!(rendezvous(b"x", &[]), None);
+    }
+
+    #[test]
     fn istios_circuit_breaker_example_and_defaults() {
         // Istio's circuit-breaking task, verbatim.
         let p = tp("connectionPool:\n  tcp:\n    maxConnections: 1\n  http:\n    http1MaxPendingRequests: 1\n    maxRequestsPerConnection: 1\noutlierDetection:\n  consecutive5xxErrors: 1\n  interval: 1s\n  baseEjectionTime: 3m\n  maxEjectionPercent: 100\n").unwrap();
@@ -605,7 +893,10 @@ mod tests {
         // Bookinfo's all-mTLS rules.
         assert_eq!(
             tp("tls: {mode: ISTIO_MUTUAL}\nloadBalancer: {simple: RANDOM}\n").unwrap(),
-            TrafficPolicy::default()
+            TrafficPolicy {
+                balance: Some(Balance::RoundRobin),
+                ..Default::default()
+            }
         );
     }
 
