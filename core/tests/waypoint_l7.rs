@@ -1923,6 +1923,46 @@ spec:
     }
 }
 
+/// A lab with the mesh config `mesh` (a file) and a CUSTOM policy asking `provider` about
+/// `/headers` on the waypoint's services, as Istio's ext-authz task sets it up; reviews-v1 and
+/// -v2 serving.
+fn ext_authz_lab(n: u8, tag: &str, mesh: &Path, provider: &str) -> Lab {
+    let ap = resource(
+        &format!("{tag}-res"),
+        "policy.yaml",
+        &format!(
+            r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ext-authz, namespace: default}}
+spec:
+  targetRefs:
+  - {{kind: Gateway, group: gateway.networking.k8s.io, name: bookinfo-productpage}}
+  action: CUSTOM
+  provider:
+    name: {provider}
+  rules:
+  - to:
+    - operation:
+        paths: ["/headers"]
+"#
+        ),
+    );
+    let lab = Lab::start(n, tag, &[("mesh.yaml", mesh), ("policy.yaml", &ap)]);
+    server(SocketAddr::new(ip(lab.n, 11), 9080), "reviews-v1");
+    server(SocketAddr::new(ip(lab.n, 12), 9080), "reviews-v2");
+    lab
+}
+
+/// The requests the lab's waypoint counted with `code` and flag `UAEX`.
+fn uaex(lab: &Lab, code: u16) -> Option<u64> {
+    let code = format!("response_code=\"{code}\"");
+    metric(
+        &lab.w.metrics(),
+        "istio_requests_total",
+        &[&code, "response_flags=\"UAEX\""],
+    )
+}
+
 /// An HTTP authorization server like Istio's ext-authz sample: allows a request carrying
 /// `x-ext-authz: allow`, denies others with 403; both answers say so in
 /// `x-ext-authz-check-result`. Counts the checks it answered.
@@ -1997,31 +2037,7 @@ data:
         "mesh.yaml",
         &mesh("ext-authz.default.svc.cluster.local", ""),
     );
-    let ap = resource(
-        "wp-extauthz-res",
-        "policy.yaml",
-        r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: ext-authz, namespace: default}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: bookinfo-productpage}
-  action: CUSTOM
-  provider:
-    name: sample-ext-authz-http
-  rules:
-  - to:
-    - operation:
-        paths: ["/headers"]
-"#,
-    );
-    let lab = Lab::start(
-        66,
-        "wp-extauthz",
-        &[("mesh.yaml", &cm), ("policy.yaml", &ap)],
-    );
-    server(SocketAddr::new(ip(lab.n, 11), 9080), "reviews-v1");
-    server(SocketAddr::new(ip(lab.n, 12), 9080), "reviews-v2");
+    let lab = ext_authz_lab(66, "wp-extauthz", &cm, "sample-ext-authz-http");
     let checks = ext_authz_server(SocketAddr::new(ip(lab.n, 13), 9080));
     let asked = || checks.load(std::sync::atomic::Ordering::SeqCst);
     let mut c = lab.client(2, lab.vip(101));
@@ -2046,16 +2062,7 @@ spec:
     let r = c.request("GET", "/other", b"");
     assert_eq!(r.status, 200, "not a path the policy names");
     assert_eq!(asked(), 2, "and not checked");
-    let m = lab.w.metrics();
-    assert_eq!(
-        metric(
-            &m,
-            "istio_requests_total",
-            &["response_code=\"403\"", "response_flags=\"UAEX\""]
-        ),
-        Some(1),
-        "{m}"
-    );
+    assert_eq!(uaex(&lab, 403), Some(1), "{}", lab.w.metrics());
 
     // A provider nobody serves (productpage has no server here): statusOnError.
     std::fs::write(
@@ -2203,31 +2210,7 @@ data:
         timeout: 5s
 "#,
     );
-    let ap = resource(
-        "wp-extauthz-grpc-res",
-        "policy.yaml",
-        r#"apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: ext-authz, namespace: default}
-spec:
-  targetRefs:
-  - {kind: Gateway, group: gateway.networking.k8s.io, name: bookinfo-productpage}
-  action: CUSTOM
-  provider:
-    name: sample-ext-authz-grpc
-  rules:
-  - to:
-    - operation:
-        paths: ["/headers"]
-"#,
-    );
-    let lab = Lab::start(
-        65,
-        "wp-extauthz-grpc",
-        &[("mesh.yaml", &cm), ("policy.yaml", &ap)],
-    );
-    server(SocketAddr::new(ip(lab.n, 11), 9080), "reviews-v1");
-    server(SocketAddr::new(ip(lab.n, 12), 9080), "reviews-v2");
+    let lab = ext_authz_lab(65, "wp-extauthz-grpc", &cm, "sample-ext-authz-grpc");
     let checks = grpc_ext_authz_server(SocketAddr::new(ip(lab.n, 13), 9080));
     let asked = || checks.count.load(std::sync::atomic::Ordering::SeqCst);
     let mut c = lab.client(2, lab.vip(101));
@@ -2290,25 +2273,8 @@ spec:
     let r = c.request("GET", "/other", b"");
     assert_eq!(r.status, 200, "not a path the policy names");
     assert_eq!(asked(), 3, "and not checked");
-    let m = lab.w.metrics();
-    assert_eq!(
-        metric(
-            &m,
-            "istio_requests_total",
-            &["response_code=\"403\"", "response_flags=\"UAEX\""]
-        ),
-        Some(1),
-        "{m}"
-    );
-    assert_eq!(
-        metric(
-            &m,
-            "istio_requests_total",
-            &["response_code=\"503\"", "response_flags=\"UAEX\""]
-        ),
-        Some(1),
-        "{m}"
-    );
+    assert_eq!(uaex(&lab, 403), Some(1), "{}", lab.w.metrics());
+    assert_eq!(uaex(&lab, 503), Some(1), "{}", lab.w.metrics());
 }
 
 /// A DestinationRule's `consistentHash`: requests with the same header value go to the same

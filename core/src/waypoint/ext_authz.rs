@@ -102,9 +102,10 @@ struct MeshConfig {
     extension_providers: Vec<serde_yaml_ng::Value>,
 }
 
+/// The fields both kinds have.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct GrpcSpec {
+#[serde(rename_all = "camelCase")]
+struct CallSpec {
     service: String,
     port: serde_yaml_ng::Value,
     #[serde(default)]
@@ -115,25 +116,46 @@ struct GrpcSpec {
     status_on_error: Option<String>,
     #[serde(default)]
     include_request_body_in_check: Option<serde_yaml_ng::Value>,
-    /// zring routes after the check in any case (as `true`), so either value reads the same.
-    #[serde(default)]
-    #[allow(dead_code)]
-    clear_route_cache: bool,
+}
+
+/// An `envoyExtAuthzHttp`'s fields beyond [`CallSpec`]'s.
+const HTTP_FIELDS: &[&str] = &[
+    "pathPrefix",
+    "includeRequestHeadersInCheck",
+    "includeAdditionalHeadersInCheck",
+    "headersToUpstreamOnAllow",
+    "headersToDownstreamOnDeny",
+    "headersToDownstreamOnAllow",
+];
+
+/// Refuse a field of provider `spec` that is neither [`CallSpec`]'s nor in `more`, by name.
+fn known(at: &str, spec: &serde_yaml_ng::Value, more: &[&str]) -> Result<(), (String, String)> {
+    const SHARED: &[&str] = &[
+        "service",
+        "port",
+        "timeout",
+        "failOpen",
+        "statusOnError",
+        "includeRequestBodyInCheck",
+    ];
+    let keys = spec.as_mapping().into_iter().flat_map(|m| m.keys());
+    for k in keys {
+        let k = k.as_str().unwrap_or("?");
+        if !SHARED.contains(&k) && !more.contains(&k) {
+            return Err((
+                format!("{at}.{k}"),
+                "not a field zring's waypoint knows (refused rather than ignored)".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 struct HttpSpec {
-    service: String,
-    port: serde_yaml_ng::Value,
-    #[serde(default)]
-    timeout: Option<String>,
     #[serde(default)]
     path_prefix: Option<String>,
-    #[serde(default)]
-    fail_open: bool,
-    #[serde(default)]
-    status_on_error: Option<String>,
     #[serde(default)]
     include_request_headers_in_check: Vec<String>,
     #[serde(default)]
@@ -144,8 +166,6 @@ struct HttpSpec {
     headers_to_downstream_on_deny: Vec<String>,
     #[serde(default)]
     headers_to_downstream_on_allow: Vec<String>,
-    #[serde(default)]
-    include_request_body_in_check: Option<serde_yaml_ng::Value>,
 }
 
 /// The extension providers of a mesh config (YAML); errors name the field.
@@ -161,17 +181,10 @@ pub fn providers(mesh: &str) -> Result<Vec<Provider>, (String, String)> {
             .to_string();
         if let Some(spec) = p.get("envoyExtAuthzGrpc") {
             let at = format!("{at}.envoyExtAuthzGrpc");
-            let s: GrpcSpec =
-                serde_yaml_ng::from_value(spec.clone()).map_err(|e| (at.clone(), e.to_string()))?;
-            refuse_body(&at, s.include_request_body_in_check.is_some())?;
-            let call = call(
-                &at,
-                &s.service,
-                &s.port,
-                s.timeout.as_deref(),
-                s.fail_open,
-                s.status_on_error.as_deref(),
-            )?;
+            // zring routes after the check in any case (as `clearRouteCache: true`), so
+            // either value of it reads the same.
+            known(&at, spec, &["clearRouteCache"])?;
+            let call = call(&at, spec)?;
             out.push(Provider::Grpc(GrpcProvider { name, call }));
             continue;
         }
@@ -185,23 +198,16 @@ pub fn providers(mesh: &str) -> Result<Vec<Provider>, (String, String)> {
             continue;
         };
         let at = format!("{at}.envoyExtAuthzHttp");
+        known(&at, spec, HTTP_FIELDS)?;
         let s: HttpSpec =
             serde_yaml_ng::from_value(spec.clone()).map_err(|e| (at.clone(), e.to_string()))?;
-        refuse_body(&at, s.include_request_body_in_check.is_some())?;
         if !s.headers_to_downstream_on_allow.is_empty() {
             return Err((
                 format!("{at}.headersToDownstreamOnAllow"),
                 "not supported by zring's waypoint (refused rather than ignored)".into(),
             ));
         }
-        let call = call(
-            &at,
-            &s.service,
-            &s.port,
-            s.timeout.as_deref(),
-            s.fail_open,
-            s.status_on_error.as_deref(),
-        )?;
+        let call = call(&at, spec)?;
         let lower = |v: Vec<String>| {
             v.into_iter()
                 .map(|h| h.to_ascii_lowercase())
@@ -224,37 +230,28 @@ pub fn providers(mesh: &str) -> Result<Vec<Provider>, (String, String)> {
     Ok(out)
 }
 
-fn refuse_body(at: &str, asked: bool) -> Result<(), (String, String)> {
-    match asked {
-        true => Err((
+/// The fields both kinds share (`spec` is the provider's), checked.
+fn call(at: &str, spec: &serde_yaml_ng::Value) -> Result<Call, (String, String)> {
+    let s: CallSpec =
+        serde_yaml_ng::from_value(spec.clone()).map_err(|e| (at.to_string(), e.to_string()))?;
+    if s.include_request_body_in_check.is_some() {
+        return Err((
             format!("{at}.includeRequestBodyInCheck"),
             "not supported by zring's waypoint (refused rather than ignored)".into(),
-        )),
-        false => Ok(()),
+        ));
     }
-}
-
-/// The fields both kinds share, checked.
-fn call(
-    at: &str,
-    service: &str,
-    port: &serde_yaml_ng::Value,
-    timeout: Option<&str>,
-    fail_open: bool,
-    status_on_error: Option<&str>,
-) -> Result<Call, (String, String)> {
     // Istio writes the port as a number or a string.
-    let port = match port {
+    let port = match &s.port {
         serde_yaml_ng::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
         serde_yaml_ng::Value::String(t) => t.parse().ok(),
         _ => None,
     }
     .ok_or_else(|| (format!("{at}.port"), "a port number".to_string()))?;
-    let timeout = match timeout {
+    let timeout = match s.timeout.as_deref() {
         Some(t) => super::resources::duration(t).map_err(|e| (format!("{at}.timeout"), e))?,
         None => Duration::from_secs(600),
     };
-    let status_on_error = match status_on_error {
+    let status_on_error = match s.status_on_error.as_deref() {
         None => 403,
         Some(c) => c
             .parse::<u16>()
@@ -268,15 +265,15 @@ fn call(
             })?,
     };
     // `namespace/hostname` names the same service as `hostname`.
-    let service = service
-        .split_once('/')
-        .map_or(service, |(_, h)| h)
-        .to_string();
+    let service = match s.service.split_once('/') {
+        Some((_, h)) => h.to_string(),
+        None => s.service,
+    };
     Ok(Call {
         service,
         port,
         timeout,
-        fail_open,
+        fail_open: s.fail_open,
         status_on_error,
     })
 }
@@ -569,7 +566,8 @@ mod tests {
             ("extensionProviders:\n- envoyExtAuthzHttp: {service: s, port: 1}\n", "extensionProviders[0].name"),
             ("extensionProviders:\n- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 10}}\n", "extensionProviders[0].envoyExtAuthzGrpc.includeRequestBodyInCheck"),
             ("extensionProviders:\n- name: a\n  envoyExtAuthzGrpc: {service: s, port: 70000}\n", "extensionProviders[0].envoyExtAuthzGrpc.port"),
-            ("extensionProviders:\n- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1, pathPrefix: /x}\n", "extensionProviders[0].envoyExtAuthzGrpc"),
+            ("extensionProviders:\n- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1, pathPrefix: /x}\n", "extensionProviders[0].envoyExtAuthzGrpc.pathPrefix"),
+            ("extensionProviders:\n- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, clearRouteCache: true}\n", "extensionProviders[0].envoyExtAuthzHttp.clearRouteCache"),
         ] {
             assert_eq!(providers(bad).unwrap_err().0, field, "{bad}");
         }
