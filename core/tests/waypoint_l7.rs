@@ -1953,6 +1953,21 @@ spec:
     lab
 }
 
+/// What Istio's ext-authz sample denies a request with (both test servers answer it).
+const SAMPLE_DENIAL: &str =
+    "denied by ext_authz for not found header `x-ext-authz: allow` in the request";
+
+/// A request the sample provider denies gets its answer: 403, its body and header, and the
+/// server is not reached.
+fn sample_denial(c: &mut Client) {
+    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: deny\r\n\r\n");
+    let r = c.read();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.text(), SAMPLE_DENIAL);
+    assert_eq!(r.header("x-ext-authz-check-result"), Some("denied"));
+    assert_eq!(r.header("x-served-by"), None);
+}
+
 /// The requests the lab's waypoint counted with `code` and flag `UAEX`.
 fn uaex(lab: &Lab, code: u16) -> Option<u64> {
     let code = format!("response_code=\"{code}\"");
@@ -1994,7 +2009,7 @@ fn ext_authz_server(addr: SocketAddr) -> std::sync::Arc<std::sync::atomic::Atomi
                     let answer = match allow {
                         true => "HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nContent-Length: 0\r\n\r\n".to_string(),
                         false => {
-                            let body = "denied by ext_authz for not found header `x-ext-authz: allow` in the request";
+                            let body = SAMPLE_DENIAL;
                             format!("HTTP/1.1 403 Forbidden\r\nx-ext-authz-check-result: denied\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}", body.len())
                         }
                     };
@@ -2050,15 +2065,7 @@ data:
         r.text()
     );
     assert_eq!(asked(), 1);
-    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: deny\r\n\r\n");
-    let r = c.read();
-    assert_eq!(r.status, 403, "{}", r.text());
-    assert_eq!(
-        r.text(),
-        "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
-    );
-    assert_eq!(r.header("x-ext-authz-check-result"), Some("denied"));
-    assert_eq!(r.header("x-served-by"), None);
+    sample_denial(&mut c);
     let r = c.request("GET", "/other", b"");
     assert_eq!(r.status, 200, "not a path the policy names");
     assert_eq!(asked(), 2, "and not checked");
@@ -2158,7 +2165,7 @@ fn grpc_ext_authz_server(addr: SocketAddr) -> std::sync::Arc<GrpcChecks> {
                     http_response: Some(HttpResponse::DeniedResponse(pb::DeniedHttpResponse {
                         status: Some(pb::HttpStatus { code: 403 }),
                         headers: vec![opt("x-ext-authz-check-result", "denied")],
-                        body: "denied by ext_authz for not found header `x-ext-authz: allow` in the request".into(),
+                        body: SAMPLE_DENIAL.into(),
                     })),
                 },
             };
@@ -2254,15 +2261,7 @@ data:
             "spiffe://cluster.local/ns/default/sa/bookinfo-waypoint"
         );
     }
-    c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: deny\r\n\r\n");
-    let r = c.read();
-    assert_eq!(r.status, 403, "{}", r.text());
-    assert_eq!(
-        r.text(),
-        "denied by ext_authz for not found header `x-ext-authz: allow` in the request"
-    );
-    assert_eq!(r.header("x-ext-authz-check-result"), Some("denied"));
-    assert_eq!(r.header("x-served-by"), None);
+    sample_denial(&mut c);
     c.send(b"GET /headers HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: fail\r\n\r\n");
     let r = c.read();
     assert_eq!(

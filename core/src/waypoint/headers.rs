@@ -194,6 +194,28 @@ pub enum RedirectPort {
     Set(u16),
 }
 
+/// A query's `name=value` pairs in order (a bare `name` has an empty value); none for `None`.
+pub fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+}
+
+/// The first non-empty value of cookie `name` in a request's `Cookie` headers (several on
+/// HTTP/2), its quotes removed.
+pub fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            let v = v.trim_matches('"');
+            (k == name && !v.is_empty()).then_some(v)
+        })
+}
+
 /// An authority's host and port: `host:80` -> (`host`, 80), `[::1]:80` -> (`[::1]`, 80);
 /// `host`, `[::1]` and a bare IPv6 address have no port.
 pub fn split_authority(a: &str) -> (&str, Option<u16>) {

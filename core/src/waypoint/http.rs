@@ -649,12 +649,10 @@ fn pick_endpoint<'a>(
         .collect();
     // A consistent hash's key: the same endpoint for the same key while it is there.
     if let Some(key) = key {
-        let pool: Vec<(&Workload, SocketAddr)> = match healthy.is_empty() {
-            true => fresh.clone(),
-            false => healthy.iter().map(|e| **e).collect(),
+        return match healthy.is_empty() {
+            true => traffic::rendezvous(key, fresh.iter().map(|e| e.1)).map(|i| fresh[i]),
+            false => traffic::rendezvous(key, healthy.iter().map(|e| e.1)).map(|i| *healthy[i]),
         };
-        let addrs: Vec<SocketAddr> = pool.iter().map(|e| e.1).collect();
-        return traffic::rendezvous(key, &addrs).map(|i| pool[i]);
     }
     let n = RR.with(|r| {
         let v = r.get();
@@ -692,16 +690,7 @@ fn hash_key(
             (key, None)
         }
         HashKey::Cookie { name, path, ttl } => {
-            let found = parts
-                .headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .find_map(|kv| {
-                    let (k, v) = kv.trim().split_once('=')?;
-                    (k == name).then(|| v.trim_matches('"').as_bytes().to_vec())
-                });
+            let found = headers::cookie(&parts.headers, name).map(|v| v.as_bytes().to_vec());
             match (found, ttl) {
                 (Some(v), _) => (Some(v), None),
                 (None, None) => (None, None),
@@ -719,12 +708,8 @@ fn hash_key(
         }
         HashKey::SourceIp => (Some(client.to_string().into_bytes()), None),
         HashKey::Query(q) => {
-            let key = parts.uri.query().and_then(|query| {
-                query.split('&').find_map(|kv| {
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    (k == q).then(|| v.as_bytes().to_vec())
-                })
-            });
+            let key = headers::query_pairs(parts.uri.query())
+                .find_map(|(k, v)| (k == q).then(|| v.as_bytes().to_vec()));
             (key, None)
         }
     }
@@ -1750,7 +1735,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
 
 /// What an external authorization check decided.
 enum Checked {
-    /// Go on, with these headers of the check's answer added to the request.
+    /// Go on, with the provider's changes to the request and its answer.
     Allowed(ext_authz::Allowed),
     /// The check's answer is the client's (with its body's length, for the log).
     Denied(Response<Body>, u64),

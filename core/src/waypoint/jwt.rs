@@ -513,18 +513,9 @@ fn find_token(loc: &Location, h: &HeaderMap, query: Option<&str>) -> Option<Stri
             }?;
             Some(t.trim().to_string()).filter(|t| !t.is_empty())
         }),
-        Location::Param(p) => query?.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=')?;
-            (k == p && !v.is_empty()).then(|| v.to_string())
-        }),
-        // `Cookie: a=1; name=token` (several Cookie headers on HTTP/2).
-        Location::Cookie(c) => h.get_all(http::header::COOKIE).iter().find_map(|v| {
-            v.to_str().ok()?.split(';').find_map(|kv| {
-                let (k, v) = kv.trim().split_once('=')?;
-                let v = v.trim_matches('"');
-                (k == c && !v.is_empty()).then(|| v.to_string())
-            })
-        }),
+        Location::Param(p) => super::headers::query_pairs(query)
+            .find_map(|(k, v)| (k == p && !v.is_empty()).then(|| v.to_string())),
+        Location::Cookie(c) => super::headers::cookie(h, c).map(str::to_string),
     }
 }
 

@@ -169,11 +169,7 @@ impl RequestMatch {
             return false;
         }
         self.query.iter().all(|(name, m)| {
-            r.query
-                .into_iter()
-                .flat_map(|q| q.split('&'))
-                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                .any(|(k, v)| k == name && m.matches(v))
+            super::headers::query_pairs(r.query).any(|(k, v)| k == name && m.matches(v))
         })
     }
 

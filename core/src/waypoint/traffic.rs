@@ -167,19 +167,23 @@ pub enum HashKey {
 /// The endpoint of `candidates` that `key` goes to: rendezvous (highest random weight) hashing,
 /// so a key moves only when its endpoint leaves or one joins that outranks it. Stable across
 /// workers and restarts (a fixed hash function, no per-process seed).
-pub fn rendezvous(key: &[u8], candidates: &[SocketAddr]) -> Option<usize> {
+pub fn rendezvous(key: &[u8], candidates: impl Iterator<Item = SocketAddr>) -> Option<usize> {
     use std::hash::{Hash, Hasher};
     let k = {
         let mut h = std::hash::DefaultHasher::new();
         key.hash(&mut h);
         h.finish()
     };
-    (0..candidates.len()).max_by_key(|&i| {
+    let rank = |a: SocketAddr| {
         let mut h = std::hash::DefaultHasher::new();
         k.hash(&mut h);
-        candidates[i].hash(&mut h);
+        a.hash(&mut h);
         h.finish()
-    })
+    };
+    candidates
+        .enumerate()
+        .max_by_key(|(_, a)| rank(*a))
+        .map(|(i, _)| i)
 }
 
 /// `outlierDetection`, with Istio's defaults for what is not set.
@@ -841,8 +845,12 @@ mod tests {
         let mut count = [0; 4];
         for k in 0..400 {
             let key = format!("user-{k}");
-            let i = rendezvous(key.as_bytes(), &eps).unwrap();
-            assert_eq!(rendezvous(key.as_bytes(), &eps), Some(i), "stable");
+            let i = rendezvous(key.as_bytes(), eps.iter().copied()).unwrap();
+            assert_eq!(
+                rendezvous(key.as_bytes(), eps.iter().copied()),
+                Some(i),
+                "stable"
+            );
             count[i] += 1;
             // Another endpoint leaving does not move this key.
             let gone = (i + 1) % 4;
@@ -852,11 +860,11 @@ mod tests {
                 .filter(|(j, _)| *j != gone)
                 .map(|(_, a)| *a)
                 .collect();
-            let j = rendezvous(key.as_bytes(), &rest).unwrap();
+            let j = rendezvous(key.as_bytes(), rest.iter().copied()).unwrap();
             assert_eq!(rest[j], eps[i], "{key} moved when {} left", eps[gone]);
         }
         assert!(count.iter().all(|c| (60..=140).contains(c)), "{count:?}");
-        assert_eq!(rendezvous(b"x", &[]), None);
+        assert_eq!(rendezvous(b"x", std::iter::empty()), None);
     }
 
     #[test]
