@@ -808,6 +808,16 @@ workloads:
   services:
     "default/headless.default.svc.cluster.local":
       80: 80
+- uid: c//v1/Pod/default/h1
+  name: headless-1
+  namespace: default
+  serviceAccount: h
+  workloadIps: ["10.1.0.7"]
+  node: n
+  status: Unhealthy
+  services:
+    "default/headless.default.svc.cluster.local":
+      80: 80
 services:
 - name: reviews
   namespace: default
@@ -899,7 +909,8 @@ services:
                 RecordType::A
             )
             .unwrap(),
-            ["headless.default.svc.cluster.local. 10.1.0.6"]
+            ["headless.default.svc.cluster.local. 10.1.0.6"],
+            "a headless name has its ready endpoints only"
         );
         // Known name, no address of that family: empty and authoritative.
         assert_eq!(

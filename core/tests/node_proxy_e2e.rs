@@ -28,9 +28,10 @@ fn use_block(k: u8) {
     BLOCK.with(|b| b.set(k));
 }
 
-/// A per-run, per-test 127.X.0.0/16 so parallel runs and tests do not share addresses.
+/// A per-run, per-test 127.X.0.0/16 so parallel runs and tests do not share addresses (five
+/// blocks per run).
 fn net_octet() -> u8 {
-    10 + (std::process::id() % 80) as u8 * 3 + BLOCK.with(|b| b.get())
+    10 + (std::process::id() % 48) as u8 * 5 + BLOCK.with(|b| b.get())
 }
 
 fn ip(b: u8, c: u8) -> IpAddr {
@@ -826,4 +827,148 @@ fn admin_changes_the_log_filter_json_logs_parse_and_quitquitquit_stops() {
         "{log}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Services whose endpoints differ in locality, readiness and capacity, as istiod describes
+/// them: sleep (region r1, zone z1) on node-a; the endpoints on node-b.
+fn endpoint_choice_yaml(same_zone_status: &str) -> String {
+    let ep = |name: &str, c: u8, zone: &str, extra: &str, svcs: &[&str]| {
+        let services: String = svcs
+            .iter()
+            .map(|s| format!("    \"default/{s}.default.svc.cluster.local\":\n      9080: 9080\n"))
+            .collect();
+        format!(
+            "- uid: c//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  \
+             serviceAccount: {name}\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  node: node-b\n  \
+             locality: {{region: r1, zone: {zone}}}\n{extra}  services:\n{services}",
+            ip(2, c)
+        )
+    };
+    let svc = |name: &str, c: u8, lb: &str| {
+        format!(
+            "- name: {name}\n  namespace: default\n  hostname: {name}.default.svc.cluster.local\n  \
+             vips: [\"/{}\"]\n  ports:\n    9080: 9080\n{lb}",
+            ip(20, c)
+        )
+    };
+    format!(
+        "workloads:\n- uid: c//v1/Pod/default/sleep\n  name: sleep\n  namespace: default\n  \
+         serviceAccount: sleep\n  workloadIps: [\"{sleep}\"]\n  protocol: HBONE\n  node: node-a\n  \
+         locality: {{region: r1, zone: z1, subzone: s1}}\n{}{}{}{}{}services:\n{}{}{}{}{}",
+        ep(
+            "same-zone",
+            10,
+            "z1",
+            &format!("  status: {same_zone_status}\n"),
+            &["close", "direct"]
+        ),
+        ep("unready", 11, "z1", "  status: Unhealthy\n", &["close", "notready", "dark"]),
+        ep("other-zone", 12, "z2", "", &["close"]),
+        ep("heavy", 13, "z1", "  capacity: 3\n", &["weighted"]),
+        ep("light", 14, "z1", "", &["weighted"]),
+        // PreferClose, as istiod sends it.
+        svc(
+            "close",
+            40,
+            "  loadBalancer:\n    routingPreferences: [Network, Region, Zone, Subzone]\n    \
+             mode: Failover\n    healthPolicy: OnlyHealthy\n"
+        ),
+        svc("weighted", 41, ""),
+        svc("direct", 42, "  loadBalancer: {routingPreferences: [], mode: Passthrough, healthPolicy: OnlyHealthy}\n"),
+        // publishNotReadyAddresses.
+        svc("notready", 43, "  loadBalancer: {routingPreferences: [], mode: Standard, healthPolicy: AllowAll}\n"),
+        svc("dark", 44, ""),
+        sleep = ip(1, 2),
+    )
+}
+
+#[test]
+fn service_endpoints_are_chosen_by_locality_readiness_and_capacity() {
+    use_block(4);
+    let dir = tmp("choice");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = ca_init(&dir);
+    let cfg = dir.join("mesh.yaml");
+    std::fs::write(&cfg, endpoint_choice_yaml("Healthy")).unwrap();
+    for (c, tag) in [
+        (10, "same-zone"),
+        (11, "unready"),
+        (12, "other-zone"),
+        (13, "heavy"),
+        (14, "light"),
+    ] {
+        tag_at(SocketAddr::new(ip(2, c), 9080), tag);
+    }
+    // Passthrough: what answers at the dialed VIP itself.
+    tag_at(SocketAddr::new(ip(20, 42), 9080), "at-vip");
+    let socks_addr = SocketAddr::new(ip(1, 1), 15080);
+    let socks_s = socks_addr.to_string();
+    let mut b = Node::start("node-b", ip(2, 1), &cfg, &ca, &[]);
+    let mut a = Node::start(
+        "node-a",
+        ip(1, 1),
+        &cfg,
+        &ca,
+        &["--bind-source", "--socks5", &socks_s],
+    );
+    b.wait_ready();
+    a.wait_ready();
+    let dial = |vip: u8| {
+        let (code, c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(20, vip), 9080));
+        assert_eq!(code, 0, "sleep -> VIP {vip}; A:\n{}", a.proc.log());
+        read_all(c)
+    };
+    let tally = |vip: u8, n: usize| {
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..n {
+            *seen.entry(dial(vip)).or_default() += 1;
+        }
+        seen.into_iter().collect::<Vec<_>>()
+    };
+    let counts = |v: &[(&str, usize)]| {
+        v.iter()
+            .map(|(t, n)| (t.to_string(), *n))
+            .collect::<Vec<_>>()
+    };
+
+    // PreferClose: the ready endpoint in sleep's zone takes everything; the unready one in
+    // the same zone and the one in another zone take nothing.
+    assert_eq!(tally(40, 6), counts(&[("same-zone", 6)]));
+    // Capacity 3 against 1: three of every four connections.
+    assert_eq!(tally(41, 8), counts(&[("heavy", 6), ("light", 2)]));
+    // Passthrough: no endpoint is chosen; the VIP itself is dialed.
+    assert_eq!(tally(42, 2), counts(&[("at-vip", 2)]));
+    // A service that allows all reaches an unready endpoint; one that does not has none.
+    assert_eq!(tally(43, 2), counts(&[("unready", 2)]));
+    let (code, _c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(20, 44), 9080));
+    assert_eq!(code, 4, "only an unready endpoint: host unreachable");
+    common::wait_until(
+        Duration::from_secs(5),
+        || {
+            a.proc
+                .log()
+                .contains("service dark.default.svc.cluster.local has no endpoint")
+        },
+        || format!("the refusal says why; A:\n{}", a.proc.log()),
+    );
+
+    // The same-zone endpoint stops being ready: failover to the other zone, still not to the
+    // unready one beside it.
+    let want = generation(&a) + 1;
+    reload(&cfg, &endpoint_choice_yaml("Unhealthy"), &[&a, &b], want);
+    assert_eq!(tally(40, 4), counts(&[("other-zone", 4)]));
+    // The config dump shows what was read.
+    let (_, dump) = http_get(a.admin, "GET", "/config_dump");
+    for want in [
+        "\"zone\":\"z2\"",
+        "\"status\":\"Unhealthy\"",
+        "\"capacity\":3",
+        "\"healthPolicy\":\"AllowAll\"",
+        "\"mode\":\"Passthrough\"",
+    ] {
+        assert!(
+            dump.replace([' ', '\n'], "").contains(want),
+            "{want} in /config_dump:\n{dump}"
+        );
+    }
 }

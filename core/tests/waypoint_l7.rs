@@ -2346,3 +2346,75 @@ fn consistent_hash_sends_a_key_to_one_endpoint_and_makes_up_a_cookie() {
         .collect();
     assert_eq!(served.len(), 1, "the cookie sticks: {served:?}");
 }
+
+/// The waypoint chooses a service's endpoints as a node proxy does: ready ones only, nearest
+/// first when the service prefers close ones (istiod's `trafficDistribution: PreferClose`),
+/// from the waypoint's own locality, and in turn by capacity.
+#[test]
+fn the_waypoint_prefers_close_ready_endpoints_and_weighs_capacity() {
+    let lab = Lab::start(63, "wp-choice", &[]);
+    let n = lab.n;
+    server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
+    server(SocketAddr::new(ip(n, 12), 9080), "reviews-v2");
+    let cfg = lab.dir.join("mesh.yaml");
+    // Rewrite the mesh with `edit` and wait until all three proxies have it in force.
+    let mut generation = 1;
+    let mut remesh = |edit: &dyn Fn(String) -> String| {
+        generation += 1;
+        std::fs::write(&cfg, edit(mesh(n))).unwrap();
+        for node in [&lab.a, &lab.b, &lab.w] {
+            node.proc.signal(1);
+            let want = format!("zring_config_generation {generation}");
+            wait_until(
+                Duration::from_secs(10),
+                || node.metrics().lines().any(|l| l == want),
+                || node.proc.log(),
+            );
+        }
+    };
+    let place = |y: String, who: &str, extra: &str| {
+        let at = format!("  name: {who}\n");
+        y.replacen(&at, &format!("{at}{extra}"), 1)
+    };
+    let prefer_close = |y: String| {
+        let y = place(y, "waypoint", "  locality: {region: r1, zone: z1}\n");
+        let y = place(y, "reviews-v1", "  locality: {region: r1, zone: z2}\n");
+        let y = place(y, "reviews-v2", "  locality: {region: r1, zone: z1}\n");
+        y.replacen(
+            "  hostname: reviews.default.svc.cluster.local\n",
+            "  hostname: reviews.default.svc.cluster.local\n  loadBalancer:\n    \
+             routingPreferences: [Network, Region, Zone, Subzone]\n    mode: Failover\n",
+            1,
+        )
+    };
+    let tally = |k: usize| {
+        let mut c = lab.client(2, lab.vip(101));
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..k {
+            c.send(b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n");
+            let r = c.read();
+            assert_eq!(r.status, 200, "{}", r.text());
+            *seen
+                .entry(r.header("x-served-by").unwrap_or_default().to_string())
+                .or_default() += 1;
+        }
+        seen.into_iter().collect::<Vec<_>>()
+    };
+    let served = |v: &[(&str, usize)]| {
+        v.iter()
+            .map(|(t, k)| (t.to_string(), *k))
+            .collect::<Vec<_>>()
+    };
+
+    // Both versions by default.
+    assert_eq!(tally(4), served(&[("reviews-v1", 2), ("reviews-v2", 2)]));
+    // PreferClose: v2 shares the waypoint's zone.
+    remesh(&|y| prefer_close(y));
+    assert_eq!(tally(6), served(&[("reviews-v2", 6)]));
+    // v2 not ready: the other zone takes over.
+    remesh(&|y| place(prefer_close(y), "reviews-v2", "  status: Unhealthy\n"));
+    assert_eq!(tally(4), served(&[("reviews-v1", 4)]));
+    // Capacity 3 against 1.
+    remesh(&|y| place(y, "reviews-v1", "  capacity: 3\n"));
+    assert_eq!(tally(8), served(&[("reviews-v1", 6), ("reviews-v2", 2)]));
+}

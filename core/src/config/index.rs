@@ -375,7 +375,8 @@ impl MeshIndex {
     }
 
     /// The endpoints of the service `key` (`namespace/hostname`) for its port `port`, with
-    /// each one's target port (empty when the service is unknown).
+    /// each one's target port (empty when the service is unknown). Unhealthy workloads are
+    /// left out unless the service's health policy allows all.
     pub fn service_endpoints(&self, key: &str, port: u16) -> Vec<(&Workload, u16)> {
         match self.service_by_key(key) {
             Some(service) => self.endpoints_of(service, key, port),
@@ -393,6 +394,7 @@ impl MeshIndex {
             .get(key)
             .into_iter()
             .flat_map(|s| s.values())
+            .filter(|w| service.admits(w))
             .filter_map(|w| {
                 let target = w
                     .services
@@ -424,7 +426,7 @@ impl MeshIndex {
     }
 
     /// The addresses a name of `service` resolves to: its VIPs, or for a service without
-    /// one (headless), its endpoints' addresses.
+    /// one (headless), its endpoints' addresses (the ready ones, unless it allows all).
     pub fn service_addresses(&self, service: &Service) -> Vec<IpAddr> {
         if !service.vips.is_empty() {
             return service.vips.iter().map(|v| v.address).collect();
@@ -433,6 +435,7 @@ impl MeshIndex {
             .get(&service_key(service))
             .into_iter()
             .flat_map(|s| s.values())
+            .filter(|w| service.admits(w))
             .flat_map(|w| w.workload_ips.iter().copied())
             .collect()
     }

@@ -132,6 +132,53 @@ fn default_service_account() -> String {
     "default".to_string()
 }
 
+fn default_capacity() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+/// Where a workload runs (Istio's `Locality`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Locality {
+    /// `topology.kubernetes.io/region`.
+    #[serde(default)]
+    pub region: String,
+    /// `topology.kubernetes.io/zone`.
+    #[serde(default)]
+    pub zone: String,
+    /// `topology.istio.io/subzone`.
+    #[serde(default)]
+    pub subzone: String,
+}
+
+impl Locality {
+    /// No region, zone or subzone.
+    pub fn is_empty(&self) -> bool {
+        self.region.is_empty() && self.zone.is_empty() && self.subzone.is_empty()
+    }
+}
+
+/// A workload's readiness as istiod reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum HealthStatus {
+    /// Ready: an endpoint of its services.
+    #[default]
+    Healthy,
+    /// Not ready: left out of its services' endpoints (unless they allow all).
+    Unhealthy,
+}
+
+impl HealthStatus {
+    /// Ready.
+    pub fn is_healthy(&self) -> bool {
+        *self == HealthStatus::Healthy
+    }
+}
+
 /// One workload (a pod or VM).
 #[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -190,6 +237,18 @@ pub struct Workload {
     /// canonical name and revision, as Istio derives those from the labels.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Region, zone and subzone (the node's `topology.kubernetes.io` labels): what a service's
+    /// `Region`/`Zone`/`Subzone` routing preferences compare.
+    #[serde(default, skip_serializing_if = "Locality::is_empty")]
+    pub locality: Locality,
+    /// `Healthy` (ready) or `Unhealthy`: services send nothing to an unhealthy endpoint unless
+    /// their health policy is `AllowAll`.
+    #[serde(default, skip_serializing_if = "HealthStatus::is_healthy")]
+    pub status: HealthStatus,
+    /// Relative weight among a service's endpoints (istiod's `capacity`, 1 when unset; 0 takes
+    /// no new connections).
+    #[serde(default = "default_capacity", skip_serializing_if = "is_one")]
+    pub capacity: u32,
     /// Its identity and metric labels, worked out on first use and shared by its connections.
     #[serde(skip)]
     pub derived: Derived,
@@ -298,14 +357,26 @@ pub struct Service {
     pub load_balancer: Option<LoadBalancer>,
 }
 
+impl Service {
+    /// Whether `w` counts as one of its endpoints: healthy, or any when its health policy
+    /// allows all (ztunnel's `should_include_endpoint`).
+    pub fn admits(&self, w: &Workload) -> bool {
+        w.status.is_healthy()
+            || self
+                .load_balancer
+                .as_ref()
+                .is_some_and(|lb| lb.health_policy == HealthPolicy::AllowAll)
+    }
+}
+
 /// A locality scope an endpoint can share with the client (Istio's `LoadBalancing.Scope`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum Scope {
-    /// Same region (not evaluated: no locality in the local config; always matches).
+    /// Same region.
     Region,
-    /// Same zone (not evaluated; always matches).
+    /// Same zone.
     Zone,
-    /// Same subzone (not evaluated; always matches).
+    /// Same subzone.
     Subzone,
     /// Same node.
     Node,
@@ -315,44 +386,83 @@ pub enum Scope {
     Network,
 }
 
-/// What to do with endpoints that do not match every preference.
+/// How a service's routing preferences choose endpoints (Istio's `LoadBalancing.Mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 pub enum LoadBalancerMode {
+    /// Preferences are not considered (istiod's `UNSPECIFIED_MODE`): any endpoint.
+    Standard,
     /// Only endpoints that match every preference; none is an error.
     Strict,
     /// Prefer the endpoints that match the most leading preferences; fall back to the others.
     #[default]
     Failover,
+    /// No endpoint is chosen: the connection goes to the address the client dialed.
+    Passthrough,
 }
 
-/// Istio's `LoadBalancing`: ordered routing preferences and a mode.
+/// Which endpoints a service may send to (Istio's `LoadBalancing.HealthPolicy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+pub enum HealthPolicy {
+    /// Healthy endpoints only.
+    #[default]
+    OnlyHealthy,
+    /// Unhealthy ones too (a service that publishes not-ready addresses).
+    AllowAll,
+}
+
+/// Istio's `LoadBalancing`: ordered routing preferences, a mode and a health policy.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancer {
     /// Scopes in order of preference.
     #[serde(default)]
     pub routing_preferences: Vec<Scope>,
-    /// Strict or failover.
+    /// Standard, strict, failover or passthrough.
     #[serde(default)]
     pub mode: LoadBalancerMode,
+    /// Whether unhealthy endpoints count.
+    #[serde(default)]
+    pub health_policy: HealthPolicy,
 }
 
 impl LoadBalancer {
-    /// How many leading preferences `endpoint` shares with `client` (a client on `node`).
+    /// How closely `endpoint` matches the preferences for `client` (a client on `node`): the
+    /// number of leading preferences it shares, as ztunnel ranks them. When `Network` comes
+    /// first it is a requirement of its own: an endpoint on another network is ranked by the
+    /// other scopes alone, and one on the same network above every such endpoint.
     pub fn rank(&self, client: &Workload, node: &str, endpoint: &Workload) -> usize {
-        self.routing_preferences
-            .iter()
-            .take_while(|s| match s {
+        let prefs = &self.routing_preferences;
+        let network_first = prefs.first() == Some(&Scope::Network);
+        let mut rank = 0;
+        let mut bonus = 0;
+        for s in prefs {
+            let same = match s {
+                Scope::Region => endpoint.locality.region == client.locality.region,
+                Scope::Zone => endpoint.locality.zone == client.locality.zone,
+                Scope::Subzone => endpoint.locality.subzone == client.locality.subzone,
                 Scope::Node => endpoint.node == node,
                 Scope::Cluster => endpoint.cluster_id == client.cluster_id,
-                Scope::Network => endpoint.network == client.network,
-                Scope::Region | Scope::Zone | Scope::Subzone => true,
-            })
-            .count()
+                Scope::Network => {
+                    let same = endpoint.network == client.network;
+                    if network_first {
+                        if !same {
+                            continue;
+                        }
+                        bonus = prefs.len() - 1;
+                    }
+                    same
+                }
+            };
+            if !same {
+                break;
+            }
+            rank += 1;
+        }
+        rank + bonus
     }
 
-    /// The endpoints to choose from: the best-ranked group (failover), or only those that match
-    /// every preference (strict, possibly none).
+    /// The endpoints to choose from: the best-ranked group (failover), only those that match
+    /// every preference (strict, possibly none), or all of them (standard, passthrough).
     pub fn select<'a, T>(
         &self,
         client: &Workload,
@@ -362,13 +472,26 @@ impl LoadBalancer {
     where
         T: Copy,
     {
+        if matches!(
+            self.mode,
+            LoadBalancerMode::Standard | LoadBalancerMode::Passthrough
+        ) {
+            return endpoints.to_vec();
+        }
         let ranks: Vec<usize> = endpoints
             .iter()
             .map(|(w, _)| self.rank(client, node, w))
             .collect();
         let want = match self.mode {
-            LoadBalancerMode::Strict => self.routing_preferences.len(),
-            LoadBalancerMode::Failover => ranks.iter().copied().max().unwrap_or(0),
+            // Every preference matched (with the network-first bonus when it applies).
+            LoadBalancerMode::Strict => {
+                let n = self.routing_preferences.len();
+                match self.routing_preferences.first() {
+                    Some(Scope::Network) => 2 * n - 1,
+                    _ => n,
+                }
+            }
+            _ => ranks.iter().copied().max().unwrap_or(0),
         };
         endpoints
             .iter()
@@ -377,6 +500,24 @@ impl LoadBalancer {
             .map(|(e, _)| *e)
             .collect()
     }
+}
+
+/// The index of the `n`th pick among `weights`, in turn by weight (weighted round robin: over
+/// `sum` picks, each index comes up its weight's number of times); `None` when every weight is
+/// zero.
+pub fn weighted_turn(weights: impl Iterator<Item = u32> + Clone, n: usize) -> Option<usize> {
+    let sum: u64 = weights.clone().map(u64::from).sum();
+    if sum == 0 {
+        return None;
+    }
+    let mut k = n as u64 % sum;
+    for (i, w) in weights.enumerate() {
+        if k < u64::from(w) {
+            return Some(i);
+        }
+        k -= u64::from(w);
+    }
+    None
 }
 
 /// The whole file.
@@ -469,5 +610,163 @@ impl LocalConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> LocalConfig {
+        LocalConfig::from_yaml(yaml, Path::new("t")).expect("test config")
+    }
+
+    /// A workload `name` on `node` in `network`, region/zone/subzone from `at` (`r/z/s`).
+    fn at(name: &str, node: &str, network: &str, at: &str) -> Workload {
+        let mut l = at.split('/');
+        let mut part = || l.next().unwrap_or_default().to_string();
+        let mut w = parse(&format!(
+            "workloads:\n- uid: c//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  \
+             node: {node}\n  network: \"{network}\"\n"
+        ))
+        .workloads
+        .remove(0);
+        w.locality = Locality {
+            region: part(),
+            zone: part(),
+            subzone: part(),
+        };
+        w
+    }
+
+    fn chosen(lb: &LoadBalancer, client: &Workload, eps: &[Workload]) -> Vec<String> {
+        let eps: Vec<(&Workload, u16)> = eps.iter().map(|w| (w, 80)).collect();
+        lb.select(client, "n1", &eps)
+            .iter()
+            .map(|(w, _)| w.name.clone())
+            .collect()
+    }
+
+    #[test]
+    fn prefer_close_takes_the_nearest_locality_and_falls_back_in_order() {
+        let client = at("client", "n1", "", "r1/z1/s1");
+        let lb = LoadBalancer {
+            routing_preferences: vec![Scope::Network, Scope::Region, Scope::Zone, Scope::Subzone],
+            mode: LoadBalancerMode::Failover,
+            health_policy: HealthPolicy::OnlyHealthy,
+        };
+        let mut eps = vec![
+            at("other-network-same-subzone", "n9", "far", "r1/z1/s1"),
+            at("other-region", "n2", "", "r2/z1/s1"),
+            at("same-region", "n2", "", "r1/z2/s1"),
+            at("same-zone", "n2", "", "r1/z1/s2"),
+            at("same-subzone", "n2", "", "r1/z1/s1"),
+        ];
+        // Each removal of the best falls back one scope; the same network outranks a closer
+        // locality on another network.
+        for want in [
+            "same-subzone",
+            "same-zone",
+            "same-region",
+            "other-region",
+            "other-network-same-subzone",
+        ] {
+            assert_eq!(chosen(&lb, &client, &eps), [want]);
+            eps.pop();
+        }
+        // Strict: only a full match (network included), else nothing.
+        let strict = LoadBalancer {
+            mode: LoadBalancerMode::Strict,
+            ..lb.clone()
+        };
+        let eps = [
+            at("same-zone", "n2", "", "r1/z1/s2"),
+            at("same-subzone", "n2", "", "r1/z1/s1"),
+        ];
+        assert_eq!(chosen(&strict, &client, &eps), ["same-subzone"]);
+        assert!(chosen(&strict, &client, &eps[..1]).is_empty());
+        // Standard ignores the preferences.
+        let standard = LoadBalancer {
+            mode: LoadBalancerMode::Standard,
+            ..lb
+        };
+        assert_eq!(chosen(&standard, &client, &eps).len(), 2);
+        // Without Network first, a mismatch ends the rank where it happens.
+        let zone_first = LoadBalancer {
+            routing_preferences: vec![Scope::Zone, Scope::Node],
+            mode: LoadBalancerMode::Failover,
+            health_policy: HealthPolicy::OnlyHealthy,
+        };
+        let eps = [
+            at("other-zone-same-node", "n1", "", "r1/z2/s1"),
+            at("same-zone-other-node", "n2", "", "r1/z1/s1"),
+        ];
+        assert_eq!(chosen(&zone_first, &client, &eps), ["same-zone-other-node"]);
+    }
+
+    #[test]
+    fn weighted_turns_follow_capacity() {
+        let count = |w: &[u32], n: usize| {
+            let mut c = vec![0; w.len()];
+            for i in 0..n {
+                c[weighted_turn(w.iter().copied(), i).unwrap()] += 1;
+            }
+            c
+        };
+        assert_eq!(count(&[1, 1, 1], 9), [3, 3, 3]);
+        assert_eq!(count(&[3, 1], 8), [6, 2]);
+        assert_eq!(count(&[0, 2], 5), [0, 5]);
+        assert_eq!(weighted_turn([0, 0].into_iter(), 3), None);
+        assert_eq!(weighted_turn(std::iter::empty(), 0), None);
+        // No overflow with the largest weights.
+        assert_eq!(
+            weighted_turn([u32::MAX, u32::MAX].into_iter(), usize::MAX),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn ztunnels_locality_status_capacity_and_load_balancer_fields_load() {
+        let cfg = parse(
+            "workloads:\n- uid: c//v1/Pod/default/a\n  name: a\n  namespace: default\n  \
+             locality: {region: r1, zone: z1}\n  status: Unhealthy\n  capacity: 0\n\
+             - uid: c//v1/Pod/default/b\n  name: b\n  namespace: default\n\
+             services:\n- name: s\n  namespace: default\n  hostname: s.default.svc.cluster.local\n  \
+             vips: []\n  ports: {}\n  loadBalancer:\n    routingPreferences: [Network, Region]\n    \
+             mode: Standard\n    healthPolicy: AllowAll\n",
+        );
+        let (a, b) = (&cfg.workloads[0], &cfg.workloads[1]);
+        assert_eq!(
+            (a.locality.region.as_str(), a.locality.zone.as_str()),
+            ("r1", "z1")
+        );
+        assert_eq!((a.status, a.capacity), (HealthStatus::Unhealthy, 0));
+        assert_eq!((b.status, b.capacity), (HealthStatus::Healthy, 1));
+        assert!(b.locality.is_empty());
+        let s = &cfg.services[0];
+        assert!(s.admits(a) && s.admits(b));
+        let lb = s.load_balancer.as_ref().unwrap();
+        assert_eq!(
+            (lb.mode, lb.health_policy),
+            (LoadBalancerMode::Standard, HealthPolicy::AllowAll)
+        );
+        let mut only_healthy = s.clone();
+        only_healthy.load_balancer = None;
+        assert!(!only_healthy.admits(a) && only_healthy.admits(b));
+        // Defaults are left out of a dump; the rest is shown.
+        let dump = serde_json::to_value(&cfg.workloads).unwrap();
+        assert_eq!(dump[0]["status"], "Unhealthy");
+        assert_eq!(dump[0]["capacity"], 0);
+        assert_eq!(dump[0]["locality"]["zone"], "z1");
+        assert!(dump[1].get("status").is_none() && dump[1].get("locality").is_none());
+        // An unknown mode is refused with its field.
+        let err = LocalConfig::from_yaml(
+            "services:\n- name: s\n  namespace: default\n  hostname: h\n  vips: []\n  ports: {}\n  \
+             loadBalancer: {mode: Sometimes}\n",
+            Path::new("t"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("services[0].loadBalancer.mode"), "{err}");
     }
 }

@@ -31,7 +31,7 @@ use crate::{
     authz,
     config::{
         index::{MeshIndex, Resolved},
-        GatewayAddress, InboundProtocol, Workload,
+        weighted_turn, GatewayAddress, InboundProtocol, LoadBalancerMode, Workload,
     },
     hbone_io::PollTcp,
     metrics::{ConnLabels, Peer, Reporter},
@@ -522,6 +522,14 @@ impl Outbound {
             Resolved::Service {
                 service, endpoints, ..
             } => {
+                if service
+                    .load_balancer
+                    .as_ref()
+                    .is_some_and(|lb| lb.mode == LoadBalancerMode::Passthrough)
+                {
+                    // No endpoint is chosen: the dialed address is the destination.
+                    return Ok(Route::Passthrough(target));
+                }
                 if endpoints.is_empty() {
                     return Err(format!(
                         "service {} has no endpoint for port {}",
@@ -541,7 +549,16 @@ impl Outbound {
                 }
                 let n = self.rr.get();
                 self.rr.set(n.wrapping_add(1));
-                let (w, port) = endpoints[n % endpoints.len()];
+                let i = weighted_turn(endpoints.iter().map(|(w, _)| w.capacity), n).ok_or_else(
+                    || {
+                        format!(
+                            "service {} has no endpoint with capacity for port {}",
+                            service.hostname,
+                            target.port()
+                        )
+                    },
+                )?;
+                let (w, port) = endpoints[i];
                 let ip = *w
                     .workload_ips
                     .first()

@@ -43,7 +43,9 @@ use super::{
     FastMap, Waypoint,
 };
 use crate::{
-    config::{index::MeshIndex, index::Resolved, InboundProtocol, Service, Workload},
+    config::{
+        index::MeshIndex, index::Resolved, weighted_turn, InboundProtocol, Service, Workload,
+    },
     hbone_io::{MonoioExecutor, PollTcp},
     metrics::{ConnLabels, Peer},
     proxy::{random, ConnLog, HbonePool, State, DEFAULT_CONNECT_TIMEOUT},
@@ -558,14 +560,17 @@ pub(crate) async fn stream(
     }
 }
 
-/// The endpoints of `b` (a service, maybe a subset) for `port` (the backend's, else the
-/// dialed one, else the service's only port).
 /// A service and its endpoints with their target ports.
 type Endpoints<'a> = (&'a Service, Vec<(&'a Workload, u16)>);
 
+/// The endpoints of `b` (a service, maybe a subset) for `port` (the backend's, else the
+/// dialed one, else the service's only port): the ready ones (unless the service allows all),
+/// narrowed by the service's routing preferences (`trafficDistribution`, as istiod sends it)
+/// as seen from the waypoint's own workload, as a node proxy narrows them for its pod.
 fn endpoints<'a>(
     index: &'a MeshIndex,
     rules: &L7Config,
+    ctx: &ConnCtx,
     b: &Backend,
     dialed: u16,
 ) -> Result<Endpoints<'a>, String> {
@@ -590,6 +595,11 @@ fn endpoints<'a>(
                 )
             })?;
         eps.retain(|(w, _)| crate::config::labels_match(w, labels));
+    }
+    if let Some(lb) = &svc.load_balancer {
+        if let Some(me) = index.workload_by_ip(ctx.local_ip) {
+            eps = lb.select(me, &ctx.state.cfg.node, &eps);
+        }
     }
     Ok((svc, eps))
 }
@@ -659,10 +669,11 @@ fn pick_endpoint<'a>(
         r.set(v.wrapping_add(1));
         v
     });
+    // In turn by capacity (istiod's endpoint weight).
     match healthy.is_empty() {
         // All ejected: try one anyway (as Envoy's panic threshold does) rather than fail.
-        true => fresh.get(n % fresh.len().max(1)).copied(),
-        false => Some(*healthy[n % healthy.len()]),
+        true => weighted_turn(fresh.iter().map(|e| e.0.capacity), n).map(|i| fresh[i]),
+        false => weighted_turn(healthy.iter().map(|e| e.0.capacity), n).map(|i| *healthy[i]),
     }
 }
 
@@ -1499,7 +1510,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 break;
             };
             backend_headers = Some(&*b.headers);
-            let (svc, eps) = match endpoints(&index, &rules, b, ctx.target.port()) {
+            let (svc, eps) = match endpoints(&index, &rules, &ctx, b, ctx.target.port()) {
                 Ok(v) => v,
                 Err(e) => {
                     log.error = Some(e);
@@ -1762,7 +1773,7 @@ async fn ext_authz_check(
         weight: 1,
         headers: Default::default(),
     };
-    let (_, eps) = endpoints(index, rules, &backend, call.port)?;
+    let (_, eps) = endpoints(index, rules, ctx, &backend, call.port)?;
     let (w, addr) = pick_endpoint(&eps, &[], None, None)
         .ok_or_else(|| format!("no endpoint of {}", call.service))?;
     let asked = async {
@@ -1969,7 +1980,7 @@ fn shadow(
     let backend = m.backend.clone();
     monoio::spawn(async move {
         let send = async {
-            let (svc, eps) = endpoints(&index, &rules, &backend, ctx.target.port())?;
+            let (svc, eps) = endpoints(&index, &rules, &ctx, &backend, ctx.target.port())?;
             let (w, addr) = pick_endpoint(&eps, &[], None, None)
                 .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
             let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0, ctx.h2).await?;
@@ -2301,7 +2312,7 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
                 weight: 1,
                 headers: Default::default(),
             };
-            let picked = endpoints(&index, &rules, &b, ctx.target.port())
+            let picked = endpoints(&index, &rules, &ctx, &b, ctx.target.port())
                 .ok()
                 .and_then(|(svc, eps)| {
                     let up = outlier.as_ref().map(|o| {

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use super::proto::istio::{security as sec, workload as wl};
 use crate::config::{
     policy::{IpBlock, RbacMatch, StringMatch},
-    Authorization, GatewayAddress, InboundProtocol, LoadBalancerMode, LocalConfig, NetworkAddress,
-    PolicyAction, PolicyScope, Scope, Service, Workload,
+    Authorization, GatewayAddress, HealthPolicy, HealthStatus, InboundProtocol, LoadBalancerMode,
+    LocalConfig, Locality, NetworkAddress, PolicyAction, PolicyScope, Scope, Service, Workload,
 };
 
 /// `type.googleapis.com/istio.workload.Address`.
@@ -86,6 +86,16 @@ pub fn workload(w: &Workload) -> wl::Workload {
             .collect(),
         authorization_policies: w.authorization_policies.clone(),
         cluster_id: w.cluster_id.clone(),
+        status: match w.status {
+            HealthStatus::Healthy => wl::WorkloadStatus::Healthy,
+            HealthStatus::Unhealthy => wl::WorkloadStatus::Unhealthy,
+        } as i32,
+        locality: (!w.locality.is_empty()).then(|| wl::Locality {
+            region: w.locality.region.clone(),
+            zone: w.locality.zone.clone(),
+            subzone: w.locality.subzone.clone(),
+        }),
+        capacity: (w.capacity != 1).then_some(w.capacity),
         ..Default::default()
     }
 }
@@ -116,10 +126,15 @@ pub fn service(s: &Service) -> wl::Service {
                 })
                 .collect(),
             mode: match lb.mode {
+                LoadBalancerMode::Standard => wl::load_balancing::Mode::UnspecifiedMode,
                 LoadBalancerMode::Strict => wl::load_balancing::Mode::Strict,
                 LoadBalancerMode::Failover => wl::load_balancing::Mode::Failover,
+                LoadBalancerMode::Passthrough => wl::load_balancing::Mode::Passthrough,
             } as i32,
-            health_policy: 0,
+            health_policy: match lb.health_policy {
+                HealthPolicy::OnlyHealthy => wl::load_balancing::HealthPolicy::OnlyHealthy,
+                HealthPolicy::AllowAll => wl::load_balancing::HealthPolicy::AllowAll,
+            } as i32,
         }),
         ..Default::default()
     }
@@ -345,6 +360,21 @@ pub fn workload_from(w: &wl::Workload) -> Result<Workload, String> {
         }
         .into(),
         labels: Default::default(),
+        locality: w
+            .locality
+            .as_ref()
+            .map(|l| Locality {
+                region: l.region.clone(),
+                zone: l.zone.clone(),
+                subzone: l.subzone.clone(),
+            })
+            .unwrap_or_default(),
+        // An unknown status (a newer istiod's) is not taken as ready.
+        status: match wl::WorkloadStatus::try_from(w.status) {
+            Ok(wl::WorkloadStatus::Healthy) => HealthStatus::Healthy,
+            _ => HealthStatus::Unhealthy,
+        },
+        capacity: w.capacity.unwrap_or(1),
         derived: Default::default(),
     };
     if identity.uid.is_empty() {
@@ -390,10 +420,17 @@ pub fn service_from(s: &wl::Service) -> Result<Service, String> {
                         _ => None,
                     })
                     .collect(),
-                mode: if lb.mode == wl::load_balancing::Mode::Strict as i32 {
-                    LoadBalancerMode::Strict
-                } else {
-                    LoadBalancerMode::Failover
+                mode: match wl::load_balancing::Mode::try_from(lb.mode) {
+                    Ok(wl::load_balancing::Mode::Strict) => LoadBalancerMode::Strict,
+                    Ok(wl::load_balancing::Mode::Failover) => LoadBalancerMode::Failover,
+                    Ok(wl::load_balancing::Mode::Passthrough) => LoadBalancerMode::Passthrough,
+                    Ok(wl::load_balancing::Mode::UnspecifiedMode) | Err(_) => {
+                        LoadBalancerMode::Standard
+                    }
+                },
+                health_policy: match wl::load_balancing::HealthPolicy::try_from(lb.health_policy) {
+                    Ok(wl::load_balancing::HealthPolicy::AllowAll) => HealthPolicy::AllowAll,
+                    _ => HealthPolicy::OnlyHealthy,
                 },
             }),
     })
@@ -533,6 +570,63 @@ mod tests {
             );
         }
         assert!(!cfg.policies.is_empty() && !cfg.services.is_empty());
+    }
+
+    #[test]
+    fn locality_readiness_capacity_and_load_balancing_survive_the_round_trip() {
+        let cfg = LocalConfig::from_yaml(
+            "workloads:\n- uid: c//v1/Pod/default/a\n  name: a\n  namespace: default\n  \
+             locality: {region: r1, zone: z1, subzone: s1}\n  status: Unhealthy\n  capacity: 5\n\
+             - uid: c//v1/Pod/default/b\n  name: b\n  namespace: default\n\
+             services:\n- name: s\n  namespace: default\n  hostname: s.default.svc.cluster.local\n  \
+             vips: []\n  ports: {}\n  loadBalancer:\n    routingPreferences: [Network, Region, Zone, Subzone]\n    \
+             mode: Failover\n    healthPolicy: AllowAll\n",
+            std::path::Path::new("t"),
+        )
+        .unwrap();
+        let a = workload(&cfg.workloads[0]);
+        assert_eq!(a.status, wl::WorkloadStatus::Unhealthy as i32);
+        assert_eq!(a.capacity, Some(5));
+        assert_eq!(a.locality.as_ref().map(|l| l.subzone.as_str()), Some("s1"));
+        // Defaults go as istiod leaves them: no locality, no capacity (1).
+        let b = workload(&cfg.workloads[1]);
+        assert_eq!((b.locality.is_none(), b.capacity), (true, None));
+        for w in &cfg.workloads {
+            let mut want = w.clone();
+            want.workload_type = "deployment".into();
+            assert_eq!(
+                serde_json::to_value(workload_from(&workload(w)).unwrap()).unwrap(),
+                serde_json::to_value(&want).unwrap()
+            );
+        }
+        let s = &cfg.services[0];
+        assert_eq!(
+            serde_json::to_value(service_from(&service(s)).unwrap()).unwrap(),
+            serde_json::to_value(s).unwrap()
+        );
+        // Every mode both ways; istiod's unspecified mode is Standard (preferences unused).
+        for mode in [
+            LoadBalancerMode::Standard,
+            LoadBalancerMode::Strict,
+            LoadBalancerMode::Failover,
+            LoadBalancerMode::Passthrough,
+        ] {
+            let mut s = s.clone();
+            if let Some(lb) = s.load_balancer.as_mut() {
+                lb.mode = mode;
+            }
+            let back = service_from(&service(&s)).unwrap();
+            assert_eq!(back.load_balancer.map(|lb| lb.mode), Some(mode));
+        }
+        let mut x = service(s);
+        if let Some(lb) = x.load_balancing.as_mut() {
+            lb.mode = wl::load_balancing::Mode::UnspecifiedMode as i32;
+        }
+        let back = service_from(&x).unwrap();
+        assert_eq!(
+            back.load_balancer.map(|lb| lb.mode),
+            Some(LoadBalancerMode::Standard)
+        );
     }
 
     #[test]
