@@ -2417,4 +2417,32 @@ fn the_waypoint_prefers_close_ready_endpoints_and_weighs_capacity() {
     // Capacity 3 against 1.
     remesh(&|y| place(y, "reviews-v1", "  capacity: 3\n"));
     assert_eq!(tally(8), served(&[("reviews-v1", 6), ("reviews-v2", 2)]));
+
+    // No service preference, but a DestinationRule with outlier detection: Istio's default
+    // locality failover. The same zone first; once it is ejected, the other zone.
+    remesh(&|y| {
+        let y = place(y, "waypoint", "  locality: {region: r1, zone: z1}\n");
+        let y = place(y, "reviews-v1", "  locality: {region: r1, zone: z2}\n");
+        place(y, "reviews-v2", "  locality: {region: r1, zone: z1}\n")
+    });
+    std::fs::write(
+        lab.resources.join("reviews-dr.yaml"),
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}\n",
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains("consecutive5xxErrors"),
+        || config_dump(&lab),
+    );
+    assert_eq!(tally(4), served(&[("reviews-v2", 4)]));
+    let mut c = lab.client(2, lab.vip(101));
+    let r = c.request("GET", "/fail?reviews-v2=500", b"");
+    assert_eq!(
+        (r.status, r.header("x-served-by")),
+        (500, Some("reviews-v2")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(tally(4), served(&[("reviews-v1", 4)]));
 }

@@ -44,7 +44,8 @@ use super::{
 };
 use crate::{
     config::{
-        index::MeshIndex, index::Resolved, weighted_turn, InboundProtocol, Service, Workload,
+        index::MeshIndex, index::Resolved, weighted_turn, InboundProtocol, LoadBalancerMode,
+        Service, Workload,
     },
     hbone_io::{MonoioExecutor, PollTcp},
     metrics::{ConnLabels, Peer},
@@ -596,12 +597,66 @@ fn endpoints<'a>(
             })?;
         eps.retain(|(w, _)| crate::config::labels_match(w, labels));
     }
-    if let Some(lb) = &svc.load_balancer {
+    // Strict preferences narrow the set; the others order it (`by_level`).
+    if let Some(lb) = svc
+        .load_balancer
+        .as_ref()
+        .filter(|lb| lb.mode == LoadBalancerMode::Strict)
+    {
         if let Some(me) = index.workload_by_ip(ctx.local_ip) {
             eps = lb.select(me, &ctx.state.cfg.node, &eps);
         }
     }
     Ok((svc, eps))
+}
+
+/// Of `eps`, less those `tried`, the ones in the priority level this request goes to
+/// (`traffic::levels`: locality failover, failover priorities, the service's preferences), by
+/// Envoy's priority load: the best level while enough of it is healthy (`up`: those outlier
+/// detection leaves in), spilling over to the next as its endpoints are ejected.
+fn by_level<'a>(
+    ctx: &ConnCtx,
+    index: &MeshIndex,
+    svc: &Service,
+    policy: Option<&traffic::TrafficPolicy>,
+    eps: &[(&'a Workload, u16)],
+    tried: &[SocketAddr],
+    up: Option<&[SocketAddr]>,
+) -> Vec<(&'a Workload, u16)> {
+    let eps: Vec<(&Workload, u16)> = eps
+        .iter()
+        .filter(|e| endpoint_addr(e).is_some_and(|a| !tried.contains(&a)))
+        .copied()
+        .collect();
+    if eps.len() < 2 {
+        return eps;
+    }
+    let me = index.workload_by_ip(ctx.local_ip);
+    let node = &ctx.state.cfg.node;
+    let levels = traffic::levels(me, node, &eps, svc.load_balancer.as_ref(), policy);
+    if levels.iter().all(|l| *l == levels[0]) {
+        return eps;
+    }
+    // (level, endpoints, healthy ones), best level first.
+    let mut tally: Vec<(u32, usize, usize)> = Vec::new();
+    for (e, l) in eps.iter().zip(&levels) {
+        let healthy = endpoint_addr(e)
+            .is_some_and(|a| !ejected(a) && up.is_none_or(|up| up.contains(&a)))
+            as usize;
+        match tally.iter_mut().find(|t| t.0 == *l) {
+            Some(t) => (t.1, t.2) = (t.1 + 1, t.2 + healthy),
+            None => tally.push((*l, 1, healthy)),
+        }
+    }
+    tally.sort_unstable();
+    let Some(level) = traffic::pick_level(&tally, random()) else {
+        return eps;
+    };
+    eps.into_iter()
+        .zip(levels)
+        .filter(|(_, l)| *l == level)
+        .map(|(e, _)| e)
+        .collect()
 }
 
 /// Count a try's outcome at `addr` (one of `peers`) under outlier detection `o`; an ejection
@@ -1535,7 +1590,17 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 }
                 _ => None,
             };
-            let Some((w, addr)) = pick_endpoint(&eps, &tried, up.as_deref(), key.as_deref()) else {
+            let level = by_level(
+                &ctx,
+                &index,
+                svc,
+                traffic.as_deref(),
+                &eps,
+                &tried,
+                up.as_deref(),
+            );
+            let Some((w, addr)) = pick_endpoint(&level, &tried, up.as_deref(), key.as_deref())
+            else {
                 log.error
                     .get_or_insert_with(|| format!("no endpoint of {} left to try", svc.hostname));
                 break;
@@ -1773,7 +1838,8 @@ async fn ext_authz_check(
         weight: 1,
         headers: Default::default(),
     };
-    let (_, eps) = endpoints(index, rules, ctx, &backend, call.port)?;
+    let (svc, eps) = endpoints(index, rules, ctx, &backend, call.port)?;
+    let eps = by_level(ctx, index, svc, None, &eps, &[], None);
     let (w, addr) = pick_endpoint(&eps, &[], None, None)
         .ok_or_else(|| format!("no endpoint of {}", call.service))?;
     let asked = async {
@@ -1981,6 +2047,7 @@ fn shadow(
     monoio::spawn(async move {
         let send = async {
             let (svc, eps) = endpoints(&index, &rules, &ctx, &backend, ctx.target.port())?;
+            let eps = by_level(&ctx, &index, svc, None, &eps, &[], None);
             let (w, addr) = pick_endpoint(&eps, &[], None, None)
                 .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
             let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0, ctx.h2).await?;
@@ -2320,7 +2387,16 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
                         ctx.wp.health.healthy(&peers, o, Instant::now())
                     });
                     let key = by_source.as_deref().map(str::as_bytes);
-                    pick_endpoint(&eps, &[], up.as_deref(), key)
+                    let level = by_level(
+                        &ctx,
+                        &index,
+                        svc,
+                        traffic.map(|t| &**t),
+                        &eps,
+                        &[],
+                        up.as_deref(),
+                    );
+                    pick_endpoint(&level, &[], up.as_deref(), key)
                         .map(|(w, a)| (w, a, Some(svc.hostname.as_str())))
                 });
             match picked {

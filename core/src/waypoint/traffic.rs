@@ -1,8 +1,8 @@
 //! A DestinationRule's `trafficPolicy` at the waypoint: outlier detection (ejecting endpoints
 //! that keep failing), connection-pool limits (circuit breaking) and the load balancer (round
-//! robin, or a consistent hash of a header, cookie, query parameter or the client's address),
-//! with Istio's field names, defaults and override rules; `tls.mode: ISTIO_MUTUAL` is accepted
-//! as what HBONE already does.
+//! robin, or a consistent hash of a header, cookie, query parameter or the client's address;
+//! locality failover by priority level), with Istio's field names, defaults and override rules;
+//! `tls.mode: ISTIO_MUTUAL` is accepted as what HBONE already does.
 //!
 //! A subset's `trafficPolicy` overrides the DestinationRule's field by field (`outlierDetection`,
 //! `connectionPool` and `loadBalancer` each replace the rule's whole field, as Istio merges them). Fields the
@@ -26,6 +26,7 @@ use serde::Deserialize;
 use serde_yaml_ng::Value;
 
 use super::{resources::duration, FastMap};
+use crate::config::{LoadBalancer, LoadBalancerMode, Workload};
 
 /// Fields refused, with the reason given to the user.
 const NOT_SUPPORTED: &str = "not supported by zring's waypoint (refused rather than ignored)";
@@ -44,6 +45,9 @@ pub struct TrafficPolicy {
     pub outlier: Option<Outlier>,
     /// `loadBalancer`.
     pub balance: Option<Balance>,
+    /// `loadBalancer.localityLbSetting` (part of `loadBalancer`: a subset's replaces it with
+    /// the rest of that field).
+    pub locality: Option<LocalityLb>,
     /// `connectionPool`.
     pub pool: Option<Pool>,
     /// The destination it applies to (`namespace/host`, `#subset` for a subset's), which
@@ -118,6 +122,24 @@ impl TrafficPolicy {
                     serde_json::json!({"consistentHash": {"httpQueryParameterName": q}})
                 }
             };
+            let mut lb = lb;
+            if let (Some(l), Some(o)) = (&self.locality, lb.as_object_mut()) {
+                o.insert(
+                    "localityLbSetting".into(),
+                    serde_json::json!({
+                        "enabled": l.enabled,
+                        "failover": l.failover.iter()
+                            .map(|(f, t)| serde_json::json!({"from": f, "to": t}))
+                            .collect::<Vec<_>>(),
+                        "failoverPriority": l.failover_priority.iter()
+                            .map(|(k, v)| match v {
+                                Some(v) => format!("{k}={v}"),
+                                None => k.clone(),
+                            })
+                            .collect::<Vec<_>>(),
+                    }),
+                );
+            }
             v.insert("loadBalancer".into(), lb);
         }
         serde_json::Value::Object(v)
@@ -129,6 +151,10 @@ impl TrafficPolicy {
         TrafficPolicy {
             outlier: over.outlier.clone().or_else(|| self.outlier.clone()),
             balance: over.balance.clone().or_else(|| self.balance.clone()),
+            locality: match over.balance.is_some() {
+                true => over.locality.clone(),
+                false => self.locality.clone(),
+            },
             pool: over.pool.clone().or_else(|| self.pool.clone()),
             destination: self.destination.clone(),
             gate: GateCell::default(),
@@ -254,6 +280,29 @@ struct LbSpec {
     simple: Option<String>,
     #[serde(default)]
     consistent_hash: Option<HashSpec>,
+    #[serde(default)]
+    locality_lb_setting: Option<LocalitySpec>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LocalitySpec {
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default)]
+    failover: Vec<FailoverSpec>,
+    #[serde(default)]
+    failover_priority: Vec<String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct FailoverSpec {
+    from: String,
+    to: String,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -362,6 +411,193 @@ fn refuse_rest(at: &str, rest: &BTreeMap<String, Value>) -> Result<(), FieldErro
     }
 }
 
+/// A `localityLbSetting` at `at`.
+fn locality(at: &str, l: LocalitySpec) -> Result<LocalityLb, FieldError> {
+    refuse_rest(at, &l.rest)?;
+    for (i, f) in l.failover.iter().enumerate() {
+        let at = format!("{at}.failover[{i}]");
+        refuse_rest(&at, &f.rest)?;
+        if f.from.is_empty() || f.to.is_empty() || f.from == f.to {
+            return Err((at, "from and to are two different regions".into()));
+        }
+    }
+    let mut failover_priority = Vec::new();
+    for (i, p) in l.failover_priority.iter().enumerate() {
+        let (label, value) = match p.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (p.as_str(), None),
+        };
+        if label.is_empty() {
+            return Err((
+                format!("{at}.failoverPriority[{i}]"),
+                "an empty label".into(),
+            ));
+        }
+        failover_priority.push((label.to_string(), value));
+    }
+    Ok(LocalityLb {
+        enabled: l.enabled.unwrap_or(true),
+        failover: l.failover.into_iter().map(|f| (f.from, f.to)).collect(),
+        failover_priority,
+    })
+}
+
+/// `localityLbSetting`: which endpoints are tried first, by where they run. `distribute` is
+/// refused (by name, as an unknown field).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalityLb {
+    /// `enabled: false` turns locality preference off for this destination.
+    pub enabled: bool,
+    /// `failover`: (from region, to region): when the waypoint's region has no healthy
+    /// endpoint, `to` comes before the other regions.
+    pub failover: Vec<(String, String)>,
+    /// `failoverPriority`: labels (with an optional `=value` that replaces the waypoint's
+    /// own) that an endpoint shares with the waypoint, in order of importance.
+    pub failover_priority: Vec<(String, Option<String>)>,
+}
+
+/// The topology labels Istio puts on every endpoint, from the workload's locality, network
+/// and node, unless its own labels set them.
+fn label<'a>(w: &'a Workload, name: &str) -> Option<&'a str> {
+    if let Some(v) = w.labels.get(name) {
+        return Some(v);
+    }
+    let v = match name {
+        "topology.kubernetes.io/region" => &w.locality.region,
+        "topology.kubernetes.io/zone" => &w.locality.zone,
+        "topology.istio.io/subzone" => &w.locality.subzone,
+        "topology.istio.io/network" => &w.network,
+        "kubernetes.io/hostname" => &w.node,
+        _ => return None,
+    };
+    Some(v.as_str())
+}
+
+/// Istio's `LbPriority`, with `failover`: 0 same region, zone and subzone; 1 same zone; 2 same
+/// region; 3 another region (the failover region when a rule names one for ours); 4 the other
+/// regions when it does.
+fn locality_level(me: &Workload, ep: &Workload, failover: &[(String, String)]) -> u32 {
+    let (a, b) = (&me.locality, &ep.locality);
+    match (
+        a.region == b.region,
+        a.zone == b.zone,
+        a.subzone == b.subzone,
+    ) {
+        (true, true, true) => 0,
+        (true, true, false) => 1,
+        (true, false, _) => 2,
+        (false, ..) => match failover.iter().find(|(from, _)| *from == a.region) {
+            Some((_, to)) if *to != b.region => 4,
+            _ => 3,
+        },
+    }
+}
+
+/// Istio's failover priority by labels: 0 when every label matches, else the number of labels
+/// from the first mismatch on; a first `topology.istio.io/network` that differs puts the
+/// endpoint below every same-network one and goes on with the other labels.
+fn label_level(me: &Workload, ep: &Workload, labels: &[(String, Option<String>)]) -> u32 {
+    let n = labels.len() as u32;
+    let network_first = labels
+        .first()
+        .is_some_and(|(k, _)| k == "topology.istio.io/network");
+    let mut adjust = 0;
+    for (j, (k, over)) in labels.iter().enumerate() {
+        let mine = over.as_deref().or_else(|| label(me, k));
+        if mine != label(ep, k) {
+            if j == 0 && network_first {
+                adjust = n;
+                continue;
+            }
+            return n - j as u32 + adjust;
+        }
+    }
+    adjust
+}
+
+/// The priority level of each endpoint (0 is tried first), as istiod orders a waypoint's
+/// endpoints: a DestinationRule's `localityLbSetting` when it has one (failover needs
+/// `outlierDetection`, as in Istio), else the service's routing preferences
+/// (`trafficDistribution`, always in force at a waypoint), else the mesh default (locality
+/// failover when the rule has outlier detection).
+pub fn levels(
+    me: Option<&Workload>,
+    node: &str,
+    eps: &[(&Workload, u16)],
+    service: Option<&LoadBalancer>,
+    policy: Option<&TrafficPolicy>,
+) -> Vec<u32> {
+    let flat = || vec![0; eps.len()];
+    let Some(me) = me else {
+        return flat();
+    };
+    let outlier = policy.is_some_and(|p| p.outlier.is_some());
+    match (policy.and_then(|p| p.locality.as_ref()), service) {
+        (Some(l), _) if !l.enabled || !outlier => flat(),
+        (Some(l), _) => eps
+            .iter()
+            .map(|(w, _)| match l.failover_priority.is_empty() {
+                true => locality_level(me, w, &l.failover),
+                false => {
+                    let by_label = label_level(me, w, &l.failover_priority);
+                    match l.failover.is_empty() {
+                        true => by_label,
+                        false => by_label * 5 + locality_level(me, w, &l.failover),
+                    }
+                }
+            })
+            .collect(),
+        (None, Some(lb)) if lb.mode == LoadBalancerMode::Failover => {
+            let ranks: Vec<usize> = eps.iter().map(|(w, _)| lb.rank(me, node, w)).collect();
+            let best = ranks.iter().copied().max().unwrap_or(0);
+            ranks.into_iter().map(|r| (best - r) as u32).collect()
+        }
+        (None, _) if outlier => eps
+            .iter()
+            .map(|(w, _)| locality_level(me, w, &[]))
+            .collect(),
+        (None, _) => flat(),
+    }
+}
+
+/// Envoy's default overprovisioning factor, in percent: a level with 1/1.4 of its endpoints
+/// healthy still takes its whole share.
+const OVERPROVISION: u64 = 140;
+
+/// The level a request goes to, of `levels` (each: its number, its endpoints, how many of them
+/// are healthy), given a draw `r` in 0..100: Envoy's priority load. Each level takes as much
+/// of the load as its health (healthy share x 1.4, at most 100%) allows, the best first; what
+/// no level can take is spread in proportion to health. With none healthy, the best level.
+pub fn pick_level(levels: &[(u32, usize, usize)], r: u64) -> Option<u32> {
+    let health: Vec<u64> = levels
+        .iter()
+        .map(|(_, total, healthy)| match *total {
+            0 => 0,
+            t => (OVERPROVISION * *healthy as u64 / t as u64).min(100),
+        })
+        .collect();
+    let sum: u64 = health.iter().sum::<u64>().min(100);
+    if sum == 0 {
+        return levels.first().map(|l| l.0);
+    }
+    let mut left = 100u64;
+    let mut r = r % 100;
+    for (l, h) in levels.iter().zip(health) {
+        let load = (h * 100 / sum).min(left);
+        if r < load {
+            return Some(l.0);
+        }
+        r -= load;
+        left -= load;
+    }
+    // Rounding left a little over: the best level with any health takes it.
+    levels
+        .iter()
+        .zip(levels.iter().map(|(_, t, h)| *t > 0 && *h > 0))
+        .find(|(_, ok)| *ok)
+        .map(|(l, _)| l.0)
+}
+
 /// A `loadBalancer` at `at`.
 fn balance(at: &str, lb: LbSpec) -> Result<Balance, FieldError> {
     refuse_rest(at, &lb.rest)?;
@@ -440,9 +676,16 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
     let spec: Spec = serde_path_to_error::deserialize(v)
         .map_err(|e| (format!("{at}.{}", e.path()), e.into_inner().to_string()))?;
     refuse_rest(at, &spec.rest)?;
-    let balance = match spec.load_balancer {
-        None => None,
-        Some(lb) => Some(balance(&format!("{at}.loadBalancer"), lb)?),
+    let (balance, locality) = match spec.load_balancer {
+        None => (None, None),
+        Some(mut lb) => {
+            let at = format!("{at}.loadBalancer");
+            let locality = match lb.locality_lb_setting.take() {
+                Some(l) => Some(locality(&format!("{at}.localityLbSetting"), l)?),
+                None => None,
+            };
+            (Some(balance(&at, lb)?), locality)
+        }
     };
     if let Some(tls) = spec.tls {
         refuse_rest(&format!("{at}.tls"), &tls.rest)?;
@@ -518,6 +761,7 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
     Ok(TrafficPolicy {
         outlier,
         balance,
+        locality,
         pool,
         destination: String::new(),
         gate: GateCell::default(),
@@ -813,8 +1057,12 @@ mod tests {
                 "trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
             ),
             (
-                "{localityLbSetting: {enabled: true}}",
-                "trafficPolicy.loadBalancer.localityLbSetting",
+                "{localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 100}}]}}",
+                "trafficPolicy.loadBalancer.localityLbSetting.distribute",
+            ),
+            (
+                "{localityLbSetting: {failover: [{from: r1, to: r1}]}}",
+                "trafficPolicy.loadBalancer.localityLbSetting.failover[0]",
             ),
             (
                 "{simple: RANDOM, warmupDurationSecs: 10s}",
@@ -835,6 +1083,169 @@ mod tests {
             Some(Balance::Hash(HashKey::SourceIp))
         );
         assert!(rule.dump()["loadBalancer"]["consistentHash"]["useSourceIp"] == true);
+    }
+
+    /// A workload `name` at region/zone/subzone `at`, on `node`, with labels `labels`.
+    fn placed(name: &str, at: &str, node: &str, labels: &[(&str, &str)]) -> Workload {
+        let mut w = crate::config::LocalConfig::from_yaml(
+            &format!("workloads:\n- uid: c//v1/Pod/default/{name}\n  name: {name}\n  namespace: default\n  node: {node}\n"),
+            std::path::Path::new("t"),
+        )
+        .unwrap()
+        .workloads
+        .remove(0);
+        let mut l = at.split('/').map(str::to_string);
+        w.locality.region = l.next().unwrap_or_default();
+        w.locality.zone = l.next().unwrap_or_default();
+        w.locality.subzone = l.next().unwrap_or_default();
+        w.labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        w
+    }
+
+    #[test]
+    fn locality_settings_order_endpoints_as_istio_does() {
+        let me = placed("waypoint", "r1/z1/s1", "n1", &[("tier", "gold")]);
+        let eps_w = [
+            placed("same-subzone", "r1/z1/s1", "n2", &[]),
+            placed("same-zone", "r1/z1/s2", "n2", &[]),
+            placed("same-region", "r1/z2/s1", "n2", &[("tier", "gold")]),
+            placed("failover-region", "r2/z1/s1", "n1", &[("tier", "gold")]),
+            placed("other-region", "r3/z1/s1", "n1", &[]),
+        ];
+        let eps: Vec<(&Workload, u16)> = eps_w.iter().map(|w| (w, 80)).collect();
+        let with = |y: &str| tp(y).unwrap();
+        let lv = |p: &TrafficPolicy| levels(Some(&me), "n1", &eps, None, Some(p));
+        // The mesh default: locality failover once the rule has outlier detection.
+        assert_eq!(
+            lv(&with(
+                "outlierDetection: {}
+"
+            )),
+            [0, 1, 2, 3, 3]
+        );
+        assert_eq!(
+            lv(&with(
+                "connectionPool: {}
+"
+            )),
+            [0; 5]
+        );
+        // A failover region goes before the other regions.
+        let failover = with(
+            "outlierDetection: {}
+loadBalancer:
+  localityLbSetting:
+    failover: [{from: r1, to: r2}]
+",
+        );
+        assert_eq!(lv(&failover), [0, 1, 2, 3, 4]);
+        assert_eq!(
+            failover.dump()["loadBalancer"]["localityLbSetting"]["failover"][0]["to"],
+            "r2"
+        );
+        // Turned off, or without outlier detection: no order.
+        let off = "outlierDetection: {}
+loadBalancer: {localityLbSetting: {enabled: false}}
+";
+        assert_eq!(lv(&with(off)), [0; 5]);
+        let no_outlier = "loadBalancer: {localityLbSetting: {failover: [{from: r1, to: r2}]}}
+";
+        assert_eq!(lv(&with(no_outlier)), [0; 5]);
+        // Failover priority by labels (topology ones included): first mismatch decides; a
+        // value after `=` stands for the waypoint's own.
+        let fp = with(
+            "outlierDetection: {}
+loadBalancer:
+  localityLbSetting:
+    failoverPriority: [tier, topology.kubernetes.io/region, kubernetes.io/hostname]
+",
+        );
+        assert_eq!(lv(&fp), [3, 3, 1, 2, 3]);
+        let over = with(
+            "outlierDetection: {}
+loadBalancer:
+  localityLbSetting:
+    failoverPriority: [tier=silver]
+",
+        );
+        assert_eq!(lv(&over), [1, 1, 1, 1, 1]);
+        // Both: labels first, then locality within.
+        let both = with(
+            "outlierDetection: {}
+loadBalancer:
+  localityLbSetting:
+    failoverPriority: [tier]
+    failover: [{from: r1, to: r2}]
+",
+        );
+        assert_eq!(lv(&both), [5, 6, 2, 3, 9]);
+        // A subset's loadBalancer replaces the rule's locality setting with the rest of it.
+        let subset = with(
+            "loadBalancer: {simple: ROUND_ROBIN}
+",
+        );
+        assert_eq!(failover.overridden_by(&subset).locality, None);
+        assert!(failover
+            .overridden_by(&with(
+                "outlierDetection: {}
+"
+            ))
+            .locality
+            .is_some());
+        // No DestinationRule setting: the service's PreferClose orders them, outlier or not.
+        let prefer_close = LoadBalancer {
+            routing_preferences: vec![
+                crate::config::Scope::Network,
+                crate::config::Scope::Region,
+                crate::config::Scope::Zone,
+                crate::config::Scope::Subzone,
+            ],
+            mode: LoadBalancerMode::Failover,
+            health_policy: Default::default(),
+        };
+        assert_eq!(
+            levels(Some(&me), "n1", &eps, Some(&prefer_close), None),
+            [0, 1, 2, 3, 3]
+        );
+        // A network-first label: another network goes below every same-network endpoint.
+        let mut far = placed("far", "r1/z1/s1", "n2", &[]);
+        far.network = "other".into();
+        let net = with(
+            "outlierDetection: {}
+loadBalancer:
+  localityLbSetting:
+    failoverPriority: [topology.istio.io/network, topology.kubernetes.io/zone]
+",
+        );
+        let eps2 = [(&far, 80), (&eps_w[2], 80), (&eps_w[0], 80)];
+        assert_eq!(levels(Some(&me), "n1", &eps2, None, Some(&net)), [2, 1, 0]);
+    }
+
+    #[test]
+    fn priority_load_spills_over_as_a_level_loses_health() {
+        let share = |levels: &[(u32, usize, usize)]| {
+            let mut c = std::collections::BTreeMap::new();
+            for r in 0..100 {
+                *c.entry(pick_level(levels, r).unwrap()).or_insert(0) += 1;
+            }
+            c.into_iter().collect::<Vec<_>>()
+        };
+        // All healthy: the best level takes everything.
+        assert_eq!(share(&[(0, 4, 4), (1, 4, 4)]), [(0, 100)]);
+        // 3 of 4 healthy x 1.4 is still over 100%.
+        assert_eq!(share(&[(0, 4, 3), (1, 4, 4)]), [(0, 100)]);
+        // 2 of 4: 70% stays, 30% spills to the next level.
+        assert_eq!(share(&[(0, 4, 2), (1, 4, 4)]), [(0, 70), (1, 30)]);
+        // None healthy at the first level: the next takes it all.
+        assert_eq!(share(&[(0, 2, 0), (1, 2, 2), (2, 2, 2)]), [(1, 100)]);
+        // Little health anywhere: shared in proportion (35 + 35 of 70 normalised).
+        assert_eq!(share(&[(0, 4, 1), (1, 4, 1)]), [(0, 50), (1, 50)]);
+        // None healthy at all: the best level.
+        assert_eq!(share(&[(0, 1, 0), (1, 1, 0)]), [(0, 100)]);
+        assert_eq!(pick_level(&[], 0), None);
     }
 
     #[test]
