@@ -2005,7 +2005,20 @@ fn ext_authz_server(addr: SocketAddr) -> std::sync::Arc<std::sync::atomic::Atomi
                         head.push(line.to_ascii_lowercase());
                     }
                     counter.fetch_add(1, Ordering::SeqCst);
-                    let allow = head.iter().any(|l| l.trim_end() == "x-ext-authz: allow");
+                    // A check with a body (includeRequestBodyInCheck): `allow` in it allows.
+                    let len = head
+                        .iter()
+                        .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                        .unwrap_or(0usize);
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let allow = head.iter().any(|l| l.trim_end() == "x-ext-authz: allow")
+                        || (body.windows(5).any(|w| w == b"allow")
+                            && head
+                                .iter()
+                                .any(|l| l.starts_with("x-envoy-auth-partial-body:")));
                     let answer = match allow {
                         true => "HTTP/1.1 200 OK\r\nx-ext-authz-check-result: allowed\r\nContent-Length: 0\r\n\r\n".to_string(),
                         false => {
@@ -2043,7 +2056,8 @@ data:
         service: "{service}"
         port: "9080"
         includeRequestHeadersInCheck: ["x-ext-authz"]
-        headersToUpstreamOnAllow: ["x-ext-authz-check-result"]{extra}
+        headersToUpstreamOnAllow: ["x-ext-authz-check-result"]
+        headersToDownstreamOnAllow: ["x-ext-authz-check-*"]{extra}
 "#
         )
     };
@@ -2064,12 +2078,58 @@ data:
         "the provider's header reaches the server: {}",
         r.text()
     );
+    assert_eq!(
+        r.header("x-ext-authz-check-result"),
+        Some("allowed"),
+        "and the client (headersToDownstreamOnAllow)"
+    );
     assert_eq!(asked(), 1);
     sample_denial(&mut c);
     let r = c.request("GET", "/other", b"");
     assert_eq!(r.status, 200, "not a path the policy names");
     assert_eq!(asked(), 2, "and not checked");
     assert_eq!(uaex(&lab, 403), Some(1), "{}", lab.w.metrics());
+
+    // With the body in the check, the provider can decide on it; the server still gets it all.
+    let policy = lab.resources.join("policy.yaml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        text.replace(r#"["/headers"]"#, r#"["/headers", "/sink"]"#),
+    )
+    .unwrap();
+    let post = |body: &str| {
+        lab.client(2, lab.vip(101))
+            .request("POST", "/sink", body.as_bytes())
+    };
+    // First the policy (checked, no body: denied), then the body in the check.
+    wait_until(
+        Duration::from_secs(10),
+        || post("please allow me").status == 403,
+        || lab.w.proc.log(),
+    );
+    std::fs::write(
+        lab.resources.join("mesh.yaml"),
+        mesh(
+            "ext-authz.default.svc.cluster.local",
+            "\n        includeRequestBodyInCheck: {maxRequestBytes: 16, allowPartialMessage: true}",
+        ),
+    )
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        || post("please allow me, and the rest of it").status == 200,
+        || format!("{}\n{}", config_dump(&lab), lab.w.proc.log()),
+    );
+    let r = post("please allow me, and the rest of it");
+    assert!(
+        r.text().starts_with("reviews-v") && r.text().ends_with(" 35"),
+        "the server got all 35 bytes: {}",
+        r.text()
+    );
+    // Past the 16 bytes sent, `allow` is not seen.
+    let r = post("0123456789abcdefallow");
+    assert_eq!(r.status, 403, "{}\n{}", r.text(), lab.w.proc.log());
 
     // A provider nobody serves (productpage has no server here): statusOnError.
     std::fs::write(
@@ -2217,6 +2277,7 @@ data:
         timeout: 5s
 "#,
     );
+    let cm_text = std::fs::read_to_string(&cm).unwrap();
     let lab = ext_authz_lab(65, "wp-extauthz-grpc", &cm, "sample-ext-authz-grpc");
     let checks = grpc_ext_authz_server(SocketAddr::new(ip(lab.n, 13), 9080));
     let asked = || checks.count.load(std::sync::atomic::Ordering::SeqCst);
@@ -2274,6 +2335,83 @@ data:
     assert_eq!(asked(), 3, "and not checked");
     assert_eq!(uaex(&lab, 403), Some(1), "{}", lab.w.metrics());
     assert_eq!(uaex(&lab, 503), Some(1), "{}", lab.w.metrics());
+
+    // includeRequestBodyInCheck: the body's start goes with the check (here its first 8 bytes,
+    // as bytes, marked partial), and the whole body still reaches the server after it.
+    let policy = lab.resources.join("policy.yaml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        text.replace(r#"["/headers"]"#, r#"["/headers", "/sink"]"#),
+    )
+    .unwrap();
+    let with_body = |b: &str| {
+        std::fs::write(
+            lab.resources.join("mesh.yaml"),
+            cm_text.replace(
+                "timeout: 5s",
+                &format!("timeout: 5s\n        includeRequestBodyInCheck: {b}"),
+            ),
+        )
+        .unwrap();
+    };
+    let post = |body: &str| {
+        let mut c = lab.client(2, lab.vip(101));
+        c.send(
+            format!(
+                "POST /sink HTTP/1.1\r\nHost: reviews:9080\r\nx-ext-authz: allow\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        c.read()
+    };
+    let last_body = || {
+        let last = checks.last.lock().unwrap();
+        let h = last
+            .as_ref()
+            .and_then(|r| r.attributes.as_ref()?.request.as_ref()?.http.clone())
+            .unwrap_or_default();
+        let partial = h.headers.get("x-envoy-auth-partial-body").cloned();
+        (h.body, h.raw_body, partial)
+    };
+    with_body("{maxRequestBytes: 8, allowPartialMessage: true, packAsBytes: true}");
+    wait_until(
+        Duration::from_secs(10),
+        || post("0123456789abcdefghij").status == 200 && last_body().1 == b"01234567",
+        || format!("{:?}\n{}", last_body(), lab.w.proc.log()),
+    );
+    let r = post("0123456789abcdefghij");
+    assert!(
+        r.text().ends_with(" 20"),
+        "the server got it all: {}",
+        r.text()
+    );
+    assert_eq!(
+        last_body(),
+        (String::new(), b"01234567".to_vec(), Some("true".into()))
+    );
+    // No partial messages: a longer body is refused (413) unchecked; a short one goes as text.
+    with_body("{maxRequestBytes: 8}");
+    wait_until(
+        Duration::from_secs(10),
+        || post("0123456789").status == 413,
+        || lab.w.proc.log(),
+    );
+    let before = asked();
+    assert_eq!(post("0123456789abcdefghij").status, 413);
+    assert_eq!(asked(), before, "not checked");
+    let r = post("hello");
+    assert_eq!(
+        (r.status, r.text().ends_with(" 5")),
+        (200, true),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        last_body(),
+        ("hello".into(), Vec::new(), Some("false".into()))
+    );
 }
 
 /// A DestinationRule's `consistentHash`: requests with the same header value go to the same

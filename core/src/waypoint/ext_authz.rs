@@ -3,8 +3,9 @@
 //! zring's waypoint calls as Envoy's `ext_authz` filter does.
 //! - `envoyExtAuthzHttp`: a check request with the original method, the path under
 //!   `pathPrefix`, the authority, and the headers the provider names (plus `authorization`), no
-//!   body; 200 allows (copying `headersToUpstreamOnAllow` into the request), anything else is
-//!   the answer the client gets (its status, body and `headersToDownstreamOnDeny`).
+//!   body; 200 allows (copying `headersToUpstreamOnAllow` into the request and
+//!   `headersToDownstreamOnAllow` onto the client's answer), anything else is the answer the
+//!   client gets (its status, body and `headersToDownstreamOnDeny`).
 //! - `envoyExtAuthzGrpc`: `envoy.service.auth.v3.Authorization/Check` over HTTP/2 with the
 //!   request's attributes (every header, method, path, host, peers); status OK allows with the
 //!   `ok_response`'s header changes, any other status denies with the `denied_response`'s status
@@ -62,6 +63,34 @@ pub struct Call {
     pub timeout: Duration,
     pub fail_open: bool,
     pub status_on_error: u16,
+    /// `includeRequestBodyInCheck`: the request body (its start) goes with the check.
+    pub body: Option<BodyInCheck>,
+}
+
+/// `includeRequestBodyInCheck`, as Envoy's `with_request_body`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BodyInCheck {
+    /// `maxRequestBytes`: at most this much of the body is buffered and sent.
+    pub max: usize,
+    /// `allowPartialMessage`: a longer body sends its first `max` bytes; else the client gets
+    /// 413.
+    pub partial: bool,
+    /// `packAsBytes`: a gRPC check carries it in `raw_body` (else `body`, as text).
+    pub as_bytes: bool,
+}
+
+/// The header a check with a body carries: whether the body was cut at `maxRequestBytes`.
+pub const PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct BodySpec {
+    #[serde(default)]
+    max_request_bytes: Option<u32>,
+    #[serde(default)]
+    allow_partial_message: bool,
+    #[serde(default)]
+    pack_as_bytes: bool,
 }
 
 /// An `envoyExtAuthzGrpc` provider.
@@ -85,6 +114,8 @@ pub struct HttpProvider {
     pub to_upstream_on_allow: Vec<String>,
     /// Check-response headers copied into a denial (empty: all of them).
     pub to_downstream_on_deny: Vec<String>,
+    /// Check-response headers added to the client's answer when allowed.
+    pub to_downstream_on_allow: Vec<String>,
 }
 
 /// Whether header `name` is one of `patterns`, in Istio's value forms (exact, `prefix*`,
@@ -201,12 +232,6 @@ pub fn providers(mesh: &str) -> Result<Vec<Provider>, (String, String)> {
         known(&at, spec, HTTP_FIELDS)?;
         let s: HttpSpec =
             serde_yaml_ng::from_value(spec.clone()).map_err(|e| (at.clone(), e.to_string()))?;
-        if !s.headers_to_downstream_on_allow.is_empty() {
-            return Err((
-                format!("{at}.headersToDownstreamOnAllow"),
-                "not supported by zring's waypoint (refused rather than ignored)".into(),
-            ));
-        }
         let call = call(&at, spec)?;
         let lower = |v: Vec<String>| {
             v.into_iter()
@@ -225,6 +250,7 @@ pub fn providers(mesh: &str) -> Result<Vec<Provider>, (String, String)> {
                 .collect(),
             to_upstream_on_allow: lower(s.headers_to_upstream_on_allow),
             to_downstream_on_deny: lower(s.headers_to_downstream_on_deny),
+            to_downstream_on_allow: lower(s.headers_to_downstream_on_allow),
         }));
     }
     Ok(out)
@@ -234,12 +260,27 @@ pub fn providers(mesh: &str) -> Result<Vec<Provider>, (String, String)> {
 fn call(at: &str, spec: &serde_yaml_ng::Value) -> Result<Call, (String, String)> {
     let s: CallSpec =
         serde_yaml_ng::from_value(spec.clone()).map_err(|e| (at.to_string(), e.to_string()))?;
-    if s.include_request_body_in_check.is_some() {
-        return Err((
-            format!("{at}.includeRequestBodyInCheck"),
-            "not supported by zring's waypoint (refused rather than ignored)".into(),
-        ));
-    }
+    let body = match s.include_request_body_in_check {
+        None => None,
+        Some(v) => {
+            let b: BodySpec = serde_path_to_error::deserialize(v).map_err(|e| {
+                let field = e.path().to_string();
+                (
+                    format!("{at}.includeRequestBodyInCheck.{field}")
+                        .trim_end_matches(".")
+                        .to_string(),
+                    e.into_inner().to_string(),
+                )
+            })?;
+            Some(BodyInCheck {
+                // Envoy's limit when none is given is the buffer limit; Istio's examples give
+                // one. 1 MiB keeps a check request bounded either way.
+                max: b.max_request_bytes.map_or(1 << 20, |m| m as usize),
+                partial: b.allow_partial_message,
+                as_bytes: b.pack_as_bytes,
+            })
+        }
+    };
     // Istio writes the port as a number or a string.
     let port = match &s.port {
         serde_yaml_ng::Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
@@ -275,6 +316,7 @@ fn call(at: &str, spec: &serde_yaml_ng::Value) -> Result<Call, (String, String)>
         timeout,
         fail_open: s.fail_open,
         status_on_error,
+        body,
     })
 }
 
@@ -301,6 +343,9 @@ pub struct Attributes<'a> {
     pub source_principal: Option<String>,
     pub destination: SocketAddr,
     pub destination_principal: String,
+    /// The body (or its start) when the provider asks for it, whether it was cut, and
+    /// whether it goes as bytes.
+    pub body: Option<(&'a [u8], bool, bool)>,
 }
 
 fn peer(addr: SocketAddr, principal: String) -> pb::attribute_context::Peer {
@@ -346,6 +391,14 @@ pub fn check_request(a: &Attributes<'_>, now: std::time::SystemTime) -> Bytes {
             })
             .or_insert(v);
     }
+    if let Some((_, partial, _)) = a.body {
+        headers.insert(PARTIAL_BODY.into(), partial.to_string());
+    }
+    let (body, raw_body) = match a.body {
+        Some((b, _, true)) => (String::new(), b.to_vec()),
+        Some((b, _, false)) => (String::from_utf8_lossy(b).into_owned(), Vec::new()),
+        None => (String::new(), Vec::new()),
+    };
     let since = now
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -376,6 +429,8 @@ pub fn check_request(a: &Attributes<'_>, now: std::time::SystemTime) -> Bytes {
                     scheme: "http".into(),
                     size: a.size.map_or(-1, |s| s as i64),
                     protocol: a.protocol.to_string(),
+                    body,
+                    raw_body,
                     ..Default::default()
                 }),
             }),
@@ -562,9 +617,9 @@ mod tests {
         for (bad, field) in [
             ("extensionProviders:\n- name: a\n  envoyExtAuthzHttp: {service: s, port: x}\n", "extensionProviders[0].envoyExtAuthzHttp.port"),
             ("extensionProviders:\n- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, statusOnError: \"9\"}\n", "extensionProviders[0].envoyExtAuthzHttp.statusOnError"),
-            ("extensionProviders:\n- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, includeRequestBodyInCheck: {}}\n", "extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck"),
+            ("extensionProviders:\n- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, includeRequestBodyInCheck: {maxRequestBytes: -1}}\n", "extensionProviders[0].envoyExtAuthzHttp.includeRequestBodyInCheck.maxRequestBytes"),
             ("extensionProviders:\n- envoyExtAuthzHttp: {service: s, port: 1}\n", "extensionProviders[0].name"),
-            ("extensionProviders:\n- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 10}}\n", "extensionProviders[0].envoyExtAuthzGrpc.includeRequestBodyInCheck"),
+            ("extensionProviders:\n- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 10, packAsText: true}}\n", "extensionProviders[0].envoyExtAuthzGrpc.includeRequestBodyInCheck.packAsText"),
             ("extensionProviders:\n- name: a\n  envoyExtAuthzGrpc: {service: s, port: 70000}\n", "extensionProviders[0].envoyExtAuthzGrpc.port"),
             ("extensionProviders:\n- name: a\n  envoyExtAuthzGrpc: {service: s, port: 1, pathPrefix: /x}\n", "extensionProviders[0].envoyExtAuthzGrpc.pathPrefix"),
             ("extensionProviders:\n- name: a\n  envoyExtAuthzHttp: {service: s, port: 1, clearRouteCache: true}\n", "extensionProviders[0].envoyExtAuthzHttp.clearRouteCache"),
@@ -587,7 +642,56 @@ mod tests {
             source_principal: Some("spiffe://cluster.local/ns/default/sa/sleep".into()),
             destination: "10.96.0.1:9080".parse().unwrap(),
             destination_principal: "spiffe://cluster.local/ns/default/sa/waypoint".into(),
+            body: None,
         }
+    }
+
+    #[test]
+    fn a_body_goes_with_the_check_when_the_provider_asks() {
+        let ps = providers(
+            "extensionProviders:\n- name: a\n  envoyExtAuthzGrpc:\n    service: s\n    port: 1\n    \
+             includeRequestBodyInCheck: {maxRequestBytes: 10, allowPartialMessage: true, packAsBytes: true}\n\
+             - name: b\n  envoyExtAuthzHttp: {service: s, port: 1, includeRequestBodyInCheck: {}}\n",
+        )
+        .unwrap();
+        let body = |i: usize| ps[i].call().unwrap().body;
+        assert_eq!(
+            body(0),
+            Some(BodyInCheck {
+                max: 10,
+                partial: true,
+                as_bytes: true
+            })
+        );
+        assert_eq!(
+            body(1).map(|b| (b.max, b.partial, b.as_bytes)),
+            Some((1 << 20, false, false))
+        );
+        let h = HeaderMap::new();
+        let t = std::time::UNIX_EPOCH;
+        let http = |a: &Attributes<'_>| {
+            pb::CheckRequest::decode(&check_request(a, t)[5..])
+                .unwrap()
+                .attributes
+                .unwrap()
+                .request
+                .unwrap()
+                .http
+                .unwrap()
+        };
+        let mut a = attrs(&h);
+        a.body = Some((b"caf\xc3\xa9\xff", true, false));
+        let r = http(&a);
+        assert_eq!(
+            (r.body.as_str(), r.raw_body.len()),
+            ("caf\u{e9}\u{fffd}", 0)
+        );
+        assert_eq!(r.headers[PARTIAL_BODY], "true");
+        a.body = Some((b"\x00\xff", false, true));
+        let r = http(&a);
+        assert_eq!((r.body.as_str(), &r.raw_body[..]), ("", &b"\x00\xff"[..]));
+        assert_eq!(r.headers[PARTIAL_BODY], "false");
+        assert!(!http(&attrs(&h)).headers.contains_key(PARTIAL_BODY));
     }
 
     /// The request carries what Envoy's filter sends, and decodes as Envoy's own message.

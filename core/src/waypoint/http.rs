@@ -613,7 +613,8 @@ fn endpoints<'a>(
 /// Of `eps`, less those `tried`, the ones in the priority level this request goes to
 /// (`traffic::levels`: locality failover, failover priorities, the service's preferences), by
 /// Envoy's priority load: the best level while enough of it is healthy (`up`: those outlier
-/// detection leaves in), spilling over to the next as its endpoints are ejected.
+/// detection leaves in), spilling over to the next as its endpoints are ejected. `None`: no
+/// order applies, choose from all of `eps` (the common case, which allocates nothing).
 fn by_level<'a>(
     ctx: &ConnCtx,
     index: &MeshIndex,
@@ -622,20 +623,25 @@ fn by_level<'a>(
     eps: &[(&'a Workload, u16)],
     tried: &[SocketAddr],
     up: Option<&[SocketAddr]>,
-) -> Vec<(&'a Workload, u16)> {
+) -> Option<Vec<(&'a Workload, u16)>> {
+    let ordered = policy.is_some_and(|p| p.outlier.is_some() || p.locality.is_some())
+        || svc
+            .load_balancer
+            .as_ref()
+            .is_some_and(|lb| lb.mode == LoadBalancerMode::Failover);
+    if !ordered || eps.len() < 2 {
+        return None;
+    }
     let eps: Vec<(&Workload, u16)> = eps
         .iter()
         .filter(|e| endpoint_addr(e).is_some_and(|a| !tried.contains(&a)))
         .copied()
         .collect();
-    if eps.len() < 2 {
-        return eps;
-    }
     let me = index.workload_by_ip(ctx.local_ip);
     let node = &ctx.state.cfg.node;
     let levels = traffic::levels(me, node, &eps, svc.load_balancer.as_ref(), policy);
     if levels.iter().all(|l| *l == levels[0]) {
-        return eps;
+        return None;
     }
     // (level, endpoints, healthy ones), best level first.
     let mut tally: Vec<(u32, usize, usize)> = Vec::new();
@@ -649,14 +655,14 @@ fn by_level<'a>(
         }
     }
     tally.sort_unstable();
-    let Some(level) = traffic::pick_level(&tally, random()) else {
-        return eps;
-    };
-    eps.into_iter()
-        .zip(levels)
-        .filter(|(_, l)| *l == level)
-        .map(|(e, _)| e)
-        .collect()
+    let level = traffic::pick_level(&tally, random())?;
+    Some(
+        eps.into_iter()
+            .zip(levels)
+            .filter(|(_, l)| *l == level)
+            .map(|(e, _)| e)
+            .collect(),
+    )
 }
 
 /// Count a try's outcome at `addr` (one of `peers`) under outlier detection `o`; an ejection
@@ -1123,6 +1129,110 @@ impl<B> Drop for Counted<B> {
     }
 }
 
+/// A request body's start, read before an external authorization check that asked for it.
+struct Held {
+    /// The frames as they came, to go upstream first.
+    frames: std::collections::VecDeque<hyper::body::Frame<Bytes>>,
+    /// Their data, at most `maxRequestBytes` of it: what the check carries.
+    data: Bytes,
+    /// The body was longer than that (`allowPartialMessage`).
+    partial: bool,
+}
+
+/// Read the body (or, with `allowPartialMessage`, its first `maxRequestBytes`) for a check, as
+/// Envoy's `ext_authz` buffers it. A longer body without partial messages allowed: 413; a body
+/// that does not come within the check's timeout: 408; a broken one: 400.
+async fn read_for_check(
+    body: &mut Incoming,
+    b: ext_authz::BodyInCheck,
+    within: Duration,
+) -> Result<Held, StatusCode> {
+    let declared = body.size_hint().exact();
+    if !b.partial && declared.is_some_and(|n| n > b.max as u64) {
+        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    let read = async {
+        let mut held = Held {
+            frames: Default::default(),
+            data: Bytes::new(),
+            partial: false,
+        };
+        let mut data = BytesMut::new();
+        while !body.is_end_stream() {
+            let Some(f) = body.frame().await else { break };
+            let f = f.map_err(|_| StatusCode::BAD_REQUEST)?;
+            if let Some(d) = f.data_ref() {
+                let room = b.max.saturating_sub(data.len());
+                if d.len() > room {
+                    if !b.partial {
+                        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+                    }
+                    data.extend_from_slice(&d[..room]);
+                    held.partial = true;
+                    held.frames.push_back(f);
+                    break;
+                }
+                data.extend_from_slice(d);
+            }
+            held.frames.push_back(f);
+        }
+        held.data = data.freeze();
+        Ok(held)
+    };
+    monoio::time::timeout(within, read)
+        .await
+        .unwrap_or(Err(StatusCode::REQUEST_TIMEOUT))
+}
+
+/// Frames read ahead of a request body's consumer.
+struct Ahead(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+/// A request body whose first frames were read ahead (for a check): those, then the rest.
+struct Prefixed<B> {
+    /// Boxed: the request's future carries this for every request, and it is rarely set.
+    ahead: Option<Box<Ahead>>,
+    inner: B,
+}
+
+impl<B: hyper::body::Body<Data = Bytes> + Unpin> hyper::body::Body for Prefixed<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if let Some(ahead) = this.ahead.as_mut() {
+            if let Some(f) = ahead.0.pop_front() {
+                return std::task::Poll::Ready(Some(Ok(f)));
+            }
+            this.ahead = None;
+        }
+        Pin::new(&mut this.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ahead.as_ref().is_none_or(|a| a.0.is_empty()) && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let ahead: u64 = self
+            .ahead
+            .iter()
+            .flat_map(|a| a.0.iter())
+            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
+            .sum();
+        let inner = self.inner.size_hint();
+        let mut h = hyper::body::SizeHint::new();
+        h.set_lower(inner.lower() + ahead);
+        if let Some(u) = inner.upper() {
+            h.set_upper(u + ahead);
+        }
+        h
+    }
+}
+
 /// A request body that counts its bytes into `counter`.
 fn counting<B>(inner: B, counter: &Rc<Cell<u64>>) -> Counted<B> {
     Counted {
@@ -1277,6 +1387,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     };
     // The response changes an external authorizer asked for (boxed: rarely any).
     let mut authz_response: Option<Box<ext_authz::Changes>> = None;
+    // The body's start, read for an authorizer that asked for it; it goes upstream first.
+    let mut held: Option<Box<Held>> = None;
     match policy::decide(&rules.policies, &pctx) {
         Decision::Deny(reason) => {
             log.error = Some(reason);
@@ -1296,8 +1408,28 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                     Box::pin(drain_small(req.into_body(), &req_bytes)).await;
                     return answer(log, StatusCode::FORBIDDEN, "UAEX", "RBAC: access denied");
                 };
-                let checked =
-                    Box::pin(ext_authz_check(&ctx, &index, &rules, p, &req, &authority)).await;
+                if let Some(b) = call.body {
+                    match Box::pin(read_for_check(req.body_mut(), b, call.timeout)).await {
+                        Ok(h) => held = Some(Box::new(h)),
+                        Err(status) => {
+                            log.error = Some(format!(
+                                "request body for extension provider {name}: {}",
+                                status.canonical_reason().unwrap_or("unreadable")
+                            ));
+                            return answer(log, status, "-", "");
+                        }
+                    }
+                }
+                let checked = Box::pin(ext_authz_check(
+                    &ctx,
+                    &index,
+                    &rules,
+                    p,
+                    &req,
+                    &authority,
+                    held.as_deref().map(|h| (&h.data[..], h.partial)),
+                ))
+                .await;
                 match checked {
                     Ok(Checked::Allowed(a)) => {
                         a.request.apply(req.headers_mut());
@@ -1479,6 +1611,10 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             });
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let body = Prefixed {
+        ahead: held.map(|h| Box::new(Ahead(h.frames))),
+        inner: body,
+    };
     strip_hop_by_hop(&mut parts.headers, upgrading);
     let rewrite = route.and_then(|r| r.rewrite.as_deref());
     if let Some(p) = rewrite.and_then(|r| r.path.as_ref()) {
@@ -1599,8 +1735,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 &tried,
                 up.as_deref(),
             );
-            let Some((w, addr)) = pick_endpoint(&level, &tried, up.as_deref(), key.as_deref())
-            else {
+            let from = level.as_deref().unwrap_or(&eps);
+            let Some((w, addr)) = pick_endpoint(from, &tried, up.as_deref(), key.as_deref()) else {
                 log.error
                     .get_or_insert_with(|| format!("no endpoint of {} left to try", svc.hostname));
                 break;
@@ -1826,6 +1962,7 @@ async fn ext_authz_check(
     p: &ext_authz::Provider,
     req: &Request<Incoming>,
     authority: &str,
+    body: Option<(&[u8], bool)>,
 ) -> Result<Checked, String> {
     let call = p.call().ok_or("not an external authorization provider")?;
     let svc = index
@@ -1839,13 +1976,15 @@ async fn ext_authz_check(
         headers: Default::default(),
     };
     let (svc, eps) = endpoints(index, rules, ctx, &backend, call.port)?;
-    let eps = by_level(ctx, index, svc, None, &eps, &[], None);
-    let (w, addr) = pick_endpoint(&eps, &[], None, None)
+    let level = by_level(ctx, index, svc, None, &eps, &[], None);
+    let (w, addr) = pick_endpoint(level.as_deref().unwrap_or(&eps), &[], None, None)
         .ok_or_else(|| format!("no endpoint of {}", call.service))?;
     let asked = async {
         match p {
-            ext_authz::Provider::Grpc(_) => grpc_check(ctx, call, w, addr, req, authority).await,
-            ext_authz::Provider::Http(h) => http_check(ctx, h, w, addr, req, authority).await,
+            ext_authz::Provider::Grpc(_) => {
+                grpc_check(ctx, call, w, addr, req, authority, body).await
+            }
+            ext_authz::Provider::Http(h) => http_check(ctx, h, w, addr, req, authority, body).await,
             ext_authz::Provider::Other { .. } => Err("not callable".into()),
         }
     };
@@ -1893,13 +2032,20 @@ async fn http_check(
     addr: SocketAddr,
     req: &Request<Incoming>,
     authority: &str,
+    body: Option<(&[u8], bool)>,
 ) -> Result<Checked, String> {
     let pq = req.uri().path_and_query().map_or("/", |x| x.as_str());
     let mut check = Request::builder()
         .method(req.method().clone())
         .uri(format!("{}{pq}", p.path_prefix))
         .header(header::HOST, authority)
-        .header(header::CONTENT_LENGTH, "0");
+        .header(header::CONTENT_LENGTH, body.map_or(0, |b| b.0.len()));
+    if let Some((_, partial)) = body {
+        check = check.header(
+            ext_authz::PARTIAL_BODY,
+            if partial { "true" } else { "false" },
+        );
+    }
     for (k, v) in req.headers() {
         if *k == header::AUTHORIZATION || ext_authz::listed(&p.include_headers, k.as_str()) {
             check = check.header(k, v);
@@ -1908,8 +2054,9 @@ async fn http_check(
     for (k, v) in &p.additional_headers {
         check = check.header(k.as_str(), v.as_str());
     }
+    let content = Bytes::copy_from_slice(body.map_or(&[][..], |b| b.0));
     let check = check
-        .body(boxed(http_body_util::Empty::<Bytes>::new()))
+        .body(boxed(Full::new(content)))
         .map_err(|e| format!("check request: {e}"))?;
     let (parts, bytes, _) = ask(ctx, w, addr, &p.call.service, false, check).await?;
     if parts.status == StatusCode::OK {
@@ -1918,6 +2065,11 @@ async fn http_check(
             if ext_authz::listed(&p.to_upstream_on_allow, k.as_str()) {
                 let set = ext_authz::Action::Set;
                 allowed.request.0.push((k.clone(), v.clone(), set));
+            }
+            // Added to the answer, as Envoy adds `allowed_client_headers_on_success`.
+            if ext_authz::listed(&p.to_downstream_on_allow, k.as_str()) {
+                let add = ext_authz::Action::Append;
+                allowed.response.0.push((k.clone(), v.clone(), add));
             }
         }
         return Ok(Checked::Allowed(allowed));
@@ -1950,7 +2102,9 @@ async fn grpc_check(
     addr: SocketAddr,
     req: &Request<Incoming>,
     authority: &str,
+    body: Option<(&[u8], bool)>,
 ) -> Result<Checked, String> {
+    let as_bytes = call.body.is_some_and(|b| b.as_bytes);
     let attrs = ext_authz::Attributes {
         method: req.method().as_str(),
         path: req.uri().path_and_query().map_or("/", |x| x.as_str()),
@@ -1969,6 +2123,7 @@ async fn grpc_check(
         source_principal: ctx.principal.as_ref().map(|p| format!("spiffe://{p}")),
         destination: ctx.target,
         destination_principal: ctx.my_id.to_string(),
+        body: body.map(|(b, partial)| (b, partial, as_bytes)),
     };
     let body = ext_authz::check_request(&attrs, std::time::SystemTime::now());
     let ms = call.timeout.as_millis().clamp(1, 99_999_999);
@@ -2047,8 +2202,8 @@ fn shadow(
     monoio::spawn(async move {
         let send = async {
             let (svc, eps) = endpoints(&index, &rules, &ctx, &backend, ctx.target.port())?;
-            let eps = by_level(&ctx, &index, svc, None, &eps, &[], None);
-            let (w, addr) = pick_endpoint(&eps, &[], None, None)
+            let level = by_level(&ctx, &index, svc, None, &eps, &[], None);
+            let (w, addr) = pick_endpoint(level.as_deref().unwrap_or(&eps), &[], None, None)
                 .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
             let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0, ctx.h2).await?;
             let resp = send.send(req).await.map_err(|e| format!("{addr}: {e}"))?;
@@ -2396,7 +2551,7 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
                         &[],
                         up.as_deref(),
                     );
-                    pick_endpoint(&level, &[], up.as_deref(), key)
+                    pick_endpoint(level.as_deref().unwrap_or(&eps), &[], up.as_deref(), key)
                         .map(|(w, a)| (w, a, Some(svc.hostname.as_str())))
                 });
             match picked {
