@@ -2563,11 +2563,22 @@ fn the_waypoint_prefers_close_ready_endpoints_and_weighs_capacity() {
         let y = place(y, "reviews-v1", "  locality: {region: r1, zone: z2}\n");
         place(y, "reviews-v2", "  locality: {region: r1, zone: z1}\n")
     });
-    std::fs::write(
-        lab.resources.join("reviews-dr.yaml"),
-        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews, namespace: default}\nspec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}\n",
-    )
-    .unwrap();
+    // distribute: a waypoint in r1/z1 sends 75% to its zone and 25% to z2.
+    let dr = |policy: &str| {
+        std::fs::write(
+            lab.resources.join("reviews-dr.yaml"),
+            format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n{policy}"),
+        )
+        .unwrap();
+    };
+    dr("    loadBalancer:\n      localityLbSetting:\n        distribute:\n        - from: r1/z1/*\n          to: {\"r1/z1/*\": 75, \"r1/z2/*\": 25}\n");
+    wait_until(
+        Duration::from_secs(10),
+        || config_dump(&lab).contains("r1/z2/*"),
+        || config_dump(&lab),
+    );
+    assert_eq!(tally(8), served(&[("reviews-v1", 2), ("reviews-v2", 6)]));
+    dr("    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}\n");
     wait_until(
         Duration::from_secs(10),
         || config_dump(&lab).contains("consecutive5xxErrors"),

@@ -268,6 +268,9 @@ thread_local! {
     static EJECTED: RefCell<FastMap<SocketAddr, Instant>> = RefCell::new(FastMap::default());
     /// Per-worker round robin over endpoints.
     static RR: Cell<usize> = const { Cell::new(0) };
+    /// Per-worker turns of `distribute`'s weighted choice (apart from [`RR`], which the pick
+    /// after it advances too).
+    static SHARE_TURN: Cell<usize> = const { Cell::new(0) };
 }
 
 /// A pooled sender to `addr` and the requests it carried before this one. An HTTP/2 sender
@@ -610,6 +613,70 @@ fn endpoints<'a>(
     Ok((svc, eps))
 }
 
+/// Whether endpoint `e` is healthy: not ejected, and among those outlier detection leaves in.
+fn healthy(e: &(&Workload, u16), up: Option<&[SocketAddr]>) -> bool {
+    endpoint_addr(e).is_some_and(|a| !ejected(a) && up.is_none_or(|up| up.contains(&a)))
+}
+
+/// `localityLbSetting.distribute`: the one endpoint (of `eps`, less those `tried`) this request
+/// goes to, in turn by its locality's share (`traffic::distributed`), each locality's share
+/// scaled by its health as Envoy scales locality weights (healthy part x 1.4, at most all).
+/// Endpoints in localities the rule gives nothing get nothing; `None`: no rule is from the
+/// waypoint's locality, nothing changes.
+fn distribute<'a>(
+    ctx: &ConnCtx,
+    index: &MeshIndex,
+    rules: &[(String, Vec<(String, u32)>)],
+    eps: &[(&'a Workload, u16)],
+    tried: &[SocketAddr],
+    up: Option<&[SocketAddr]>,
+) -> Option<Vec<(&'a Workload, u16)>> {
+    let me = index.workload_by_ip(ctx.local_ip)?;
+    let eps: Vec<(&Workload, u16)> = eps
+        .iter()
+        .filter(|e| endpoint_addr(e).is_some_and(|a| !tried.contains(&a)))
+        .copied()
+        .collect();
+    let weights = traffic::distributed(me, &eps, rules)?;
+    let scaled: Vec<u64> = eps
+        .iter()
+        .zip(&weights)
+        .map(|((w, _), weight)| {
+            let peers = eps.iter().filter(|(o, _)| o.locality == w.locality);
+            let (total, up_n) = peers.fold((0u64, 0u64), |(t, h), e| {
+                (t + 1, h + u64::from(healthy(e, up)))
+            });
+            weight.unwrap_or(0) * (140 * up_n / total.max(1)).min(100)
+        })
+        .collect();
+    // No locality healthy: their plain shares (Envoy's panic: better a failing one than none).
+    let shares: Vec<u64> = match scaled.iter().all(|w| *w == 0) {
+        true => weights.iter().map(|w| w.unwrap_or(0) * 100).collect(),
+        false => scaled,
+    };
+    let gcd = shares.iter().fold(0u64, |g, w| gcd(g, *w)).max(1);
+    let turns = shares
+        .iter()
+        .map(|w| u32::try_from(w / gcd).unwrap_or(u32::MAX));
+    let n = SHARE_TURN.with(|r| {
+        let v = r.get();
+        r.set(v.wrapping_add(1));
+        v
+    });
+    Some(
+        weighted_turn(turns, n)
+            .map(|i| vec![eps[i]])
+            .unwrap_or_default(),
+    )
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    match b {
+        0 => a,
+        _ => gcd(b, a % b),
+    }
+}
+
 /// Of `eps`, less those `tried`, the ones in the priority level this request goes to
 /// (`traffic::levels`: locality failover, failover priorities, the service's preferences), by
 /// Envoy's priority load: the best level while enough of it is healthy (`up`: those outlier
@@ -624,6 +691,13 @@ fn by_level<'a>(
     tried: &[SocketAddr],
     up: Option<&[SocketAddr]>,
 ) -> Option<Vec<(&'a Workload, u16)>> {
+    if let Some(rules) = policy
+        .and_then(|p| p.locality.as_ref())
+        .filter(|l| l.enabled && !l.distribute.is_empty())
+        .map(|l| &l.distribute)
+    {
+        return distribute(ctx, index, rules, eps, tried, up);
+    }
     let ordered = policy.is_some_and(|p| p.outlier.is_some() || p.locality.is_some())
         || svc
             .load_balancer
@@ -646,9 +720,7 @@ fn by_level<'a>(
     // (level, endpoints, healthy ones), best level first.
     let mut tally: Vec<(u32, usize, usize)> = Vec::new();
     for (e, l) in eps.iter().zip(&levels) {
-        let healthy = endpoint_addr(e)
-            .is_some_and(|a| !ejected(a) && up.is_none_or(|up| up.contains(&a)))
-            as usize;
+        let healthy = healthy(e, up) as usize;
         match tally.iter_mut().find(|t| t.0 == *l) {
             Some(t) => (t.1, t.2) = (t.1 + 1, t.2 + healthy),
             None => tally.push((*l, 1, healthy)),

@@ -131,6 +131,12 @@ impl TrafficPolicy {
                         "failover": l.failover.iter()
                             .map(|(f, t)| serde_json::json!({"from": f, "to": t}))
                             .collect::<Vec<_>>(),
+                        "distribute": l.distribute.iter()
+                            .map(|(f, to)| serde_json::json!({
+                                "from": f,
+                                "to": to.iter().cloned().collect::<BTreeMap<_, _>>(),
+                            }))
+                            .collect::<Vec<_>>(),
                         "failoverPriority": l.failover_priority.iter()
                             .map(|(k, v)| match v {
                                 Some(v) => format!("{k}={v}"),
@@ -295,6 +301,16 @@ struct LocalitySpec {
     failover: Vec<FailoverSpec>,
     #[serde(default)]
     failover_priority: Vec<String>,
+    #[serde(default)]
+    distribute: Vec<DistributeSpec>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct DistributeSpec {
+    from: String,
+    to: BTreeMap<String, u32>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -435,17 +451,40 @@ fn locality(at: &str, l: LocalitySpec) -> Result<LocalityLb, FieldError> {
         }
         failover_priority.push((label.to_string(), value));
     }
+    if !l.distribute.is_empty() && (!l.failover.is_empty() || !failover_priority.is_empty()) {
+        return Err((
+            format!("{at}.distribute"),
+            "distribute and failover (or failoverPriority) are one choice: give one".into(),
+        ));
+    }
+    let mut distribute = Vec::new();
+    for (i, d) in l.distribute.into_iter().enumerate() {
+        let at = format!("{at}.distribute[{i}]");
+        refuse_rest(&at, &d.rest)?;
+        let sum: u64 = d.to.values().map(|w| u64::from(*w)).sum();
+        if sum != 100 {
+            return Err((
+                format!("{at}.to"),
+                format!("weights add up to {sum}, not 100"),
+            ));
+        }
+        distribute.push((d.from, d.to.into_iter().collect()));
+    }
     Ok(LocalityLb {
         enabled: l.enabled.unwrap_or(true),
         failover: l.failover.into_iter().map(|f| (f.from, f.to)).collect(),
         failover_priority,
+        distribute,
     })
 }
 
-/// `localityLbSetting`: which endpoints are tried first, by where they run. `distribute` is
-/// refused (by name, as an unknown field).
+/// `localityLbSetting`: which endpoints are tried first, or how much each locality takes, by
+/// where they run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalityLb {
+    /// `distribute`: (from locality, [(to locality, weight)]): a waypoint in `from` sends each
+    /// `to` locality its weight's share; localities no `to` names get nothing.
+    pub distribute: Vec<(String, Vec<(String, u32)>)>,
     /// `enabled: false` turns locality preference off for this destination.
     pub enabled: bool,
     /// `failover`: (from region, to region): when the waypoint's region has no healthy
@@ -533,7 +572,7 @@ pub fn levels(
     };
     let outlier = policy.is_some_and(|p| p.outlier.is_some());
     match (policy.and_then(|p| p.locality.as_ref()), service) {
-        (Some(l), _) if !l.enabled || !outlier => flat(),
+        (Some(l), _) if !l.enabled || !outlier || !l.distribute.is_empty() => flat(),
         (Some(l), _) => eps
             .iter()
             .map(|(w, _)| match l.failover_priority.is_empty() {
@@ -558,6 +597,49 @@ pub fn levels(
             .collect(),
         (None, _) => flat(),
     }
+}
+
+/// Whether locality `l` is in `rule` (`region/zone/subzone`, `*` for any, missing parts
+/// match all), as Istio's `LocalityMatch`.
+pub fn locality_matches(l: &crate::config::Locality, rule: &str) -> bool {
+    let mut parts = rule.splitn(3, '/');
+    let (r, z, s) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or(""),
+    );
+    (r == "*" || r == l.region)
+        && (z == "*" || z.is_empty() || z == l.zone)
+        && (s == "*" || s.is_empty() || s == l.subzone)
+}
+
+/// Under `distribute`, the weight of each endpoint's locality as Istio computes it (the `to`
+/// weight spread over the localities it matches by their capacity, rounded up), or `None` for an
+/// endpoint no `to` names; `None` overall when no rule is `from` the waypoint's locality.
+pub fn distributed(
+    me: &Workload,
+    eps: &[(&Workload, u16)],
+    rules: &[(String, Vec<(String, u32)>)],
+) -> Option<Vec<Option<u64>>> {
+    let (_, to) = rules
+        .iter()
+        .find(|(from, _)| locality_matches(&me.locality, from))?;
+    let mut out: Vec<Option<u64>> = vec![None; eps.len()];
+    for (rule, weight) in to {
+        let members: Vec<usize> = (0..eps.len())
+            .filter(|i| out[*i].is_none() && locality_matches(&eps[*i].0.locality, rule))
+            .collect();
+        let total: u64 = members.iter().map(|i| u64::from(eps[*i].0.capacity)).sum();
+        for i in &members {
+            // Per endpoint here (its locality's weight is the sum over its endpoints).
+            let cap = u64::from(eps[*i].0.capacity);
+            out[*i] = Some(match total {
+                0 => 0,
+                t => (cap * u64::from(*weight) * 1000).div_ceil(t),
+            });
+        }
+    }
+    Some(out)
 }
 
 /// Envoy's default overprovisioning factor, in percent: a level with 1/1.4 of its endpoints
@@ -1057,7 +1139,11 @@ mod tests {
                 "trafficPolicy.loadBalancer.consistentHash.httpHeaderName",
             ),
             (
-                "{localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 100}}]}}",
+                "{localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 90}}]}}",
+                "trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to",
+            ),
+            (
+                "{localityLbSetting: {distribute: [{from: r1/*, to: {r1/*: 100}}], failover: [{from: r1, to: r2}]}}",
                 "trafficPolicy.loadBalancer.localityLbSetting.distribute",
             ),
             (
@@ -1222,6 +1308,48 @@ loadBalancer:
         );
         let eps2 = [(&far, 80), (&eps_w[2], 80), (&eps_w[0], 80)];
         assert_eq!(levels(Some(&me), "n1", &eps2, None, Some(&net)), [2, 1, 0]);
+    }
+
+    #[test]
+    fn distribute_gives_each_named_locality_its_share() {
+        let l = |at: &str| {
+            let w = placed("x", at, "n", &[]);
+            w.locality
+        };
+        assert!(locality_matches(&l("r1/z1/s1"), "r1/z1/*"));
+        assert!(locality_matches(&l("r1/z1/s1"), "r1"));
+        assert!(locality_matches(&l("r1/z1/s1"), "*"));
+        assert!(!locality_matches(&l("r1/z2/s1"), "r1/z1/*"));
+        assert!(!locality_matches(&l("r2/z1/s1"), "r1/*"));
+        let me = placed("waypoint", "r1/z1/s1", "n1", &[]);
+        let mut big = placed("z1-big", "r1/z1/s1", "n2", &[]);
+        big.capacity = 3;
+        let ws = [
+            big,
+            placed("z1-small", "r1/z1/s2", "n2", &[]),
+            placed("z2", "r1/z2/s1", "n2", &[]),
+            placed("r2", "r2/z1/s1", "n2", &[]),
+        ];
+        let eps: Vec<(&Workload, u16)> = ws.iter().map(|w| (w, 80)).collect();
+        let p = tp("loadBalancer:\n  localityLbSetting:\n    distribute:\n    - {from: r9/*, to: {\"*\": 100}}\n    - {from: r1/z1/*, to: {r1/z1/*: 80, r1/z2/*: 20}}\n").unwrap();
+        let rules = &p.locality.as_ref().unwrap().distribute;
+        // 80 over z1 by capacity (3:1), 20 to z2, nothing to r2.
+        assert_eq!(
+            distributed(&me, &eps, rules).unwrap(),
+            [Some(60_000), Some(20_000), Some(20_000), None]
+        );
+        // No rule from the waypoint's locality: nothing changes.
+        let far = placed("waypoint", "r5/z1/s1", "n1", &[]);
+        assert_eq!(distributed(&far, &eps, rules), None);
+        // distribute orders nothing by priority, outlier detection or not.
+        let with_outlier = tp("outlierDetection: {}\nloadBalancer:\n  localityLbSetting:\n    distribute:\n    - {from: r1/z1/*, to: {r1/z1/*: 100}}\n").unwrap();
+        assert_eq!(
+            levels(Some(&me), "n1", &eps, None, Some(&with_outlier)),
+            [0; 4]
+        );
+        assert!(
+            p.dump()["loadBalancer"]["localityLbSetting"]["distribute"][1]["to"]["r1/z2/*"] == 20
+        );
     }
 
     #[test]
