@@ -249,6 +249,23 @@ fn pipes(p: &Proc) -> usize {
         .unwrap_or(0)
 }
 
+/// node-b, then node-a with SOCKS5 on its address (port 15080, sources kept), both ready.
+fn start_pair(cfg: &std::path::Path, ca: &std::path::Path) -> (Node, Node, SocketAddr) {
+    let socks_addr = SocketAddr::new(ip(1, 1), 15080);
+    let socks_s = socks_addr.to_string();
+    let mut b = Node::start("node-b", ip(2, 1), cfg, ca, &[]);
+    let mut a = Node::start(
+        "node-a",
+        ip(1, 1),
+        cfg,
+        ca,
+        &["--bind-source", "--socks5", &socks_s],
+    );
+    b.wait_ready();
+    a.wait_ready();
+    (a, b, socks_addr)
+}
+
 fn read_all(mut c: TcpStream) -> String {
     let mut s = String::new();
     let _ = c.read_to_string(&mut s);
@@ -272,18 +289,7 @@ fn the_mesh_paths_policies_waypoint_vip_passthrough_metrics_and_logs() {
     // sees which target the waypoint was given.
     tag_at(SocketAddr::new(ip(20, 22), 9080), "via-vip");
     let wp = waypoint(&dir, &ca);
-    let socks_addr = SocketAddr::new(ip(1, 1), 15080);
-    let socks_s = socks_addr.to_string();
-    let mut b = Node::start("node-b", ip(2, 1), &cfg, &ca, &[]);
-    let mut a = Node::start(
-        "node-a",
-        ip(1, 1),
-        &cfg,
-        &ca,
-        &["--bind-source", "--socks5", &socks_s],
-    );
-    b.wait_ready();
-    a.wait_ready();
+    let (a, b, socks_addr) = start_pair(&cfg, &ca);
 
     // sleep -> productpage by workload IP and by VIP: allowed, byte-exact.
     let payload: Vec<u8> = (0..1 << 20).map(|i: u32| (i * 7 % 251) as u8).collect();
@@ -901,18 +907,7 @@ fn service_endpoints_are_chosen_by_locality_readiness_and_capacity() {
     }
     // Passthrough: what answers at the dialed VIP itself.
     tag_at(SocketAddr::new(ip(20, 42), 9080), "at-vip");
-    let socks_addr = SocketAddr::new(ip(1, 1), 15080);
-    let socks_s = socks_addr.to_string();
-    let mut b = Node::start("node-b", ip(2, 1), &cfg, &ca, &[]);
-    let mut a = Node::start(
-        "node-a",
-        ip(1, 1),
-        &cfg,
-        &ca,
-        &["--bind-source", "--socks5", &socks_s],
-    );
-    b.wait_ready();
-    a.wait_ready();
+    let (a, b, socks_addr) = start_pair(&cfg, &ca);
     let dial = |vip: u8| {
         let (code, c) = socks(ip(1, 2), socks_addr, SocketAddr::new(ip(20, vip), 9080));
         assert_eq!(code, 0, "sleep -> VIP {vip}; A:\n{}", a.proc.log());

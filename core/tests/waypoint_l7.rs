@@ -1953,6 +1953,14 @@ spec:
     lab
 }
 
+/// The ext_authz lab's CUSTOM policy names `/sink` too (a path whose body the server counts).
+fn check_sink_too(lab: &Lab) {
+    let policy = lab.resources.join("policy.yaml");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    let text = text.replace(r#"["/headers"]"#, r#"["/headers", "/sink"]"#);
+    std::fs::write(&policy, text).unwrap();
+}
+
 /// What Istio's ext-authz sample denies a request with (both test servers answer it).
 const SAMPLE_DENIAL: &str =
     "denied by ext_authz for not found header `x-ext-authz: allow` in the request";
@@ -2091,13 +2099,7 @@ data:
     assert_eq!(uaex(&lab, 403), Some(1), "{}", lab.w.metrics());
 
     // With the body in the check, the provider can decide on it; the server still gets it all.
-    let policy = lab.resources.join("policy.yaml");
-    let text = std::fs::read_to_string(&policy).unwrap();
-    std::fs::write(
-        &policy,
-        text.replace(r#"["/headers"]"#, r#"["/headers", "/sink"]"#),
-    )
-    .unwrap();
+    check_sink_too(&lab);
     let post = |body: &str| {
         lab.client(2, lab.vip(101))
             .request("POST", "/sink", body.as_bytes())
@@ -2338,13 +2340,7 @@ data:
 
     // includeRequestBodyInCheck: the body's start goes with the check (here its first 8 bytes,
     // as bytes, marked partial), and the whole body still reaches the server after it.
-    let policy = lab.resources.join("policy.yaml");
-    let text = std::fs::read_to_string(&policy).unwrap();
-    std::fs::write(
-        &policy,
-        text.replace(r#"["/headers"]"#, r#"["/headers", "/sink"]"#),
-    )
-    .unwrap();
+    check_sink_too(&lab);
     let with_body = |b: &str| {
         std::fs::write(
             lab.resources.join("mesh.yaml"),
