@@ -613,9 +613,15 @@ fn endpoints<'a>(
     Ok((svc, eps))
 }
 
-/// Whether endpoint `e` is healthy: not ejected, and among those outlier detection leaves in.
+/// Whether the endpoint at `a` is healthy: not ejected, and among those outlier detection
+/// leaves in (`up`).
+fn is_up(a: SocketAddr, up: Option<&[SocketAddr]>) -> bool {
+    !ejected(a) && up.is_none_or(|up| up.contains(&a))
+}
+
+/// [`is_up`] for an endpoint given as a workload and its target port.
 fn healthy(e: &(&Workload, u16), up: Option<&[SocketAddr]>) -> bool {
-    endpoint_addr(e).is_some_and(|a| !ejected(a) && up.is_none_or(|up| up.contains(&a)))
+    endpoint_addr(e).is_some_and(|a| is_up(a, up))
 }
 
 /// `localityLbSetting.distribute`: the one endpoint (of `eps`, less those `tried`) this request
@@ -638,15 +644,24 @@ fn distribute<'a>(
         .copied()
         .collect();
     let weights = traffic::distributed(me, &eps, rules)?;
+    // Each locality's endpoints and healthy ones, counted once.
+    let mut localities: Vec<(&crate::config::Locality, u64, u64)> = Vec::new();
+    for e in &eps {
+        let h = u64::from(healthy(e, up));
+        match localities.iter_mut().find(|l| *l.0 == e.0.locality) {
+            Some(l) => (l.1, l.2) = (l.1 + 1, l.2 + h),
+            None => localities.push((&e.0.locality, 1, h)),
+        }
+    }
     let scaled: Vec<u64> = eps
         .iter()
         .zip(&weights)
         .map(|((w, _), weight)| {
-            let peers = eps.iter().filter(|(o, _)| o.locality == w.locality);
-            let (total, up_n) = peers.fold((0u64, 0u64), |(t, h), e| {
-                (t + 1, h + u64::from(healthy(e, up)))
-            });
-            weight.unwrap_or(0) * (140 * up_n / total.max(1)).min(100)
+            let (total, up_n) = localities
+                .iter()
+                .find(|l| *l.0 == w.locality)
+                .map_or((1, 0), |l| (l.1, l.2));
+            weight.unwrap_or(0) * (140 * up_n / total).min(100)
         })
         .collect();
     // No locality healthy: their plain shares (Envoy's panic: better a failing one than none).
@@ -786,10 +801,8 @@ fn pick_endpoint<'a>(
         .filter_map(|e| Some((e.0, endpoint_addr(e)?)))
         .filter(|(_, a)| !tried.contains(a))
         .collect();
-    let healthy: Vec<&(&Workload, SocketAddr)> = fresh
-        .iter()
-        .filter(|(_, a)| !ejected(*a) && up.is_none_or(|up| up.contains(a)))
-        .collect();
+    let healthy: Vec<&(&Workload, SocketAddr)> =
+        fresh.iter().filter(|(_, a)| is_up(*a, up)).collect();
     // A consistent hash's key: the same endpoint for the same key while it is there.
     if let Some(key) = key {
         return match healthy.is_empty() {
