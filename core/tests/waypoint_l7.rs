@@ -174,6 +174,52 @@ impl Lab {
         lab
     }
 
+    /// Rewrite the mesh with `edit` and wait until all three proxies have it in force (the
+    /// config generation they count after a SIGHUP, starting at 1).
+    fn remesh(&self, generation: &mut u32, edit: &dyn Fn(String) -> String) {
+        *generation += 1;
+        std::fs::write(self.dir.join("mesh.yaml"), edit(mesh(self.n))).unwrap();
+        for node in [&self.a, &self.b, &self.w] {
+            node.proc.signal(1);
+            let want = format!("zring_config_generation {generation}");
+            wait_until(
+                Duration::from_secs(10),
+                || node.metrics().lines().any(|l| l == want),
+                || node.proc.log(),
+            );
+        }
+    }
+
+    /// Write DestinationRule `reviews` with `traffic_policy` (indented under
+    /// `trafficPolicy:`) and wait until the waypoint's config dump shows `marker`.
+    fn reviews_dr(&self, traffic_policy: &str, marker: &str) {
+        std::fs::write(
+            self.resources.join("reviews-dr.yaml"),
+            format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n{traffic_policy}"),
+        )
+        .unwrap();
+        wait_until(
+            Duration::from_secs(10),
+            || config_dump(self).contains(marker),
+            || config_dump(self),
+        );
+    }
+
+    /// Which reviews version served each of `k` GETs on one keep-alive connection from sleep.
+    fn tally(&self, k: usize) -> Vec<(String, usize)> {
+        let mut c = self.client(2, self.vip(101));
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for _ in 0..k {
+            c.send(b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n");
+            let r = c.read();
+            assert_eq!(r.status, 200, "{}", r.text());
+            *seen
+                .entry(r.header("x-served-by").unwrap_or_default().to_string())
+                .or_default() += 1;
+        }
+        seen.into_iter().collect()
+    }
+
     fn socks5(&self) -> SocketAddr {
         SocketAddr::new(ip(self.n, 1), 15080)
     }
@@ -2481,6 +2527,17 @@ fn consistent_hash_sends_a_key_to_one_endpoint_and_makes_up_a_cookie() {
     assert_eq!(served.len(), 1, "the cookie sticks: {served:?}");
 }
 
+/// `extra` (lines of YAML) added to workload `who`'s entry of a mesh.
+fn place(y: String, who: &str, extra: &str) -> String {
+    let at = format!("  name: {who}\n");
+    y.replacen(&at, &format!("{at}{extra}"), 1)
+}
+
+/// A tally as [`Lab::tally`] returns it.
+fn served(v: &[(&str, usize)]) -> Vec<(String, usize)> {
+    v.iter().map(|(t, k)| (t.to_string(), *k)).collect()
+}
+
 /// The waypoint chooses a service's endpoints as a node proxy does: ready ones only, nearest
 /// first when the service prefers close ones (istiod's `trafficDistribution: PreferClose`),
 /// from the waypoint's own locality, and in turn by capacity.
@@ -2490,26 +2547,8 @@ fn the_waypoint_prefers_close_ready_endpoints_and_weighs_capacity() {
     let n = lab.n;
     server(SocketAddr::new(ip(n, 11), 9080), "reviews-v1");
     server(SocketAddr::new(ip(n, 12), 9080), "reviews-v2");
-    let cfg = lab.dir.join("mesh.yaml");
-    // Rewrite the mesh with `edit` and wait until all three proxies have it in force.
     let mut generation = 1;
-    let mut remesh = |edit: &dyn Fn(String) -> String| {
-        generation += 1;
-        std::fs::write(&cfg, edit(mesh(n))).unwrap();
-        for node in [&lab.a, &lab.b, &lab.w] {
-            node.proc.signal(1);
-            let want = format!("zring_config_generation {generation}");
-            wait_until(
-                Duration::from_secs(10),
-                || node.metrics().lines().any(|l| l == want),
-                || node.proc.log(),
-            );
-        }
-    };
-    let place = |y: String, who: &str, extra: &str| {
-        let at = format!("  name: {who}\n");
-        y.replacen(&at, &format!("{at}{extra}"), 1)
-    };
+    let mut remesh = |edit: &dyn Fn(String) -> String| lab.remesh(&mut generation, edit);
     let prefer_close = |y: String| {
         let y = place(y, "waypoint", "  locality: {region: r1, zone: z1}\n");
         let y = place(y, "reviews-v1", "  locality: {region: r1, zone: z2}\n");
@@ -2521,24 +2560,7 @@ fn the_waypoint_prefers_close_ready_endpoints_and_weighs_capacity() {
             1,
         )
     };
-    let tally = |k: usize| {
-        let mut c = lab.client(2, lab.vip(101));
-        let mut seen = std::collections::BTreeMap::<String, usize>::new();
-        for _ in 0..k {
-            c.send(b"GET /reviews/0 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n");
-            let r = c.read();
-            assert_eq!(r.status, 200, "{}", r.text());
-            *seen
-                .entry(r.header("x-served-by").unwrap_or_default().to_string())
-                .or_default() += 1;
-        }
-        seen.into_iter().collect::<Vec<_>>()
-    };
-    let served = |v: &[(&str, usize)]| {
-        v.iter()
-            .map(|(t, k)| (t.to_string(), *k))
-            .collect::<Vec<_>>()
-    };
+    let tally = |k: usize| lab.tally(k);
 
     // Both versions by default.
     assert_eq!(tally(4), served(&[("reviews-v1", 2), ("reviews-v2", 2)]));
@@ -2560,26 +2582,9 @@ fn the_waypoint_prefers_close_ready_endpoints_and_weighs_capacity() {
         place(y, "reviews-v2", "  locality: {region: r1, zone: z1}\n")
     });
     // distribute: a waypoint in r1/z1 sends 75% to its zone and 25% to z2.
-    let dr = |policy: &str| {
-        std::fs::write(
-            lab.resources.join("reviews-dr.yaml"),
-            format!("apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n{policy}"),
-        )
-        .unwrap();
-    };
-    dr("    loadBalancer:\n      localityLbSetting:\n        distribute:\n        - from: r1/z1/*\n          to: {\"r1/z1/*\": 75, \"r1/z2/*\": 25}\n");
-    wait_until(
-        Duration::from_secs(10),
-        || config_dump(&lab).contains("r1/z2/*"),
-        || config_dump(&lab),
-    );
+    lab.reviews_dr("    loadBalancer:\n      localityLbSetting:\n        distribute:\n        - from: r1/z1/*\n          to: {\"r1/z1/*\": 75, \"r1/z2/*\": 25}\n", "r1/z2/*");
     assert_eq!(tally(8), served(&[("reviews-v1", 2), ("reviews-v2", 6)]));
-    dr("    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}\n");
-    wait_until(
-        Duration::from_secs(10),
-        || config_dump(&lab).contains("consecutive5xxErrors"),
-        || config_dump(&lab),
-    );
+    lab.reviews_dr("    outlierDetection: {consecutive5xxErrors: 1, baseEjectionTime: 60s, maxEjectionPercent: 100}\n", "consecutive5xxErrors");
     assert_eq!(tally(4), served(&[("reviews-v2", 4)]));
     let mut c = lab.client(2, lab.vip(101));
     let r = c.request("GET", "/fail?reviews-v2=500", b"");
@@ -2590,4 +2595,92 @@ fn the_waypoint_prefers_close_ready_endpoints_and_weighs_capacity() {
         r.text()
     );
     assert_eq!(tally(4), served(&[("reviews-v1", 4)]));
+}
+
+/// Least request (Istio's default) sends new requests away from an endpoint still busy with
+/// one, where round robin keeps taking turns; `warmup` gives an endpoint that joins the
+/// service a small share first (Envoy's slow start).
+#[test]
+fn least_request_avoids_a_busy_endpoint_and_warmup_ramps_up_a_new_one() {
+    let lab = Lab::start(60, "wp-least", &[]);
+    let n = lab.n;
+    let v1 = SocketAddr::new(ip(n, 11), 9080);
+    let v2 = SocketAddr::new(ip(n, 12), 9080);
+    server(v1, "reviews-v1");
+    server(v2, "reviews-v2");
+    // One request held for 3 s by whichever endpoint takes it, and 8 more meanwhile: what
+    // served the held one, and the tally of the others.
+    let held_so_far = || {
+        [v1, v2]
+            .iter()
+            .map(|a| {
+                seen(*a)
+                    .iter()
+                    .filter(|s| s.path == "/slow?ms=3000")
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let busy_then_tally = || {
+        let before = held_so_far();
+        let mut held = lab.client(2, lab.vip(101));
+        held.send(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: reviews:9080\r\n\r\n");
+        wait_until(
+            Duration::from_secs(10),
+            || held_so_far() > before,
+            || lab.w.proc.log(),
+        );
+        let others = lab.tally(8);
+        let r = held.read();
+        assert_eq!(r.status, 200, "{}", r.text());
+        (
+            r.header("x-served-by").unwrap_or_default().to_string(),
+            others,
+        )
+    };
+    let other = |busy: &str| match busy {
+        "reviews-v1" => "reviews-v2",
+        _ => "reviews-v1",
+    };
+
+    // No DestinationRule: least request. The endpoint holding a request gets none of the 8.
+    for _ in 0..2 {
+        let (busy, others) = busy_then_tally();
+        assert_eq!(others, served(&[(other(&busy), 8)]), "held by {busy}");
+    }
+    // Round robin takes turns whatever is in flight.
+    lab.reviews_dr("    loadBalancer: {simple: ROUND_ROBIN}\n", "ROUND_ROBIN");
+    let (_, others) = busy_then_tally();
+    assert_eq!(others, served(&[("reviews-v1", 4), ("reviews-v2", 4)]));
+
+    // Slow start over 6 s, aggression 0.25 (the share stays at the 10% minimum for the first
+    // 3.4 s): v1 is seen first, alone (v2 not ready), and warms up while it serves a request a
+    // second; v2 then joins at 10% of its weight, about 1 request in 11.
+    lab.reviews_dr(
+        "    loadBalancer: {warmup: {duration: 6s, aggression: 0.25}}\n",
+        "durationMs",
+    );
+    let mut generation = 1;
+    lab.remesh(&mut generation, &|y| {
+        place(y, "reviews-v2", "  status: Unhealthy\n")
+    });
+    for _ in 0..7 {
+        assert_eq!(lab.tally(1), served(&[("reviews-v1", 1)]));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    lab.remesh(&mut generation, &|y| y);
+    let tally = lab.tally(200);
+    let v2_share = tally
+        .iter()
+        .find(|(who, _)| who == "reviews-v2")
+        .map_or(0, |t| t.1);
+    assert!(
+        (1..=40).contains(&v2_share),
+        "a warming endpoint gets about 18 of 200 (at most 40): {tally:?}"
+    );
+    assert!(
+        config_dump(&lab).contains("\"LEAST_REQUEST\""),
+        "{}",
+        config_dump(&lab)
+    );
 }

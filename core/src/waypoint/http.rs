@@ -788,38 +788,88 @@ fn endpoint_addr((w, p): &(&Workload, u16)) -> Option<SocketAddr> {
     Some(SocketAddr::new(*w.workload_ips.first()?, *p))
 }
 
+/// How a request chooses among a destination's endpoints.
+#[derive(Clone, Copy, Default)]
+struct Choice<'p> {
+    /// The destination's `loadBalancer` (`None`: Istio's default, least request).
+    balance: Option<&'p traffic::Balance>,
+    /// Its slow start, if any.
+    warmup: Option<&'p traffic::Warmup>,
+    /// A consistent hash's key: the same endpoint for the same key while it is there.
+    key: Option<&'p [u8]>,
+    /// The waypoint, whose shared state (requests in flight, endpoints' first sighting) least
+    /// request and slow start read; without it, neither applies.
+    wp: Option<&'p Arc<Waypoint>>,
+    /// Count the request in flight at the endpoint chosen (HTTP requests under least
+    /// request); the caller uncounts it when the request ends ([`ReqLog`] does).
+    count: bool,
+}
+
 /// An endpoint not tried yet, preferring those not ejected (by the built-in ejection, or by
-/// `outlier` detection: `up` holds the endpoints it leaves in); round robin per worker.
+/// `outlier` detection: `up` holds the endpoints it leaves in), chosen as `how` says
+/// ([`traffic::choose`]: least request by default, round robin per worker, random, by weight
+/// and slow start).
 fn pick_endpoint<'a>(
     eps: &[(&'a Workload, u16)],
     tried: &[SocketAddr],
     up: Option<&[SocketAddr]>,
-    key: Option<&[u8]>,
-) -> Option<(&'a Workload, SocketAddr)> {
+    how: Choice<'_>,
+) -> Option<(&'a Workload, SocketAddr, bool)> {
     let fresh: Vec<(&Workload, SocketAddr)> = eps
         .iter()
         .filter_map(|e| Some((e.0, endpoint_addr(e)?)))
         .filter(|(_, a)| !tried.contains(a))
         .collect();
-    let healthy: Vec<&(&Workload, SocketAddr)> =
+    let mut from: Vec<&(&Workload, SocketAddr)> =
         fresh.iter().filter(|(_, a)| is_up(*a, up)).collect();
-    // A consistent hash's key: the same endpoint for the same key while it is there.
-    if let Some(key) = key {
-        return match healthy.is_empty() {
-            true => traffic::rendezvous(key, fresh.iter().map(|e| e.1)).map(|i| fresh[i]),
-            false => traffic::rendezvous(key, healthy.iter().map(|e| e.1)).map(|i| *healthy[i]),
-        };
+    // All ejected: try one anyway (as Envoy's panic threshold does) rather than fail.
+    if from.is_empty() {
+        from = fresh.iter().collect();
+    }
+    if let Some(key) = how.key {
+        return traffic::rendezvous(key, from.iter().map(|e| e.1))
+            .map(|i| (from[i].0, from[i].1, false));
     }
     let n = RR.with(|r| {
         let v = r.get();
         r.set(v.wrapping_add(1));
         v
     });
-    // In turn by capacity (istiod's endpoint weight).
-    match healthy.is_empty() {
-        // All ejected: try one anyway (as Envoy's panic threshold does) rather than fail.
-        true => weighted_turn(fresh.iter().map(|e| e.0.capacity), n).map(|i| fresh[i]),
-        false => weighted_turn(healthy.iter().map(|e| e.0.capacity), n).map(|i| *healthy[i]),
+    let balance = how.balance.unwrap_or(&traffic::Balance::LeastRequest);
+    // Slow start under round robin and least request; sightings are recorded even with one
+    // candidate, so that one seen alone first is older than those that join it.
+    let slow = how.warmup.filter(|_| {
+        matches!(
+            balance,
+            traffic::Balance::LeastRequest | traffic::Balance::RoundRobin
+        )
+    });
+    let warm = slow.and_then(|w| {
+        let wp = how.wp?;
+        let addrs: Vec<SocketAddr> = from.iter().map(|e| e.1).collect();
+        Some(wp.births.factors(&addrs, w, Instant::now()))
+    });
+    let candidates: Vec<traffic::Candidate> = from
+        .iter()
+        .enumerate()
+        .map(|(i, e)| traffic::Candidate {
+            weight: e.0.capacity,
+            warm: warm.as_ref().map_or(1.0, |f| f[i]),
+        })
+        .collect();
+    let rand = random();
+    match how.wp {
+        Some(wp) if how.count && from.len() > 1 && *balance == traffic::Balance::LeastRequest => {
+            wp.in_flight.with(|counts| {
+                let i = traffic::choose(balance, &candidates, n, rand, |i| {
+                    counts.get(&from[i].1).copied().unwrap_or(0)
+                })?;
+                *counts.entry(from[i].1).or_insert(0) += 1;
+                Some((from[i].0, from[i].1, true))
+            })
+        }
+        _ => traffic::choose(balance, &candidates, n, rand, |_| 0)
+            .map(|i| (from[i].0, from[i].1, false)),
     }
 }
 
@@ -1050,10 +1100,34 @@ struct ReqLog {
     error: Option<String>,
     /// A fault delayed the request (flag `DI`, beside any other).
     delayed: bool,
+    /// The request is counted in flight at `upstream` (least request), until this log is
+    /// dropped (its answer ended) or the next try's endpoint replaces it. Kept here rather than
+    /// in a guard of its own: a request's future has no room for one more field.
+    counted: bool,
+}
+
+impl Drop for ReqLog {
+    fn drop(&mut self) {
+        self.uncount();
+    }
 }
 
 impl ReqLog {
-    fn finish(self, status: u16, flags: &'static str, resp_bytes: u64) {
+    /// This try's endpoint, `counted` in flight there by [`pick_endpoint`]; the previous
+    /// try's count ends.
+    fn set_upstream(&mut self, addr: SocketAddr, counted: bool) {
+        self.uncount();
+        self.upstream = Some(addr);
+        self.counted = counted;
+    }
+
+    fn uncount(&mut self) {
+        if let (true, Some(a)) = (std::mem::take(&mut self.counted), self.upstream) {
+            self.ctx.wp.in_flight.done(a);
+        }
+    }
+
+    fn finish(mut self, status: u16, flags: &'static str, resp_bytes: u64) {
         let flags = match self.delayed {
             true => with_delay(flags),
             false => flags,
@@ -1063,8 +1137,8 @@ impl ReqLog {
             conn: ConnLabels {
                 reporter: super::metrics::REPORTER,
                 source: self.ctx.source.clone(),
-                destination: self.destination,
-                service: self.service,
+                destination: self.destination.clone(),
+                service: self.service.take(),
                 mtls: true,
                 response_flags: flags,
             },
@@ -1421,6 +1495,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         req_bytes: req_bytes.clone(),
         error: None,
         delayed: false,
+        counted: false,
     };
     // Request authentication (RequestAuthentication's JWT rules), before authorization as
     // Envoy's jwt_authn runs before RBAC.
@@ -1775,12 +1850,13 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         let mut traffic = None;
         let mut peers: Vec<SocketAddr> = Vec::new();
         let mut backend_headers = None;
-        let (w, addr, svc_host) = if let Some(w) = workload.filter(|_| backends.is_empty()) {
+        let (w, addr, counted, svc_host) = if let Some(w) = workload.filter(|_| backends.is_empty())
+        {
             let addr = ctx.target;
             if attempt > 0 && tried.contains(&addr) && !replayable {
                 break;
             }
-            (w, addr, None)
+            (w, addr, false, None)
         } else {
             let Some(b) = pick_backend(backends) else {
                 break;
@@ -1821,12 +1897,19 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
                 up.as_deref(),
             );
             let from = level.as_deref().unwrap_or(&eps);
-            let Some((w, addr)) = pick_endpoint(from, &tried, up.as_deref(), key.as_deref()) else {
+            let how = Choice {
+                balance: traffic.as_ref().and_then(|t| t.balance.as_ref()),
+                warmup: traffic.as_ref().and_then(|t| t.warmup.as_ref()),
+                key: key.as_deref(),
+                wp: Some(&ctx.wp),
+                count: true,
+            };
+            let Some((w, addr, counted)) = pick_endpoint(from, &tried, up.as_deref(), how) else {
                 log.error
                     .get_or_insert_with(|| format!("no endpoint of {} left to try", svc.hostname));
                 break;
             };
-            (w, addr, Some(svc.hostname.as_str()))
+            (w, addr, counted, Some(svc.hostname.as_str()))
         };
         let pool = traffic.as_ref().and_then(|t| t.pool.as_ref());
         let outlier = traffic.as_ref().and_then(|t| t.outlier.as_ref());
@@ -1837,7 +1920,7 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
             }
         };
         tried.push(addr);
-        log.upstream = Some(addr);
+        log.set_upstream(addr, counted);
         log.destination = w.peer();
         if let Some(down) = client_upgrade {
             // Not retried: the upgrade's bytes are the client's from here on.
@@ -2062,8 +2145,13 @@ async fn ext_authz_check(
     };
     let (svc, eps) = endpoints(index, rules, ctx, &backend, call.port)?;
     let level = by_level(ctx, index, svc, None, &eps, &[], None);
-    let (w, addr) = pick_endpoint(level.as_deref().unwrap_or(&eps), &[], None, None)
-        .ok_or_else(|| format!("no endpoint of {}", call.service))?;
+    let (w, addr, _) = pick_endpoint(
+        level.as_deref().unwrap_or(&eps),
+        &[],
+        None,
+        Choice::default(),
+    )
+    .ok_or_else(|| format!("no endpoint of {}", call.service))?;
     let asked = async {
         match p {
             ext_authz::Provider::Grpc(_) => {
@@ -2288,8 +2376,13 @@ fn shadow(
         let send = async {
             let (svc, eps) = endpoints(&index, &rules, &ctx, &backend, ctx.target.port())?;
             let level = by_level(&ctx, &index, svc, None, &eps, &[], None);
-            let (w, addr) = pick_endpoint(level.as_deref().unwrap_or(&eps), &[], None, None)
-                .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
+            let (w, addr, _) = pick_endpoint(
+                level.as_deref().unwrap_or(&eps),
+                &[],
+                None,
+                Choice::default(),
+            )
+            .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
             let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0, ctx.h2).await?;
             let resp = send.send(req).await.map_err(|e| format!("{addr}: {e}"))?;
             let status = resp.status();
@@ -2636,8 +2729,16 @@ async fn tcp(ctx: Rc<ConnCtx>, io: Rewind) {
                         &[],
                         up.as_deref(),
                     );
-                    pick_endpoint(level.as_deref().unwrap_or(&eps), &[], up.as_deref(), key)
-                        .map(|(w, a)| (w, a, Some(svc.hostname.as_str())))
+                    // Streams are not counted in flight, as Envoy's TCP proxy counts no requests.
+                    let how = Choice {
+                        balance: traffic.and_then(|t| t.balance.as_ref()),
+                        warmup: traffic.and_then(|t| t.warmup.as_ref()),
+                        key,
+                        wp: Some(&ctx.wp),
+                        count: false,
+                    };
+                    pick_endpoint(level.as_deref().unwrap_or(&eps), &[], up.as_deref(), how)
+                        .map(|(w, a, _)| (w, a, Some(svc.hostname.as_str())))
                 });
             match picked {
                 Some(p) => p,

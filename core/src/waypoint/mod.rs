@@ -101,6 +101,10 @@ pub struct Waypoint {
     pub health: traffic::Health,
     /// Requests in flight per destination, under DestinationRules' connection-pool limits.
     pub gates: traffic::Gates,
+    /// Requests in flight per endpoint, for least request.
+    pub in_flight: traffic::InFlight,
+    /// When each endpoint was first seen, for slow start.
+    pub births: traffic::Births,
     last_error: Mutex<Option<String>>,
 }
 
@@ -113,6 +117,8 @@ impl Waypoint {
             metrics: Default::default(),
             health: Default::default(),
             gates: Default::default(),
+            in_flight: Default::default(),
+            births: Default::default(),
             last_error: Mutex::new(None),
         }
     }

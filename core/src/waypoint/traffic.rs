@@ -1,7 +1,8 @@
 //! A DestinationRule's `trafficPolicy` at the waypoint: outlier detection (ejecting endpoints
-//! that keep failing), connection-pool limits (circuit breaking) and the load balancer (round
-//! robin, or a consistent hash of a header, cookie, query parameter or the client's address;
-//! locality failover by priority level), with Istio's field names, defaults and override rules;
+//! that keep failing), connection-pool limits (circuit breaking) and the load balancer (least
+//! request, Istio's default; round robin; random; or a consistent hash of a header, cookie,
+//! query parameter or the client's address; slow start for new endpoints; locality failover by
+//! priority level), with Istio's field names, defaults and override rules;
 //! `tls.mode: ISTIO_MUTUAL` is accepted as what HBONE already does.
 //!
 //! A subset's `trafficPolicy` overrides the DestinationRule's field by field (`outlierDetection`,
@@ -48,6 +49,9 @@ pub struct TrafficPolicy {
     /// `loadBalancer.localityLbSetting` (part of `loadBalancer`: a subset's replaces it with
     /// the rest of that field).
     pub locality: Option<LocalityLb>,
+    /// `loadBalancer.warmup` (or the older `warmupDurationSecs`), likewise part of
+    /// `loadBalancer`.
+    pub warmup: Option<Warmup>,
     /// `connectionPool`.
     pub pool: Option<Pool>,
     /// The destination it applies to (`namespace/host`, `#subset` for a subset's), which
@@ -106,7 +110,9 @@ impl TrafficPolicy {
         }
         if let Some(b) = &self.balance {
             let lb = match b {
+                Balance::LeastRequest => serde_json::json!({"simple": "LEAST_REQUEST"}),
                 Balance::RoundRobin => serde_json::json!({"simple": "ROUND_ROBIN"}),
+                Balance::Random => serde_json::json!({"simple": "RANDOM"}),
                 Balance::Hash(HashKey::Header(h)) => {
                     serde_json::json!({"consistentHash": {"httpHeaderName": h.as_str()}})
                 }
@@ -146,6 +152,16 @@ impl TrafficPolicy {
                     }),
                 );
             }
+            if let (Some(w), Some(o)) = (&self.warmup, lb.as_object_mut()) {
+                o.insert(
+                    "warmup".into(),
+                    serde_json::json!({
+                        "durationMs": w.window.as_millis() as u64,
+                        "minimumPercent": w.minimum_percent,
+                        "aggression": w.aggression,
+                    }),
+                );
+            }
             v.insert("loadBalancer".into(), lb);
         }
         serde_json::Value::Object(v)
@@ -161,6 +177,10 @@ impl TrafficPolicy {
                 true => over.locality.clone(),
                 false => self.locality.clone(),
             },
+            warmup: match over.balance.is_some() {
+                true => over.warmup.clone(),
+                false => self.warmup.clone(),
+            },
             pool: over.pool.clone().or_else(|| self.pool.clone()),
             destination: self.destination.clone(),
             gate: GateCell::default(),
@@ -171,11 +191,173 @@ impl TrafficPolicy {
 /// `loadBalancer`: how an endpoint is chosen.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Balance {
-    /// `simple` (`ROUND_ROBIN`, `RANDOM`, `LEAST_REQUEST`, `LEAST_CONN`, `UNSPECIFIED`): round
-    /// robin per worker, which serves each of their intents over a waypoint's few endpoints.
+    /// `simple: LEAST_REQUEST` (also `LEAST_CONN`, `UNSPECIFIED` and no `simple` at all: Istio's
+    /// default), as Envoy does it: with equal weights, the one of two candidates (the next in
+    /// turn and a random other) with fewer requests in flight; with unequal weights (capacity,
+    /// slow start), a weighted choice by weight / (requests in flight + 1).
+    LeastRequest,
+    /// `simple: ROUND_ROBIN`: in turn per worker, by weight.
     RoundRobin,
+    /// `simple: RANDOM`: any endpoint, uniformly (Envoy's random balancer ignores weights).
+    Random,
     /// `consistentHash`: requests with the same key go to the same endpoint while it stays.
     Hash(HashKey),
+}
+
+/// `loadBalancer.warmup`: Envoy's slow start. An endpoint the waypoint has known for less than
+/// `window` gets its weight scaled by `max(minimum_percent / 100, (age / window) ^ (1 /
+/// aggression))`, its age counted from 1 s at least; only under round robin and least request,
+/// as Istio configures it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Warmup {
+    /// `duration` (or `warmupDurationSecs`).
+    pub window: Duration,
+    /// `minimumPercent` (10 when not set).
+    pub minimum_percent: f64,
+    /// `aggression` (1.0, a linear ramp, when not set).
+    pub aggression: f64,
+}
+
+impl Warmup {
+    /// The share of its weight an endpoint first seen `age` ago gets now (1.0: warm).
+    pub fn factor(&self, age: Duration) -> f64 {
+        if age >= self.window || self.window.is_zero() {
+            return 1.0;
+        }
+        let t = age.max(Duration::from_secs(1)).as_secs_f64() / self.window.as_secs_f64();
+        t.min(1.0)
+            .powf(1.0 / self.aggression)
+            .max(self.minimum_percent / 100.0)
+            .min(1.0)
+    }
+}
+
+/// When the waypoint first saw each endpoint as a candidate, for slow start (kept only for
+/// destinations with `warmup`), shared by the workers.
+#[derive(Debug, Default)]
+pub struct Births {
+    seen: Mutex<FastMap<SocketAddr, (Instant, Instant)>>,
+}
+
+/// Endpoints remembered by [`Births`] before the oldest are forgotten.
+const MAX_BIRTHS: usize = 16 * 1024;
+
+impl Births {
+    /// The slow-start factor of each of `eps` now. An endpoint not seen among the candidates for
+    /// longer than the window (it left the service and came back) starts again, as Envoy starts
+    /// a host it is given again.
+    pub fn factors(&self, eps: &[SocketAddr], w: &Warmup, now: Instant) -> Vec<f64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() > MAX_BIRTHS {
+            seen.retain(|_, (_, last)| now.saturating_duration_since(*last) <= w.window);
+        }
+        eps.iter()
+            .map(|a| {
+                let (born, last) = seen.entry(*a).or_insert((now, now));
+                if now.saturating_duration_since(*last) > w.window {
+                    *born = now;
+                }
+                *last = now;
+                w.factor(now.saturating_duration_since(*born))
+            })
+            .collect()
+    }
+}
+
+/// Requests in flight per endpoint, for least request, shared by the workers as Envoy's host
+/// counters are. Counted only for requests that had a choice (two or more candidates).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    counts: Mutex<FastMap<SocketAddr, u32>>,
+}
+
+impl InFlight {
+    /// Run `f` with the counts locked.
+    pub fn with<R>(&self, f: impl FnOnce(&mut FastMap<SocketAddr, u32>) -> R) -> R {
+        f(&mut self.counts.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// One request to `a` ended.
+    pub fn done(&self, a: SocketAddr) {
+        self.with(|m| {
+            if let Some(n) = m.get_mut(&a) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&a);
+                }
+            }
+        });
+    }
+}
+
+/// A candidate endpoint for [`choose`]: its weight (capacity) and its slow-start factor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// Capacity (istiod's endpoint weight); 0 takes nothing.
+    pub weight: u32,
+    /// Slow start's share of that weight, 1.0 when warm.
+    pub warm: f64,
+}
+
+/// Which of `c` a request goes to under `balance` (not a consistent hash), with `turn` this
+/// worker's round-robin counter, `rand` a random number and `active(i)` the requests in flight
+/// to candidate `i`. Equal weights and nothing in flight anywhere make least request a round
+/// robin, as Envoy's scheduler is then.
+pub fn choose(
+    balance: &Balance,
+    c: &[Candidate],
+    turn: usize,
+    rand: u64,
+    active: impl Fn(usize) -> u32,
+) -> Option<usize> {
+    let live: Vec<usize> = (0..c.len()).filter(|i| c[*i].weight > 0).collect();
+    let n = live.len();
+    if n <= 1 {
+        return live.first().copied();
+    }
+    let warm = c.iter().all(|x| x.warm >= 1.0);
+    let equal = warm && live.iter().all(|i| c[*i].weight == c[live[0]].weight);
+    let weighted = |scale: &dyn Fn(usize) -> f64| -> Option<usize> {
+        let w: Vec<f64> = live
+            .iter()
+            .map(|i| f64::from(c[*i].weight) * c[*i].warm * scale(*i))
+            .collect();
+        let sum: f64 = w.iter().sum();
+        if sum <= 0.0 {
+            return None;
+        }
+        let mut r = (rand >> 11) as f64 / (1u64 << 53) as f64 * sum;
+        for (k, x) in w.iter().enumerate() {
+            if r < *x {
+                return Some(live[k]);
+            }
+            r -= x;
+        }
+        live.last().copied()
+    };
+    match balance {
+        Balance::Random => Some(live[(rand % n as u64) as usize]),
+        Balance::RoundRobin | Balance::Hash(_) => match warm {
+            true => crate::config::weighted_turn(c.iter().map(|x| x.weight), turn),
+            false => weighted(&|_| 1.0),
+        },
+        Balance::LeastRequest if equal => {
+            // Power of two choices: the next in turn against a random other.
+            let first = live[turn % n];
+            let other = live[(turn % n + 1 + (rand % (n as u64 - 1)) as usize) % n];
+            Some(match active(other) < active(first) {
+                true => other,
+                false => first,
+            })
+        }
+        Balance::LeastRequest => {
+            let counts: Vec<u32> = (0..c.len()).map(&active).collect();
+            match warm && live.iter().all(|i| counts[*i] == counts[live[0]]) {
+                true => crate::config::weighted_turn(c.iter().map(|x| x.weight), turn),
+                false => weighted(&|i| 1.0 / f64::from(counts[i].saturating_add(1))),
+            }
+        }
+    }
 }
 
 /// What a consistent hash is of.
@@ -288,6 +470,23 @@ struct LbSpec {
     consistent_hash: Option<HashSpec>,
     #[serde(default)]
     locality_lb_setting: Option<LocalitySpec>,
+    #[serde(default)]
+    warmup: Option<WarmupSpec>,
+    #[serde(default)]
+    warmup_duration_secs: Option<String>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WarmupSpec {
+    #[serde(default)]
+    duration: Option<String>,
+    #[serde(default)]
+    minimum_percent: Option<f64>,
+    #[serde(default)]
+    aggression: Option<f64>,
     #[serde(flatten)]
     rest: BTreeMap<String, Value>,
 }
@@ -688,13 +887,14 @@ fn balance(at: &str, lb: LbSpec) -> Result<Balance, FieldError> {
             format!("{at}.consistentHash"),
             "simple and consistentHash are one choice: give one".into(),
         )),
-        (None, None) => Ok(Balance::RoundRobin),
-        (Some("UNSPECIFIED" | "ROUND_ROBIN" | "RANDOM" | "LEAST_REQUEST" | "LEAST_CONN"), None) => {
-            Ok(Balance::RoundRobin)
+        (None | Some("UNSPECIFIED" | "LEAST_REQUEST" | "LEAST_CONN"), None) => {
+            Ok(Balance::LeastRequest)
         }
+        (Some("ROUND_ROBIN"), None) => Ok(Balance::RoundRobin),
+        (Some("RANDOM"), None) => Ok(Balance::Random),
         (Some(other), None) => Err((
             format!("{at}.simple"),
-            format!("{other}: not supported by zring's waypoint (ROUND_ROBIN, RANDOM, LEAST_REQUEST and LEAST_CONN are round robin here)"),
+            format!("{other}: not supported by zring's waypoint (LEAST_REQUEST, LEAST_CONN, ROUND_ROBIN, RANDOM and UNSPECIFIED are)"),
         )),
         (None, Some(h)) => {
             let at = format!("{at}.consistentHash");
@@ -742,6 +942,57 @@ fn balance(at: &str, lb: LbSpec) -> Result<Balance, FieldError> {
     }
 }
 
+/// `warmup` (or the older `warmupDurationSecs`, used when `warmup` is absent, as istiod does) of
+/// the `loadBalancer` at `at`, with Istio's validation.
+fn warmup(
+    at: &str,
+    w: Option<WarmupSpec>,
+    secs: Option<String>,
+) -> Result<Option<Warmup>, FieldError> {
+    let positive = |at: String, s: &str| {
+        let d = dur(at.clone(), s)?;
+        match d >= Duration::from_millis(1) {
+            true => Ok(d),
+            false => Err((at, "must be at least 1ms".to_string())),
+        }
+    };
+    if let Some(w) = w {
+        let at = format!("{at}.warmup");
+        refuse_rest(&at, &w.rest)?;
+        let window = match &w.duration {
+            Some(d) => positive(format!("{at}.duration"), d)?,
+            None => return Err((format!("{at}.duration"), "required".into())),
+        };
+        let minimum_percent = w.minimum_percent.unwrap_or(10.0);
+        if !(0.0..=100.0).contains(&minimum_percent) {
+            return Err((
+                format!("{at}.minimumPercent"),
+                format!("{minimum_percent} is not a percentage (0-100)"),
+            ));
+        }
+        let aggression = w.aggression.unwrap_or(1.0);
+        if !(aggression > 0.0 && aggression.is_finite()) {
+            return Err((
+                format!("{at}.aggression"),
+                format!("{aggression}: must be greater than 0"),
+            ));
+        }
+        return Ok(Some(Warmup {
+            window,
+            minimum_percent,
+            aggression,
+        }));
+    }
+    match secs {
+        Some(s) => Ok(Some(Warmup {
+            window: positive(format!("{at}.warmupDurationSecs"), &s)?,
+            minimum_percent: 10.0,
+            aggression: 1.0,
+        })),
+        None => Ok(None),
+    }
+}
+
 fn dur(at: String, s: &str) -> Result<Duration, FieldError> {
     duration(s).map_err(|m| (at, m))
 }
@@ -758,15 +1009,16 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
     let spec: Spec = serde_path_to_error::deserialize(v)
         .map_err(|e| (format!("{at}.{}", e.path()), e.into_inner().to_string()))?;
     refuse_rest(at, &spec.rest)?;
-    let (balance, locality) = match spec.load_balancer {
-        None => (None, None),
+    let (balance, locality, warmup) = match spec.load_balancer {
+        None => (None, None, None),
         Some(mut lb) => {
             let at = format!("{at}.loadBalancer");
             let locality = match lb.locality_lb_setting.take() {
                 Some(l) => Some(locality(&format!("{at}.localityLbSetting"), l)?),
                 None => None,
             };
-            (Some(balance(&at, lb)?), locality)
+            let warmup = warmup(&at, lb.warmup.take(), lb.warmup_duration_secs.take())?;
+            (Some(balance(&at, lb)?), locality, warmup)
         }
     };
     if let Some(tls) = spec.tls {
@@ -844,6 +1096,7 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
         outlier,
         balance,
         locality,
+        warmup,
         pool,
         destination: String::new(),
         gate: GateCell::default(),
@@ -1084,18 +1337,20 @@ mod tests {
     #[test]
     fn load_balancers_are_read_and_a_subsets_replaces_the_rules() {
         let lb = |y: &str| tp(&format!("loadBalancer: {y}\n")).map(|p| p.balance.unwrap());
-        for simple in [
-            "ROUND_ROBIN",
-            "RANDOM",
-            "LEAST_REQUEST",
-            "LEAST_CONN",
-            "UNSPECIFIED",
+        for (simple, want) in [
+            ("ROUND_ROBIN", Balance::RoundRobin),
+            ("RANDOM", Balance::Random),
+            ("LEAST_REQUEST", Balance::LeastRequest),
+            ("LEAST_CONN", Balance::LeastRequest),
+            ("UNSPECIFIED", Balance::LeastRequest),
         ] {
-            assert_eq!(
-                lb(&format!("{{simple: {simple}}}")).unwrap(),
-                Balance::RoundRobin
-            );
+            assert_eq!(lb(&format!("{{simple: {simple}}}")).unwrap(), want);
         }
+        // Istio's default is least request, also when only other load-balancer fields are set.
+        assert_eq!(
+            lb("{localityLbSetting: {enabled: false}}").unwrap(),
+            Balance::LeastRequest
+        );
         assert_eq!(
             lb("{consistentHash: {httpHeaderName: X-User}}").unwrap(),
             Balance::Hash(HashKey::Header(http::HeaderName::from_static("x-user")))
@@ -1151,8 +1406,28 @@ mod tests {
                 "trafficPolicy.loadBalancer.localityLbSetting.failover[0]",
             ),
             (
-                "{simple: RANDOM, warmupDurationSecs: 10s}",
+                "{simple: RANDOM, warmupDurationSecs: soon}",
                 "trafficPolicy.loadBalancer.warmupDurationSecs",
+            ),
+            (
+                "{warmup: {minimumPercent: 5}}",
+                "trafficPolicy.loadBalancer.warmup.duration",
+            ),
+            (
+                "{warmup: {duration: 0s}}",
+                "trafficPolicy.loadBalancer.warmup.duration",
+            ),
+            (
+                "{warmup: {duration: 10s, minimumPercent: 101}}",
+                "trafficPolicy.loadBalancer.warmup.minimumPercent",
+            ),
+            (
+                "{warmup: {duration: 10s, aggression: 0}}",
+                "trafficPolicy.loadBalancer.warmup.aggression",
+            ),
+            (
+                "{warmup: {duration: 10s, ramp: fast}}",
+                "trafficPolicy.loadBalancer.warmup.ramp",
             ),
         ] {
             assert_eq!(lb(y).unwrap_err().0, field, "{y}");
@@ -1353,6 +1628,135 @@ loadBalancer:
     }
 
     #[test]
+    fn warmup_is_read_with_istios_defaults_and_ramps_as_envoys_slow_start() {
+        let w = |y: &str| tp(&format!("loadBalancer: {y}\n")).unwrap().warmup.unwrap();
+        let old = w("{simple: ROUND_ROBIN, warmupDurationSecs: 60s}");
+        assert_eq!(
+            old,
+            Warmup {
+                window: Duration::from_secs(60),
+                minimum_percent: 10.0,
+                aggression: 1.0
+            }
+        );
+        // `warmup` wins over the older field, as istiod reads them.
+        let new = w(
+            "{warmupDurationSecs: 5s, warmup: {duration: 100s, minimumPercent: 20, aggression: 2}}",
+        );
+        assert_eq!(new.window, Duration::from_secs(100));
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        let secs = Duration::from_secs;
+        // Linear from max(1 s, age) / window, never below the minimum, 1.0 once warm.
+        assert!(close(old.factor(Duration::ZERO), 0.1));
+        assert!(close(old.factor(secs(3)), 0.1));
+        assert!(close(old.factor(secs(30)), 0.5));
+        assert!(close(old.factor(secs(59)), 59.0 / 60.0));
+        assert!(close(old.factor(secs(600)), 1.0));
+        // Aggression 2: the square root of the time factor.
+        assert!(close(new.factor(secs(25)), 0.5));
+        assert!(close(new.factor(secs(1)), 0.2));
+        // A subset's loadBalancer replaces the warm-up with the rest of it.
+        let rule = tp("loadBalancer: {warmupDurationSecs: 60s}\n").unwrap();
+        let subset = tp("loadBalancer: {simple: RANDOM}\n").unwrap();
+        assert_eq!(rule.overridden_by(&subset).warmup, None);
+        assert!(rule.dump()["loadBalancer"]["warmup"]["durationMs"] == 60_000);
+
+        // First sightings: the endpoints seen together share an age; one seen later ramps up.
+        let births = Births::default();
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        let t0 = Instant::now();
+        assert_eq!(births.factors(&[a], &old, t0), vec![0.1]);
+        let f = births.factors(&[a, b], &old, t0 + secs(30));
+        assert!(close(f[0], 0.5) && close(f[1], 0.1), "{f:?}");
+        let f = births.factors(&[a, b], &old, t0 + secs(90));
+        assert!(close(f[0], 1.0) && close(f[1], 1.0), "{f:?}");
+        // b leaves; back after longer than the window, it starts again.
+        births.factors(&[a], &old, t0 + secs(100));
+        births.factors(&[a], &old, t0 + secs(150));
+        let f = births.factors(&[a, b], &old, t0 + secs(200));
+        assert!(close(f[0], 1.0) && close(f[1], 0.1), "{f:?}");
+    }
+
+    #[test]
+    fn least_request_round_robin_and_random_choose_as_envoy_does() {
+        let c = |w: &[u32]| {
+            w.iter()
+                .map(|w| Candidate {
+                    weight: *w,
+                    warm: 1.0,
+                })
+                .collect::<Vec<_>>()
+        };
+        let idle = |_| 0;
+        let lr = Balance::LeastRequest;
+        // Nothing in flight, equal weights: in turn, whatever the random draw.
+        let three = c(&[1, 1, 1]);
+        for turn in 0..6 {
+            for rand in [0, 1, 7, u64::MAX] {
+                assert_eq!(choose(&lr, &three, turn, rand, idle), Some(turn % 3));
+            }
+        }
+        // Two endpoints: the one with fewer in flight, whichever is next in turn.
+        let two = c(&[1, 1]);
+        let busy0 = |i: usize| [3, 1][i];
+        for turn in 0..4 {
+            assert_eq!(choose(&lr, &two, turn, 5, busy0), Some(1));
+        }
+        // Three: the next in turn against a random other; a busier next one loses.
+        let busy = |i: usize| [5, 0, 0][i];
+        assert_eq!(choose(&lr, &three, 0, 0, busy), Some(1));
+        assert_eq!(choose(&lr, &three, 0, 1, busy), Some(2));
+        assert_eq!(
+            choose(&lr, &three, 1, 0, busy),
+            Some(1),
+            "a tie keeps the turn"
+        );
+        // Unequal weights, nothing in flight: weighted turns (3:1 gives 6:2 of 8).
+        let heavy = c(&[3, 1]);
+        let picks: Vec<usize> = (0..8)
+            .map(|t| choose(&lr, &heavy, t, 9, idle).unwrap())
+            .collect();
+        assert_eq!(picks.iter().filter(|i| **i == 0).count(), 6);
+        // ... and with requests in flight, weight / (in flight + 1): 3/4 against 1/1.
+        let tally = |b: &Balance, cs: &[Candidate], active: &dyn Fn(usize) -> u32| {
+            let mut n = [0usize; 3];
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            for t in 0..40_000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                n[choose(b, cs, t, x, active).unwrap()] += 1;
+            }
+            n.map(|k| k as f64 / 40_000.0)
+        };
+        let share = tally(&lr, &heavy, &|i| [3, 0][i]);
+        assert!((share[0] - 3.0 / 7.0).abs() < 0.02, "{share:?}");
+        // Slow start: a new endpoint at 10% of its weight gets 1 in 11.
+        let mut warming = c(&[1, 1]);
+        warming[1].warm = 0.1;
+        for b in [&lr, &Balance::RoundRobin] {
+            let share = tally(b, &warming, &idle);
+            assert!((share[1] - 1.0 / 11.0).abs() < 0.01, "{b:?} {share:?}");
+        }
+        // Random ignores weights and slow start; weight 0 takes nothing anywhere.
+        let share = tally(&Balance::Random, &warming, &idle);
+        assert!((share[1] - 0.5).abs() < 0.02, "{share:?}");
+        let zero = c(&[0, 1, 0]);
+        for b in [&lr, &Balance::RoundRobin, &Balance::Random] {
+            assert_eq!(tally(b, &zero, &idle), [0.0, 1.0, 0.0], "{b:?}");
+        }
+        assert_eq!(choose(&lr, &c(&[0, 0]), 0, 0, idle), None);
+        assert_eq!(
+            (0..4)
+                .map(|t| choose(&Balance::RoundRobin, &three, t, 0, busy).unwrap())
+                .collect::<Vec<_>>(),
+            [0, 1, 2, 0],
+            "round robin ignores what is in flight"
+        );
+    }
+
+    #[test]
     fn priority_load_spills_over_as_a_level_loses_health() {
         let share = |levels: &[(u32, usize, usize)]| {
             let mut c = std::collections::BTreeMap::new();
@@ -1441,7 +1845,7 @@ loadBalancer:
         assert_eq!(
             tp("tls: {mode: ISTIO_MUTUAL}\nloadBalancer: {simple: RANDOM}\n").unwrap(),
             TrafficPolicy {
-                balance: Some(Balance::RoundRobin),
+                balance: Some(Balance::Random),
                 ..Default::default()
             }
         );
