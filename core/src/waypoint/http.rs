@@ -873,6 +873,24 @@ fn pick_endpoint<'a>(
     }
 }
 
+/// An endpoint of `b` for a call the waypoint makes on the side (an external authorization
+/// check, a mirrored copy): the service's preferences and levels, Istio's default balancer, no
+/// rule's traffic policy.
+fn side_endpoint<'a>(
+    ctx: &ConnCtx,
+    index: &'a MeshIndex,
+    rules: &L7Config,
+    b: &Backend,
+    port: u16,
+) -> Result<(&'a Service, &'a Workload, SocketAddr), String> {
+    let (svc, eps) = endpoints(index, rules, ctx, b, port)?;
+    let level = by_level(ctx, index, svc, None, &eps, &[], None);
+    let from = level.as_deref().unwrap_or(&eps);
+    let (w, addr, _) = pick_endpoint(from, &[], None, Choice::default())
+        .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
+    Ok((svc, w, addr))
+}
+
 /// A consistent hash's key for a request (`None`: it has none, and round robin picks), and the
 /// `Set-Cookie` to answer with when the key is a cookie with a ttl that the request lacks (a
 /// new random value, as Envoy makes one up, so the client's next requests stick).
@@ -2143,15 +2161,7 @@ async fn ext_authz_check(
         weight: 1,
         headers: Default::default(),
     };
-    let (svc, eps) = endpoints(index, rules, ctx, &backend, call.port)?;
-    let level = by_level(ctx, index, svc, None, &eps, &[], None);
-    let (w, addr, _) = pick_endpoint(
-        level.as_deref().unwrap_or(&eps),
-        &[],
-        None,
-        Choice::default(),
-    )
-    .ok_or_else(|| format!("no endpoint of {}", call.service))?;
+    let (_, w, addr) = side_endpoint(ctx, index, rules, &backend, call.port)?;
     let asked = async {
         match p {
             ext_authz::Provider::Grpc(_) => {
@@ -2374,15 +2384,7 @@ fn shadow(
     let backend = m.backend.clone();
     monoio::spawn(async move {
         let send = async {
-            let (svc, eps) = endpoints(&index, &rules, &ctx, &backend, ctx.target.port())?;
-            let level = by_level(&ctx, &index, svc, None, &eps, &[], None);
-            let (w, addr, _) = pick_endpoint(
-                level.as_deref().unwrap_or(&eps),
-                &[],
-                None,
-                Choice::default(),
-            )
-            .ok_or_else(|| format!("no endpoint of {}", svc.hostname))?;
+            let (svc, w, addr) = side_endpoint(&ctx, &index, &rules, &backend, ctx.target.port())?;
             let (mut send, uses) = sender(&ctx, w, addr, Some(&svc.hostname), 0, ctx.h2).await?;
             let resp = send.send(req).await.map_err(|e| format!("{addr}: {e}"))?;
             let status = resp.status();
