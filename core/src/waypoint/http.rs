@@ -849,6 +849,10 @@ fn pick_endpoint<'a>(
         let addrs: Vec<SocketAddr> = from.iter().map(|e| e.1).collect();
         Some(wp.births.factors(&addrs, w, Instant::now()))
     });
+    // One candidate (the common case): nothing to weigh or count.
+    if let [only] = from[..] {
+        return (only.0.capacity > 0).then_some((only.0, only.1, false));
+    }
     let candidates: Vec<traffic::Candidate> = from
         .iter()
         .enumerate()
@@ -859,7 +863,7 @@ fn pick_endpoint<'a>(
         .collect();
     let rand = random();
     match how.wp {
-        Some(wp) if how.count && from.len() > 1 && *balance == traffic::Balance::LeastRequest => {
+        Some(wp) if how.count && *balance == traffic::Balance::LeastRequest => {
             wp.in_flight.with(|counts| {
                 let i = traffic::choose(balance, &candidates, n, rand, |i| {
                     counts.get(&from[i].1).copied().unwrap_or(0)
