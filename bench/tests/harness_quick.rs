@@ -142,7 +142,7 @@ fn quick_run_measures_every_path_and_writes_the_report() {
             .find(|p| p["name"] == name)
             .unwrap_or_else(|| panic!("no {name} in results"))
     };
-    let mut measured = vec!["no-mesh", "ambient", "sidecar", "waypoint"];
+    let mut measured = vec!["no-mesh", "relay", "ambient", "sidecar", "waypoint"];
     if ztunnel.is_some() {
         // ztunnel on both nodes, and zring against ztunnel both ways: interop under load; and
         // zring's waypoint between two ztunnels.
@@ -210,6 +210,7 @@ fn quick_run_measures_every_path_and_writes_the_report() {
     }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     for needle in [
+        "| 16 | relay |",
         "| 16 | ambient |",
         "| 16 | sidecar |",
         "| 16 | waypoint |",
@@ -221,6 +222,11 @@ fn quick_run_measures_every_path_and_writes_the_report() {
         "![latency percentiles vs connections](latency.svg)",
         "| ambient | 200 |",
         "ambient / sidecar",
+        if not_run.is_empty() {
+            "relay / ztunnel"
+        } else {
+            "ambient / sidecar"
+        },
     ] {
         assert!(
             report.contains(needle),

@@ -619,12 +619,12 @@ impl WorkerArgs {
 
 #[derive(Debug, clap::Args)]
 struct RelayArgs {
-    /// Address to accept connections on.
-    #[arg(long)]
-    listen: SocketAddr,
-    /// Address to forward every connection to.
-    #[arg(long)]
-    to: SocketAddr,
+    /// Address to accept connections on; repeat `--listen A --to B` to forward several.
+    #[arg(long, required = true)]
+    listen: Vec<SocketAddr>,
+    /// Address to forward the connections of the `--listen` in the same position to.
+    #[arg(long, required = true)]
+    to: Vec<SocketAddr>,
     /// splice (zero-copy, default), copy (buffered), or splice-uring (io_uring's splice opcode,
     /// executed by kernel io-wq threads; for measurement).
     #[arg(long, default_value = "splice")]
@@ -673,7 +673,9 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         None => zring_core::demo::run(&trigger),
-        Some(Command::Relay(args)) => relay_cmd::run(relay_config(args), &trigger),
+        Some(Command::Relay(args)) => {
+            relay_config(args).and_then(|cfg| relay_cmd::run(cfg, &trigger))
+        }
         Some(Command::Run(a)) => match run_config(*a) {
             Ok(cfg) => zring_core::proxy::run(cfg, &trigger),
             Err(e) => Err(e),
@@ -745,10 +747,9 @@ fn proxy_ztunnel(mode: &str, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
     zring_core::proxy::run(setup.run, trigger)
 }
 
-fn relay_config(a: RelayArgs) -> relay_cmd::RelayConfig {
-    relay_cmd::RelayConfig {
-        listen: a.listen,
-        to: a.to,
+fn relay_config(a: RelayArgs) -> anyhow::Result<relay_cmd::RelayConfig> {
+    Ok(relay_cmd::RelayConfig {
+        routes: relay_cmd::Route::pair(&a.listen, &a.to)?,
         relay: RelayOptions {
             mode: relay_cmd::mode_with_buffer(a.mode, a.buffer_size),
             pipe_size: a.pipe_size,
@@ -761,7 +762,7 @@ fn relay_config(a: RelayArgs) -> relay_cmd::RelayConfig {
         },
         workers: a.workers.config(),
         drain_timeout: Duration::from_secs_f64(a.drain_timeout.max(0.0)),
-    }
+    })
 }
 
 /// The node proxy's settings from `zring run`'s arguments (also the base of `zring waypoint`).

@@ -358,3 +358,64 @@ fn sigterm_closes_connections_still_open_at_the_deadline() {
         p.log()
     );
 }
+
+#[test]
+fn repeated_listen_to_pairs_forward_each_port_to_its_own_upstream() {
+    let up1 = echo();
+    // The second upstream answers with a banner of its own, so a swapped pair shows.
+    let banner = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up2 = banner.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in banner.incoming().flatten() {
+            let mut c = c;
+            let _ = c.write_all(b"second upstream");
+        }
+    });
+    let (l1, l2) = (free_port(), free_port());
+    let mut p = spawn(
+        &[
+            "relay",
+            "--listen",
+            &l1.to_string(),
+            "--to",
+            &up1.to_string(),
+            "--listen",
+            &l2.to_string(),
+            "--to",
+            &up2.to_string(),
+            "--workers",
+            "1",
+        ],
+        false,
+    );
+    p.wait_listening(l1);
+    p.wait_listening(l2);
+    echo_roundtrip(l1);
+    let mut c = TcpStream::connect(l2).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"second upstream", "log:\n{}", p.log());
+    echo_roundtrip(l1);
+
+    // Unpaired addresses are refused before anything listens, naming both counts.
+    let mut bad = spawn(
+        &[
+            "relay",
+            "--listen",
+            &free_port().to_string(),
+            "--listen",
+            &free_port().to_string(),
+            "--to",
+            &up1.to_string(),
+        ],
+        false,
+    );
+    let st = bad.wait_exit(Duration::from_secs(10));
+    assert!(!st.success());
+    let log = bad.log();
+    assert!(
+        log.contains("come in pairs") && log.contains("got 2 --listen and 1 --to"),
+        "log:\n{log}"
+    );
+}

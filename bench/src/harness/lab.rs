@@ -21,8 +21,8 @@ use anyhow::{bail, Context};
 pub const PREFIX: &str = "zrh";
 pub const CLIENT_IP: &str = "10.241.1.2";
 pub const SERVER_IP: &str = "10.241.2.2";
-const NODE1_IP: &str = "10.241.0.1";
-const NODE2_IP: &str = "10.241.0.2";
+pub const NODE1_IP: &str = "10.241.0.1";
+pub const NODE2_IP: &str = "10.241.0.2";
 
 /// What must go if the harness is interrupted: namespaces (with every process inside them),
 /// processes outside them (perf), and scratch folders.

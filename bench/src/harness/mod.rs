@@ -40,7 +40,7 @@ pub struct RunArgs {
     /// Paths to compare (no-mesh is required: deltas are against it).
     #[arg(
         long,
-        default_value = "no-mesh,ambient,sidecar,ztunnel,mixed,mixed-reverse,waypoint,waypoint-ztunnel"
+        default_value = "no-mesh,relay,ambient,sidecar,ztunnel,mixed,mixed-reverse,waypoint,waypoint-ztunnel"
     )]
     paths: String,
     /// Report folder (default: perf-reports/<date>-<commit>, or a temp folder with --quick).

@@ -31,7 +31,9 @@ use std::{
 
 use anyhow::{bail, Context};
 
-use super::lab::{get_ok, http_get, spawn, tail, wait_for, Lab, Ns, Proc, Scratch, SERVER_IP};
+use super::lab::{
+    get_ok, http_get, spawn, tail, wait_for, Lab, Ns, Proc, Scratch, NODE1_IP, NODE2_IP, SERVER_IP,
+};
 
 /// App ports in the server pod: HTTP (1 KiB responses), TCP echo, iperf3.
 pub const HTTP_PORT: u16 = 8080;
@@ -42,6 +44,8 @@ pub const IPERF_PORT: u16 = 5201;
 #[derive(Debug, Clone)]
 pub enum PathSpec {
     NoMesh,
+    /// The floor: plain TCP relays on both nodes, no TLS, no HTTP/2, no policy.
+    Relay,
     Ambient,
     Ztunnel(Option<PathBuf>),
     /// zring on the client's node, Istio's ztunnel on the server's (interop under load).
@@ -65,6 +69,7 @@ impl PathSpec {
     pub fn name(&self) -> &'static str {
         match self {
             PathSpec::NoMesh => "no-mesh",
+            PathSpec::Relay => "relay",
             PathSpec::Ambient => "ambient",
             PathSpec::Ztunnel(_) => "ztunnel",
             PathSpec::Mixed(_) => "mixed",
@@ -79,6 +84,7 @@ impl PathSpec {
     pub fn describe(&self) -> String {
         match self {
             PathSpec::NoMesh => "client pod -> server pod, no proxy".into(),
+            PathSpec::Relay => "the floor: client pod -(DNAT)-> `zring relay --mode copy` on node-1 -> the same on node-2 -> server pod; plain TCP read into user space and written on, no TLS, no HTTP/2, no policy: what any node proxy that wakes per request pays at least".into(),
             PathSpec::Ambient => "client pod -(in-pod capture)-> zring node-1 -HBONE/mTLS-> zring node-2 -> server pod (L4 policy: client principal allowed)".into(),
             PathSpec::Ztunnel(_) => "the ambient path with Istio's ztunnel in place of zring (same YAML, same agents, ZDS)".into(),
             PathSpec::Mixed(_) => "client pod -> zring node-1 -HBONE/mTLS-> Istio's ztunnel node-2 -> server pod (zring's CA is ztunnel's fake CA root)".into(),
@@ -127,6 +133,7 @@ pub fn parse_paths(
     for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         out.push(match name {
             "no-mesh" => PathSpec::NoMesh,
+            "relay" => PathSpec::Relay,
             "ambient" => PathSpec::Ambient,
             "ztunnel" => PathSpec::Ztunnel(ztunnel.clone()),
             "mixed" => PathSpec::Mixed(ztunnel.clone()),
@@ -135,7 +142,7 @@ pub fn parse_paths(
             "waypoint" => PathSpec::Waypoint(waypoint.clone()),
             "waypoint-ztunnel" => PathSpec::WaypointZtunnel(ztunnel.clone()),
             other => bail!(
-                "unknown path {other:?}: expected no-mesh, ambient, ztunnel, mixed, mixed-reverse, sidecar, waypoint, waypoint-ztunnel"
+                "unknown path {other:?}: expected no-mesh, relay, ambient, ztunnel, mixed, mixed-reverse, sidecar, waypoint, waypoint-ztunnel"
             ),
         });
     }
@@ -224,6 +231,7 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
     };
     match spec {
         PathSpec::NoMesh => {}
+        PathSpec::Relay => relay(lab, bins, dir, &mut d)?,
         PathSpec::Ambient => ambient(lab, bins, dir, [None, None], false, &mut d)?,
         PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, [Some(p), Some(p)], false, &mut d)?,
         PathSpec::Mixed(Some(p)) => ambient(lab, bins, dir, [None, Some(p)], false, &mut d)?,
@@ -774,6 +782,92 @@ fn redirect(ns: &Ns, chain: &str, app: u16, to: u16) -> anyhow::Result<()> {
         "--to-ports",
         &to.to_string(),
     ])
+}
+
+/// The floor path: the client pod's connections to the server's app ports are DNATed to
+/// node-1, where `zring relay --mode copy` (one listener per port) forwards them to node-2,
+/// whose relay forwards them to the server pod. Each relay runs with its defaults (io_uring, a
+/// worker per CPU, 64 KiB buffers), so the path pays for waking, reading and writing per request and
+/// nothing else a mesh adds.
+fn relay(lab: &Lab, bins: &Bins, dir: &Scratch, d: &mut Deployed) -> anyhow::Result<()> {
+    // The nodes route only pod addresses to each other; the relays talk node to node.
+    lab.node1.sh(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{NODE2_IP}/32"),
+        "dev",
+        "n1n2",
+    ])?;
+    lab.node2.sh(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{NODE1_IP}/32"),
+        "dev",
+        "n2n1",
+    ])?;
+    let ports = [HTTP_PORT, ECHO_PORT, IPERF_PORT];
+    for port in ports {
+        lab.client.sh(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            SERVER_IP,
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{NODE1_IP}:{port}"),
+        ])?;
+    }
+    for (ns, node, listen, to) in [
+        (&lab.node1, "node-1", NODE1_IP, NODE2_IP),
+        (&lab.node2, "node-2", NODE2_IP, SERVER_IP),
+    ] {
+        let mut c = ns.cmd(&bins.zring);
+        c.args(["relay", "--mode", "copy"]);
+        for port in ports {
+            c.arg("--listen")
+                .arg(format!("{listen}:{port}"))
+                .arg("--to")
+                .arg(format!("{to}:{port}"));
+        }
+        // No line per connection: the node proxies' access logs are off too.
+        c.env("RUST_LOG", "warn");
+        let p = spawn(c, Some(dir.0.join(format!("relay-{node}.log"))))?;
+        d.proxies.push((format!("relay {node}"), p.pid()));
+        d.procs.push(p);
+    }
+    d.io_backend = "io_uring (zring relay, copy)".into();
+    wait_for("the relays to listen", 10, || {
+        get_ok(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/")
+    })
+    .map_err(|e| {
+        let logs: Vec<String> = d.procs.iter().map(|p| tail(&p.log_text(), 10)).collect();
+        anyhow::anyhow!("{e}:\n{}", logs.join("\n"))
+    })?;
+    let out = run_ok(
+        lab.client
+            .cmd("iptables")
+            .args(["-t", "nat", "-L", "OUTPUT", "-v", "-n", "-x"]),
+        "iptables -L",
+    )?;
+    let sent = out
+        .lines()
+        .filter(|l| l.contains("DNAT") && l.contains(&format!("dpt:{HTTP_PORT}")))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum::<u64>();
+    if sent == 0 {
+        bail!("relay: the client pod's DNAT to node-1 matched nothing");
+    }
+    Ok(())
 }
 
 /// The hard limit of open files (`ulimit -Hn`).

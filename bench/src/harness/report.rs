@@ -298,23 +298,27 @@ fn headline_table(r: &Results) -> String {
     };
     let mut s = String::new();
     let names: Vec<&str> = paths.iter().map(|p| p.name.as_str()).collect();
-    // zring's ambient path against each baseline that ran: Istio's ztunnel and the sidecars.
-    let amb = names.iter().position(|n| *n == "ambient");
-    let baselines: Vec<(usize, &str)> = ["ztunnel", "sidecar"]
-        .into_iter()
-        .filter_map(|b| names.iter().position(|n| *n == b).map(|i| (i, b)))
-        .filter(|_| amb.is_some())
-        .collect();
+    // zring's ambient path against each baseline that ran (Istio's ztunnel, the sidecars),
+    // and the relay floor against ztunnel: how much of ztunnel's cost any relay pays.
+    let at = |n: &str| names.iter().position(|x| *x == n);
+    let pairs: Vec<(usize, usize, String)> = [
+        ("ambient", "ztunnel"),
+        ("ambient", "sidecar"),
+        ("relay", "ztunnel"),
+    ]
+    .into_iter()
+    .filter_map(|(a, b)| Some((at(a)?, at(b)?, format!("{a} / {b}"))))
+    .collect();
     let _ = write!(s, "| metric | {} |", names.join(" | "));
-    for (_, b) in &baselines {
-        let _ = write!(s, " ambient / {b} |");
+    for (_, _, label) in &pairs {
+        let _ = write!(s, " {label} |");
     }
     s.push('\n');
     let _ = write!(
         s,
         "|---|{}{}",
         "---|".repeat(names.len()),
-        "---|".repeat(baselines.len())
+        "---|".repeat(pairs.len())
     );
     s.push('\n');
     let rounds = paths.iter().map(|p| round_count(p)).max().unwrap_or(1);
@@ -340,18 +344,13 @@ fn headline_table(r: &Results) -> String {
             "| {metric} | {} |",
             vals.iter().map(shown).collect::<Vec<_>>().join(" | ")
         );
-        if let Some(a) = amb {
-            for (b, _) in &baselines {
-                let _ = write!(s, " {} |", ratio_judged(vals[a], vals[*b], higher_better));
-            }
+        for (a, b, _) in &pairs {
+            let _ = write!(s, " {} |", ratio_judged(vals[*a], vals[*b], higher_better));
         }
         s.push('\n');
     }
-    if !baselines.is_empty() {
-        let names: Vec<String> = baselines
-            .iter()
-            .map(|(_, b)| format!("ambient / {b}"))
-            .collect();
+    if !pairs.is_empty() {
+        let names: Vec<&str> = pairs.iter().map(|(_, _, l)| l.as_str()).collect();
         let _ = writeln!(
             s,
             "\n{}: below 1 is better for latency, CPU and memory; above 1 is better for rates and throughput.",
@@ -360,7 +359,7 @@ fn headline_table(r: &Results) -> String {
         if rounds > 1 {
             let _ = writeln!(
                 s,
-                "\nEach figure is the median of {rounds} rounds (paths interleaved, a fresh lab each), with the lowest and highest in brackets; a ratio is marked **lead** only when every round of zring beats every round of the baseline, **behind** when every round loses, and **overlap** otherwise."
+                "\nEach figure is the median of {rounds} rounds (paths interleaved, a fresh lab each), with the lowest and highest in brackets; a ratio is marked **lead** only when every round of the first path beats every round of the second, **behind** when every round loses, and **overlap** otherwise."
             );
         }
     }
