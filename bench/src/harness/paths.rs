@@ -737,25 +737,10 @@ fn sidecar(
         d.procs.push(p);
     }
     d.io_backend = "epoll (HAProxy/Envoy)".into();
-    wait_for("the sidecars to listen", 10, || {
-        get_ok(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/")
-    })
-    .map_err(|e| {
-        let logs: Vec<String> = d.procs.iter().map(|p| tail(&p.log_text(), 10)).collect();
-        anyhow::anyhow!("{e}:\n{}", logs.join("\n"))
-    })?;
+    wait_answered(lab, d, "the sidecars to listen")?;
     // The request must have been captured on both sides (the rules' packet counters).
     for (pod, chain) in [(&lab.client, "OUTPUT"), (&lab.server, "PREROUTING")] {
-        let out = run_ok(
-            pod.cmd("iptables")
-                .args(["-t", "nat", "-L", chain, "-v", "-n", "-x"]),
-            "iptables -L",
-        )?;
-        let captured = out
-            .lines()
-            .filter(|l| l.contains("REDIRECT") && l.contains(&format!("dpt:{HTTP_PORT}")))
-            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .sum::<u64>();
+        let captured = nat_packets(pod, chain, "REDIRECT")?;
         if captured == 0 {
             bail!("sidecar: {chain} in {} captured nothing", pod.name);
         }
@@ -765,23 +750,44 @@ fn sidecar(
 
 /// `iptables -t nat -A CHAIN -p tcp -d SERVER_IP --dport APP -j REDIRECT --to-ports TO` in `ns`.
 fn redirect(ns: &Ns, chain: &str, app: u16, to: u16) -> anyhow::Result<()> {
-    ns.sh(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        chain,
-        "-p",
-        "tcp",
-        "-d",
-        SERVER_IP,
-        "--dport",
-        &app.to_string(),
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        &to.to_string(),
-    ])
+    nat_rule(ns, chain, app, &["REDIRECT", "--to-ports", &to.to_string()])
+}
+
+/// Append a nat rule for TCP to the server pod's `app` port, jumping to `target` (with its
+/// options).
+fn nat_rule(ns: &Ns, chain: &str, app: u16, target: &[&str]) -> anyhow::Result<()> {
+    let app = app.to_string();
+    let mut args = vec![
+        "iptables", "-t", "nat", "-A", chain, "-p", "tcp", "-d", SERVER_IP, "--dport", &app, "-j",
+    ];
+    args.extend_from_slice(target);
+    ns.sh(&args)
+}
+
+/// Packets the nat rules of `chain` jumping to `target` matched for the HTTP app's port.
+fn nat_packets(ns: &Ns, chain: &str, target: &str) -> anyhow::Result<u64> {
+    let out = run_ok(
+        ns.cmd("iptables")
+            .args(["-t", "nat", "-L", chain, "-v", "-n", "-x"]),
+        "iptables -L",
+    )?;
+    Ok(out
+        .lines()
+        .filter(|l| l.contains(target) && l.contains(&format!("dpt:{HTTP_PORT}")))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// Wait until the client pod's request to the server's HTTP app is answered through the path's
+/// proxies; on a timeout, the error carries the tail of every process's log.
+fn wait_answered(lab: &Lab, d: &Deployed, what: &str) -> anyhow::Result<()> {
+    wait_for(what, 10, || {
+        get_ok(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/")
+    })
+    .map_err(|e| {
+        let logs: Vec<String> = d.procs.iter().map(|p| tail(&p.log_text(), 10)).collect();
+        anyhow::anyhow!("{e}:\n{}", logs.join("\n"))
+    })
 }
 
 /// The floor path: the client pod's connections to the server's app ports are DNATed to
@@ -791,41 +797,21 @@ fn redirect(ns: &Ns, chain: &str, app: u16, to: u16) -> anyhow::Result<()> {
 /// nothing else a mesh adds.
 fn relay(lab: &Lab, bins: &Bins, dir: &Scratch, d: &mut Deployed) -> anyhow::Result<()> {
     // The nodes route only pod addresses to each other; the relays talk node to node.
-    lab.node1.sh(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{NODE2_IP}/32"),
-        "dev",
-        "n1n2",
-    ])?;
-    lab.node2.sh(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{NODE1_IP}/32"),
-        "dev",
-        "n2n1",
-    ])?;
+    for (ns, peer, dev) in [
+        (&lab.node1, NODE2_IP, "n1n2"),
+        (&lab.node2, NODE1_IP, "n2n1"),
+    ] {
+        ns.sh(&["ip", "route", "add", &format!("{peer}/32"), "dev", dev])?;
+    }
     let ports = [HTTP_PORT, ECHO_PORT, IPERF_PORT];
     for port in ports {
-        lab.client.sh(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
+        let to = format!("{NODE1_IP}:{port}");
+        nat_rule(
+            &lab.client,
             "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            SERVER_IP,
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{NODE1_IP}:{port}"),
-        ])?;
+            port,
+            &["DNAT", "--to-destination", &to],
+        )?;
     }
     for (ns, node, listen, to) in [
         (&lab.node1, "node-1", NODE1_IP, NODE2_IP),
@@ -845,25 +831,9 @@ fn relay(lab: &Lab, bins: &Bins, dir: &Scratch, d: &mut Deployed) -> anyhow::Res
         d.proxies.push((format!("relay {node}"), p.pid()));
         d.procs.push(p);
     }
-    d.io_backend = "io_uring (zring relay, copy)".into();
-    wait_for("the relays to listen", 10, || {
-        get_ok(&lab.client, &format!("{SERVER_IP}:{HTTP_PORT}"), "/")
-    })
-    .map_err(|e| {
-        let logs: Vec<String> = d.procs.iter().map(|p| tail(&p.log_text(), 10)).collect();
-        anyhow::anyhow!("{e}:\n{}", logs.join("\n"))
-    })?;
-    let out = run_ok(
-        lab.client
-            .cmd("iptables")
-            .args(["-t", "nat", "-L", "OUTPUT", "-v", "-n", "-x"]),
-        "iptables -L",
-    )?;
-    let sent = out
-        .lines()
-        .filter(|l| l.contains("DNAT") && l.contains(&format!("dpt:{HTTP_PORT}")))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-        .sum::<u64>();
+    d.io_backend = "zring relay --mode copy (--io auto)".into();
+    wait_answered(lab, d, "the relays to listen")?;
+    let sent = nat_packets(&lab.client, "OUTPUT", "DNAT")?;
     if sent == 0 {
         bail!("relay: the client pod's DNAT to node-1 matched nothing");
     }
