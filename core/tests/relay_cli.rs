@@ -366,8 +366,7 @@ fn repeated_listen_to_pairs_forward_each_port_to_its_own_upstream() {
     let banner = TcpListener::bind("127.0.0.1:0").unwrap();
     let up2 = banner.local_addr().unwrap();
     std::thread::spawn(move || {
-        for c in banner.incoming().flatten() {
-            let mut c = c;
+        for mut c in banner.incoming().flatten() {
             let _ = c.write_all(b"second upstream");
         }
     });

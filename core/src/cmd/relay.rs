@@ -3,8 +3,9 @@
 //! Every worker binds its own `SO_REUSEPORT` listener on each `--listen`; each accepted
 //! connection is connected to that listener's `--to` from the same worker and relayed (splice or
 //! copy) until both directions end. `--listen`/`--to` may be repeated: the n-th `--to` is where
-//! the n-th `--listen`'s connections go, so one process forwards several ports. One access-log line per connection at close. SIGTERM drains: listeners close at once,
-//! live connections get `--drain-timeout` to finish.
+//! the n-th `--listen`'s connections go, so one process forwards several ports. One access-log
+//! line per connection at close. SIGTERM drains: listeners close at once, live connections get
+//! `--drain-timeout` to finish.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration, time::Instant};
 
