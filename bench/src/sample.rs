@@ -24,14 +24,21 @@ pub fn system_ticks() -> (u64, u64) {
 
 /// utime + stime of a process (all its threads), in ticks.
 pub fn process_ticks(pid: u32) -> u64 {
+    let (user, system) = process_user_system_ticks(pid);
+    user + system
+}
+
+/// utime and stime of a process (all its threads), in ticks: the kernel splits the precise
+/// run time by where its ticks landed, so the split is sampled, the sum is not.
+pub fn process_user_system_ticks(pid: u32) -> (u64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the ")" that closes the command name; utime and stime are fields 14 and 15.
     let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0;
+        return (0, 0);
     };
     let f: Vec<&str> = rest.split_whitespace().collect();
     let get = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    get(11) + get(12)
+    (get(11), get(12))
 }
 
 /// Threads of a process whose name starts with `prefix`.
@@ -53,7 +60,8 @@ pub fn threads_named(pid: u32, prefix: &str) -> usize {
 pub struct CpuWindow {
     start: Instant,
     sys: (u64, u64),
-    proc_ticks: Option<u64>,
+    /// The process's (user, system) ticks at the start.
+    proc_ticks: Option<(u64, u64)>,
     pid: Option<u32>,
 }
 
@@ -64,6 +72,8 @@ pub struct CpuUse {
     pub system_busy: f64,
     /// CPU-seconds per second used by the process (1.0 = one full core).
     pub process_cores: Option<f64>,
+    /// The part of `process_cores` spent in user space.
+    pub process_user_cores: Option<f64>,
 }
 
 impl CpuWindow {
@@ -71,7 +81,7 @@ impl CpuWindow {
         Self {
             start: Instant::now(),
             sys: system_ticks(),
-            proc_ticks: pid.map(process_ticks),
+            proc_ticks: pid.map(process_user_system_ticks),
             pid,
         }
     }
@@ -84,15 +94,21 @@ impl CpuWindow {
         } else {
             0.0
         };
-        let process_cores = match (self.pid, self.proc_ticks) {
-            (Some(pid), Some(t0)) => {
-                Some((process_ticks(pid).saturating_sub(t0)) as f64 / USER_HZ / secs)
+        let (process_cores, process_user_cores) = match (self.pid, self.proc_ticks) {
+            (Some(pid), Some((u0, s0))) => {
+                let (u, s) = process_user_system_ticks(pid);
+                let cores = |ticks: u64| Some(ticks as f64 / USER_HZ / secs);
+                (
+                    cores(u.saturating_sub(u0) + s.saturating_sub(s0)),
+                    cores(u.saturating_sub(u0)),
+                )
             }
-            _ => None,
+            _ => (None, None),
         };
         CpuUse {
             system_busy,
             process_cores,
+            process_user_cores,
         }
     }
 }

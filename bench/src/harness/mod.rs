@@ -234,6 +234,10 @@ pub struct RunResult {
 pub struct ProxyUse {
     pub label: String,
     pub millicores: f64,
+    /// The part of `millicores` spent in user space (the rest is the kernel's: TCP over veth,
+    /// wake-ups, io_uring).
+    #[serde(default)]
+    pub user_millicores: Option<f64>,
     pub rss_mib: f64,
     /// RSS before the run (idle-connection runs only).
     pub rss_before_mib: Option<f64>,
@@ -598,13 +602,17 @@ impl Measure<'_> {
             .proxies
             .iter()
             .zip(&windows)
-            .map(|((label, pid), w)| ProxyUse {
-                label: label.clone(),
-                millicores: w.finish().process_cores.unwrap_or(0.0) * 1000.0,
-                rss_mib: rss_mib(*pid),
-                rss_before_mib: None,
-                rss_closed_mib: None,
-                closed_after_s: None,
+            .map(|((label, pid), w)| {
+                let cpu = w.finish();
+                ProxyUse {
+                    label: label.clone(),
+                    millicores: cpu.process_cores.unwrap_or(0.0) * 1000.0,
+                    user_millicores: cpu.process_user_cores.map(|c| c * 1000.0),
+                    rss_mib: rss_mib(*pid),
+                    rss_before_mib: None,
+                    rss_closed_mib: None,
+                    closed_after_s: None,
+                }
             })
             .collect();
         r.system_busy = sys.finish().system_busy;
@@ -771,6 +779,7 @@ impl Measure<'_> {
                 .map(|((label, _), ((b, a), c))| ProxyUse {
                     label: label.clone(),
                     millicores: 0.0,
+                    user_millicores: None,
                     rss_mib: *a,
                     rss_before_mib: Some(*b),
                     rss_closed_mib: Some(*c),

@@ -35,6 +35,33 @@ fn total_millicores(r: &RunResult) -> f64 {
     r.proxies.iter().map(|p| p.millicores).sum()
 }
 
+/// The busiest proxy process's CPU: on the waypoint path the waypoint, else a node proxy (or
+/// sidecar) — the figure a per-process budget such as "under 50 millicores per 1000 rps" is
+/// about.
+fn busiest_millicores(r: &RunResult) -> Option<f64> {
+    r.proxies.iter().map(|q| q.millicores).reduce(f64::max)
+}
+
+/// Each proxy process of a run as "label: CPU m, RSS" (or "-" without proxies).
+fn proxy_use(x: &RunResult) -> String {
+    let px: Vec<String> = x
+        .proxies
+        .iter()
+        .map(|q| match q.user_millicores {
+            Some(u) => format!(
+                "{}: {:.0}m ({:.0} user), {:.1}",
+                q.label, q.millicores, u, q.rss_mib
+            ),
+            None => format!("{}: {:.0}m, {:.1}", q.label, q.millicores, q.rss_mib),
+        })
+        .collect();
+    if px.is_empty() {
+        "-".into()
+    } else {
+        px.join("; ")
+    }
+}
+
 fn total_rss(r: &RunResult) -> f64 {
     r.proxies.iter().map(|p| p.rss_mib).sum()
 }
@@ -96,6 +123,7 @@ fn median_run(runs: &[&RunResult]) -> RunResult {
             ProxyUse {
                 label: first.proxies[j].label.clone(),
                 millicores: median(at.iter().map(|q| q.millicores).collect()),
+                user_millicores: mo(&|q| q.user_millicores),
                 rss_mib: median(at.iter().map(|q| q.rss_mib).collect()),
                 rss_before_mib: mo(&|q| q.rss_before_mib),
                 rss_closed_mib: mo(&|q| q.rss_closed_mib),
@@ -278,6 +306,11 @@ fn headline(r: &Results, conns: usize) -> Vec<(String, Vec<Option<Stat>>, bool)>
             false,
         ),
         (
+            format!("busiest proxy process, CPU millicores at 1000 rps, {conns} conns"),
+            col(&|p| latency_at(p, conns).and_then(busiest_millicores)),
+            false,
+        ),
+        (
             "proxy MiB per 1000 idle connections (all proxies, largest idle run)".into(),
             col(&|p| mib_per_1000_idle(p).map(|(_, m)| m)),
             false,
@@ -439,7 +472,7 @@ pub fn write(dir: &Path, raw: &Results) -> anyhow::Result<()> {
     if let Some(plan) = &r.plan {
         let _ = writeln!(
             md,
-            "## Latency: HTTP at {} rps, by connections\n\nmilliseconds; delta = this path minus no-mesh at the same connection count.\n\n| conns | path | achieved rps | p50 | p90 | p99 | p99.9 | max | delta p50 | delta p99 | errors |\n|---|---|---|---|---|---|---|---|---|---|---|",
+            "## Latency: HTTP at {} rps, by connections\n\nmilliseconds; delta = this path minus no-mesh at the same connection count. Proxies: each proxy process's CPU in millicores over the run (at 1000 rps, millicores are microseconds of CPU per request) and its RSS at the end.\n\n| conns | path | achieved rps | p50 | p90 | p99 | p99.9 | max | delta p50 | delta p99 | errors | proxies: CPU millicores, RSS MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|",
             plan.latency_rps
         );
         for &c in &plan.latency_conns {
@@ -448,7 +481,7 @@ pub fn write(dir: &Path, raw: &Results) -> anyhow::Result<()> {
                 let b = base.and_then(|b| latency_at(b, c));
                 let _ = writeln!(
                     md,
-                    "| {c} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} |",
+                    "| {c} | {} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
                     p.name,
                     x.rate,
                     x.p50_ms,
@@ -458,7 +491,8 @@ pub fn write(dir: &Path, raw: &Results) -> anyhow::Result<()> {
                     x.max_ms,
                     b.map_or("-".into(), |b| format!("{:+.3}", x.p50_ms - b.p50_ms)),
                     b.map_or("-".into(), |b| format!("{:+.3}", x.p99_ms - b.p99_ms)),
-                    x.errors
+                    x.errors,
+                    proxy_use(x)
                 );
             }
         }
@@ -506,11 +540,6 @@ pub fn write(dir: &Path, raw: &Results) -> anyhow::Result<()> {
                 let Some(x) = find(p, "sweep", |x| x.target_rps == Some(rps)) else {
                     continue;
                 };
-                let px: Vec<String> = x
-                    .proxies
-                    .iter()
-                    .map(|q| format!("{}: {:.0}m, {:.1}", q.label, q.millicores, q.rss_mib))
-                    .collect();
                 let _ = writeln!(
                     md,
                     "| {rps} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {:.0}% |",
@@ -519,11 +548,7 @@ pub fn write(dir: &Path, raw: &Results) -> anyhow::Result<()> {
                     x.p50_ms,
                     x.p99_ms,
                     x.errors,
-                    if px.is_empty() {
-                        "-".into()
-                    } else {
-                        px.join("; ")
-                    },
+                    proxy_use(x),
                     x.system_busy * 100.0
                 );
             }
@@ -837,6 +862,80 @@ mod tests {
         // One round only: the plain ratio.
         let one = Stat::of(vec![4.0]);
         assert_eq!(ratio_judged(one, Stat::of(vec![2.0]), true), "2.00x");
+    }
+
+    #[test]
+    fn the_busiest_proxy_at_1000_rps_is_a_headline_row_and_each_proxy_is_in_the_latency_table() {
+        let proxy = |label: &str, millicores: f64| ProxyUse {
+            label: label.into(),
+            millicores,
+            rss_mib: 12.5,
+            user_millicores: Some(millicores / 2.0),
+            rss_before_mib: None,
+            rss_closed_mib: None,
+            closed_after_s: None,
+        };
+        let latency = |rep: usize, proxies: Vec<ProxyUse>| RunResult {
+            scenario: "latency".into(),
+            conns: 16,
+            rate: 1000.0,
+            rep,
+            proxies,
+            ..Default::default()
+        };
+        let mut waypoint = path("waypoint", &[]);
+        waypoint.runs = [70.0, 90.0, 60.0]
+            .iter()
+            .enumerate()
+            .map(|(k, &m)| {
+                latency(
+                    k,
+                    vec![
+                        proxy("zring node-1", 40.0),
+                        proxy("zring waypoint", m),
+                        proxy("zring node-2", 46.0),
+                    ],
+                )
+            })
+            .collect();
+        let mut plan = crate::harness::Plan::new(true);
+        plan.latency_conns = vec![16];
+        let r = Results {
+            paths: vec![
+                PathResult {
+                    runs: vec![latency(0, Vec::new())],
+                    ..path("no-mesh", &[])
+                },
+                waypoint,
+            ],
+            plan: Some(plan),
+            ..Default::default()
+        };
+        let rows = headline(&r, 16);
+        let (_, vals, higher_better) = rows
+            .iter()
+            .find(|(m, _, _)| m.starts_with("busiest proxy process"))
+            .expect("the row");
+        assert!(!higher_better);
+        // no-mesh has no proxy; the waypoint path's busiest is the waypoint in every round.
+        assert!(vals[0].is_none());
+        let st = vals[1].expect("waypoint rounds");
+        assert_eq!((st.med, st.min, st.max, st.n), (70.0, 60.0, 90.0, 3));
+        let dir = std::env::temp_dir().join(format!("zring-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        write(&dir, &r).unwrap();
+        let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            md.contains(
+                "| busiest proxy process, CPU millicores at 1000 rps, 16 conns | - | 70 (60-90) |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("| zring node-1: 40m (20 user), 12.5; zring waypoint: 70m (35 user), 12.5; zring node-2: 46m (23 user), 12.5 |"),
+            "{md}"
+        );
     }
 
     #[test]
