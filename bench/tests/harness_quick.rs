@@ -126,9 +126,20 @@ fn quick_run_measures_every_path_and_writes_the_report() {
             "SKIPPED the ztunnel path of quick_run_measures_every_path_and_writes_the_report: ZTUNNEL_BIN is not set"
         ),
     }
+    // Envoy as the waypoint (its own path) when ENVOY_BIN names an Envoy binary.
+    let envoy = std::env::var("ENVOY_BIN")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(|p| format!("envoy:{p}"));
+    match &envoy {
+        Some(arg) => extra.extend(["--waypoint", arg.as_str()]),
+        None => eprintln!(
+            "SKIPPED the waypoint-envoy path of quick_run_measures_every_path_and_writes_the_report: ENVOY_BIN is not set"
+        ),
+    }
     let (out, log, mut child) = start("test", &extra);
     let pid = child.id();
-    let st = wait_with_deadline(&mut child, 400);
+    let st = wait_with_deadline(&mut child, 460);
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(st.success(), "zring-bench run --quick failed:\n{text}");
 
@@ -147,6 +158,9 @@ fn quick_run_measures_every_path_and_writes_the_report() {
         // ztunnel on both nodes, and zring against ztunnel both ways: interop under load; and
         // zring's waypoint between two ztunnels.
         measured.extend(["ztunnel", "mixed", "mixed-reverse", "waypoint-ztunnel"]);
+    }
+    if envoy.is_some() {
+        measured.push("waypoint-envoy");
     }
     for name in measured.iter().copied() {
         let p = path(name);
@@ -195,11 +209,14 @@ fn quick_run_measures_every_path_and_writes_the_report() {
             assert_eq!(idle["conns"], 200);
         }
     }
-    let not_run: &[&str] = if ztunnel.is_some() {
-        &[]
+    let mut not_run: Vec<&str> = if ztunnel.is_some() {
+        vec![]
     } else {
-        &["ztunnel", "mixed", "mixed-reverse", "waypoint-ztunnel"]
+        vec!["ztunnel", "mixed", "mixed-reverse", "waypoint-ztunnel"]
     };
+    if envoy.is_none() {
+        not_run.push("waypoint-envoy");
+    }
     for name in not_run.iter().copied() {
         assert!(
             path(name)["not_run"]
@@ -219,10 +236,15 @@ fn quick_run_measures_every_path_and_writes_the_report() {
         } else {
             "**not run**"
         },
+        if envoy.is_some() {
+            "waypoint / waypoint-envoy"
+        } else {
+            "| 16 | waypoint |"
+        },
         "![latency percentiles vs connections](latency.svg)",
         "| ambient | 200 |",
         "ambient / sidecar",
-        if not_run.is_empty() {
+        if ztunnel.is_some() {
             "relay / ztunnel"
         } else {
             "ambient / sidecar"

@@ -40,7 +40,7 @@ pub struct RunArgs {
     /// Paths to compare (no-mesh is required: deltas are against it).
     #[arg(
         long,
-        default_value = "no-mesh,relay,ambient,sidecar,ztunnel,mixed,mixed-reverse,waypoint,waypoint-ztunnel"
+        default_value = "no-mesh,relay,ambient,sidecar,ztunnel,mixed,mixed-reverse,waypoint,waypoint-envoy,waypoint-ztunnel"
     )]
     paths: String,
     /// Report folder (default: perf-reports/<date>-<commit>, or a temp folder with --quick).
@@ -53,8 +53,8 @@ pub struct RunArgs {
     /// Sidecar proxy: `haproxy` (default, from Debian) or `envoy:PATH`.
     #[arg(long)]
     sidecar: Option<String>,
-    /// Waypoint proxy of the waypoint paths: zring's own (default); `envoy:PATH` is reserved
-    /// for an Envoy waypoint (reported as not run: not wired).
+    /// Envoy for the `waypoint-envoy` path (`envoy:PATH`): Envoy as the waypoint, in the
+    /// shape of Istio's; reported as not run without it. The `waypoint` path is zring's.
     #[arg(long)]
     waypoint: Option<String>,
     /// Idle-connection counts to measure memory with (default 1000,10000; 200 with --quick).
@@ -820,7 +820,7 @@ fn parse_loadgen(text: &str) -> anyhow::Result<RunResult> {
 pub fn profile(args: ProfileArgs) -> anyhow::Result<()> {
     let spec = match args.path.as_str() {
         "ambient" => PathSpec::Ambient,
-        "waypoint" => PathSpec::Waypoint(None),
+        "waypoint" => PathSpec::Waypoint,
         other => bail!("--path takes ambient or waypoint, not {other:?}"),
     };
     let path_name = spec.name();

