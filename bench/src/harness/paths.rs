@@ -514,6 +514,24 @@ enum Waypoint<'a> {
     Envoy(&'a Path),
 }
 
+/// A certificate from the lab's CA for service account `sa` of namespace default:
+/// `<prefix>cert-chain.pem`, `<prefix>key.pem` and `<prefix>root-cert.pem`.
+fn issue(bins: &Bins, ca: &Path, sa: &str, prefix: &Path) -> anyhow::Result<()> {
+    run_ok(
+        Command::new(&bins.zring)
+            .args(["ca", "issue", "--dir"])
+            .arg(ca)
+            .args([
+                "--spiffe",
+                &format!("spiffe://cluster.local/ns/default/sa/{sa}"),
+            ])
+            .arg("--out")
+            .arg(prefix),
+        "zring ca issue",
+    )?;
+    Ok(())
+}
+
 /// Envoy as the waypoint in node-2's namespace on [`WAYPOINT_IP`]: a certificate for the
 /// waypoint's identity from the lab's CA, and [`envoy_waypoint_config`].
 fn start_envoy_waypoint(
@@ -525,16 +543,7 @@ fn start_envoy_waypoint(
     d: &mut Deployed,
 ) -> anyhow::Result<()> {
     waypoint_address(lab)?;
-    let prefix = dir.0.join("envoy-waypoint-");
-    run_ok(
-        Command::new(&bins.zring)
-            .args(["ca", "issue", "--dir"])
-            .arg(ca)
-            .args(["--spiffe", "spiffe://cluster.local/ns/default/sa/waypoint"])
-            .arg("--out")
-            .arg(&prefix),
-        "zring ca issue",
-    )?;
+    issue(bins, ca, "waypoint", &dir.0.join("envoy-waypoint-"))?;
     let cfg = dir.0.join("envoy-waypoint.yaml");
     std::fs::write(&cfg, envoy_waypoint_config(&dir.0, "envoy-waypoint-"))?;
     let mut c = lab.node2.cmd(bin);
@@ -793,19 +802,7 @@ fn sidecar(
 ) -> anyhow::Result<()> {
     let ca = ca_init(bins, dir)?;
     for sa in ["client", "server"] {
-        let prefix = dir.0.join(format!("{sa}-"));
-        run_ok(
-            Command::new(&bins.zring)
-                .args(["ca", "issue", "--dir"])
-                .arg(&ca)
-                .args([
-                    "--spiffe",
-                    &format!("spiffe://cluster.local/ns/default/sa/{sa}"),
-                ])
-                .arg("--out")
-                .arg(&prefix),
-            "zring ca issue",
-        )?;
+        issue(bins, &ca, sa, &dir.0.join(format!("{sa}-")))?;
         // HAProxy wants chain and key in one file.
         let chain = std::fs::read_to_string(dir.0.join(format!("{sa}-cert-chain.pem")))?;
         let key = std::fs::read_to_string(dir.0.join(format!("{sa}-key.pem")))?;
