@@ -310,14 +310,25 @@ impl NetNs {
             return Ok(f());
         }
         setns(self.fd.as_fd())?;
-        let out = f();
+        // The way back is a guard's drop, so it runs even when `f` panics (a panic inside is
+        // caught per connection higher up, and the worker would otherwise go on in the pod's
+        // namespace for every later socket).
+        let _back = Return(original);
+        Ok(f())
+    }
+}
+
+/// Switches the thread back to its namespace when dropped.
+struct Return(NetNs);
+
+impl Drop for Return {
+    fn drop(&mut self) {
         // Failing to return would leave this worker in the pod's namespace for every later
         // socket; that cannot be recovered safely, so it aborts loudly.
-        if let Err(e) = setns(original.fd.as_fd()) {
+        if let Err(e) = setns(self.0.fd.as_fd()) {
             tracing::error!(error = %e, "could not return to the original network namespace; aborting");
             std::process::abort();
         }
-        Ok(out)
     }
 }
 

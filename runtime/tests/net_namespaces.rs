@@ -194,3 +194,24 @@ fn marks_are_set_on_upstream_sockets() {
     .unwrap();
     assert_eq!(s.mark().unwrap(), 1337);
 }
+
+/// Security review L5: a panic inside `NetNs::run` (caught per connection higher up) still
+/// switches the thread back, so no later socket of the worker lands in the pod's namespace.
+#[test]
+fn a_panic_inside_netns_run_still_returns_the_thread_to_its_namespace() {
+    let Some(ns) = TestNs::create("panic") else {
+        return;
+    };
+    let netns = NetNs::open(ns.path()).unwrap();
+    let home = NetNs::current().unwrap().inode().unwrap();
+    assert_ne!(home, netns.inode().unwrap());
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        netns.run(|| -> () { panic!("inside the pod's namespace") })
+    }));
+    assert!(r.is_err(), "the panic was not raised");
+    assert_eq!(
+        NetNs::current().unwrap().inode().unwrap(),
+        home,
+        "the thread stayed in the namespace it panicked in"
+    );
+}
