@@ -10,7 +10,7 @@ use crate::identity::SpiffeId;
 /// What zring reads from a leaf certificate.
 #[derive(Debug, Clone)]
 pub struct LeafInfo {
-    /// The first `spiffe://` URI SAN, if any and if well formed.
+    /// The SPIFFE id: the leaf's only URI SAN, when it has exactly one and it is well formed.
     pub identity: Option<SpiffeId>,
     /// Start of validity.
     pub not_before: SystemTime,
@@ -23,17 +23,25 @@ pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, String> {
     use x509_parser::{extensions::GeneralName, prelude::FromDer};
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.as_ref())
         .map_err(|e| format!("bad certificate: {e}"))?;
-    let mut identity = None;
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            if let GeneralName::URI(uri) = name {
-                if uri.starts_with("spiffe://") {
-                    identity = uri.parse().ok();
-                    break;
-                }
-            }
-        }
-    }
+    // An X.509-SVID carries exactly one URI SAN, the SPIFFE id: a certificate with none, with
+    // two (which one would policy see?), or with one that is no valid SPIFFE id (a NUL or a
+    // byte outside the id's alphabet: CVE-2025-66220 class) has no identity at all.
+    let mut uris = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        _ => Vec::new(),
+    };
+    let identity = match (uris.pop(), uris.is_empty()) {
+        (Some(uri), true) => uri.parse().ok(),
+        _ => None,
+    };
     let ts = |t: x509_parser::time::ASN1Time| {
         let secs = t.timestamp();
         if secs >= 0 {

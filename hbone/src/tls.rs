@@ -17,13 +17,19 @@ use rustls::{
     },
     crypto::{verify_tls13_signature, CryptoProvider},
     pki_types::{CertificateDer, ServerName, UnixTime},
-    server::{ParsedCertificate, WebPkiClientVerifier},
+    server::{
+        danger::{ClientCertVerified, ClientCertVerifier},
+        ParsedCertificate, WebPkiClientVerifier,
+    },
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
     SignatureScheme,
 };
 
 pub use crate::cert::{leaf_info, LeafInfo};
-use crate::{ca::WorkloadCert, identity::SpiffeId};
+use crate::{
+    ca::WorkloadCert,
+    identity::{SpiffeId, TrustDomain},
+};
 
 /// ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -122,10 +128,13 @@ pub fn server_config(
     roots: &[CertificateDer<'static>],
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(root_store(roots)?, provider.clone())
-            .build()
-            .map_err(|e| TlsError::Bundle(e.to_string()))?;
+    let webpki = WebPkiClientVerifier::builder_with_provider(root_store(roots)?, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Bundle(e.to_string()))?;
+    let verifier = Arc::new(TrustDomainVerifier {
+        inner: webpki,
+        trust_domain: cert.identity.trust_domain().clone(),
+    });
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -240,6 +249,94 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
+/// A client certificate is accepted only after WebPKI's checks (chain, expiry, clientAuth)
+/// and only when it carries one valid SPIFFE id in the server's own trust domain (ztunnel's
+/// `TrustDomainVerifier`, stricter: ztunnel lets a certificate without a SPIFFE id through).
+/// Without it a certificate from the same root for `spiffe://evil.example/...`, or with only a
+/// DNS name, would pass policies that name namespaces or service accounts.
+#[derive(Debug)]
+struct TrustDomainVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    trust_domain: TrustDomain,
+}
+
+/// The peer's certificate has no SPIFFE id of the local trust domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignIdentity {
+    /// The local trust domain.
+    pub expected: TrustDomain,
+    /// The certificate's SPIFFE id (None: none, more than one URI SAN, or malformed).
+    pub got: Option<SpiffeId>,
+}
+
+impl fmt::Display for ForeignIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.got {
+            Some(id) => write!(
+                f,
+                "peer identity {id} is outside the trust domain {}",
+                self.expected
+            ),
+            None => write!(
+                f,
+                "peer certificate carries no single valid SPIFFE id (trust domain {})",
+                self.expected
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ForeignIdentity {}
+
+impl ClientCertVerifier for TrustDomainVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let got = leaf_info(end_entity).ok().and_then(|i| i.identity);
+        match &got {
+            Some(id) if id.trust_domain() == &self.trust_domain => Ok(verified),
+            _ => Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(ForeignIdentity {
+                    expected: self.trust_domain.clone(),
+                    got,
+                })),
+            ))),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// The SPIFFE id of the peer of an established TLS connection.
 pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
     conn.peer_certificates()
@@ -277,8 +374,11 @@ pub fn classify_handshake(e: std::io::Error) -> HandshakeFailure {
     };
     match inner {
         rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
-            match other.0.downcast_ref::<WrongIdentity>() {
-                Some(w) => HandshakeFailure::WrongIdentity(w.clone()),
+            if let Some(w) = other.0.downcast_ref::<WrongIdentity>() {
+                return HandshakeFailure::WrongIdentity(w.clone());
+            }
+            match other.0.downcast_ref::<ForeignIdentity>() {
+                Some(f) => HandshakeFailure::BadCertificate(f.to_string()),
                 None => HandshakeFailure::BadCertificate(inner.to_string()),
             }
         }

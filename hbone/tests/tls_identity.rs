@@ -294,3 +294,74 @@ fn a_redial_with_the_same_client_config_resumes_by_ticket_and_keeps_both_identit
         assert_eq!(tls::peer_identity(tls.get_ref().1), Some(server_id.clone()));
     });
 }
+
+/// Security review M5: a client certificate from the mesh's own root, but for another trust
+/// domain, fails the handshake at 15008 (ztunnel's `TrustDomainVerifier`): it would otherwise
+/// pass policies written against namespaces or service accounts.
+#[test]
+fn a_client_of_a_foreign_trust_domain_is_refused_in_the_handshake() {
+    run_local(async {
+        let mesh = Mesh::new();
+        let srv = hbone_server(
+            mesh.server_config(&id("default", "productpage")),
+            H2Settings::default(),
+            relay_handler(),
+        )
+        .await;
+        let evil = zring_hbone::SpiffeId::new("evil.example", "default", "sleep").unwrap();
+        let cfg = tls::client_config(
+            &mesh.cert(&evil),
+            &mesh.roots(),
+            vec![id("default", "productpage")],
+        )
+        .unwrap();
+        if let Ok(mut s) = dial_tls(srv.addr, cfg).await {
+            use tokio::io::AsyncReadExt;
+            let mut b = [0u8; 1];
+            assert!(
+                s.read(&mut b).await.is_err() || b == [0],
+                "the server served a foreign trust domain"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(srv.peers.borrow().is_empty(), "no connection served");
+        // The same client in the mesh's trust domain is served.
+        let ok = tls::client_config(
+            &mesh.cert(&id("default", "sleep")),
+            &mesh.roots(),
+            vec![id("default", "productpage")],
+        )
+        .unwrap();
+        assert!(dial_tls(srv.addr, ok).await.is_ok());
+    });
+}
+
+/// An X.509-SVID has exactly one URI SAN: a certificate with two, or with a SPIFFE id holding
+/// a NUL, has no identity (CVE-2025-66220 class), and one lone valid SPIFFE id is read.
+#[test]
+fn only_a_single_well_formed_uri_san_is_an_identity() {
+    let cert = |uris: &[&str]| {
+        let mut p = rcgen::CertificateParams::default();
+        for u in uris {
+            p.subject_alt_names
+                .push(rcgen::SanType::URI((*u).try_into().unwrap()));
+        }
+        p.subject_alt_names
+            .push(rcgen::SanType::DnsName("x.example".try_into().unwrap()));
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    };
+    let id_of = |uris: &[&str]| tls::leaf_info(&cert(uris)).unwrap().identity;
+    let sleep = "spiffe://cluster.local/ns/default/sa/sleep";
+    assert_eq!(id_of(&[sleep]), Some(id("default", "sleep")));
+    assert_eq!(id_of(&[]), None);
+    assert_eq!(
+        id_of(&[sleep, "spiffe://cluster.local/ns/default/sa/admin"]),
+        None
+    );
+    assert_eq!(id_of(&[sleep, "https://example.com/"]), None);
+    assert_eq!(
+        id_of(&["spiffe://cluster.local/ns/default/sa/sle\0ep"]),
+        None
+    );
+}
