@@ -399,26 +399,8 @@ impl LocalCa {
         expected: Option<&SpiffeId>,
         ttl: Duration,
     ) -> Result<(SpiffeId, String), CaError> {
-        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| CaError::Csr(format!("not a valid PEM CSR: {e}")))?;
-        let uris: Vec<String> = csr
-            .params
-            .subject_alt_names
-            .iter()
-            .filter_map(|s| match s {
-                SanType::URI(u) => Some(u.as_str().to_string()),
-                _ => None,
-            })
-            .collect();
-        let [uri] = uris.as_slice() else {
-            return Err(CaError::Csr(format!(
-                "a CSR must name exactly one SPIFFE identity (URI SAN); this one names {}",
-                uris.len()
-            )));
-        };
-        let id: SpiffeId = uri
-            .parse()
-            .map_err(|e| CaError::Csr(format!("{uri:?} is not a SPIFFE identity: {e}")))?;
+        let mut csr = parse_csr(csr_pem)?;
+        let id = csr_id(&csr)?;
         if let Some(want) = expected {
             if *want != id {
                 return Err(CaError::Csr(format!(
@@ -444,6 +426,12 @@ impl LocalCa {
         p.use_authority_key_identifier_extension = true;
         let cert = csr.signed_by(&self.issuer)?;
         Ok((id, cert.pem()))
+    }
+
+    /// The one SPIFFE identity a CSR (PEM) names, or why it names none (before anything is
+    /// signed: the caller decides whether the asker may have it).
+    pub fn csr_identity(csr_pem: &str) -> Result<SpiffeId, CaError> {
+        csr_id(&parse_csr(csr_pem)?)
     }
 
     /// `zring ca issue`: write `<prefix>cert-chain.pem`, `<prefix>key.pem` and
@@ -478,4 +466,30 @@ fn write_private(path: &Path, text: &str) -> Result<(), CaError> {
         .open(path)
         .map_err(io_err(path))?;
     f.write_all(text.as_bytes()).map_err(io_err(path))
+}
+
+fn parse_csr(csr_pem: &str) -> Result<rcgen::CertificateSigningRequestParams, CaError> {
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| CaError::Csr(format!("not a valid PEM CSR: {e}")))
+}
+
+/// The CSR's only URI SAN as a SPIFFE id (exactly one, or an error).
+fn csr_id(csr: &rcgen::CertificateSigningRequestParams) -> Result<SpiffeId, CaError> {
+    let uris: Vec<&str> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|s| match s {
+            SanType::URI(u) => Some(u.as_str()),
+            _ => None,
+        })
+        .collect();
+    let [uri] = uris.as_slice() else {
+        return Err(CaError::Csr(format!(
+            "a CSR must name exactly one SPIFFE identity (URI SAN); this one names {}",
+            uris.len()
+        )));
+    };
+    uri.parse()
+        .map_err(|e| CaError::Csr(format!("{uri:?} is not a SPIFFE identity: {e}")))
 }

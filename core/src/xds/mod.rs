@@ -3,6 +3,7 @@
 //! as istiod's resources and back (`convert`), the xDS client (`client`), the Istio CA client (`ca_client`), and
 //! `zring control-plane` (`server`).
 
+pub mod authn;
 pub mod ca_client;
 pub mod client;
 pub mod conn;

@@ -12,8 +12,10 @@
 //!   mode); the answer is `[leaf, root]`, as istiod's.
 //!
 //! The serving certificate is issued at start by the same root, for `istiod.istio-system.svc`,
-//! `istiod` and the listen IP. A bearer-token check is optional (`--token-file`): when set,
-//! every call must carry `authorization: Bearer <that token>`.
+//! `istiod` and the listen IP. Callers are named by bearer tokens (`--token-file`, see
+//! [`super::authn`]): every call must carry one of them, and CreateCertificate signs only an
+//! identity the caller may hold (a workload its own, a node proxy its node's workloads').
+//! Without a token file it listens on loopback only.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -33,6 +35,7 @@ use tokio_stream::{wrappers::ReceiverStream, Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
+    authn::{Caller, Holders, Tokens},
     convert::{self, Named, ADDRESS_TYPE, AUTHORIZATION_TYPE},
     proto::{
         envoy::service::discovery::v3::{
@@ -62,7 +65,8 @@ pub struct ControlPlaneConfig {
     pub ca_dir: PathBuf,
     /// Listen address (istiod: 15012).
     pub listen: SocketAddr,
-    /// A file holding the bearer token every call must carry; None: no check.
+    /// The bearer tokens callers must carry, each naming whom it stands for
+    /// ([`super::authn::Tokens`]); None: loopback only, any node proxy.
     pub token_file: Option<PathBuf>,
     /// How often the config file is checked.
     pub poll: Duration,
@@ -78,6 +82,8 @@ type Table = BTreeMap<String, (String, Arc<Vec<u8>>)>;
 #[derive(Debug, Default)]
 struct Snapshot {
     by_type: HashMap<&'static str, Table>,
+    /// Who holds which identity (what CreateCertificate may sign).
+    holders: Holders,
 }
 
 fn version_of(bytes: &[u8]) -> String {
@@ -105,7 +111,10 @@ impl Snapshot {
         let mut by_type = HashMap::new();
         by_type.insert(ADDRESS_TYPE, table(addresses));
         by_type.insert(AUTHORIZATION_TYPE, table(policies));
-        Snapshot { by_type }
+        Snapshot {
+            by_type,
+            holders: Holders::of(config),
+        }
     }
 }
 
@@ -120,25 +129,29 @@ struct Counters {
 #[derive(Clone)]
 struct Ads {
     snapshot: watch::Receiver<Arc<Snapshot>>,
-    token: Option<Arc<String>>,
+    token: Option<Arc<Tokens>>,
     counters: Arc<Counters>,
 }
 
-fn check_token<T>(token: &Option<Arc<String>>, req: &Request<T>) -> Result<(), Status> {
-    let Some(want) = token else {
-        return Ok(());
+/// Who a call comes from: the caller its bearer token stands for, or (no tokens configured,
+/// loopback only) any node proxy.
+fn authenticate<T>(tokens: &Option<Arc<Tokens>>, req: &Request<T>) -> Result<Caller, Status> {
+    let Some(tokens) = tokens else {
+        return Ok(Caller::AnyNode);
     };
-    let got = req
+    let bearer = req
         .metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if got.map(str::trim) == Some(want.trim()) {
-        Ok(())
-    } else {
-        Err(Status::unauthenticated(
-            "missing or wrong bearer token (authorization: Bearer <token>)",
-        ))
+    match tokens.caller(bearer) {
+        Some(c) => Ok(c.clone()),
+        None => {
+            tracing::info!(peer = ?req.remote_addr(), "control plane: call refused: missing or unknown bearer token");
+            Err(Status::unauthenticated(
+                "missing or unknown bearer token (authorization: Bearer <token>)",
+            ))
+        }
     }
 }
 
@@ -163,7 +176,7 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         req: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<DeltaStream>, Status> {
-        check_token(&self.token, &req)?;
+        authenticate(&self.token, &req)?;
         let peer = req.remote_addr();
         let incoming = req.into_inner();
         let (tx, rx) = mpsc::channel(16);
@@ -291,7 +304,8 @@ fn diff(
 
 struct Ca {
     ca: Arc<zring_hbone::ca::LocalCa>,
-    token: Option<Arc<String>>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    token: Option<Arc<Tokens>>,
     counters: Arc<Counters>,
 }
 
@@ -301,7 +315,8 @@ impl IstioCertificateService for Ca {
         &self,
         req: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        check_token(&self.token, &req)?;
+        let caller = authenticate(&self.token, &req)?;
+        let peer = req.remote_addr();
         let r = req.into_inner();
         let impersonated = r.metadata.as_ref().and_then(|m| {
             m.fields
@@ -323,9 +338,22 @@ impl IstioCertificateService for Ca {
                 })
             })
             .transpose()?;
+        let asked = match expected {
+            Some(id) => id,
+            None => zring_hbone::ca::LocalCa::csr_identity(&r.csr)
+                .map_err(|e| Status::invalid_argument(format!("{e}")))?,
+        };
+        // istiod's rule: a certificate only for an identity the caller may hold.
+        let holders = self.snapshot.borrow().holders.clone();
+        if let Err(why) = holders.may_hold(&caller, &asked) {
+            tracing::warn!(peer = ?peer, caller = %caller, identity = %asked, "certificate refused: {why}");
+            return Err(Status::permission_denied(format!(
+                "{caller} may not have a certificate for {asked}: {why}"
+            )));
+        }
         let leaf = self
             .ca
-            .sign_csr(&r.csr, expected.as_ref(), ttl)
+            .sign_csr(&r.csr, Some(&asked), ttl)
             .map_err(|e| Status::invalid_argument(format!("{e}")))?;
         self.counters.certificates.fetch_add(1, Ordering::Relaxed);
         tracing::info!(identity = %leaf.0, ttl = ?ttl, "certificate signed");
@@ -346,11 +374,20 @@ pub async fn serve(
     );
     let token = match &cfg.token_file {
         Some(p) => {
-            Some(Arc::new(std::fs::read_to_string(p).with_context(|| {
-                format!("reading the token file {}", p.display())
-            })?))
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading the token file {}", p.display()))?;
+            let tokens = Tokens::parse(&text)
+                .map_err(|e| anyhow::anyhow!("the token file {}: {e}", p.display()))?;
+            Some(Arc::new(tokens))
         }
-        None => None,
+        None if !cfg.listen.ip().is_loopback() => anyhow::bail!(
+            "refusing to listen on {} without --token-file: anyone who reaches it could get the mesh's certificates (give each node proxy a token, `TOKEN node=NAME`)",
+            cfg.listen
+        ),
+        None => {
+            tracing::warn!(listen = %cfg.listen, "no --token-file: any local caller may get a certificate for any workload of the mesh (loopback only)");
+            None
+        }
     };
     let first = LocalConfig::load(&cfg.config)?;
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::of(&first)));
@@ -406,6 +443,7 @@ pub async fn serve(
     };
     let ca_svc = Ca {
         ca,
+        snapshot: ads.snapshot.clone(),
         token,
         counters,
     };
