@@ -59,6 +59,10 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 1024;
 /// TCP connections per server; more are closed at once.
 const MAX_TCP_CONNS: usize = 256;
+/// TCP connections one client address may hold on one server.
+const MAX_TCP_CONNS_PER_CLIENT: usize = 32;
+/// An answer the client has not taken within this long closes its TCP connection.
+const TCP_WRITE: Duration = Duration::from_secs(5);
 /// A TCP connection with no complete question for this long is closed.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 /// The largest UDP answer without EDNS (RFC 1035).
@@ -120,15 +124,19 @@ pub enum Outcome {
     Malformed,
     /// Too many questions in flight: SERVFAIL at once.
     Overloaded,
+    /// Not a question at all (a response, no header, or from the server's own address):
+    /// dropped unanswered.
+    Dropped,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 5] = [
+    const ALL: [Outcome; 6] = [
         Outcome::Local,
         Outcome::Forwarded,
         Outcome::UpstreamFailure,
         Outcome::Malformed,
         Outcome::Overloaded,
+        Outcome::Dropped,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -137,6 +145,7 @@ impl Outcome {
             Outcome::UpstreamFailure => "upstream_failure",
             Outcome::Malformed => "malformed",
             Outcome::Overloaded => "overloaded",
+            Outcome::Dropped => "dropped",
         }
     }
 }
@@ -144,7 +153,7 @@ impl Outcome {
 /// The DNS proxy's counters.
 #[derive(Debug, Default)]
 pub struct DnsMetrics {
-    outcomes: [AtomicU64; 5],
+    outcomes: [AtomicU64; 6],
     upstream_requests: AtomicU64,
     upstream_failures: AtomicU64,
     bind_failures: AtomicU64,
@@ -219,6 +228,9 @@ pub struct Client {
     /// apart from the captured flows). Without a mark they leave from zring's own namespace
     /// instead: unmarked, the capture would send them back to the proxy.
     pub netns: Option<Arc<zring_runtime::net::NetNs>>,
+    /// Which server this is (set when it starts serving): with the client's address, whose
+    /// share of the forward slots a question takes.
+    pub server: u64,
 }
 
 /// Sockets of one server, bound by the caller (inside a pod's namespace if need be).
@@ -306,6 +318,98 @@ struct Shared {
     settings: Arc<DnsSettings>,
     metrics: Arc<DnsMetrics>,
     in_flight: Arc<Semaphore>,
+    /// Forward slots by client: a share of `in_flight` each.
+    fair: Arc<Fair>,
+    log_limit: LogLimit,
+}
+
+/// A forward slot: one of the shared ones, and one of its client's share.
+struct ForwardSlot {
+    _shared: tokio::sync::OwnedSemaphorePermit,
+    _client: FairPermit,
+}
+
+impl Shared {
+    /// A slot to forward a question from `peer` on `client`'s server, if the shared cap and
+    /// the client's share (a quarter of it) both have room.
+    fn forward_slot(&self, client: &Client, peer: IpAddr) -> Option<ForwardSlot> {
+        let mine = self.fair.take((client.server, peer))?;
+        let shared = self.in_flight.clone().try_acquire_owned().ok()?;
+        Some(ForwardSlot {
+            _shared: shared,
+            _client: mine,
+        })
+    }
+}
+
+/// Per-client counts under a cap, so that no one client (a pod's server and the client's
+/// address: every pod asks from its own 127.0.0.1) takes what others need.
+#[derive(Debug)]
+struct Fair {
+    held: std::sync::Mutex<HashMap<(u64, IpAddr), usize>>,
+    cap: usize,
+}
+
+impl Fair {
+    fn new(cap: usize) -> Self {
+        Self {
+            held: Default::default(),
+            cap: cap.max(1),
+        }
+    }
+
+    fn take(self: &Arc<Self>, key: (u64, IpAddr)) -> Option<FairPermit> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(key).or_default();
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(FairPermit {
+            fair: self.clone(),
+            key,
+        })
+    }
+}
+
+#[derive(Debug)]
+struct FairPermit {
+    fair: Arc<Fair>,
+    key: (u64, IpAddr),
+}
+
+impl Drop for FairPermit {
+    fn drop(&mut self) {
+        let mut held = self.fair.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// At most `LOG_PER_SECOND` lines a second about bad or failed questions: a flood is counted
+/// in the metrics, not written to the log.
+#[derive(Debug, Default)]
+struct LogLimit {
+    second: AtomicU64,
+    lines: AtomicU64,
+}
+
+const LOG_PER_SECOND: u64 = 10;
+
+impl LogLimit {
+    fn allow(&self) -> bool {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if self.second.swap(now, Ordering::Relaxed) != now {
+            self.lines.store(0, Ordering::Relaxed);
+        }
+        self.lines.fetch_add(1, Ordering::Relaxed) < LOG_PER_SECOND
+    }
 }
 
 impl Dns {
@@ -319,6 +423,8 @@ impl Dns {
             settings: settings.clone(),
             metrics: metrics.clone(),
             in_flight: Arc::new(Semaphore::new(settings.max_in_flight.max(1))),
+            fair: Arc::new(Fair::new(settings.max_in_flight / 4)),
+            log_limit: LogLimit::default(),
         });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -376,7 +482,13 @@ impl Dns {
     }
 }
 
-fn serve(shared: &Arc<Shared>, client: Client, bound: Bound) -> Vec<tokio::task::JoinHandle<()>> {
+fn serve(
+    shared: &Arc<Shared>,
+    mut client: Client,
+    bound: Bound,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    static SERVERS: AtomicU64 = AtomicU64::new(1);
+    client.server = SERVERS.fetch_add(1, Ordering::Relaxed);
     let mut tasks = Vec::new();
     for u in bound.udp {
         match UdpSocket::from_std(u) {
@@ -399,6 +511,7 @@ fn serve(shared: &Arc<Shared>, client: Client, bound: Bound) -> Vec<tokio::task:
 
 async fn serve_udp(shared: Arc<Shared>, client: Client, sock: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 4096];
+    let own = sock.local_addr().ok();
     loop {
         let (n, peer) = match sock.recv_from(&mut buf).await {
             Ok(r) => r,
@@ -407,20 +520,37 @@ async fn serve_udp(shared: Arc<Shared>, client: Client, sock: Arc<UdpSocket>) {
                 continue;
             }
         };
-        let query = buf[..n].to_vec();
-        // Taken here and held by the task: past the cap a flood gets SERVFAIL at once and
-        // never becomes tasks in memory.
-        let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
+        // A datagram from the server's own address (spoofed, or a reply to itself) is never
+        // answered: answering would talk to itself for ever.
+        if Some(peer) == own {
+            shared.metrics.count(Outcome::Dropped);
+            continue;
+        }
+        let query = &buf[..n];
+        let msg = match prepare(&shared, &client, peer.ip(), query, Transport::Udp) {
+            Step::Drop => continue,
+            Step::Reply(r) => {
+                let _ = sock.send_to(&r, peer).await;
+                continue;
+            }
+            Step::Forward(m) => m,
+        };
+        // Slots are taken here and held by the task: past the cap a flood gets SERVFAIL at
+        // once and never becomes tasks in memory; one client gets at most its share.
+        let Some(permit) = shared.forward_slot(&client, peer.ip()) else {
             shared.metrics.count(Outcome::Overloaded);
-            if let Some(r) = error_reply(&query, ResponseCode::ServFail) {
+            if let Some(r) = error_reply(query, ResponseCode::ServFail) {
                 let _ = sock.send_to(&r, peer).await;
             }
             continue;
         };
         let (shared, client, sock) = (shared.clone(), client.clone(), sock.clone());
+        let query = query.to_vec();
         tokio::spawn(async move {
             let _permit = permit;
-            if let Some(reply) = handle(&shared, &client, peer.ip(), &query, Transport::Udp).await {
+            if let Some(reply) =
+                forwarded(&shared, &client, peer.ip(), &query, &msg, Transport::Udp).await
+            {
                 let _ = sock.send_to(&reply, peer).await;
             }
         });
@@ -429,6 +559,7 @@ async fn serve_udp(shared: Arc<Shared>, client: Client, sock: Arc<UdpSocket>) {
 
 async fn serve_tcp(shared: Arc<Shared>, client: Client, l: TcpListener) {
     let conns = Arc::new(Semaphore::new(MAX_TCP_CONNS));
+    let per_client = Arc::new(Fair::new(MAX_TCP_CONNS_PER_CLIENT));
     loop {
         let (stream, peer) = match l.accept().await {
             Ok(r) => r,
@@ -442,9 +573,17 @@ async fn serve_tcp(shared: Arc<Shared>, client: Client, l: TcpListener) {
             shared.metrics.count(Outcome::Overloaded);
             continue;
         };
+        // One client holds at most MAX_TCP_CONNS_PER_CLIENT of them: the rest stay for others.
+        let Some(mine) = per_client.take((client.server, peer.ip())) else {
+            shared.metrics.count(Outcome::Overloaded);
+            if shared.log_limit.allow() {
+                tracing::info!(client = %peer.ip(), "DNS: a client holds too many TCP connections; closed");
+            }
+            continue;
+        };
         let (shared, client) = (shared.clone(), client.clone());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _permits = (permit, mine);
             tcp_conn(&shared, &client, stream, peer.ip()).await;
         });
     }
@@ -456,18 +595,24 @@ async fn tcp_conn(shared: &Shared, client: &Client, mut s: TcpStream, peer: IpAd
             Ok(Ok(q)) => q,
             _ => return,
         };
-        let reply = {
-            let Ok(_permit) = shared.in_flight.try_acquire() else {
-                shared.metrics.count(Outcome::Overloaded);
-                match error_reply(&query, ResponseCode::ServFail) {
-                    Some(r) if write_frame(&mut s, &r).await.is_ok() => continue,
-                    _ => return,
+        let reply = match prepare(shared, client, peer, &query, Transport::Tcp) {
+            Step::Drop => return,
+            Step::Reply(r) => Some(r),
+            Step::Forward(msg) => match shared.forward_slot(client, peer) {
+                Some(_permit) => {
+                    forwarded(shared, client, peer, &query, &msg, Transport::Tcp).await
                 }
-            };
-            handle(shared, client, peer, &query, Transport::Tcp).await
+                None => {
+                    shared.metrics.count(Outcome::Overloaded);
+                    error_reply(&query, ResponseCode::ServFail)
+                }
+            },
         };
-        match reply {
-            Some(r) if write_frame(&mut s, &r).await.is_ok() => {}
+        // A client that does not read its answers loses its connection (and the kernel
+        // buffer it pins) after TCP_WRITE instead of holding them for ever.
+        let Some(r) = reply else { return };
+        match tokio::time::timeout(TCP_WRITE, write_frame(&mut s, &r)).await {
+            Ok(Ok(())) => {}
             _ => return,
         }
     }
@@ -508,19 +653,54 @@ fn error_reply(query: &[u8], code: ResponseCode) -> Option<Vec<u8>> {
     m.to_vec().ok()
 }
 
-async fn handle(
+/// What to do with one packet, decided with no I/O.
+enum Step {
+    /// Nothing: not a question (a response, or no header).
+    Drop,
+    /// Answer this at once (a mesh name, or an error).
+    Reply(Vec<u8>),
+    /// Ask the upstreams.
+    Forward(Box<Message>),
+}
+
+/// The largest UDP answer `msg`'s sender takes.
+fn udp_limit(msg: &Message) -> usize {
+    msg.edns.as_ref().map_or(UDP_PLAIN_MAX, |e| {
+        usize::from(e.max_payload()).max(UDP_PLAIN_MAX)
+    })
+}
+
+/// `answer` as bytes fitted to the transport: over UDP, past the client's limit, the answer
+/// truncated with TC set (the client asks again over TCP).
+fn fit(answer: &Message, limit: usize) -> Option<Vec<u8>> {
+    let bytes = answer.to_vec().ok()?;
+    match bytes.len() > limit {
+        true => answer.truncate().to_vec().ok(),
+        false => Some(bytes),
+    }
+}
+
+fn prepare(
     shared: &Shared,
     client: &Client,
     peer: IpAddr,
     query: &[u8],
     transport: Transport,
-) -> Option<Vec<u8>> {
+) -> Step {
+    // A response (QR=1) is never answered: two DNS servers, or one and a spoofed source,
+    // would answer each other for ever. No header at all: nothing to answer either.
+    if query.len() < 12 || query[2] & 0x80 != 0 {
+        shared.metrics.count(Outcome::Dropped);
+        return Step::Drop;
+    }
     let msg = match Message::from_vec(query) {
         Ok(m) => m,
         Err(e) => {
             shared.metrics.count(Outcome::Malformed);
-            tracing::warn!(client = %peer, error = %e, "DNS: malformed query");
-            return error_reply(query, ResponseCode::FormErr);
+            if shared.log_limit.allow() {
+                tracing::warn!(client = %peer, error = %e, "DNS: malformed query");
+            }
+            return error_reply(query, ResponseCode::FormErr).map_or(Step::Drop, Step::Reply);
         }
     };
     if msg.metadata.message_type != MessageType::Query
@@ -528,13 +708,23 @@ async fn handle(
         || msg.queries.len() != 1
     {
         shared.metrics.count(Outcome::Malformed);
-        tracing::warn!(client = %peer, questions = msg.queries.len(), "DNS: not a standard query with one question");
+        if shared.log_limit.allow() {
+            tracing::warn!(client = %peer, questions = msg.queries.len(), "DNS: not a standard query with one question");
+        }
         let code = if msg.metadata.op_code == OpCode::Query {
             ResponseCode::FormErr
         } else {
             ResponseCode::NotImp
         };
-        return error_reply(query, code);
+        return error_reply(query, code).map_or(Step::Drop, Step::Reply);
+    }
+    // RFC 6891 6.1.3: an EDNS version this server does not speak gets BADVERS (as ztunnel's).
+    if msg.edns.as_ref().is_some_and(|e| e.version() != 0) {
+        shared.metrics.count(Outcome::Malformed);
+        let mut m = Message::error_msg(msg.metadata.id, OpCode::Query, ResponseCode::BADVERS);
+        m.add_queries(msg.queries.iter().cloned());
+        m.set_edns(hickory_proto::op::Edns::new());
+        return m.to_vec().map_or(Step::Drop, Step::Reply);
     }
     let index = (shared.index)();
     let namespace = client
@@ -545,26 +735,40 @@ async fn handle(
         shared.metrics.count(Outcome::Local);
         let limit = match transport {
             Transport::Tcp => usize::from(u16::MAX),
-            Transport::Udp => msg.edns.as_ref().map_or(UDP_PLAIN_MAX, |e| {
-                usize::from(e.max_payload()).max(UDP_PLAIN_MAX)
-            }),
+            Transport::Udp => udp_limit(&msg),
         };
-        let bytes = answer.to_vec().ok()?;
-        if bytes.len() > limit {
-            return answer.truncate().to_vec().ok();
-        }
-        return Some(bytes);
+        return fit(&answer, limit).map_or(Step::Drop, Step::Reply);
     }
-    drop(index);
+    Step::Forward(Box::new(msg))
+}
+
+/// Forward a question the mesh does not answer; the upstream's answer fitted to the client's
+/// UDP limit, or SERVFAIL.
+async fn forwarded(
+    shared: &Shared,
+    client: &Client,
+    peer: IpAddr,
+    query: &[u8],
+    msg: &Message,
+    transport: Transport,
+) -> Option<Vec<u8>> {
     match forward(shared, client, query, msg.metadata.id, transport).await {
         Ok(reply) => {
             shared.metrics.count(Outcome::Forwarded);
+            if transport == Transport::Udp && reply.len() > udp_limit(msg) {
+                return match Message::from_vec(&reply) {
+                    Ok(m) => fit(&m, udp_limit(msg)),
+                    Err(_) => error_reply(query, ResponseCode::ServFail),
+                };
+            }
             Some(reply)
         }
         Err(e) => {
             shared.metrics.count(Outcome::UpstreamFailure);
-            let name = msg.queries.first().map(|q| q.name().to_ascii());
-            tracing::warn!(client = %peer, name = ?name, error = %e, "DNS: no upstream answered; SERVFAIL");
+            if shared.log_limit.allow() {
+                let name = msg.queries.first().map(|q| q.name().to_ascii());
+                tracing::warn!(client = %peer, name = ?name, error = %e, "DNS: no upstream answered; SERVFAIL");
+            }
             error_reply(query, ResponseCode::ServFail)
         }
     }

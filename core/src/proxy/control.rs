@@ -97,6 +97,7 @@ pub fn run(cfg: RunConfig, trigger: &ShutdownTrigger) -> anyhow::Result<()> {
                 Ok(b) => dns.serve(
                     "",
                     crate::dns::Client {
+                        server: 0,
                         namespace: None,
                         netns: None,
                     },
@@ -321,6 +322,7 @@ impl crate::zds::client::PodHandler for ProxyPods {
                 Ok(b) => dns.serve(
                     &pod.uid,
                     crate::dns::Client {
+                        server: 0,
                         namespace: Some(pod.info.namespace.clone()),
                         netns: Some(pod.netns.clone()),
                     },
