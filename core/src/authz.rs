@@ -53,6 +53,47 @@ pub fn decide(
     decide_for(index, node, client, target, peer, true)
 }
 
+/// ztunnel's checks of a CONNECT's target before any policy (its `validate_destination` and
+/// self-call check), with ztunnel's statuses:
+/// 1. a port of zring's own listeners (`own_port`: 15001, 15006, 15008, ...) is a self-call
+///    (503): a tunnel nested through it would arrive from zring's own address, laundering the
+///    client's past `sourceIps`/`ipBlocks` rules;
+/// 2. the target must be the address whose listener (and certificate) took the connection,
+///    `local`, unless that workload is the target's waypoint (a waypoint sandwich): else 400,
+///    so a peer cannot reach one workload through another's listener.
+pub fn check_target(
+    index: &MeshIndex,
+    local: std::net::IpAddr,
+    target: SocketAddr,
+    own_port: impl Fn(u16) -> bool,
+) -> Result<(), Refusal> {
+    if own_port(target.port()) {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            reason: format!(
+                "{target} is one of zring's own ports (a self-call through the node proxy)"
+            ),
+            response_flags: "NR",
+        });
+    }
+    if target.ip() == local {
+        return Ok(());
+    }
+    let sandwich = index.workload_by_ip(local).is_some_and(
+        |me| matches!(index.waypoint_at(target.ip()), Some(Some(gw)) if index.gateway_is(gw, me)),
+    );
+    match sandwich {
+        true => Ok(()),
+        false => Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            reason: format!(
+                "the CONNECT names {target}, but the connection was made to {local} (another workload's listener)"
+            ),
+            response_flags: "NR",
+        }),
+    }
+}
+
 /// Decide one inbound plaintext connection (15006): the same checks with no identity, so a
 /// policy that requires a principal denies, and a workload behind a waypoint refuses it.
 pub fn decide_plaintext(

@@ -499,6 +499,25 @@ impl MeshIndex {
         }
     }
 
+    /// The waypoint bound to traffic addressed to `ip`, and whether `ip` is in the mesh at all:
+    /// a VIP's service's waypoint, else the workload's (`None` inside: no waypoint).
+    pub fn waypoint_at(&self, ip: IpAddr) -> Option<Option<&GatewayAddress>> {
+        if let Some((_, s, _)) = self.by_vip.get(&ip) {
+            return Some(s.waypoint.as_ref());
+        }
+        self.workload_by_ip(ip).map(|w| w.waypoint.as_ref())
+    }
+
+    /// Whether the gateway address `gw` names workload `w`: one of its own addresses, or a VIP
+    /// of a service it serves (Istio points workloads and services at the waypoint's Service).
+    pub fn gateway_is(&self, gw: &GatewayAddress, w: &Workload) -> bool {
+        let ip = gw.destination.address;
+        w.workload_ips.contains(&ip)
+            || self
+                .service_at(ip)
+                .is_some_and(|(_, key)| w.services.contains_key(key))
+    }
+
     /// Whether traffic to this workload is tunnelled (HBONE) or passed through (TCP).
     pub fn speaks_hbone(w: &Workload) -> bool {
         w.protocol == InboundProtocol::Hbone

@@ -189,7 +189,7 @@ async fn hbone_connection(
                 // The set-up runs boxed and hands over the relay, so the stream's task keeps
                 // only the relay while the connection lives.
                 None => {
-                    if let Some(relay) = Box::pin(stream(i, peer_addr, s, netns)).await {
+                    if let Some(relay) = Box::pin(stream(i, peer_addr, local, s, netns)).await {
                         relay.await
                     }
                 }
@@ -216,6 +216,7 @@ async fn hbone_connection(
 async fn stream(
     incoming: Incoming,
     peer_addr: SocketAddr,
+    local: SocketAddr,
     state: Arc<State>,
     netns: Option<Arc<NetNs>>,
 ) -> Option<Relay> {
@@ -241,7 +242,9 @@ async fn stream(
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
         .and_then(trace_id);
-    if let Err(r) = authz::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()) {
+    let checked = authz::check_target(&index, local.ip(), target, |p| state.cfg.own_port(p))
+        .and_then(|()| authz::decide(&index, &state.cfg.node, peer_addr, target, peer.as_ref()));
+    if let Err(r) = checked {
         log.close(&state, r.response_flags, 0, 0, Some(r.reason));
         incoming.reject(r.status);
         return None;

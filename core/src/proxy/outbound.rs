@@ -380,12 +380,20 @@ impl Outbound {
             Route::Passthrough(dst) => {
                 log.path = "passthrough";
                 log.dst = dst;
+                if self.state.cfg.reaches_self(dst, &src.workload_ips) {
+                    return Err(Refused::new(
+                        Reply::NotAllowed,
+                        "NR",
+                        format!("{dst} is zring itself (a self-call; its admin, stats and listeners are not for workloads)"),
+                    ));
+                }
                 Ok(Plan::Tcp(dst))
             }
             Route::Local(dst) => {
                 log.path = "local";
                 log.dst = dst;
-                authz::decide(index, node, peer, dst, Some(&src_id))
+                authz::check_target(index, dst.ip(), dst, |p| self.state.cfg.own_port(p))
+                    .and_then(|()| authz::decide(index, node, peer, dst, Some(&src_id)))
                     .map_err(|r| Refused::new(Reply::NotAllowed, r.response_flags, r.reason))?;
                 Ok(Plan::Tcp(dst))
             }

@@ -80,6 +80,64 @@ pub struct RunConfig {
     pub waypoint: Option<crate::waypoint::WaypointSettings>,
 }
 
+impl RunConfig {
+    /// Whether `port` is one of zring's own listeners that no tunnel and no outbound
+    /// connection may target on a workload's or zring's address (ztunnel's `illegal_ports`):
+    /// outbound 15001, inbound plaintext 15006, HBONE and SOCKS5 always; in node mode, where
+    /// workloads share zring's addresses, also admin, stats, readiness and DNS.
+    pub fn own_port(&self, port: u16) -> bool {
+        let always = [
+            self.outbound.map_or(15001, |a| a.port()),
+            self.inbound_plaintext.map_or(15006, |a| a.port()),
+            15001,
+            15006,
+            self.hbone_port,
+        ];
+        if always.contains(&port) || self.socks5.is_some_and(|a| a.port() == port) {
+            return true;
+        }
+        self.zds_socket.is_none()
+            && [
+                self.admin,
+                self.stats,
+                self.readiness,
+                self.dns.as_ref().map(|d| d.addr),
+            ]
+            .iter()
+            .flatten()
+            .any(|a| a.port() == port)
+    }
+
+    /// Whether plain TCP to `dst` from a workload whose addresses are `own` would reach zring
+    /// itself (ztunnel's outbound self-call check, widened): one of zring's ports on loopback
+    /// or on the workload's own address; in node mode also any address zring listens on
+    /// (admin, stats, readiness, DNS, SOCKS5), an unspecified bind matching every local
+    /// address. Mesh workloads and services are routed before this, and stay reachable.
+    pub fn reaches_self(&self, dst: SocketAddr, own: &[std::net::IpAddr]) -> bool {
+        if (dst.ip().is_loopback() || own.contains(&dst.ip())) && self.own_port(dst.port()) {
+            return true;
+        }
+        if self.zds_socket.is_some() {
+            // In-pod mode: the socket is made in the pod's namespace, where only the pod's
+            // own addresses reach zring's listeners (checked above).
+            return false;
+        }
+        let local = || std::net::UdpSocket::bind(SocketAddr::new(dst.ip(), 0)).is_ok();
+        [
+            self.admin,
+            self.stats,
+            self.readiness,
+            self.socks5,
+            self.outbound,
+            self.inbound_plaintext,
+            self.dns.as_ref().map(|d| d.addr),
+        ]
+        .iter()
+        .flatten()
+        .any(|l| *l == dst || (l.ip().is_unspecified() && l.port() == dst.port() && local()))
+    }
+}
+
 /// Where the local workloads' certificates come from.
 #[derive(Debug, Clone)]
 pub enum CertSource {
