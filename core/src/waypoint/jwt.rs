@@ -556,12 +556,17 @@ fn verify<'a>(
         if !signed {
             continue;
         }
-        let time = |name: &str| claims.get(name).and_then(Value::as_u64);
-        if time("exp").is_some_and(|exp| now > exp.saturating_add(SKEW_SECS)) {
+        let exp = numeric_date(&claims, "exp", "Jwt payload exp is not a NumericDate")?;
+        let nbf = numeric_date(&claims, "nbf", "Jwt payload nbf is not a NumericDate")?;
+        let iat = numeric_date(&claims, "iat", "Jwt payload iat is not a NumericDate")?;
+        if exp.is_some_and(|exp| now > exp.saturating_add(SKEW_SECS)) {
             return Err("Jwt is expired");
         }
-        if time("nbf").is_some_and(|nbf| now.saturating_add(SKEW_SECS) < nbf) {
+        if nbf.is_some_and(|nbf| now.saturating_add(SKEW_SECS) < nbf) {
             return Err("Jwt not yet valid");
+        }
+        if iat.is_some_and(|iat| now.saturating_add(SKEW_SECS) < iat) {
+            return Err("Jwt was issued in the future");
         }
         if !rule.audiences.is_empty() {
             let ok = match claims.get("aud") {
@@ -583,6 +588,30 @@ fn verify<'a>(
     Err("Jwt verification fails")
 }
 
+/// A NumericDate claim (RFC 7519 section 2): a JSON number of seconds, fractions allowed and
+/// truncated (as Envoy); a string, a negative or a value past `u64` is refused with `bad`
+/// rather than read as absent (which would switch the check off).
+fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &str,
+    bad: &'static str,
+) -> Result<Option<u64>, &'static str> {
+    let Some(v) = claims.get(name) else {
+        return Ok(None);
+    };
+    let n = v.as_number().ok_or(bad)?;
+    if let Some(u) = n.as_u64() {
+        return Ok(Some(u));
+    }
+    match n.as_f64() {
+        // 2^64: the first value `as u64` would saturate at.
+        Some(f) if (0.0..18_446_744_073_709_551_616.0).contains(&f) => {
+            Ok(Some(f as u64))
+        }
+        _ => Err(bad),
+    }
+}
+
 /// Authenticate a request to `service` with the RequestAuthentications in force: find its
 /// token, verify it, and on success apply the rule's header changes to `h` (the token's header
 /// removed unless `forwardOriginalToken`, the payload or claims copied to headers).
@@ -600,6 +629,17 @@ pub fn authenticate(
         .collect();
     if rules.is_empty() {
         return Outcome::Missing;
+    }
+    // The headers the rules write from a verified token are the waypoint's alone: whatever
+    // the client sent under those names goes first, token or not, so a backend that trusts
+    // them can never be fed a client's value.
+    for r in &rules {
+        if let Some(n) = &r.output_payload_to_header {
+            h.remove(n);
+        }
+        for (n, _) in &r.output_claim_to_headers {
+            h.remove(n);
+        }
     }
     // Every token the rules' locations hold; each must verify (Envoy's requires_any with
     // allow_missing: a missing token passes, a bad one does not).
@@ -938,6 +978,85 @@ mod tests {
             authenticate(&p, None, &mut bearer(&es), None, 1_900_000_000 + 61),
             Outcome::Failed("Jwt is expired")
         );
+    }
+
+    /// Security review M1 and L2: NumericDate claims are numbers (fractions truncated, as
+    /// Envoy reads them); a string, a negative or a fraction can no longer switch the expiry
+    /// or not-before check off. Headers the rule writes from claims never carry a client's
+    /// value, with or without a token.
+    #[test]
+    fn time_claims_must_be_numeric_dates_and_claim_headers_are_the_waypoints_alone() {
+        use ring::signature::{Ed25519KeyPair, KeyPair};
+        let enc = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let rng = ring::rand::SystemRandom::new();
+        let ed8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let ed = Ed25519KeyPair::from_pkcs8(ed8.as_ref()).unwrap();
+        let jwks = format!(
+            r#"{{"keys":[{{"kty":"OKP","crv":"Ed25519","x":"{}"}}]}}"#,
+            enc(ed.public_key().as_ref())
+        );
+        let p = authn(&format!(
+            "jwtRules:\n- issuer: me\n  jwks: '{jwks}'\n  outputClaimToHeaders: [{{header: x-jwt-group, claim: group}}]\n"
+        ));
+        let token = |claims: &str| {
+            let msg = format!(
+                "{}.{}",
+                enc(br#"{"alg":"EdDSA"}"#),
+                enc(format!(r#"{{"iss":"me","sub":"a"{claims}}}"#).as_bytes())
+            );
+            format!("{msg}.{}", enc(ed.sign(msg.as_bytes()).as_ref()))
+        };
+        let past = NOW - 3600;
+        let soon = NOW + 86400;
+        for (claims, want) in [
+            (format!(r#","exp":{past}.5"#), "Jwt is expired"),
+            (
+                format!(r#","exp":"{past}""#),
+                "Jwt payload exp is not a NumericDate",
+            ),
+            (
+                r#","exp":-1"#.to_string(),
+                "Jwt payload exp is not a NumericDate",
+            ),
+            (
+                r#","exp":1e300"#.to_string(),
+                "Jwt payload exp is not a NumericDate",
+            ),
+            (format!(r#","nbf":{soon}.5"#), "Jwt not yet valid"),
+            (
+                format!(r#","nbf":"{soon}""#),
+                "Jwt payload nbf is not a NumericDate",
+            ),
+            (format!(r#","iat":{soon}"#), "Jwt was issued in the future"),
+        ] {
+            assert_eq!(
+                authenticate(&p, None, &mut bearer(&token(&claims)), None, NOW),
+                Outcome::Failed(want),
+                "{claims}"
+            );
+        }
+        // A fraction in the future is still valid; no exp at all is valid (as Envoy).
+        for claims in [format!(r#","exp":{soon}.9,"nbf":{past}.1"#), String::new()] {
+            assert!(matches!(
+                authenticate(&p, None, &mut bearer(&token(&claims)), None, NOW),
+                Outcome::Verified(_)
+            ));
+        }
+        // A client's own x-jwt-group goes, token or not, and is written only from a claim.
+        for (h, group) in [
+            (HeaderMap::new(), None),
+            (bearer(&token("")), None),
+            (bearer(&token(r#","group":"dev""#)), Some("dev")),
+        ] {
+            let mut h = h;
+            h.insert("x-jwt-group", "admins".parse().unwrap());
+            authenticate(&p, None, &mut h, None, NOW);
+            assert_eq!(
+                h.get("x-jwt-group").map(|v| v.to_str().unwrap()),
+                group,
+                "{h:?}"
+            );
+        }
     }
 
     /// Serve `answer` (a whole HTTP response) to one connection, over TLS with `tls`.
