@@ -155,10 +155,10 @@ struct RunArgs {
     /// On SIGTERM (and when a pod leaves), how long live connections may finish before they
     /// are closed. Default as ztunnel: TERMINATION_GRACE_PERIOD_SECONDS minus 5 s (minus 1 s
     /// when it is 10 or less), else 5 s.
-    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "CONNECTION_TERMINATION_DEADLINE", value_parser = zring_core::config::duration_flag)]
     drain_timeout: Option<Duration>,
     /// Lifetime of the certificates --ca-dir issues (renewed at half-life).
-    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = zring_core::config::duration_flag)]
     cert_ttl: Duration,
 }
 
@@ -184,14 +184,14 @@ struct WaypointArgs {
     root_namespace: String,
     /// Default limit of one request until its response head (a route's own timeout takes
     /// precedence and covers the whole response, body included).
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = zring_core::config::duration_flag)]
     request_timeout: Duration,
     /// How long an endpoint that failed (connect error, reset) is skipped.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = zring_core::config::duration_flag)]
     ejection_time: Duration,
     /// A client connection with no request in flight (including one still sending its
     /// request head) is closed after this long.
-    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "300s", value_parser = zring_core::config::duration_flag)]
     idle_timeout: Duration,
 }
 
@@ -252,7 +252,7 @@ struct DnsArgs {
     #[arg(long, value_delimiter = ',')]
     dns_upstream: Vec<SocketAddr>,
     /// Time limit per upstream for a forwarded question.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = zring_core::config::duration_flag)]
     dns_timeout: Duration,
     /// Questions in flight before new ones get SERVFAIL at once.
     #[arg(long, default_value_t = zring_core::dns::DEFAULT_MAX_IN_FLIGHT)]
@@ -294,35 +294,35 @@ fn dns_addr(s: &str) -> Result<SocketAddr, String> {
 #[derive(Debug, clap::Args)]
 struct LimitArgs {
     /// TLS handshake limit on 15008, both sides, counted from accept (or from the TCP connect).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = zring_core::config::duration_flag)]
     tls_handshake_timeout: Duration,
     /// HTTP/2 preface and SETTINGS limit after TLS.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = zring_core::config::duration_flag)]
     h2_handshake_timeout: Duration,
     /// How long an outbound CONNECT waits for the destination's answer.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = zring_core::config::duration_flag)]
     connect_response_timeout: Duration,
     /// Close an inbound HBONE connection that opened no stream this long after its handshake.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = zring_core::config::duration_flag)]
     idle_no_stream_timeout: Duration,
     /// HTTP/2 PING interval on HBONE connections, both sides (0s: no keepalive).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = zring_core::config::duration_flag)]
     ping_interval: Duration,
     /// An unanswered PING after this long closes the connection.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = zring_core::config::duration_flag)]
     ping_timeout: Duration,
     /// A SOCKS5 client must finish its greeting and request within this.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = zring_core::config::duration_flag)]
     socks5_greeting_timeout: Duration,
     /// Unfinished handshakes (TLS on 15008, SOCKS5 greetings) per listener and worker; past it
     /// new connections are closed at once and counted.
     #[arg(long, default_value_t = zring_core::proxy::DEFAULT_MAX_HANDSHAKES)]
     max_handshakes: usize,
     /// TCP keepalive idle time on HBONE connections (0s: off).
-    #[arg(long, env = "KEEPALIVE_TIME", default_value = "180s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KEEPALIVE_TIME", default_value = "180s", value_parser = zring_core::config::duration_flag)]
     tcp_keepalive_time: Duration,
     /// TCP keepalive probe interval.
-    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "180s", value_parser = zring_core::config::duration_flag)]
     tcp_keepalive_interval: Duration,
     /// Unanswered TCP keepalive probes before the connection is dropped.
     #[arg(long, env = "KEEPALIVE_RETRIES", default_value_t = 9)]
@@ -485,7 +485,7 @@ struct ControlPlaneArgs {
     #[arg(long)]
     token_file: Option<std::path::PathBuf>,
     /// How often the config file is checked for changes.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = zring_core::config::duration_flag)]
     poll: Duration,
 }
 
@@ -753,15 +753,19 @@ fn relay_config(a: RelayArgs) -> anyhow::Result<relay_cmd::RelayConfig> {
         relay: RelayOptions {
             mode: relay_cmd::mode_with_buffer(a.mode, a.buffer_size),
             pipe_size: a.pipe_size,
-            idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
+            idle_timeout: (a.idle_timeout > 0)
+                .then(|| Duration::from_secs(a.idle_timeout).min(zring_core::config::MAX_DURATION)),
         },
         connect: ConnectOptions {
             mark: a.packet_mark,
-            timeout: (a.connect_timeout > 0).then(|| Duration::from_secs(a.connect_timeout)),
+            timeout: (a.connect_timeout > 0).then(|| {
+                Duration::from_secs(a.connect_timeout).min(zring_core::config::MAX_DURATION)
+            }),
             ..ConnectOptions::default()
         },
         workers: a.workers.config(),
-        drain_timeout: Duration::from_secs_f64(a.drain_timeout.max(0.0)),
+        drain_timeout: zring_core::config::seconds(a.drain_timeout.max(0.0), "--drain-timeout")
+            .map_err(|e| anyhow::anyhow!(e))?,
     })
 }
 

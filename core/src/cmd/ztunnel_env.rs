@@ -525,10 +525,11 @@ pub fn cpu_quantity(v: &str) -> anyhow::Result<usize> {
 
 /// A duration as ztunnel's variables write it: `10s`, `1m30s`, `500ms`, or plain seconds.
 pub fn parse_duration(v: &str) -> anyhow::Result<Duration> {
-    if let Ok(secs) = v.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    Ok(humantime::parse_duration(v)?)
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(v)?,
+    };
+    crate::config::bounded(d, v).map_err(|e| anyhow::anyhow!(e))
 }
 
 /// `localhost:PORT` (127.0.0.1) or an `ip:port`.

@@ -283,6 +283,40 @@ impl fmt::Debug for Derived {
 
 /// Whether workload `w` carries every label in `want` (`app` and `version` fall back to its
 /// canonical name and revision).
+/// The longest duration zring takes from any config, flag or resource: a century. Past it a
+/// value is refused with an error naming it, rather than overflowing a deadline (`now + d`)
+/// and panicking the thread that computes it.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 86400);
+
+/// `d` if it is at most [`MAX_DURATION`]; else why not.
+pub fn bounded(d: std::time::Duration, what: &str) -> Result<std::time::Duration, String> {
+    match d <= MAX_DURATION {
+        true => Ok(d),
+        false => Err(format!(
+            "{what:?} is longer than a century, the longest duration zring accepts"
+        )),
+    }
+}
+
+/// Seconds (a float, as flags and Istio's `1.5s` write them) as a duration, refused when
+/// negative, not finite or past [`MAX_DURATION`].
+pub fn seconds(v: f64, what: &str) -> Result<std::time::Duration, String> {
+    if !v.is_finite() || v < 0.0 {
+        return Err(format!("{what:?} is not a duration"));
+    }
+    let d = std::time::Duration::try_from_secs_f64(v).map_err(|_| {
+        format!("{what:?} is longer than a century, the longest duration zring accepts")
+    })?;
+    bounded(d, what)
+}
+
+/// A duration flag (`10s`, `1h30m`, `500ms`), refused past [`MAX_DURATION`]: the value parser
+/// of every duration flag and environment variable.
+pub fn duration_flag(s: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))?;
+    bounded(d, s)
+}
+
 pub fn labels_match(w: &Workload, want: &std::collections::BTreeMap<String, String>) -> bool {
     want.iter().all(|(k, v)| match w.labels.get(k) {
         Some(have) => have == v,
