@@ -294,6 +294,12 @@ impl Client {
         self.read()
     }
 
+    /// A bodyless request for `target` (origin or absolute form) with `Host: host`.
+    fn request_to(&mut self, method: &str, target: &str, host: &str) -> Reply {
+        self.send(format!("{method} {target} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        self.read()
+    }
+
     /// One response (content-length or chunked body).
     fn read(&mut self) -> Reply {
         let mut line = String::new();
@@ -2682,5 +2688,189 @@ fn least_request_avoids_a_busy_endpoint_and_warmup_ramps_up_a_new_one() {
         config_dump(&lab).contains("\"LEAST_REQUEST\""),
         "{}",
         config_dump(&lab)
+    );
+}
+
+/// `y` with `who`'s own waypoint taken away (its services keep theirs).
+fn drop_waypoint(y: String, who: &str) -> String {
+    let at = y.find(&format!("  name: {who}\n")).unwrap();
+    let (head, tail) = y.split_at(at);
+    let end_mark = "hboneMtlsPort: 15008\n";
+    let wp = tail.find("  waypoint:\n").unwrap();
+    let end = wp + tail[wp..].find(end_mark).unwrap() + end_mark.len();
+    format!("{head}{}{}", &tail[..wp], &tail[end..])
+}
+
+/// The paths both reviews backends were asked for, in order of arrival per backend.
+fn reviews_paths(lab: &Lab) -> Vec<(String, String)> {
+    [11, 12]
+        .iter()
+        .flat_map(|h| seen(SocketAddr::new(ip(lab.n, *h), 9080)))
+        .map(|s| (s.path, s.authority))
+        .collect()
+}
+
+/// The security review's H1, H2 and M2. The waypoint serves a CONNECT only when its target is
+/// bound to it (a service or workload whose waypoint this is): anything else gets 400 and is
+/// counted, so it is no relay to the rest of the mesh under its own identity. Every request is
+/// normalised before JWT, policy and routing (Istio's default BASE), so a DENY on `/admin`
+/// holds against each spelling of it, and the backend receives the normalised path; an
+/// absolute-form target and `Host` name one authority for policy and backend alike.
+#[test]
+fn the_waypoint_serves_only_what_is_bound_to_it_and_policy_sees_one_normalised_request() {
+    let deny = resource(
+        "wp-zt-res",
+        "deny.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-admin, namespace: default}\nspec:\n  targetRefs:\n  - {kind: Service, group: \"\", name: reviews}\n  action: DENY\n  rules:\n  - to:\n    - operation: {paths: [\"/admin\"]}\n  - to:\n    - operation: {hosts: [\"secret.example\"]}\n",
+    );
+    let ip_only = resource(
+        "wp-zt-res",
+        "ip.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ipcheck-from-9, namespace: default}\nspec:\n  targetRefs:\n  - {kind: Service, group: \"\", name: reviews}\n  action: ALLOW\n  rules:\n  - from:\n    - source: {ipBlocks: [\"127.0.58.9/32\"]}\n    to:\n    - operation: {paths: [\"/ipcheck\"]}\n  - to:\n    - operation: {notPaths: [\"/ipcheck\"]}\n",
+    );
+    let lab = Lab::start(58, "wp-zt", &[("deny.yaml", &deny), ("ip.yaml", &ip_only)]);
+    let n = lab.n;
+    for (name, host) in [
+        ("productpage-v1", 10),
+        ("reviews-v1", 11),
+        ("reviews-v2", 12),
+        ("ext-authz-v1", 13),
+    ] {
+        server(SocketAddr::new(ip(n, host), 9080), name);
+    }
+    let mut c = lab.client(2, lab.vip(101));
+    for p in [
+        "/admin",
+        "/%61dmin",
+        "/./admin",
+        "/public/../admin",
+        "/x/%2e%2e/admin",
+        "/x/%2E%2E/admin",
+        "/admin?x=1",
+    ] {
+        let r = c.request("GET", p, b"");
+        assert_eq!(r.status, 403, "{p}: {}", r.text());
+    }
+    assert!(
+        !reviews_paths(&lab).iter().any(|(p, _)| p.contains("admin")),
+        "a denied request reached a backend: {:?}",
+        reviews_paths(&lab)
+    );
+    // Not decoded twice; under BASE `//admin` is its own path (as Istio).
+    for (p, backend) in [
+        ("/%2561dmin", "/%2561dmin"),
+        ("//admin", "//admin"),
+        ("/public/../reviews/1?q=/../x", "/reviews/1?q=/../x"),
+        ("/%72eviews/%7e2", "/reviews/~2"),
+    ] {
+        let r = c.request("GET", p, b"");
+        assert_eq!(r.status, 200, "{p}: {}", r.text());
+        assert!(
+            reviews_paths(&lab).iter().any(|(got, _)| got == backend),
+            "{p}: the backends saw {:?}",
+            reviews_paths(&lab)
+        );
+    }
+    // Refused outright: an encoded NUL, a method not in upper case.
+    assert_eq!(c.request("GET", "/r%00", b"").status, 400);
+    assert_eq!(c.request("get", "/r", b"").status, 400);
+    // One authority: the absolute-form target's, for policy and backend both.
+    assert_eq!(
+        c.request_to("GET", "/r", "secret.example").status,
+        403,
+        "the DENY on the host"
+    );
+    let r = c.request_to("GET", "http://reviews:9080/abs", "secret.example");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let abs: Vec<_> = reviews_paths(&lab)
+        .into_iter()
+        .filter(|(p, _)| p == "/abs")
+        .collect();
+    assert_eq!(
+        abs,
+        [("/abs".to_string(), "reviews:9080".to_string())],
+        "the backend saw another authority than policy did"
+    );
+
+    // M6: the client address is the HBONE peer's. A tunnel's CONNECT carries `Forwarded:
+    // for=` of whoever connected to it (127.0.58.9 here, the one address /ipcheck admits);
+    // the tunnel's own connection to the waypoint comes from elsewhere: denied.
+    let listen = SocketAddr::new(ip(n, 2), 18095);
+    let _t = sleep_tunnel(
+        &lab,
+        listen,
+        SocketAddr::new(ip(n, 20), 15008),
+        lab.vip(101),
+        "bookinfo-waypoint",
+    );
+    let from_9 = || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::new(ip(n, 9), 0).into()).unwrap();
+        s.connect(&listen.into()).unwrap();
+        let mut c: TcpStream = s.into();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"GET /ipcheck HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        let _ = c.read_to_string(&mut text);
+        text
+    };
+    let answer = from_9();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert_eq!(
+        c.request("GET", "/ipcheck", b"").status,
+        403,
+        "sleep is not 127.0.58.9"
+    );
+
+    // H1: productpage's workload loses its own waypoint (its service keeps it); tunnels
+    // straight to the waypoint with sleep's certificate then ask for each kind of target.
+    let mut generation = 1;
+    lab.remesh(&mut generation, &|y| drop_waypoint(y, "productpage-v1"));
+    let refused = |reason: &str| {
+        metric(
+            &lab.w.metrics(),
+            "zring_waypoint_refused_total",
+            &[&format!("reason=\"{reason}\"")],
+        )
+        .unwrap_or(0)
+    };
+    let waypoint = SocketAddr::new(ip(n, 20), 15008);
+    for (port, target, served, reason) in [
+        // A service bound to the waypoint, and a workload bound to it.
+        (18090, SocketAddr::new(ip(n, 100), 9080), true, ""),
+        (18091, SocketAddr::new(ip(n, 11), 9080), true, ""),
+        // The pod of a service-bound backend (would skip targetRefs: Service policies), a
+        // workload with no waypoint at all, and an address outside the mesh.
+        (18092, SocketAddr::new(ip(n, 10), 9080), false, "not_bound"),
+        (18093, SocketAddr::new(ip(n, 13), 9080), false, "not_bound"),
+        (
+            18094,
+            SocketAddr::new(ip(n, 99), 9080),
+            false,
+            "unknown_destination",
+        ),
+    ] {
+        let before = (!reason.is_empty()).then(|| refused(reason));
+        let hits = seen(target).len();
+        let listen = SocketAddr::new(ip(n, 2), port);
+        let _t = sleep_tunnel(&lab, listen, waypoint, target, "bookinfo-waypoint");
+        let (st, body) = http_get(listen, "GET", "/productpage");
+        if served {
+            assert_eq!(st, 200, "{target}: {body}\n{}", lab.w.proc.log());
+        } else {
+            assert_ne!(st, 200, "{target} was served: {body}");
+            wait_until(
+                Duration::from_secs(5),
+                || Some(refused(reason)) > before,
+                || lab.w.metrics(),
+            );
+            assert_eq!(seen(target).len(), hits, "{target} was reached");
+        }
+    }
+    let log = lab.w.proc.log();
+    assert!(
+        log.contains("CONNECT refused") && log.contains("NR"),
+        "{log}"
     );
 }

@@ -36,7 +36,9 @@ use super::{
     cors::{self, Cors},
     ext_authz,
     headers::{self, HeaderRules},
-    jwt, mirror,
+    jwt,
+    metrics::Refused,
+    mirror, normalize,
     policy::{self, Decision, RequestContext},
     resources::{self, Abort, Backend, L7Config, Mirror, RequestView, RetryPolicy},
     traffic::{self, Outcome, Outlier, Overflow, Permit},
@@ -44,8 +46,7 @@ use super::{
 };
 use crate::{
     config::{
-        index::MeshIndex, index::Resolved, weighted_turn, InboundProtocol, LoadBalancerMode,
-        Service, Workload,
+        index::MeshIndex, weighted_turn, InboundProtocol, LoadBalancerMode, Service, Workload,
     },
     hbone_io::{MonoioExecutor, PollTcp},
     metrics::{ConnLabels, Peer},
@@ -425,15 +426,6 @@ async fn idle_watchdog(ctx: &ConnCtx, idle: Duration) {
     }
 }
 
-/// `for="ip:port"` from a `Forwarded` header.
-fn forwarded_for(v: &str) -> Option<SocketAddr> {
-    v.split(';')
-        .map(str::trim)
-        .find_map(|p| p.strip_prefix("for="))
-        .map(|s| s.trim_matches('"'))
-        .and_then(|s| s.parse().ok())
-}
-
 /// Serve one CONNECT stream that reached the waypoint.
 pub(crate) async fn stream(
     incoming: ConnectStream,
@@ -445,30 +437,42 @@ pub(crate) async fn stream(
 ) {
     let target = incoming.request.target;
     let peer = incoming.request.peer.clone();
-    let client = incoming
-        .request
-        .headers
-        .get("forwarded")
-        .and_then(|v| v.to_str().ok())
-        .and_then(forwarded_for)
-        .unwrap_or(peer_addr);
+    // The client is the HBONE connection's peer, as Istio's waypoint takes it
+    // (`%DOWNSTREAM_REMOTE_ADDRESS%`): never a `Forwarded` any peer with a certificate could
+    // write, so `source.ip`/`ipBlocks` and the `Forwarded` sent on cannot be forged.
+    let client = peer_addr;
     let index = state.index();
-    let Some((my_id, baggage)) = index.workload_by_ip(local.ip()).and_then(|w| {
-        w.identity()
-            .ok()
-            .map(|id| (id, crate::proxy::headers::baggage(w)))
-    }) else {
+    let Some((me, my_id)) = index
+        .workload_by_ip(local.ip())
+        .and_then(|w| w.identity().ok().map(|id| (w, id)))
+    else {
         tracing::warn!(%local, "waypoint: no workload owns the address this stream came to");
         return incoming.reject(StatusCode::SERVICE_UNAVAILABLE);
     };
-    if target.ip() == local.ip() {
-        // The waypoint itself as the destination would loop back into it.
-        tracing::info!(%target, "waypoint: CONNECT to the waypoint's own address refused");
+    let baggage = crate::proxy::headers::baggage(me);
+    // Serve only what is bound to this waypoint: a service VIP or a workload address whose
+    // waypoint is this one. Anything else would make the waypoint a relay that re-originates
+    // under its own identity (past the destination's policy on the real client).
+    let refused = if target.ip() == local.ip() {
+        Some(Refused::OwnAddress)
+    } else {
+        match index.waypoint_at(target.ip()) {
+            None => Some(Refused::Unknown),
+            Some(wp) if !wp.is_some_and(|gw| index.gateway_is(gw, me)) => Some(Refused::NotBound),
+            Some(_) => None,
+        }
+    };
+    if let Some(why) = refused {
+        wp.metrics.refused(why);
+        tracing::info!(
+            src.addr = %peer_addr,
+            src.identity = ?peer.as_ref().map(ToString::to_string),
+            dst.addr = %target,
+            response_flags = "NR",
+            reason = why.label(),
+            "waypoint: CONNECT refused: {why}"
+        );
         return incoming.reject(StatusCode::BAD_REQUEST);
-    }
-    if matches!(index.resolve(target), Resolved::Unknown) {
-        tracing::info!(%target, peer = ?peer.as_ref().map(ToString::to_string), "waypoint: CONNECT to an address that is neither a service nor a workload");
-        return incoming.reject(StatusCode::SERVICE_UNAVAILABLE);
     }
     // The client's trace goes on to the destination, so both ends' access lines carry its id.
     let traceparent = incoming
@@ -1477,6 +1481,8 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     let index = ctx.state.index();
     let rules = ctx.wp.rules();
+    // One path and one authority for everything below (JWT, policy, routing, upstream).
+    let bad = normalize::request(&mut req, rules.path_normalization).err();
     let authority = req
         .uri()
         .authority()
@@ -1519,6 +1525,11 @@ async fn proxy(ctx: Rc<ConnCtx>, mut req: Request<Incoming>) -> Response<Body> {
         delayed: false,
         counted: false,
     };
+    if let Some(why) = bad {
+        log.error = Some(format!("refused before routing: {why}"));
+        Box::pin(drain_small(req.into_body(), &req_bytes)).await;
+        return answer(log, StatusCode::BAD_REQUEST, "-", "Bad Request");
+    }
     // Request authentication (RequestAuthentication's JWT rules), before authorization as
     // Envoy's jwt_authn runs before RBAC.
     let auth = match rules.authn.is_empty() {
@@ -2837,14 +2848,5 @@ mod tests {
         // drain) are boxed so it does not carry them. It was 10,496 bytes with them inline.
         let size = future_size(handle);
         assert!(size <= 4608, "handle()'s future grew to {size} bytes");
-    }
-
-    #[test]
-    fn forwarded_for_reads_the_client() {
-        assert_eq!(
-            forwarded_for(r#"for="10.1.2.3:4567";host=reviews"#),
-            Some("10.1.2.3:4567".parse().unwrap())
-        );
-        assert_eq!(forwarded_for("host=x"), None);
     }
 }

@@ -63,6 +63,40 @@ struct Series {
     response_bytes: Histogram,
 }
 
+/// Why the waypoint refused a CONNECT (400, flag `NR`), as `zring_waypoint_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The target is neither a service VIP nor a workload address of the mesh.
+    Unknown,
+    /// The target is in the mesh but not bound to this waypoint.
+    NotBound,
+    /// The target is the waypoint's own address (it would loop).
+    OwnAddress,
+}
+
+impl Refused {
+    const ALL: [Refused; 3] = [Refused::Unknown, Refused::NotBound, Refused::OwnAddress];
+
+    /// The metric's `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Unknown => "unknown_destination",
+            Refused::NotBound => "not_bound",
+            Refused::OwnAddress => "own_address",
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Refused::Unknown => "the target is neither a service nor a workload of the mesh",
+            Refused::NotBound => "the target's service or workload does not use this waypoint",
+            Refused::OwnAddress => "the target is the waypoint's own address",
+        })
+    }
+}
+
 /// The waypoint's request metrics.
 #[derive(Debug, Default)]
 pub struct RequestMetrics {
@@ -74,6 +108,7 @@ pub struct RequestMetrics {
     overflows: AtomicU64,
     mirrored_ok: AtomicU64,
     mirrored_failed: AtomicU64,
+    refused: [AtomicU64; 3],
 }
 
 impl RequestMetrics {
@@ -119,6 +154,11 @@ impl RequestMetrics {
             true => self.mirrored_ok.fetch_add(1, Ordering::Relaxed),
             false => self.mirrored_failed.fetch_add(1, Ordering::Relaxed),
         };
+    }
+
+    /// A CONNECT was refused before any byte of it was served.
+    pub fn refused(&self, why: Refused) {
+        self.refused[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Append the Prometheus text.
@@ -201,6 +241,18 @@ impl RequestMetrics {
             self.mirrored_ok.load(Ordering::Relaxed),
             self.mirrored_failed.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP zring_waypoint_refused_total CONNECTs refused with 400 (NR) by reason.\n# TYPE zring_waypoint_refused_total counter"
+        );
+        for why in Refused::ALL {
+            let _ = writeln!(
+                out,
+                "zring_waypoint_refused_total{{reason=\"{}\"}} {}",
+                why.label(),
+                self.refused[why as usize].load(Ordering::Relaxed)
+            );
+        }
     }
 }
 

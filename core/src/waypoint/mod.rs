@@ -27,6 +27,7 @@ pub mod http;
 pub mod jwt;
 pub mod metrics;
 pub(crate) mod mirror;
+pub mod normalize;
 pub mod policy;
 pub mod resources;
 pub mod traffic;
@@ -142,7 +143,20 @@ impl Waypoint {
         let Some(path) = &self.settings.resources else {
             return Ok(0);
         };
-        let result = resources::load(path, &self.identity(domain));
+        let me = self.identity(domain);
+        // A panic while reading is a bug, but it must cost one refused reload, never the rules
+        // thread (which would then never read a fixed file again).
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            resources::load(path, &me).map_err(|e| e.to_string())
+        }))
+        .unwrap_or_else(|p| {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!("internal error while reading the resources: {why}"))
+        });
         match result {
             Ok(cfg) => {
                 let n = cfg.loaded.len();
@@ -157,8 +171,7 @@ impl Waypoint {
                 self.metrics.reload(true);
                 Ok(n)
             }
-            Err(e) => {
-                let msg = e.to_string();
+            Err(msg) => {
                 tracing::error!(error = %msg, "waypoint L7 resources rejected; the rules in force are kept");
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg.clone());
                 self.metrics.reload(false);

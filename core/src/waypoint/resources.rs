@@ -362,6 +362,8 @@ pub struct L7Config {
     pub authn: Vec<super::jwt::RequestAuthn>,
     /// The mesh config's extension providers (the `istio` ConfigMap), for CUSTOM policies.
     pub providers: Vec<super::ext_authz::Provider>,
+    /// The mesh config's `pathNormalization.normalization` (`BASE` when unset, as Istio).
+    pub path_normalization: super::normalize::PathNormalization,
     /// What was read: `Kind namespace/name (file)`.
     pub loaded: Vec<String>,
 }
@@ -696,8 +698,28 @@ fn mesh_config(
         message: m,
     })?;
     b.cfg.providers = providers;
+    b.cfg.path_normalization = path_normalization(mesh).map_err(|m| ResourceError {
+        file: file.into(),
+        resource: name.clone(),
+        field: "data.mesh.pathNormalization.normalization".into(),
+        message: m,
+    })?;
     b.cfg.loaded.push(format!("{name} ({file})"));
     Ok(())
+}
+
+/// `pathNormalization.normalization` of a mesh config's text (`BASE` when unset).
+fn path_normalization(mesh: &str) -> Result<super::normalize::PathNormalization, String> {
+    let v: Value = serde_yaml_ng::from_str(mesh).map_err(|e| e.to_string())?;
+    match v
+        .get("pathNormalization")
+        .and_then(|p| p.get("normalization"))
+    {
+        None | Some(Value::Null) => Ok(Default::default()),
+        Some(n) => super::normalize::PathNormalization::parse(
+            n.as_str().ok_or_else(|| "not a string".to_string())?,
+        ),
+    }
 }
 
 /// Deserialize with the path of the field that failed.
@@ -711,14 +733,14 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, (String, String)
 /// A duration as Istio writes them (`1.5s`, `100ms`) or Gateway API (`1h30m`, `500ms`).
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let num = |t: &str| t.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0);
+    let num = |t: &str| t.parse::<f64>().ok();
     if let Some(v) = s.strip_suffix("ms").and_then(num) {
-        return Ok(Duration::from_secs_f64(v / 1000.0));
+        return crate::config::seconds(v / 1000.0, s);
     }
     if let Some(v) = s.strip_suffix('s').and_then(num) {
-        return Ok(Duration::from_secs_f64(v));
+        return crate::config::seconds(v, s);
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration: {e}"))
+    crate::config::duration_flag(s)
 }
 
 // --- Istio networking ---------------------------------------------------------------------
@@ -2016,6 +2038,42 @@ mod tests {
             root_namespace: "istio-system".into(),
             domain: "cluster.local".into(),
         }
+    }
+
+    /// Robustness: a duration no deadline can hold is refused with its source and field, and
+    /// a mesh config's path normalisation is read (and a bad one refused).
+    #[test]
+    fn unrepresentable_durations_and_bad_normalisations_are_refused_by_name() {
+        for t in [
+            "1e20s",
+            "1e300ms",
+            "200000000000s",
+            "-1s",
+            "nans",
+            "1000000y",
+        ] {
+            let vs = format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - timeout: {t}\n    route:\n    - destination: {{host: reviews}}\n");
+            let e = parse(&vs, "vs.yaml", &me()).unwrap_err().to_string();
+            assert!(
+                e.contains("vs.yaml")
+                    && e.contains("VirtualService default/r")
+                    && e.contains("timeout"),
+                "{t}: {e}"
+            );
+        }
+        assert_eq!(duration("1.5s"), Ok(Duration::from_millis(1500)));
+        let mesh = |n: &str| {
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: istio, namespace: istio-system}}\ndata:\n  mesh: |-\n    pathNormalization:\n      normalization: {n}\n")
+        };
+        let c = parse(&mesh("MERGE_SLASHES"), "m.yaml", &me()).unwrap();
+        assert_eq!(
+            c.path_normalization,
+            super::super::normalize::PathNormalization::MergeSlashes
+        );
+        let e = parse(&mesh("SOMETIMES"), "m.yaml", &me())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pathNormalization.normalization"), "{e}");
     }
 
     #[test]
