@@ -605,9 +605,7 @@ fn numeric_date(
     }
     match n.as_f64() {
         // 2^64: the first value `as u64` would saturate at.
-        Some(f) if (0.0..18_446_744_073_709_551_616.0).contains(&f) => {
-            Ok(Some(f as u64))
-        }
+        Some(f) if (0.0..18_446_744_073_709_551_616.0).contains(&f) => Ok(Some(f as u64)),
         _ => Err(bad),
     }
 }

@@ -242,11 +242,25 @@ impl Condition {
         {
             return deny;
         }
-        if let Key::Claim(path) = &self.key {
-            let vals = c
-                .auth
-                .map(|a| super::jwt::claim_values(&a.claims, path))
-                .unwrap_or_default();
+        // Claims and headers can hold several values: each is matched on its own (a repeated
+        // header as Envoy's RBAC matches it since CVE-2026-26308), so `x-role: user` beside
+        // `x-role: admin` meets a DENY on admin, and never only the first value counts.
+        let many = match &self.key {
+            Key::Claim(path) => Some(
+                c.auth
+                    .map(|a| super::jwt::claim_values(&a.claims, path))
+                    .unwrap_or_default(),
+            ),
+            Key::Header(h) => Some(
+                c.headers
+                    .get_all(h.as_str())
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect(),
+            ),
+            _ => None,
+        };
+        if let Some(vals) = many {
             let any = |list: &[String]| {
                 vals.iter()
                     .any(|v| list.iter().any(|p| value_matches(p, v, false)))
@@ -256,7 +270,7 @@ impl Condition {
         }
         let owned;
         let v: Option<&str> = match &self.key {
-            Key::Header(h) => c.headers.get(h.as_str()).and_then(|v| v.to_str().ok()),
+            Key::Header(_) | Key::Claim(_) => None,
             Key::SourceIp => {
                 owned = c.source_ip.to_string();
                 Some(&owned)
@@ -264,7 +278,6 @@ impl Condition {
             Key::SourceNamespace => c.namespace,
             Key::SourcePrincipal => c.principal,
             Key::RequestPrincipal => c.auth.map(|a| a.principal.as_str()),
-            Key::Claim(_) => None,
             Key::DestinationPort => {
                 owned = c.destination.port().to_string();
                 Some(&owned)
@@ -637,6 +650,50 @@ mod tests {
             auth: None,
             tcp: false,
         }
+    }
+
+    /// Security review L1: a repeated header is matched value by value, as Envoy's RBAC
+    /// matches it since CVE-2026-26308: `x-role: user` + `x-role: admin` meets a DENY on
+    /// admin (only the first value counted before) and an ALLOW on user; notValues hold only
+    /// when no value matches.
+    #[test]
+    fn repeated_headers_are_matched_value_by_value() {
+        let mut h = http::HeaderMap::new();
+        h.append("x-role", "user".parse().unwrap());
+        h.append("x-role", "admin".parse().unwrap());
+        let c = ctx("cluster.local/ns/default/sa/sleep", "GET", &h);
+        let when = |action: &str, field: &str, v: &str| {
+            policy(
+                &format!("action: {action}\nrules:\n- when:\n  - key: request.headers[x-role]\n    {field}: [\"{v}\"]\n"),
+                PolicyTarget::All,
+            )
+        };
+        assert!(matches!(
+            decide(&[when("DENY", "values", "admin")], &c),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide(&[when("ALLOW", "values", "user")], &c),
+            Decision::Allow { .. }
+        ));
+        assert!(matches!(
+            decide(&[when("ALLOW", "values", "user,admin")], &c),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            decide(&[when("ALLOW", "notValues", "admin")], &c),
+            Decision::Deny(_)
+        ));
+        let one = {
+            let mut h = http::HeaderMap::new();
+            h.insert("x-role", "user".parse().unwrap());
+            h
+        };
+        let c1 = ctx("cluster.local/ns/default/sa/sleep", "GET", &one);
+        assert!(matches!(
+            decide(&[when("ALLOW", "notValues", "admin")], &c1),
+            Decision::Allow { .. }
+        ));
     }
 
     #[test]

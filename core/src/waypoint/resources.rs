@@ -159,11 +159,22 @@ impl RequestMatch {
         {
             return false;
         }
+        // A repeated header is matched as Envoy's router matches it: its values joined with
+        // commas (`x-role: user` + `x-role: admin` is `user,admin`), never only the first.
         let header_ok = |(name, m): &(String, ValueMatch)| {
-            r.headers
-                .get(name.as_str())
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| m.matches(v))
+            let mut vals = r
+                .headers
+                .get_all(name.as_str())
+                .iter()
+                .map(|v| v.to_str().ok());
+            match (vals.next(), vals.next()) {
+                (None, _) | (Some(None), _) => false,
+                (Some(Some(v)), None) => m.matches(v),
+                (Some(first), Some(second)) => {
+                    let all: Option<Vec<&str>> = [first, second].into_iter().chain(vals).collect();
+                    all.is_some_and(|all| m.matches(&all.join(",")))
+                }
+            }
         };
         if !self.headers.iter().all(header_ok) {
             return false;
@@ -2038,6 +2049,43 @@ mod tests {
             root_namespace: "istio-system".into(),
             domain: "cluster.local".into(),
         }
+    }
+
+    /// A route's header match sees a repeated header's values joined with commas, as
+    /// Envoy's router: never only the first one.
+    #[test]
+    fn route_header_matches_see_repeated_headers_joined() {
+        let m = RequestMatch {
+            headers: vec![("x-role".into(), ValueMatch::Exact("user".into()))],
+            ..Default::default()
+        };
+        let view = |h: &http::HeaderMap| {
+            m.matches(&RequestView {
+                method: "GET",
+                path: "/",
+                query: None,
+                headers: h,
+                authority: "reviews",
+                port: 9080,
+            })
+        };
+        let mut h = http::HeaderMap::new();
+        h.append("x-role", "user".parse().unwrap());
+        assert!(view(&h));
+        h.append("x-role", "admin".parse().unwrap());
+        assert!(!view(&h), "user,admin is not user");
+        let joined = RequestMatch {
+            headers: vec![("x-role".into(), ValueMatch::Exact("user,admin".into()))],
+            ..Default::default()
+        };
+        assert!(joined.matches(&RequestView {
+            method: "GET",
+            path: "/",
+            query: None,
+            headers: &h,
+            authority: "reviews",
+            port: 9080,
+        }));
     }
 
     /// Robustness: a duration no deadline can hold is refused with its source and field, and
