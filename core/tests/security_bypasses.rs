@@ -70,27 +70,11 @@ fn tunnel(
     server: SocketAddr,
     target: SocketAddr,
 ) -> Proc {
-    let mut t = Proc::spawn(&[
-        "tunnel",
-        "client",
-        "--listen",
-        &listen.to_string(),
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--identity",
-        identity,
-        "--server",
-        &server.to_string(),
-        "--target",
-        &target.to_string(),
-        "--expect",
-        &format!(
-            "spiffe://cluster.local/ns/default/sa/{}",
-            workload_at(server.ip())
-        ),
-    ]);
-    t.wait_listening(listen);
-    t
+    let expect = format!(
+        "spiffe://cluster.local/ns/default/sa/{}",
+        workload_at(server.ip())
+    );
+    common::tunnel_client(ca, listen, identity, server, target, &expect)
 }
 
 /// The workload (and service account) at `ip` in [`mesh`].

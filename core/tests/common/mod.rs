@@ -205,3 +205,34 @@ pub fn serve_echo(l: TcpListener) {
 pub fn echo() -> SocketAddr {
     echo_at("127.0.0.1:0".parse().unwrap())
 }
+
+/// `zring tunnel client` on `listen` presenting `identity` (issued by the CA in `ca`): HBONE
+/// to `server`, whose certificate must prove `expect`, CONNECT `target`. A client that skips
+/// the node proxies, for probing what a peer with a mesh certificate can ask for.
+pub fn tunnel_client(
+    ca: &std::path::Path,
+    listen: SocketAddr,
+    identity: &str,
+    server: SocketAddr,
+    target: SocketAddr,
+    expect: &str,
+) -> Proc {
+    let mut t = Proc::spawn(&[
+        "tunnel",
+        "client",
+        "--listen",
+        &listen.to_string(),
+        "--ca-dir",
+        ca.to_str().unwrap(),
+        "--identity",
+        identity,
+        "--server",
+        &server.to_string(),
+        "--target",
+        &target.to_string(),
+        "--expect",
+        expect,
+    ]);
+    t.wait_listening(listen);
+    t
+}
