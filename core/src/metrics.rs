@@ -205,6 +205,8 @@ struct XdsStats {
     pushes: std::collections::BTreeMap<String, u64>,
     held: std::collections::BTreeMap<String, usize>,
     nacks: u64,
+    dropped_matchers: usize,
+    stalls: u64,
 }
 
 impl Metrics {
@@ -274,11 +276,14 @@ impl Metrics {
                     x.connects += 1;
                 }
             }
+            Event::Stalled => x.stalls += 1,
             Event::Push {
                 type_url,
                 held,
                 nacked,
+                dropped_matchers,
             } => {
+                x.dropped_matchers = *dropped_matchers;
                 *x.pushes.entry(type_url.to_string()).or_default() += 1;
                 x.held.insert(type_url.to_string(), *held);
                 if *nacked {
@@ -409,6 +414,12 @@ impl Metrics {
             for (t, n) in &x.pushes {
                 let _ = writeln!(out, "zring_xds_pushes_total{{type_url=\"{t}\"}} {n}");
             }
+            let _ = writeln!(
+                out,
+                "# HELP zring_xds_matchers_dropped_total String matchers of an unknown or empty type dropped from xDS policies.\n# TYPE zring_xds_matchers_dropped_total counter\nzring_xds_matchers_dropped_total {}\n# HELP zring_xds_stalled_streams_total xDS streams given up because the control plane sent nothing in time.\n# TYPE zring_xds_stalled_streams_total counter\nzring_xds_stalled_streams_total {}",
+                x.dropped_matchers,
+                x.stalls
+            );
             let _ = writeln!(out, "# HELP zring_xds_resources Resources held, by type.\n# TYPE zring_xds_resources gauge");
             for (t, n) in &x.held {
                 let _ = writeln!(out, "zring_xds_resources{{type_url=\"{t}\"}} {n}");

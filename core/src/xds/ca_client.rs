@@ -15,6 +15,9 @@ use super::proto::istio::v1::auth::{
     istio_certificate_service_client::IstioCertificateServiceClient, IstioCertificateRequest,
 };
 
+/// How long one CreateCertificate call may take, connection included.
+pub const CA_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Where and how to reach the CA (`CA_ADDRESS`, `CA_ROOT_CA`, `ALT_CA_HOSTNAME`, `AUTH_TOKEN`,
 /// `CA_HEADER_*`, `CLUSTER_ID`); its root is also the mesh's trust bundle.
 pub type CaClientSettings = super::conn::Upstream;
@@ -51,12 +54,21 @@ impl IstioCa {
         let settings = self.settings.clone();
         let id_s = id.to_string();
         let (tx, rx) = std::sync::mpsc::channel();
+        // The deadline runs inside the call's task: past it the call (and its connection) is
+        // dropped, not left running behind a caller that gave up.
         self.rt.spawn(async move {
-            let _ = tx.send(create(&settings, csr, &id_s, ttl).await);
+            let r = tokio::time::timeout(CA_DEADLINE, create(&settings, csr, &id_s, ttl))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(anyhow::anyhow!(
+                        "the CA did not answer within {CA_DEADLINE:?}; call cancelled"
+                    ))
+                });
+            let _ = tx.send(r);
         });
         let chain = rx
-            .recv_timeout(Duration::from_secs(30))
-            .context("the CA did not answer within 30 s")??;
+            .recv_timeout(CA_DEADLINE + Duration::from_secs(1))
+            .context("the CA call's task ended without an answer")??;
         let cert = WorkloadCert::from_pem(
             &chain.join("\n"),
             &key,
@@ -72,6 +84,10 @@ impl IstioCa {
         let roots = self.roots().context("reading CA_ROOT_CA")?;
         zring_hbone::tls::verify_chain(&cert.chain, &roots)
             .context("the CA's certificate does not chain to CA_ROOT_CA")?;
+        // The certificate must be for the key the CSR carried (a TLS config is built the same
+        // way the listeners build theirs, which checks the pair).
+        zring_hbone::tls::server_config(&cert, &roots)
+            .context("the CA's certificate is not for the key of the CSR")?;
         Ok(cert)
     }
 }

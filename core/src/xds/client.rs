@@ -77,6 +77,8 @@ pub trait Sink: Send + 'static {
 pub enum Event<'a> {
     /// Connected (true) or lost (false).
     Connected(bool),
+    /// A stream was given up because the control plane sent nothing on it in time.
+    Stalled,
     /// A push of `type_url` was applied (`nacked`: some of it was refused).
     Push {
         /// Resource type.
@@ -85,10 +87,15 @@ pub enum Event<'a> {
         held: usize,
         /// Whether it was NACKed.
         nacked: bool,
+        /// String matchers dropped from policies since the client started.
+        dropped_matchers: usize,
     },
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(15);
+/// How long an opened stream may go without its first push before it is opened again
+/// (istiod answers at once; a control plane that does not is stuck or overloaded).
+const FIRST_PUSH: Duration = Duration::from_secs(20);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 
 /// The versions of the resources held, by type, and the changes not yet handed over (until
@@ -99,6 +106,8 @@ struct Held {
     synced: HashMap<String, bool>,
     pending: Delta,
     pending_versions: Vec<VersionChange>,
+    /// String matchers dropped from policies so far (`zring_xds_matchers_dropped_total`).
+    dropped_matchers: usize,
 }
 
 impl Held {
@@ -142,7 +151,13 @@ impl Held {
             } else {
                 match security::Authorization::decode(any.value.as_slice()) {
                     Err(e) => Err(format!("not an istio.security.Authorization: {e}")),
-                    Ok(p) => convert::authorization_from(&p).map(Change::Policy),
+                    Ok(p) => convert::authorization_from(&p).map(|(p, dropped)| {
+                        if dropped > 0 {
+                            self.dropped_matchers += dropped;
+                            tracing::warn!(policy = %res.name, dropped, action = ?p.action, "xDS: string matchers of an unknown or empty type dropped from a policy (a DENY match left empty applies to everyone, an ALLOW match that would admit more matches no one)");
+                        }
+                        Change::Policy(p)
+                    }),
                 }
             };
             match outcome {
@@ -242,26 +257,53 @@ async fn stream(
         .await
         .context("request stream closed")?;
     }
-    let mut responses = client
-        .delta_aggregated_resources(req)
-        .await
-        .context("opening the delta ADS stream")?
-        .into_inner();
+    // A control plane that takes the stream but never answers would leave zring not ready
+    // for ever: past FIRST_PUSH the stream is dropped and opened again (logged, counted).
+    let opened = tokio::time::timeout(FIRST_PUSH, client.delta_aggregated_resources(req)).await;
+    let mut responses = match opened {
+        Ok(r) => r.context("opening the delta ADS stream")?.into_inner(),
+        Err(_) => {
+            sink.event(Event::Stalled);
+            anyhow::bail!(
+                "the control plane did not answer the stream within {FIRST_PUSH:?}; reconnecting"
+            )
+        }
+    };
     sink.event(Event::Connected(true));
     tracing::info!(address = %s.upstream.address, node = %s.node_id, "xDS stream open");
+    let first_by = tokio::time::Instant::now() + FIRST_PUSH;
+    let mut pushed = false;
     loop {
         let msg = tokio::select! {
             m = responses.message() => m.context("receiving")?,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if stop() { return Ok(()); }
+                if !pushed && tokio::time::Instant::now() >= first_by {
+                    sink.event(Event::Stalled);
+                    anyhow::bail!("no push within {FIRST_PUSH:?} of opening the stream; reconnecting");
+                }
                 continue;
             }
         };
         let Some(r) = msg else {
             anyhow::bail!("the control plane closed the stream");
         };
+        pushed = true;
         if r.type_url != ADDRESS_TYPE && r.type_url != AUTHORIZATION_TYPE {
-            tracing::warn!(type_url = %r.type_url, "xDS push of a type not asked for; ignored");
+            // Not asked for: NACKed, so the control plane knows it was not taken.
+            tracing::warn!(type_url = %r.type_url, "xDS push of a type not asked for; NACKed");
+            tx.send(DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                error_detail: Some(Status {
+                    code: 3, // INVALID_ARGUMENT
+                    message: format!("type {} was not subscribed to", r.type_url),
+                    details: Vec::new(),
+                }),
+                ..Default::default()
+            })
+            .await
+            .context("request stream closed")?;
             continue;
         }
         let mut errors = held.apply(&r);
@@ -283,6 +325,7 @@ async fn stream(
             type_url: &r.type_url,
             held: held.count(&r.type_url),
             nacked,
+            dropped_matchers: held.dropped_matchers,
         });
         tx.send(DeltaDiscoveryRequest {
             type_url: r.type_url.clone(),

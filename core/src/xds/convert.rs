@@ -454,12 +454,43 @@ fn block_from(a: &sec::Address) -> Result<IpBlock, String> {
     Ok(IpBlock(net))
 }
 
-fn rbac_from(m: &sec::Match) -> Result<RbacMatch, String> {
-    let sm = |v: &[sec::StringMatch]| {
-        v.iter()
-            .map(string_match_from)
-            .collect::<Result<Vec<_>, _>>()
+/// String matchers of one field: the ones zring reads, and how many it could not (an
+/// unknown or empty match type, from a newer istiod), dropped as ztunnel drops them.
+fn string_matches(v: &[sec::StringMatch]) -> (Vec<StringMatch>, usize) {
+    let kept: Vec<StringMatch> = v.iter().filter_map(|m| string_match_from(m).ok()).collect();
+    let dropped = v.len() - kept.len();
+    (kept, dropped)
+}
+
+/// A match that holds for every connection (a DENY whose matchers were all dropped: fail
+/// closed).
+fn everyone() -> RbacMatch {
+    let any = |s: &str| s.parse::<ipnet::IpNet>().map(IpBlock).ok();
+    RbacMatch {
+        source_ips: [any("0.0.0.0/0"), any("::/0")]
+            .into_iter()
+            .flatten()
+            .collect(),
+        ..RbacMatch::default()
+    }
+}
+
+/// One match of a policy with `action`, and how many string matchers were dropped from it.
+/// Dropping never lets more through: a DENY match left empty applies to everyone (stricter
+/// than ztunnel); an ALLOW match that lost a matcher from a `not*` field, or every matcher of
+/// a field, matches nothing (an empty match never matches), since what is left would admit
+/// more than the rule did.
+fn rbac_from(m: &sec::Match, action: PolicyAction) -> Result<(RbacMatch, usize), String> {
+    let mut dropped = 0;
+    let mut widened = false;
+    let mut sm = |v: &[sec::StringMatch], negative: bool| {
+        let (kept, n) = string_matches(v);
+        dropped += n;
+        widened |= n > 0 && (negative || kept.is_empty());
+        kept
     };
+    let (namespaces, not_namespaces) = (sm(&m.namespaces, false), sm(&m.not_namespaces, true));
+    let (principals, not_principals) = (sm(&m.principals, false), sm(&m.not_principals, true));
     let sa = |v: &[sec::ServiceAccountMatch]| {
         v.iter()
             .map(|s| crate::config::policy::ServiceAccountMatch {
@@ -474,58 +505,72 @@ fn rbac_from(m: &sec::Match) -> Result<RbacMatch, String> {
             .map(|p| u16::try_from(*p).map_err(|_| format!("port {p}")))
             .collect::<Result<Vec<_>, _>>()
     };
-    Ok(RbacMatch {
-        namespaces: sm(&m.namespaces)?,
-        not_namespaces: sm(&m.not_namespaces)?,
+    let out = RbacMatch {
+        namespaces,
+        not_namespaces,
         service_accounts: sa(&m.service_accounts),
         not_service_accounts: sa(&m.not_service_accounts),
-        principals: sm(&m.principals)?,
-        not_principals: sm(&m.not_principals)?,
+        principals,
+        not_principals,
         source_ips: ips(&m.source_ips)?,
         not_source_ips: ips(&m.not_source_ips)?,
         destination_ips: ips(&m.destination_ips)?,
         not_destination_ips: ips(&m.not_destination_ips)?,
         destination_ports: ports(&m.destination_ports)?,
         not_destination_ports: ports(&m.not_destination_ports)?,
-    })
+    };
+    let out = match (action, dropped > 0) {
+        (_, false) => out,
+        (PolicyAction::Allow, true) if widened => RbacMatch::default(),
+        (PolicyAction::Allow, true) => out,
+        (PolicyAction::Deny, true) if out == RbacMatch::default() => everyone(),
+        (PolicyAction::Deny, true) => out,
+    };
+    Ok((out, dropped))
 }
 
-/// A policy istiod sent, in the local config's model.
-pub fn authorization_from(p: &sec::Authorization) -> Result<Authorization, String> {
+/// A policy istiod sent, in the local config's model, with how many string matchers zring
+/// could not read and dropped (see [`rbac_from`] for why that never lets more through).
+pub fn authorization_from(p: &sec::Authorization) -> Result<(Authorization, usize), String> {
     if p.name.is_empty() {
         return Err("a policy without a name".into());
     }
-    Ok(Authorization {
-        name: p.name.clone(),
-        namespace: p.namespace.clone(),
-        scope: match sec::Scope::try_from(p.scope) {
-            Ok(sec::Scope::Global) => PolicyScope::Global,
-            Ok(sec::Scope::Namespace) => PolicyScope::Namespace,
-            Ok(sec::Scope::WorkloadSelector) => PolicyScope::WorkloadSelector,
-            Err(_) => return Err(format!("unknown scope {}", p.scope)),
+    let action = match sec::Action::try_from(p.action) {
+        Ok(sec::Action::Allow) => PolicyAction::Allow,
+        Ok(sec::Action::Deny) => PolicyAction::Deny,
+        Err(_) => return Err(format!("unknown action {}", p.action)),
+    };
+    let mut dropped = 0;
+    let mut rules = Vec::with_capacity(p.rules.len());
+    for r in &p.rules {
+        let mut clauses = Vec::with_capacity(r.clauses.len());
+        for c in &r.clauses {
+            let mut matches = Vec::with_capacity(c.matches.len());
+            for m in &c.matches {
+                let (m, n) = rbac_from(m, action)?;
+                dropped += n;
+                matches.push(m);
+            }
+            clauses.push(matches);
+        }
+        rules.push(clauses);
+    }
+    Ok((
+        Authorization {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            scope: match sec::Scope::try_from(p.scope) {
+                Ok(sec::Scope::Global) => PolicyScope::Global,
+                Ok(sec::Scope::Namespace) => PolicyScope::Namespace,
+                Ok(sec::Scope::WorkloadSelector) => PolicyScope::WorkloadSelector,
+                Err(_) => return Err(format!("unknown scope {}", p.scope)),
+            },
+            action,
+            rules,
+            dry_run: p.dry_run,
         },
-        action: match sec::Action::try_from(p.action) {
-            Ok(sec::Action::Allow) => PolicyAction::Allow,
-            Ok(sec::Action::Deny) => PolicyAction::Deny,
-            Err(_) => return Err(format!("unknown action {}", p.action)),
-        },
-        rules: p
-            .rules
-            .iter()
-            .map(|r| {
-                r.clauses
-                    .iter()
-                    .map(|c| {
-                        c.matches
-                            .iter()
-                            .map(rbac_from)
-                            .collect::<Result<Vec<_>, _>>()
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        dry_run: p.dry_run,
-    })
+        dropped,
+    ))
 }
 
 #[cfg(test)]
@@ -563,7 +608,7 @@ mod tests {
             );
         }
         for p in &cfg.policies {
-            let back = authorization_from(&authorization(p)).unwrap();
+            let (back, _) = authorization_from(&authorization(p)).unwrap();
             assert_eq!(
                 serde_json::to_value(&back).unwrap(),
                 serde_json::to_value(p).unwrap()
@@ -627,6 +672,83 @@ mod tests {
             back.load_balancer.map(|lb| lb.mode),
             Some(LoadBalancerMode::Standard)
         );
+    }
+
+    /// Security review L4: a string matcher of an unknown or empty type drops only itself
+    /// (the policy stays in force, unlike the NACK before, which left a new DENY unenforced),
+    /// and dropping never lets more through.
+    #[test]
+    fn unreadable_string_matchers_are_dropped_without_letting_more_through() {
+        use sec::string_match::MatchType;
+        let exact = |s: &str| sec::StringMatch {
+            match_type: Some(MatchType::Exact(s.into())),
+        };
+        let unknown = sec::StringMatch { match_type: None };
+        let policy = |action: sec::Action, m: sec::Match| sec::Authorization {
+            name: "p".into(),
+            namespace: "default".into(),
+            scope: sec::Scope::Global as i32,
+            action: action as i32,
+            rules: vec![sec::Rule {
+                clauses: vec![sec::Clause { matches: vec![m] }],
+            }],
+            ..Default::default()
+        };
+        let who = |sa: &str| -> zring_hbone::SpiffeId {
+            format!("spiffe://cluster.local/ns/default/sa/{sa}")
+                .parse()
+                .unwrap()
+        };
+        let (sleep, evil) = (who("sleep"), who("evil"));
+        fn conn(id: &zring_hbone::SpiffeId) -> crate::authz::ConnInfo<'_> {
+            crate::authz::ConnInfo {
+                src: "10.0.0.1:5000".parse().unwrap(),
+                dst: "10.0.0.2:80".parse().unwrap(),
+                src_identity: Some(id),
+            }
+        }
+        let read = |p: sec::Authorization| authorization_from(&p).expect("kept, not refused");
+        // DENY: the readable matcher stays; a match left empty denies everyone.
+        let (p, n) = read(policy(
+            sec::Action::Deny,
+            sec::Match {
+                principals: vec![unknown.clone(), exact("cluster.local/ns/default/sa/evil")],
+                ..Default::default()
+            },
+        ));
+        assert_eq!(n, 1);
+        assert!(p.matches(&conn(&evil)) && !p.matches(&conn(&sleep)));
+        let (p, _) = read(policy(
+            sec::Action::Deny,
+            sec::Match {
+                principals: vec![unknown.clone()],
+                ..Default::default()
+            },
+        ));
+        assert!(p.matches(&conn(&sleep)) && p.matches(&conn(&evil)));
+        // ALLOW: the readable matcher stays; a field emptied, or a not-field touched, admits no one.
+        let (p, _) = read(policy(
+            sec::Action::Allow,
+            sec::Match {
+                principals: vec![unknown.clone(), exact("cluster.local/ns/default/sa/sleep")],
+                ..Default::default()
+            },
+        ));
+        assert!(p.matches(&conn(&sleep)) && !p.matches(&conn(&evil)));
+        for m in [
+            sec::Match {
+                principals: vec![unknown.clone()],
+                destination_ports: vec![80],
+                ..Default::default()
+            },
+            sec::Match {
+                not_principals: vec![unknown.clone(), exact("cluster.local/ns/default/sa/evil")],
+                ..Default::default()
+            },
+        ] {
+            let (p, _) = read(policy(sec::Action::Allow, m));
+            assert!(!p.matches(&conn(&sleep)) && !p.matches(&conn(&evil)));
+        }
     }
 
     #[test]
