@@ -35,9 +35,10 @@ const NOT_SUPPORTED: &str = "not supported by zring's waypoint (refused rather t
 /// Envoy's cap on one ejection (`max_ejection_time`, 300 s by default).
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 
-/// How often a request waiting for room under a connection-pool limit looks again. Waiters on
-/// other workers cannot be woken from here (a worker's wakers stay on its thread), so they poll.
-const PENDING_POLL: Duration = Duration::from_millis(1);
+/// Requests that may wait for room under a destination's limits when
+/// `http1MaxPendingRequests` is unset (Envoy's default `max_pending_requests`): past it a
+/// request gets 503 `UO` at once instead of joining an unbounded queue.
+pub const DEFAULT_MAX_PENDING: u32 = 1024;
 
 /// A DestinationRule's (or subset's) traffic policy; `None`: the field was not given.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -1069,7 +1070,7 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
             refuse_rest(&at, &p.rest)?;
             let mut pool = Pool {
                 max_connections: u32::MAX,
-                max_pending: u32::MAX,
+                max_pending: DEFAULT_MAX_PENDING,
                 max_requests: u32::MAX,
                 max_requests_per_connection: 0,
                 connect_timeout: None,
@@ -1085,7 +1086,10 @@ pub fn parse(at: &str, v: Value) -> Result<TrafficPolicy, FieldError> {
             }
             if let Some(h) = p.http {
                 refuse_rest(&format!("{at}.http"), &h.rest)?;
-                pool.max_pending = limit(h.http1_max_pending_requests);
+                pool.max_pending = h
+                    .http1_max_pending_requests
+                    .filter(|n| *n > 0)
+                    .unwrap_or(DEFAULT_MAX_PENDING);
                 pool.max_requests = limit(h.http2_max_requests);
                 pool.max_requests_per_connection = h.max_requests_per_connection.unwrap_or(0);
             }
@@ -1225,6 +1229,23 @@ struct Gate {
     pending: AtomicU32,
 }
 
+/// How often a waiter looks again for room given back on another worker. Room given back on
+/// the waiter's own worker wakes it at once ([`LOCAL_WAITERS`]); a worker's wakers cannot be
+/// used from another thread (monoio without its `sync` feature panics), so across workers
+/// the waiters look again at this pace: 20 looks a second each, not a thousand, and the queue
+/// is bounded ([`DEFAULT_MAX_PENDING`]).
+const CROSS_WORKER_RECHECK: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// This worker's waiters, by gate: woken when a permit of that gate is given back here.
+    static LOCAL_WAITERS: std::cell::RefCell<FastMap<usize, std::rc::Rc<tokio::sync::Notify>>> =
+        Default::default();
+}
+
+fn gate_key(g: &Gate) -> usize {
+    g as *const Gate as usize
+}
+
 /// Room for one request under a destination's connection-pool limits; given back on drop.
 #[derive(Debug)]
 pub struct Permit(Arc<Gate>);
@@ -1232,6 +1253,14 @@ pub struct Permit(Arc<Gate>);
 impl Drop for Permit {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::AcqRel);
+        if self.0.pending.load(Ordering::Acquire) > 0 {
+            let key = gate_key(&self.0);
+            let _ = LOCAL_WAITERS.try_with(|w| {
+                if let Some(n) = w.borrow().get(&key) {
+                    n.notify_one();
+                }
+            });
+        }
     }
 }
 
@@ -1306,15 +1335,27 @@ impl Gates {
         take: impl Fn(&Gate) -> bool,
         deadline: Instant,
     ) -> Result<Permit, Overflow> {
+        let key = gate_key(&gate);
+        let local = LOCAL_WAITERS.with(|w| w.borrow_mut().entry(key).or_default().clone());
         let result = loop {
+            // Registered before the check, so room given back between the check and the wait
+            // still wakes this waiter.
+            let released = local.notified();
+            let mut released = std::pin::pin!(released);
+            released.as_mut().enable();
             if take(&gate) {
                 break Ok(());
             }
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 break Err(Overflow::TimedOut);
             }
-            monoio::time::sleep(PENDING_POLL).await;
+            let _ = monoio::time::timeout(left.min(CROSS_WORKER_RECHECK), released).await;
         };
+        // The last waiter of this gate on this worker takes the entry away.
+        if std::rc::Rc::strong_count(&local) == 2 {
+            LOCAL_WAITERS.with(|w| w.borrow_mut().remove(&key));
+        }
         gate.pending.fetch_sub(1, Ordering::AcqRel);
         result.map(|()| Permit(gate))
     }
@@ -1840,7 +1881,10 @@ loadBalancer:
                 .unwrap()
                 .pool
                 .unwrap();
-        assert_eq!((pool.limit(false), pool.max_pending), (u32::MAX, u32::MAX));
+        assert_eq!(
+            (pool.limit(false), pool.max_pending),
+            (u32::MAX, DEFAULT_MAX_PENDING)
+        );
         // Bookinfo's all-mTLS rules.
         assert_eq!(
             tp("tls: {mode: ISTIO_MUTUAL}\nloadBalancer: {simple: RANDOM}\n").unwrap(),
@@ -2007,8 +2051,39 @@ loadBalancer:
                 monoio::time::sleep(Duration::from_millis(20)).await;
                 drop(a);
             };
+            let started = Instant::now();
             let (b, ()) = monoio::join!(wait, release);
             let b = b.unwrap();
+            // Woken by the release on this worker, not by its next look (security review L3:
+            // waiters polled every millisecond before).
+            assert!(
+                started.elapsed() < Duration::from_millis(20) + CROSS_WORKER_RECHECK / 2,
+                "the waiter was not woken by the release: {:?}",
+                started.elapsed()
+            );
+            // Waiting costs no looks while nothing happens: one waiter over 200 ms wakes at
+            // most 200 / 50 times, not 200.
+            let polls = std::rc::Rc::new(std::cell::Cell::new(0u32));
+            let counted = {
+                let polls = polls.clone();
+                let gates = &gates;
+                let d = &d;
+                async move {
+                    let wait = gates.acquire(d, 1, 1, Instant::now() + Duration::from_millis(200));
+                    let mut wait = std::pin::pin!(wait);
+                    std::future::poll_fn(|cx| {
+                        polls.set(polls.get() + 1);
+                        std::future::Future::poll(wait.as_mut(), cx)
+                    })
+                    .await
+                }
+            };
+            assert_eq!(counted.await.unwrap_err(), Overflow::TimedOut);
+            assert!(
+                polls.get() <= 8,
+                "{} polls of one waiter in 200 ms",
+                polls.get()
+            );
             // ...or gives up at its deadline.
             let t = Instant::now();
             assert_eq!(
