@@ -54,18 +54,24 @@ policies: []
     )
 }
 
-#[test]
-fn dns_answers_mesh_names_forwards_the_rest_and_survives_bad_input() {
-    let dir = tmp("dns-proxy");
+/// A node proxy on `host` with `mesh` and its DNS proxy on `host`:15053, forwarding to a test
+/// upstream on `host` with `timeout` per question; ready.
+fn dns_node(
+    tag: &str,
+    host: [u8; 4],
+    mesh: String,
+    timeout: &str,
+) -> (Node, Upstream, SocketAddr, std::path::PathBuf) {
+    let dir = tmp(tag);
     let ca = common::ca_init(&dir);
     let cfg = dir.join("mesh.yaml");
-    std::fs::write(&cfg, config("10.96.53.20")).unwrap();
-    let upstream = Upstream::start(IpAddr::from(HOST), 0);
-    let server = SocketAddr::from((HOST, 15053));
+    std::fs::write(&cfg, mesh).unwrap();
+    let upstream = Upstream::start(IpAddr::from(host), 0);
+    let server = SocketAddr::from((host, 15053));
     let (srv, up) = (server.to_string(), upstream.addr.to_string());
     let mut node = Node::start(
         "node-a",
-        IpAddr::from(HOST),
+        IpAddr::from(host),
         &cfg,
         &ca,
         &[
@@ -74,10 +80,16 @@ fn dns_answers_mesh_names_forwards_the_rest_and_survives_bad_input() {
             "--dns-upstream",
             &up,
             "--dns-timeout",
-            "500ms",
+            timeout,
         ],
     );
     node.wait_ready();
+    (node, upstream, server, cfg)
+}
+
+#[test]
+fn dns_answers_mesh_names_forwards_the_rest_and_survives_bad_input() {
+    let (node, upstream, server, cfg) = dns_node("dns-proxy", HOST, config("10.96.53.20"), "500ms");
     let sleep = Some(IpAddr::from(SLEEP));
     if dns::udp_try(server, sleep, "reviews.", RecordType::A).is_none() {
         panic!("the DNS proxy does not answer:\n{}", node.proc.log());
@@ -233,33 +245,12 @@ fn dns_answers_mesh_names_forwards_the_rest_and_survives_bad_input() {
 /// an EDNS version other than 0 gets BADVERS; a burst of bad packets writes a bounded log.
 #[test]
 fn dns_never_answers_responses_and_one_client_cannot_starve_the_others() {
-    let dir = tmp("dns-fair");
-    let ca = common::ca_init(&dir);
-    let cfg = dir.join("mesh.yaml");
-    std::fs::write(
-        &cfg,
+    let (node, _upstream, server, _cfg) = dns_node(
+        "dns-fair",
+        [127, 0, 54, 1],
         config("10.96.54.20").replace("127.0.53.", "127.0.54."),
-    )
-    .unwrap();
-    let host = IpAddr::from([127, 0, 54, 1]);
-    let upstream = Upstream::start(host, 0);
-    let server = SocketAddr::new(host, 15053);
-    let (srv, up) = (server.to_string(), upstream.addr.to_string());
-    let mut node = Node::start(
-        "node-a",
-        host,
-        &cfg,
-        &ca,
-        &[
-            "--dns-addr",
-            &srv,
-            "--dns-upstream",
-            &up,
-            "--dns-timeout",
-            "4s",
-        ],
+        "4s",
     );
-    node.wait_ready();
     let sleep = Some(IpAddr::from([127, 0, 54, 2]));
     dns::udp_try(server, sleep, "reviews.", RecordType::A)
         .unwrap_or_else(|| panic!("the DNS proxy does not answer:\n{}", node.proc.log()));

@@ -47,7 +47,7 @@ fn a_waiting_connections_certificate_is_fetched_before_the_background_queue() {
     std::fs::write(&token, "token\n").unwrap();
     std::fs::write(&cfg, mesh(false)).unwrap();
     common::echo_at("127.0.62.3:9080".parse().unwrap());
-    let cp = common::xds::control_plane(CP, &dir, &cfg, &ca, &token);
+    let cp = common::xds::control_plane(CP, &cfg, &ca, Some(&token));
     let xds = format!("https://{CP}");
     let ttl = "1h";
     let mut a = common::xds::node("node-a", [127, 0, 62, 6], &ca, &token, &xds, true, ttl);

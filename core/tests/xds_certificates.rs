@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 
 mod common;
 
-use common::{tmp, wait_until, Proc};
+use common::{tmp, xds::control_plane, Proc};
 use zring_core::xds::{ca_client::IstioCa, conn::Upstream};
 
 const MESH: &str = r#"workloads:
@@ -25,28 +25,6 @@ const MESH: &str = r#"workloads:
   protocol: HBONE
   node: node-b
 "#;
-
-fn control_plane(listen: &str, cfg: &Path, ca: &Path, tokens: Option<&Path>) -> Proc {
-    let mut args = vec![
-        "control-plane",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--ca-dir",
-        ca.to_str().unwrap(),
-        "--listen",
-        listen,
-    ];
-    if let Some(t) = tokens {
-        args.extend(["--token-file", t.to_str().unwrap()]);
-    }
-    let p = Proc::spawn(&args);
-    wait_until(
-        Duration::from_secs(10),
-        || std::net::TcpStream::connect(listen).is_ok(),
-        || format!("zring control-plane never listened:\n{}", p.log()),
-    );
-    p
-}
 
 /// Ask the control plane at `cp` for a certificate for service account `sa` (`ns/sa` for
 /// another namespace) with the token in `token`; the error text (with its gRPC code) if refused.
@@ -102,40 +80,41 @@ fn the_control_plane_signs_only_identities_the_caller_may_hold() {
     ask(cp, &ca, Some(&node_b), "productpage").unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
     ask(cp, &ca, Some(&sleep), "sleep").unwrap_or_else(|e| panic!("{e}\n{}", p.log()));
     // Who may not.
-    refused(ask(cp, &ca, None, "sleep"), "Unauthenticated", "no token");
-    refused(
-        ask(cp, &ca, Some(&wrong), "sleep"),
-        "Unauthenticated",
-        "unknown token",
-    );
-    refused(
-        ask(cp, &ca, Some(&node_b), "sleep"),
-        "PermissionDenied",
-        "node-b's proxy for node-a's workload",
-    );
-    refused(
-        ask(cp, &ca, Some(&node_b), "istio-system/ztunnel"),
-        "PermissionDenied",
-        "node-b's proxy for ztunnel's identity",
-    );
-    refused(
-        ask(cp, &ca, Some(&sleep), "productpage"),
-        "PermissionDenied",
-        "sleep for productpage",
-    );
+    for (token, sa, code, case) in [
+        (None, "sleep", "Unauthenticated", "no token"),
+        (Some(&wrong), "sleep", "Unauthenticated", "unknown token"),
+        (
+            Some(&node_b),
+            "sleep",
+            "PermissionDenied",
+            "node-b's proxy for node-a's workload",
+        ),
+        (
+            Some(&node_b),
+            "istio-system/ztunnel",
+            "PermissionDenied",
+            "node-b's proxy for ztunnel's identity",
+        ),
+        (
+            Some(&sleep),
+            "productpage",
+            "PermissionDenied",
+            "sleep for productpage",
+        ),
+    ] {
+        refused(ask(cp, &ca, token.map(|t| t.as_path()), sa), code, case);
+    }
     assert!(p.log().contains("certificate refused"), "{}", p.log());
 
     // Without a token file: loopback only, and still only identities some workload holds.
     let open = "127.0.62.2:15012";
     let q = control_plane(open, &cfg, &ca, None);
     ask(open, &ca, None, "sleep").unwrap_or_else(|e| panic!("{e}\n{}", q.log()));
-    match ask(open, &ca, None, "istio-system/ztunnel") {
-        Err(e) if e.contains("PermissionDenied") => {}
-        other => panic!("ztunnel's identity with no token: {other:?}\n{}", q.log()),
-    }
-    match ask(open, &ca, None, "vault") {
-        Err(e) if e.contains("PermissionDenied") => {}
-        other => panic!("a made-up identity: {other:?}\n{}", q.log()),
+    for sa in ["istio-system/ztunnel", "vault"] {
+        match ask(open, &ca, None, sa) {
+            Err(e) if e.contains("PermissionDenied") => {}
+            other => panic!("{sa} with no token: {other:?}\n{}", q.log()),
+        }
     }
     // And it refuses to listen anywhere else without tokens.
     let mut r = Proc::spawn(&[

@@ -108,8 +108,8 @@ services:
     )
 }
 
-fn start_cp(dir: &Path, cfg: &Path, ca: &Path, token: &Path) -> Proc {
-    common::xds::control_plane(CP, dir, cfg, ca, token)
+fn start_cp(cfg: &Path, ca: &Path, token: &Path) -> Proc {
+    common::xds::control_plane(CP, cfg, ca, Some(token))
 }
 
 fn node(name: &str, host: [u8; 4], ca: &Path, token: &Path, xds: &str, socks5: bool) -> Node {
@@ -154,7 +154,7 @@ fn nodes_run_from_the_control_plane_alone() {
     std::fs::write(&token, "token-for-the-test\n").unwrap();
     std::fs::write(&cfg, mesh(&["sleep", "newpod"], false, true)).unwrap();
     common::echo_at("127.0.61.3:9080".parse().unwrap());
-    let mut cp = start_cp(&dir, &cfg, &ca, &token);
+    let mut cp = start_cp(&cfg, &ca, &token);
 
     let xds = format!("https://{CP}");
     let mut a = node("node-a", [127, 0, 61, 6], &ca, &token, &xds, true);
@@ -266,7 +266,7 @@ fn nodes_run_from_the_control_plane_alone() {
     );
     // Back, with a change made meanwhile: the nodes reconnect and get it.
     std::fs::write(&cfg, mesh(&["sleep", "notsleep", "newpod"], true, false)).unwrap();
-    cp = start_cp(&dir, &cfg, &ca, &token);
+    cp = start_cp(&cfg, &ca, &token);
     common::wait_until(
         Duration::from_secs(20),
         || allowed([127, 0, 61, 2]),

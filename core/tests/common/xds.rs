@@ -9,10 +9,10 @@ use std::{
 
 use super::{mesh::Node, Proc};
 
-/// `zring control-plane` on `listen` serving `cfg` (watched), signing with `ca`, requiring
-/// the token in `token`; returns once it listens.
-pub fn control_plane(listen: &str, dir: &Path, cfg: &Path, ca: &Path, token: &Path) -> Proc {
-    let p = Proc::spawn(&[
+/// `zring control-plane` on `listen` serving `cfg` (watched), signing with `ca`, taking the
+/// tokens in `tokens` (None: no token file, loopback only); returns once it listens.
+pub fn control_plane(listen: &str, cfg: &Path, ca: &Path, tokens: Option<&Path>) -> Proc {
+    let mut args = vec![
         "control-plane",
         "--config",
         cfg.to_str().unwrap(),
@@ -20,10 +20,11 @@ pub fn control_plane(listen: &str, dir: &Path, cfg: &Path, ca: &Path, token: &Pa
         ca.to_str().unwrap(),
         "--listen",
         listen,
-        "--token-file",
-        token.to_str().unwrap(),
-    ]);
-    let _ = dir;
+    ];
+    if let Some(t) = tokens {
+        args.extend(["--token-file", t.to_str().unwrap()]);
+    }
+    let p = Proc::spawn(&args);
     super::wait_until(
         Duration::from_secs(10),
         || std::net::TcpStream::connect(listen).is_ok(),
