@@ -13,13 +13,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let index = MeshIndex::new(config);
-    for w in &index.config.workloads {
+    for w in index.workloads() {
         let _ = w.identity();
         for ip in &w.workload_ips {
             let _ = index.resolve(SocketAddr::new(*ip, 9080));
         }
     }
-    for s in &index.config.services {
+    for s in index.services() {
         let _ = index.service_by_name(&s.name, &s.namespace);
         for v in &s.vips {
             let _ = index.resolve(SocketAddr::new(v.address, 80));
